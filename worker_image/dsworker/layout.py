@@ -1,0 +1,356 @@
+"""The parallel plan and the split rules of the "dsop-sharded/1" layout, as pure functions.
+
+The sharder, the loader, the merge/reshard tools and the operator's config checks all decide
+"which rank holds which slice of which tensor" here, so they can never disagree. No I/O, no
+numpy, no torch: the operator image imports this module too.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+FORMAT = "dsop-sharded/1"
+METADATA_FILE = "model_sharded_metadata.json"
+COMPLETE_MARKER = "_COMPLETE"
+FP8_BLOCK = 128
+
+# Directory groups of SHARDED_FORMAT.md.
+VOCAB = "vocab"  # model-{rank}: embed_tokens / lm_head, split over tp on dim 0
+NORM = "norm"  # model-norm: replicated everywhere
+ATTN = "attn"  # model-attn-tp-{tp_rank}
+DENSE = "dense"  # model-dense-tp-{tp_rank}: dense MLP and shared experts
+MOE = "moe"  # model-moe-tp-{moe_tp_rank}-ep-{moe_ep_rank}: routed experts
+
+
+class PlanError(ValueError):
+    """A plan that does not fit the model; the message names the tensor/field and the fix."""
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """The parallel layout that sharding and runtime share (MindIE's --dp --tp --moe_tp --moe_ep)."""
+
+    world_size: int
+    dp: int
+    tp: int
+    moe_tp: int
+    moe_ep: int
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, int) or v < 1:
+                raise PlanError(f"{f.name} must be a positive integer, got {v!r}")
+        if self.dp * self.tp != self.world_size:
+            raise PlanError(
+                f"dp*tp must equal world_size: {self.dp}*{self.tp} != {self.world_size}; "
+                "set dp = world_size / tp"
+            )
+        if self.moe_tp * self.moe_ep != self.world_size:
+            raise PlanError(
+                f"moe_tp*moe_ep must equal world_size: {self.moe_tp}*{self.moe_ep} != "
+                f"{self.world_size}; set moe_ep = world_size / moe_tp"
+            )
+
+    def coords(self, rank: int) -> RankCoords:
+        """Rank arithmetic: dp_rank = r // tp, tp_rank = r % tp, moe_ep = r // moe_tp, moe_tp = r % moe_tp."""
+        if not 0 <= rank < self.world_size:
+            raise PlanError(f"rank {rank} outside world of {self.world_size}")
+        return RankCoords(
+            rank=rank,
+            dp_rank=rank // self.tp,
+            tp_rank=rank % self.tp,
+            moe_ep_rank=rank // self.moe_tp,
+            moe_tp_rank=rank % self.moe_tp,
+        )
+
+    def rank_dirs(self, rank: int) -> list[str]:
+        """The directories rank `rank` reads, in load order."""
+        c = self.coords(rank)
+        return [
+            rank_dir(rank),
+            "model-norm",
+            f"model-attn-tp-{c.tp_rank:03d}",
+            f"model-dense-tp-{c.tp_rank:03d}",
+            moe_dir(c.moe_tp_rank, c.moe_ep_rank),
+        ]
+
+    def all_dirs(self) -> list[str]:
+        """Every directory of the layout, each once."""
+        seen: dict[str, None] = {}
+        for r in range(self.world_size):
+            for d in self.rank_dirs(r):
+                seen.setdefault(d, None)
+        return list(seen)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RankCoords:
+    """Where one global rank sits in the attention and MoE grids."""
+
+    rank: int
+    dp_rank: int
+    tp_rank: int
+    moe_ep_rank: int
+    moe_tp_rank: int
+
+
+def rank_dir(rank: int) -> str:
+    return f"model-{rank:03d}"
+
+
+def moe_dir(moe_tp_rank: int, moe_ep_rank: int) -> str:
+    return f"model-moe-tp-{moe_tp_rank:03d}-ep-{moe_ep_rank:03d}"
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The config.json facts the split rules depend on (V2 and V3 names; see DEEPSEEK_REFERENCE.md)."""
+
+    architecture: str  # "DeepseekV2" | "DeepseekV3"
+    hidden_size: int
+    vocab_size: int
+    num_attention_heads: int
+    num_hidden_layers: int
+    first_k_dense_replace: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_nextn_predict_layers: int
+    fp8_block: (
+        tuple[int, int] | None
+    )  # weight_block_size when the checkpoint is FP8-block quantised
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> ModelDims:
+        archs = cfg.get("architectures") or []
+        model_type = str(cfg.get("model_type", ""))
+        if any("V3" in a for a in archs) or model_type == "deepseek_v3":
+            arch = "DeepseekV3"
+        elif any("V2" in a for a in archs) or model_type == "deepseek_v2":
+            arch = "DeepseekV2"
+        else:
+            raise PlanError(
+                "config.json: architectures/model_type is neither DeepseekV2 nor DeepseekV3 "
+                f"(got {archs or model_type!r}); point model.source at a DeepSeek checkpoint"
+            )
+        required = [
+            "hidden_size",
+            "vocab_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "n_routed_experts",
+        ]
+        missing = [k for k in required if not isinstance(cfg.get(k), int)]
+        if missing:
+            raise PlanError(f"config.json: missing or non-integer {', '.join(missing)}")
+        qc = cfg.get("quantization_config") or {}
+        block = None
+        if qc.get("quant_method") == "fp8":
+            b = qc.get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
+            block = (int(b[0]), int(b[1]))
+        return cls(
+            architecture=arch,
+            hidden_size=cfg["hidden_size"],
+            vocab_size=cfg["vocab_size"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
+            intermediate_size=cfg["intermediate_size"],
+            moe_intermediate_size=cfg["moe_intermediate_size"],
+            n_routed_experts=cfg["n_routed_experts"],
+            n_shared_experts=int(cfg.get("n_shared_experts") or 0),
+            num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers") or 0),
+            fp8_block=block,
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a module's weight goes: its directory group, split dim (None = whole) and expert."""
+
+    group: str
+    dim: int | None
+    expert: int | None = None
+
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
+# Companion suffixes that travel with "<module>.weight".
+WEIGHT_SUFFIXES = (
+    ".weight_scale_inv",
+    ".weight_packed",
+    ".weight_shape",
+    ".weight_scale",
+    ".weight_offset",
+    ".weight",
+)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """'a.b.weight_scale_inv' -> ('a.b', 'weight_scale_inv'); other tensors -> (name, '')."""
+    for suf in WEIGHT_SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)], suf[1:]
+    if name.endswith(".bias"):
+        return name[:-5], "bias"
+    return name, ""
+
+
+def layer_index(name: str) -> int | None:
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def is_mtp(name: str, dims: ModelDims) -> bool:
+    """MTP tensors live under layer index >= num_hidden_layers."""
+    idx = layer_index(name)
+    return idx is not None and idx >= dims.num_hidden_layers
+
+
+def place(name: str, dims: ModelDims) -> Placement:
+    """The directory group and split dim of a tensor (companions share their weight's placement)."""
+    module, _ = split_name(name)
+    if module in ("model.embed_tokens", "lm_head"):
+        return Placement(VOCAB, 0)
+    m = _LAYER.match(module)
+    if not m:
+        return Placement(NORM, None)  # model.norm and anything global
+    layer, rest = int(m.group(1)), m.group(2)
+    if rest in ("embed_tokens", "shared_head.head"):  # MTP's own vocab tensors
+        return Placement(VOCAB, 0)
+    if rest.startswith("self_attn."):
+        sub = rest[len("self_attn.") :]
+        if sub in ("q_b_proj", "q_proj", "kv_b_proj"):
+            return Placement(ATTN, 0)
+        if sub == "o_proj":
+            return Placement(ATTN, 1)
+        return Placement(NORM, None)  # q_a_proj, kv_a_proj_with_mqa and their norms
+    em = _EXPERT.match(rest)
+    if em:
+        return Placement(MOE, 0 if em.group(2) != "down_proj" else 1, expert=int(em.group(1)))
+    if rest.startswith("mlp.shared_experts.") or (
+        rest.startswith("mlp.") and layer < dims.first_k_dense_replace
+    ):
+        proj = rest.rsplit(".", 1)[-1]
+        if proj in ("gate_proj", "up_proj"):
+            return Placement(DENSE, 0)
+        if proj == "down_proj":
+            return Placement(DENSE, 1)
+    return Placement(NORM, None)  # norms, router gate and bias, MTP enorm/hnorm/eh_proj
+
+
+def parts_for(group: str, plan: ParallelPlan) -> int:
+    """How many slices a split tensor of this group has."""
+    return {VOCAB: plan.tp, NORM: 1, ATTN: plan.tp, DENSE: plan.tp, MOE: plan.moe_tp}[group]
+
+
+def owner_dirs(placement: Placement, dims: ModelDims, plan: ParallelPlan) -> list[tuple[str, int]]:
+    """(directory, part index) for every copy of a tensor with this placement."""
+    g = placement.group
+    if g == NORM:
+        return [("model-norm", 0)]
+    if g == VOCAB:
+        return [(rank_dir(r), r % plan.tp) for r in range(plan.world_size)]
+    if g in (ATTN, DENSE):
+        return [(f"model-{g}-tp-{t:03d}", t) for t in range(plan.tp)]
+    assert placement.expert is not None
+    per = dims.n_routed_experts // plan.moe_ep
+    ep = placement.expert // per
+    return [(moe_dir(t, ep), t) for t in range(plan.moe_tp)]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One tensor's cut: take [start, stop) on `dim` (dim None = the whole tensor)."""
+
+    dim: int | None
+    start: int
+    stop: int
+
+
+def tensor_slice(
+    name: str, shape: tuple[int, ...] | list[int], placement: Placement, part: int, parts: int
+) -> Slice:
+    """The slice of tensor `name` (a weight or a companion) that part `part` of `parts` holds.
+
+    Companions follow their weight: FP8 block scales split in whole blocks along the same dim,
+    per-channel [out, 1] scales split with a dim-0 split and stay whole with a dim-1 split, W8A16
+    packed int32 columns split by 4-column words. Raises PlanError naming the tensor and dim.
+    """
+    shape = tuple(shape)
+    d = placement.dim
+    _, suffix = split_name(name)
+    if d is None or parts == 1 or suffix == "weight_shape" or len(shape) <= d or shape[d] == 1:
+        return Slice(None, 0, shape[d] if d is not None and len(shape) > d else 0)
+    n = shape[d]
+    if n % parts:
+        raise PlanError(
+            f"tensor {name}: dim {d} of size {n} does not divide into {parts} parts; "
+            f"choose a tp/moeTp that divides {n}"
+        )
+    step = n // parts
+    return Slice(d, part * step, (part + 1) * step)
+
+
+def local_shape(shape: tuple[int, ...] | list[int], sl: Slice) -> tuple[int, ...]:
+    out = list(shape)
+    if sl.dim is not None:
+        out[sl.dim] = sl.stop - sl.start
+    return tuple(out)
+
+
+def check_plan(dims: ModelDims, plan: ParallelPlan) -> list[str]:
+    """Every way `plan` fails to divide the model, as messages naming the field and the fix."""
+    errs: list[str] = []
+
+    def need(value: int, by: int, what: str, field: str) -> None:
+        if value % by:
+            errs.append(
+                f"{what} ({value}) is not divisible by {field} ({by}); choose a {field} that divides {value}"
+            )
+
+    need(dims.num_attention_heads, plan.tp, "num_attention_heads", "tp")
+    need(dims.vocab_size, plan.tp, "vocab_size", "tp")
+    need(dims.intermediate_size, plan.tp, "intermediate_size (dense MLP)", "tp")
+    if dims.n_shared_experts:
+        need(
+            dims.n_shared_experts * dims.moe_intermediate_size,
+            plan.tp,
+            "n_shared_experts*moe_intermediate_size (shared experts)",
+            "tp",
+        )
+    need(dims.moe_intermediate_size, plan.moe_tp, "moe_intermediate_size (routed experts)", "moeTp")
+    need(dims.n_routed_experts, plan.moe_ep, "n_routed_experts", "moeEp")
+    if dims.fp8_block:
+        blk = dims.fp8_block[0]
+        for what, size, parts, field in (
+            ("intermediate_size", dims.intermediate_size, plan.tp, "tp"),
+            ("moe_intermediate_size", dims.moe_intermediate_size, plan.moe_tp, "moeTp"),
+        ):
+            if parts > 1 and size % parts == 0 and (size // parts) % blk:
+                errs.append(
+                    f"FP8 block quantisation: {what}/{field} = {size // parts} is not a multiple of "
+                    f"{blk}; use a smaller {field} or dequantizeFp8"
+                )
+    return errs
+
+
+def fp8_shard_ok(
+    weight_shape: tuple[int, ...], dim: int, parts: int, block: int = FP8_BLOCK
+) -> bool:
+    """An FP8 block-quantised weight may only be cut in whole 128-blocks."""
+    return parts == 1 or (weight_shape[dim] // parts) % block == 0
+
+
+def blocks(n: int, block: int = FP8_BLOCK) -> int:
+    return math.ceil(n / block)
