@@ -1,0 +1,18 @@
+"""The names that identify the DeepSeekDeployment API on the cluster."""
+
+from __future__ import annotations
+
+from deepseek_operator import __version__
+
+GROUP = "llm.dsop.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DeepSeekDeployment"
+LIST_KIND = "DeepSeekDeploymentList"
+PLURAL = "deepseekdeployments"
+SINGULAR = "deepseekdeployment"
+SHORT_NAMES = ("dsd",)
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# The worker image used when spec.worker.image is unset: the one released with this operator.
+DEFAULT_WORKER_IMAGE = f"dsworker:{__version__}"

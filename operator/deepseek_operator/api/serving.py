@@ -1,0 +1,50 @@
+"""spec.serving: the limits the engine serves within and its HTTP port."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import ApiModel, Rule
+
+
+class Serving(ApiModel):
+    """Serving limits (MindIE ModelDeployConfig / ScheduleConfig names)."""
+
+    __rules__ = (
+        Rule(
+            "input-below-seq",
+            "spec.serving.maxInputTokenLen must be less than spec.serving.maxSeqLen; lower "
+            "maxInputTokenLen or raise maxSeqLen",
+            lambda s: s.max_input_token_len < s.max_seq_len,
+            "self.maxInputTokenLen < self.maxSeqLen",
+        ),
+    )
+
+    max_seq_len: int = Field(
+        2560, ge=2, le=1048576, description="Longest sequence, prompt plus output (maxSeqLen)."
+    )
+    max_input_token_len: int = Field(
+        2048,
+        ge=1,
+        le=1048576,
+        description="Longest prompt in tokens (maxInputTokenLen); must be below maxSeqLen.",
+    )
+    truncation: bool = Field(
+        False,
+        description="Truncate prompts longer than maxInputTokenLen instead of rejecting them.",
+    )
+    max_batch_size: int = Field(
+        200, ge=1, le=65536, description="Most sequences decoded together (maxBatchSize)."
+    )
+    port: int = Field(
+        1025, ge=1, le=65535, description="Port of the OpenAI-compatible HTTP API on rank 0."
+    )
+    cpu_mem_size: int = Field(
+        5, ge=0, description="Host memory in GiB for swapped-out KV cache blocks (cpuMemSize)."
+    )
+    npu_mem_size: int = Field(
+        -1,
+        ge=-1,
+        description="Device memory in GiB for the KV cache per device (npuMemSize); -1 = all that "
+        "is left after the weights.",
+    )

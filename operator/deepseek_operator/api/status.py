@@ -1,0 +1,106 @@
+"""status: what the operator observed; written only by the operator."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from .base import StatusModel
+
+Phase = Literal["Pending", "Sharding", "Staging", "Loading", "Ready", "Degraded", "Failed"]
+PHASES: tuple[Phase, ...] = (
+    "Pending",
+    "Sharding",
+    "Staging",
+    "Loading",
+    "Ready",
+    "Degraded",
+    "Failed",
+)
+
+# The condition types the operator sets.
+VALIDATED = "Validated"
+SHARDED = "Sharded"
+WORKERS_READY = "WorkersReady"
+READY = "Ready"
+CONDITION_TYPES = (VALIDATED, SHARDED, WORKERS_READY, READY)
+
+MAX_CONDITIONS = 16
+
+
+class Condition(StatusModel):
+    """One aspect of the deployment's state (the metav1.Condition shape)."""
+
+    type: str = Field(
+        min_length=1,
+        max_length=316,
+        pattern=r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+        r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
+        description="Condition type: Validated, Sharded, WorkersReady or Ready.",
+    )
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$",
+        description="CamelCase reason for the last transition.",
+    )
+    message: str = Field(
+        "", max_length=32768, description="Human-readable details; names the field and the fix."
+    )
+    last_transition_time: datetime = Field(
+        description="When status last changed (RFC 3339, seconds)."
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="metadata.generation the condition was computed from."
+    )
+
+
+class ShardsStatus(StatusModel):
+    """The shards of the current plan."""
+
+    bytes: int | None = Field(None, ge=0, description="Bytes written.")
+    files: int | None = Field(None, ge=0, description="Files written.")
+    seconds: float | None = Field(None, ge=0, description="Duration of the sharding Job.")
+    throughput_mbps: float | None = Field(
+        None, ge=0, alias="throughputMBps", description="Bytes written per second, in MB/s."
+    )
+    job: str | None = Field(None, description="Name of the sharding Job.")
+
+
+class DeepSeekDeploymentStatus(StatusModel):
+    """The observed state of a DeepSeekDeployment."""
+
+    phase: Phase | None = Field(
+        None,
+        description="Pending, Sharding, Staging, Loading, Ready, Degraded (was Ready, lost a "
+        "worker) or Failed (until the spec changes).",
+    )
+    observed_generation: int | None = Field(
+        None, ge=0, description="metadata.generation the status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=MAX_CONDITIONS,
+        description="Validated, Sharded, WorkersReady and Ready conditions.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    fingerprint: str | None = Field(
+        None,
+        description="sha256 of the model source, quantization, MTP, the parallel layout and the "
+        "shard format: names the shard directory and the sharding Job.",
+    )
+    world_size: int | None = Field(
+        None, ge=1, description="Ranks of the running plan (printed as World)."
+    )
+    shards: ShardsStatus | None = Field(None, description="The shards of the current plan.")
+    ready_workers: str | None = Field(
+        None, pattern=r"^[0-9]+/[0-9]+$", description="Ready worker pods, as n/m."
+    )
+    group_restarts: int | None = Field(
+        None, ge=0, description="Group restarts spent of spec.worker.restartBudget."
+    )
+    endpoint: str | None = Field(None, description="In-cluster URL of the OpenAI-compatible API.")
+    message: str | None = Field(None, description="What is happening, or what to fix.")

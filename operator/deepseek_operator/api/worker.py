@@ -1,0 +1,92 @@
+"""spec.worker: the pods that run the engine."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from .base import ApiModel, section
+from .names import DEFAULT_WORKER_IMAGE
+
+AcceleratorType = Literal["npu", "gpu", "cpu"]
+
+DEFAULT_RESOURCE_NAMES: dict[str, str | None] = {
+    "npu": "huawei.com/Ascend910",
+    "gpu": "nvidia.com/gpu",
+    "cpu": None,
+}
+
+
+class Accelerator(ApiModel):
+    """The devices each rank runs on."""
+
+    type: AcceleratorType = Field(
+        "npu",
+        description="Device kind: npu (Ascend, torch_npu + hccl), gpu (CUDA, nccl) or cpu (gloo).",
+    )
+    resource_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=253,
+        description="Extended resource each worker pod requests devicesPerNode of. Default: "
+        "huawei.com/Ascend910 for npu, nvidia.com/gpu for gpu, none for cpu.",
+    )
+
+    def _resolve(self) -> None:
+        if self.resource_name is None:
+            self.resource_name = DEFAULT_RESOURCE_NAMES[self.type]
+
+
+class Worker(ApiModel):
+    """The worker pods: one per node, devicesPerNode ranks each."""
+
+    image: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="Worker image (dsworker). Default: the image released with the operator.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Pull policy of the worker and sharder images."
+    )
+    accelerator: Accelerator = section(Accelerator, "The devices each rank runs on.")
+    resources: dict[str, Any] | None = Field(
+        None,
+        description="Extra compute resources of the worker container (core/v1 "
+        "ResourceRequirements); the accelerator request is added by the operator.",
+    )
+    node_selector: dict[str, str] | None = Field(
+        None, description="Node labels the worker pods must match (core/v1 nodeSelector)."
+    )
+    tolerations: list[dict[str, Any]] | None = Field(
+        None, description="Tolerations of the worker pods (core/v1 Toleration list)."
+    )
+    affinity: dict[str, Any] | None = Field(
+        None, description="Affinity of the worker pods (core/v1 Affinity)."
+    )
+    env: list[dict[str, Any]] | None = Field(
+        None, description="Extra environment variables of the engine (core/v1 EnvVar list)."
+    )
+    pod_annotations: dict[str, str] | None = Field(
+        None, description="Annotations added to the worker pods."
+    )
+    priority_class_name: str | None = Field(
+        None, max_length=253, description="PriorityClass of the worker pods."
+    )
+    scheduler_name: str | None = Field(
+        None,
+        max_length=253,
+        description="Scheduler of the worker pods, e.g. a gang scheduler (Volcano).",
+    )
+    restart_budget: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="Group restarts (all worker pods restarted together when one fails) before "
+        "the deployment is marked Failed.",
+    )
+
+    def _resolve(self) -> None:
+        if self.image is None:
+            self.image = DEFAULT_WORKER_IMAGE

@@ -1,0 +1,316 @@
+"""The generated CRD: committed file up to date, structural, described, with every CEL rule, and
+an emulated admission (defaulting, OpenAPI schema, CEL when cel-python is installed) that accepts
+the valid examples and rejects the bad-spec table's admission cases."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from test_api_bad_specs import load_bad_specs, load_valid
+from test_api_rules import all_rules
+
+from deepseek_operator import crd as crdgen
+
+CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "deepseekdeployments.llm.dsop.io.yaml"
+BAD = load_bad_specs()
+VALID = load_valid()
+
+# The cross-field rules of shared/design/API.md; each must be a CEL rule in the CRD.
+CROSS_FIELD_RULES = [
+    "world-size",
+    "dp-times-tp",
+    "moeTp-times-moeEp",
+    "cutoff-level-1",
+    "topk-needs-enabled",
+    "topk-level-1",
+    "buffer-factor-pairs",
+    "buffer-factors-descending",
+    "direct-level-2-multinode",
+    "expert-merge-sharding",
+    "dlb-sharding",
+    "v2-no-offline-sharding",
+    "input-below-seq",
+    "host-path-store-single-node",
+    "trust-remote-code",
+    "model-source-one",
+    "store-pvc-shape",
+    "store-one",
+]
+
+
+@pytest.fixture(scope="module")
+def crd() -> dict[str, Any]:
+    return yaml.safe_load(CRD_FILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def schema(crd: dict[str, Any]) -> dict[str, Any]:
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def walk(node: dict[str, Any], path: str = ""):
+    """Every schema node with its path (properties by name, list items as [], map values as *)."""
+    yield path, node
+    for name, sub in node.get("properties", {}).items():
+        yield from walk(sub, f"{path}.{name}" if path else name)
+    if isinstance(node.get("items"), dict):
+        yield from walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from walk(node["additionalProperties"], f"{path}.*")
+
+
+def test_committed_crd_is_generated_output() -> None:
+    assert CRD_FILE.read_text() == crdgen.render(), "run: python -m deepseek_operator.crd"
+    assert crdgen.render() == crdgen.render()
+    assert crdgen.main(["--check"]) == 0
+
+
+def test_check_mode_detects_a_stale_file(tmp_path: Path) -> None:
+    out = tmp_path / "crd.yaml"
+    assert crdgen.main(["--check", "--output", str(out)]) == 1
+    assert crdgen.main(["--output", str(out)]) == 0
+    assert crdgen.main(["--check", "--output", str(out)]) == 0
+    out.write_text(out.read_text() + "# edited\n")
+    assert crdgen.main(["--check", "--output", str(out)]) == 1
+
+
+def test_is_a_valid_crd_object(crd: dict[str, Any]) -> None:
+    kubernetes_validate.validate(crd, "1.34.0", strict=True)
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == "deepseekdeployments.llm.dsop.io"
+    assert spec["group"] == "llm.dsop.io" and spec["scope"] == "Namespaced"
+    assert spec["names"]["kind"] == "DeepSeekDeployment"
+    assert spec["names"]["plural"] == "deepseekdeployments"
+    assert spec["names"]["shortNames"] == ["dsd"]
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert version["subresources"] == {"status": {}}
+
+
+def test_schema_is_structural(schema: dict[str, Any]) -> None:
+    banned = {"$ref", "$defs", "anyOf", "allOf", "oneOf", "not", "prefixItems", "const", "title"}
+    for path, node in walk(schema):
+        assert not banned & node.keys(), (path, banned & node.keys())
+        assert (
+            "type" in node
+            or node.get("x-kubernetes-preserve-unknown-fields")
+            or node.get("x-kubernetes-int-or-string")
+        ), path
+        assert not ("properties" in node and "additionalProperties" in node), path
+        assert node.get("additionalProperties") is not False, path
+        if node.get("type") == "array":
+            assert isinstance(node.get("items"), dict), path
+        if "exclusiveMinimum" in node:
+            assert node["exclusiveMinimum"] is True and "minimum" in node, path
+        if "default" in node:
+            assert node["default"] is not None, path
+
+
+def test_every_field_has_a_description(schema: dict[str, Any]) -> None:
+    for path, node in walk(schema):
+        if path in ("metadata",) or path.endswith("[]") or path.endswith(".*"):
+            continue
+        if path.startswith("spec.expertParallel.alltoallBufferScaleFactors[]"):
+            continue
+        assert node.get("description", "").strip(), path
+
+
+def test_computed_defaults_are_left_to_the_operator(schema: dict[str, Any]) -> None:
+    nodes = dict(walk(schema))
+    for path in (
+        "spec.model.name",
+        "spec.model.architecture",
+        "spec.parallelism.worldSize",
+        "spec.parallelism.dp",
+        "spec.parallelism.tp",
+        "spec.parallelism.moeTp",
+        "spec.parallelism.moeEp",
+        "spec.sharding.processes",
+        "spec.sharding.image",
+        "spec.worker.image",
+        "spec.worker.accelerator.resourceName",
+    ):
+        assert "default" not in nodes[path], path
+    for path, value in {
+        "spec.parallelism.nodes": 1,
+        "spec.parallelism.devicesPerNode": 8,
+        "spec.parallelism": {},
+        "spec.expertParallel.level": 1,
+        "spec.sharding.enabled": True,
+        "spec.serving.maxSeqLen": 2560,
+        "spec.serving.maxInputTokenLen": 2048,
+        "spec.serving.port": 1025,
+        "spec.serving.npuMemSize": -1,
+        "spec.worker.restartBudget": 5,
+        "spec.model.quantization": "auto",
+    }.items():
+        assert nodes[path]["default"] == value, path
+
+
+def test_every_cel_rule_is_in_the_crd(schema: dict[str, Any]) -> None:
+    in_crd = [
+        (r["rule"], r["message"])
+        for _, n in walk(schema)
+        for r in n.get("x-kubernetes-validations", [])
+    ]
+    from_models = [(r.cel, r.message) for r in all_rules().values() if r.cel]
+    assert sorted(in_crd) == sorted(from_models)
+    rules = all_rules()
+    for name in CROSS_FIELD_RULES:
+        assert rules[name].cel, name
+
+
+def test_printer_columns(crd: dict[str, Any], schema: dict[str, Any]) -> None:
+    columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    assert [c["name"] for c in columns][:6] == ["Phase", "Ready", "Model", "World", "EP", "Age"]
+    nodes = dict(walk(schema))
+    for col in columns:
+        path = col["jsonPath"].lstrip(".")
+        if not path.startswith("metadata."):
+            assert path in nodes, path
+            # Every printed field must be one the server stores (not an operator-side default).
+            assert nodes[path]["type"] == col["type"], path
+
+
+def test_cel_rules_use_has_for_optional_fields(schema: dict[str, Any]) -> None:
+    """A rule may read an optional field without a default only behind has()."""
+    nodes = dict(walk(schema))
+    for path, node in walk(schema):
+        for rule in node.get("x-kubernetes-validations", []):
+            for name, sub in node.get("properties", {}).items():
+                if f"self.{name}" in rule["rule"] and "default" not in sub:
+                    required = name in node.get("required", [])
+                    assert required or f"has(self.{name})" in rule["rule"], (path, name)
+    assert nodes["spec.expertParallel.alltoallBufferScaleFactors"]["maxItems"] <= 16
+
+
+# --- emulated admission --------------------------------------------------------------------
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """The API server's structural defaulting: fill unset fields, then recurse (defaults too)."""
+    if isinstance(value, dict) and "properties" in schema:
+        for name, sub in schema["properties"].items():
+            if name not in value and "default" in sub:
+                value[name] = copy.deepcopy(sub["default"])
+            if name in value:
+                value[name] = apply_defaults(sub, value[name])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        value = [apply_defaults(schema["items"], v) for v in value]
+    return value
+
+
+def draft4(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema as plain JSON Schema draft 4, unknown fields rejected (fieldValidation=Strict)."""
+    out = {k: draft4(v) if isinstance(v, dict) else v for k, v in schema.items()}
+    out = {k: v for k, v in out.items() if not k.startswith("x-kubernetes-")}
+    if "properties" in schema:
+        out["properties"] = {k: draft4(v) for k, v in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    return out
+
+
+def schema_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft4Validator(draft4(schema))
+    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+def typed(schema: dict[str, Any], value: Any) -> Any:
+    """Values as CEL sees them on the server: `number` fields are doubles."""
+    if schema.get("type") == "number" and isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        return {
+            k: typed(props.get(k) or (extra if isinstance(extra, dict) else {}), v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [typed(schema.get("items") or {}, v) for v in value]
+    return value
+
+
+def cel_errors(schema: dict[str, Any], value: Any) -> list[str]:
+    """Evaluate every x-kubernetes-validations rule where its object is present (cel-python)."""
+    celpy = pytest.importorskip("celpy")
+    env = celpy.Environment()
+    out: list[str] = []
+
+    def visit(node: dict[str, Any], val: Any) -> None:
+        for rule in node.get("x-kubernetes-validations", []):
+            program = env.program(env.compile(rule["rule"]))
+            result = program.evaluate({"self": celpy.json_to_cel(typed(node, val))})
+            if result is not True and not (isinstance(result, celpy.celtypes.BoolType) and result):
+                out.append(rule["message"])
+        if isinstance(val, dict):
+            for name, sub in node.get("properties", {}).items():
+                if name in val:
+                    visit(sub, val[name])
+        if isinstance(val, list) and isinstance(node.get("items"), dict):
+            for v in val:
+                visit(node["items"], v)
+
+    visit(schema, value)
+    return out
+
+
+def admit(schema: dict[str, Any], obj: dict[str, Any], cel: bool) -> list[str]:
+    obj = apply_defaults(schema, copy.deepcopy(obj))
+    errors = schema_errors(schema, obj)
+    if not errors and cel:
+        errors = cel_errors(schema, obj)
+    return errors
+
+
+@pytest.mark.parametrize("name,obj", VALID, ids=[n for n, _ in VALID])
+def test_valid_examples_pass_the_openapi_schema(
+    schema: dict[str, Any], name: str, obj: dict[str, Any]
+) -> None:
+    assert admit(schema, obj, cel=False) == []
+
+
+@pytest.mark.parametrize("name,obj", VALID, ids=[n for n, _ in VALID])
+def test_valid_examples_pass_the_cel_rules(
+    schema: dict[str, Any], name: str, obj: dict[str, Any]
+) -> None:
+    assert admit(schema, obj, cel=True) == []
+
+
+def test_defaults_pass_their_own_schema_and_rules(schema: dict[str, Any]) -> None:
+    """The API server refuses a CRD whose defaults (themselves defaulted) fail their node."""
+    for path, node in walk(schema):
+        if "default" in node:
+            value = apply_defaults(node, copy.deepcopy(node["default"]))
+            assert schema_errors(node, value) == [], path
+            assert cel_errors(node, value) == [], path
+
+
+def test_all_cel_rules_compile(schema: dict[str, Any]) -> None:
+    celpy = pytest.importorskip("celpy")
+    env = celpy.Environment()
+    for _, node in walk(schema):
+        for rule in node.get("x-kubernetes-validations", []):
+            env.compile(rule["rule"])
+
+
+ADMISSION = [c for c in BAD if c.get("cel")]
+
+
+@pytest.mark.parametrize("case", ADMISSION, ids=[c["name"] for c in ADMISSION])
+def test_admission_rejects_bad_spec(schema: dict[str, Any], case: dict[str, Any]) -> None:
+    obj = apply_defaults(schema, copy.deepcopy(case["object"]))
+    errors = schema_errors(schema, obj)
+    if errors:
+        return  # the OpenAPI schema rejects it; its wording is the API server's own
+    messages = cel_errors(schema, obj)
+    assert messages, f"{case['name']} passed the CRD"
+    fragment = case.get("celExpect") or case["expect"]
+    assert any(fragment in m for m in messages), messages
