@@ -1,8 +1,9 @@
 """Generates the DeepSeekDeployment CustomResourceDefinition from the pydantic models.
 
-`python -m deepseek_operator.crd` writes crds/deepseekdeployments.llm.dsop.io.yaml; `--check` exits
-1 when the committed file differs. The schema is structural (no $ref, every node typed), keeps
-defaults, enums and bounds, and carries each model's CEL rules as x-kubernetes-validations.
+`python -m deepseek_operator.crd` writes crds/deepseekdeployments.llm.dsop.io.yaml and the Helm
+chart's copy (charts/deepseek-operator/crds/); `--check` exits 1 when a committed file differs.
+The schema is structural (no $ref, every node typed), keeps defaults, enums and bounds, and
+carries each model's CEL rules as x-kubernetes-validations.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from .api import (
     DeepSeekDeployment,
 )
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "crds" / f"{CRD_NAME}.yaml"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_OUTPUT = REPO / "crds" / f"{CRD_NAME}.yaml"
+# Helm installs CRDs from the chart's own crds/ folder, so the chart carries a byte-equal copy.
+CHART_OUTPUT = REPO / "charts" / "deepseek-operator" / "crds" / f"{CRD_NAME}.yaml"
 HEADER = (
     "# Generated from operator/deepseek_operator/api by `python -m deepseek_operator.crd`.\n"
     "# Do not edit: change the models and regenerate.\n"
@@ -182,21 +186,24 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deepseek_operator.crd", description=__doc__)
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="CRD file to write")
     parser.add_argument(
-        "--check", action="store_true", help="exit 1 if the file differs from the models"
+        "--output", type=Path, help="CRD file to write (default: crds/ and the chart's crds/)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if a file differs from the models"
     )
     args = parser.parse_args(argv)
     text = render()
+    outputs = [args.output] if args.output else [DEFAULT_OUTPUT, CHART_OUTPUT]
     if args.check:
-        current = args.output.read_text() if args.output.exists() else ""
-        if current != text:
-            print(f"{args.output} is stale: run python -m deepseek_operator.crd", file=sys.stderr)
-            return 1
-        return 0
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    print(f"wrote {args.output}")
+        stale = [o for o in outputs if (o.read_text() if o.exists() else "") != text]
+        for output in stale:
+            print(f"{output} is stale: run python -m deepseek_operator.crd", file=sys.stderr)
+        return 1 if stale else 0
+    for output in outputs:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        print(f"wrote {output}")
     return 0
 
 

@@ -39,6 +39,9 @@ class EngineConfig(BaseModel):
     maxInputTokenLen: int = Field(2048, ge=1, description="Longest prompt accepted.")
     truncation: bool = Field(False, description="Truncate over-long prompts instead of refusing.")
     maxBatchSize: int = Field(16, ge=1, description="Sequences decoded together.")
+    maxPrefillTokens: int = Field(
+        8192, ge=1, description="Tokens per engine step (prompt chunks plus one per decode)."
+    )
     maxRequestBytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
     maxNewTokens: int = Field(1024, ge=1, description="Upper bound on a request's max_tokens.")
     port: int = Field(1025, ge=1, le=65535, description="HTTP port of rank 0.")

@@ -124,9 +124,12 @@ class ModelDims:
     n_routed_experts: int
     n_shared_experts: int
     num_nextn_predict_layers: int
-    fp8_block: (
-        tuple[int, int] | None
-    )  # weight_block_size when the checkpoint is FP8-block quantised
+    # weight_block_size when the checkpoint is FP8-block quantised
+    fp8_block: tuple[int, int] | None
+    # MLA head dims (0 when config.json lacks them): only used to check FP8 attention shards.
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
 
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> ModelDims:
@@ -171,7 +174,14 @@ class ModelDims:
             n_shared_experts=int(cfg.get("n_shared_experts") or 0),
             num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers") or 0),
             fp8_block=block,
+            qk_nope_head_dim=_int_or_zero(cfg.get("qk_nope_head_dim")),
+            qk_rope_head_dim=_int_or_zero(cfg.get("qk_rope_head_dim")),
+            v_head_dim=_int_or_zero(cfg.get("v_head_dim")),
         )
+
+
+def _int_or_zero(v: Any) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 @dataclass(frozen=True)
@@ -333,10 +343,36 @@ def check_plan(dims: ModelDims, plan: ParallelPlan) -> list[str]:
     need(dims.n_routed_experts, plan.moe_ep, "n_routed_experts", "moeEp")
     if dims.fp8_block:
         blk = dims.fp8_block[0]
-        for what, size, parts, field in (
+        n, dn, dr, dv = (
+            dims.num_attention_heads,
+            dims.qk_nope_head_dim,
+            dims.qk_rope_head_dim,
+            dims.v_head_dim,
+        )
+        checks = [
             ("intermediate_size", dims.intermediate_size, plan.tp, "tp"),
             ("moe_intermediate_size", dims.moe_intermediate_size, plan.moe_tp, "moeTp"),
-        ):
+        ]
+        if dims.n_shared_experts:
+            shared = dims.n_shared_experts * dims.moe_intermediate_size
+            checks.append(("n_shared_experts*moe_intermediate_size", shared, plan.tp, "tp"))
+        if dn and dr and dv:
+            checks += [
+                (
+                    "q_b_proj rows num_attention_heads*(qk_nope+qk_rope)",
+                    n * (dn + dr),
+                    plan.tp,
+                    "tp",
+                ),
+                (
+                    "kv_b_proj rows num_attention_heads*(qk_nope+v_head_dim)",
+                    n * (dn + dv),
+                    plan.tp,
+                    "tp",
+                ),
+                ("o_proj columns num_attention_heads*v_head_dim", n * dv, plan.tp, "tp"),
+            ]
+        for what, size, parts, field in checks:
             if parts > 1 and size % parts == 0 and (size // parts) % blk:
                 errs.append(
                     f"FP8 block quantisation: {what}/{field} = {size // parts} is not a multiple of "

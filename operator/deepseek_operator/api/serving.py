@@ -16,6 +16,9 @@ class Serving(ApiModel):
             "spec.serving.maxInputTokenLen must be less than spec.serving.maxSeqLen; lower "
             "maxInputTokenLen or raise maxSeqLen",
             lambda s: s.max_input_token_len < s.max_seq_len,
+            # has(): the API server also checks the section's default ({}) against this rule,
+            # before field defaults are filled in; real objects always have both fields.
+            "!has(self.maxInputTokenLen) || !has(self.maxSeqLen) || "
             "self.maxInputTokenLen < self.maxSeqLen",
         ),
     )

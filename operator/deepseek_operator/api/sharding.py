@@ -16,6 +16,10 @@ QUANTITY = (
 )
 
 
+def _no_server_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
 class PvcStore(ApiModel):
     """A ReadWriteMany claim for the shards: an existing one, or one the operator creates."""
 
@@ -110,7 +114,10 @@ class Sharding(ApiModel):
     stage_to_tmpfs: bool = Field(
         True,
         description="Workers copy their own ranks' shards from a pvc store into a memory-backed "
-        "emptyDir before loading. A hostPath store is loaded in place.",
+        "emptyDir before loading. A hostPath store is loaded in place. Default: true.",
+        # No server-side default: the operator warns when it is set with a hostPath store, and
+        # a default filled in by the API server would look set on every object.
+        json_schema_extra=_no_server_default,
     )
     processes: int | None = Field(
         None,

@@ -1,0 +1,302 @@
+"""Engine benchmark, side by side with HuggingFace transformers in one run (BENCHMARKS.md).
+
+Figures, one JSON object per line:
+  load     GB/s of the sharded loader (mmap + reused pinned buffers) vs safetensors.torch.load_file
+  prefill  tokens/s of one prompt of --prefill-tokens
+  decode   tokens/s of greedy generation at each --batch (--new-tokens per sequence, short prompts),
+           timed from submission to the last token, as transformers' generate() is
+and a ratio line per figure (dsworker / transformers). The engine runs through the serving path
+(scheduler, sampler, text streaming) with world size 1.
+
+  python benchmarks/engine.py                          # GPU, the "bench" config (3.54 B params)
+  python benchmarks/engine.py --preset tiny --device cpu --new-tokens 8 --prefill-tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsworker.control import LocalChannel
+from dsworker.device import Device
+from dsworker.engine_config import EngineConfig
+from dsworker.engine_loop import EngineLoop, GenRequest, Output
+from dsworker.layout import ParallelPlan
+from dsworker.loader import load_weights
+from dsworker.metrics import Metrics
+from dsworker.runner import DTYPES, ModelRunner, engine_options
+from dsworker.sampling import SamplingParams
+from dsworker.scheduler import Scheduler
+from dsworker.tokenizer import TextTokenizer
+
+
+def emit(**record: Any) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """The HF checkpoint (given or synthesized) and its world-1 sharded layout."""
+    from dsworker.sharder import shard
+    from dsworker.synth import synthesize
+
+    full = args.model or synthesize(work / f"hf-{args.preset}", "v3", args.preset, "bf16")
+    sharded = work / f"sharded-{args.preset}"
+    if not (sharded / "_COMPLETE").exists():
+        shard(full, sharded, ParallelPlan(1, 1, 1, 1, 1))
+    return Path(full), sharded
+
+
+# -- load -----------------------------------------------------------------------------------------
+
+
+def bench_load(full: Path, sharded: Path, dev: Device, cfg: EngineConfig) -> None:
+    from safetensors.torch import load_file
+
+    from dsworker.dist import build_groups
+    from dsworker.model import DeepseekModel, ModelArgs
+
+    files = sorted(full.glob("*.safetensors"))
+    nbytes = sum(f.stat().st_size for f in files)
+    for f in files:  # both paths read from the page cache
+        f.read_bytes()
+    t0 = time.perf_counter()
+    for f in files:
+        tensors = load_file(f, device=str(dev.torch))
+        del tensors
+    sync(dev.torch)
+    st_seconds = time.perf_counter() - t0
+    emit(
+        bench="load",
+        path="safetensors.load_file",
+        bytes=nbytes,
+        seconds=round(st_seconds, 4),
+        gbps=round(nbytes / st_seconds / 1e9, 3),
+    )
+    gc.collect()
+
+    plan = ParallelPlan(1, 1, 1, 1, 1)
+    model = DeepseekModel(
+        ModelArgs.from_dir(sharded),
+        build_groups(plan, 0, dev.backend),
+        engine_options(cfg),
+        DTYPES[cfg.dtype],
+        dev.torch,
+    )
+    stats = load_weights(model.targets(), sharded, plan, 0, dev)
+    sync(dev.torch)
+    emit(
+        bench="load",
+        path="dsworker.loader (sharded)",
+        bytes=stats.bytes,
+        seconds=round(stats.seconds, 4),
+        gbps=round(stats.gbps, 3),
+    )
+    emit(
+        bench="load",
+        ratio=round(stats.gbps / (nbytes / st_seconds / 1e9), 2),
+        what="sharded loader GB/s / load_file GB/s",
+    )
+    del model
+    gc.collect()
+
+
+# -- dsworker engine ------------------------------------------------------------------------------
+
+
+class Engine:
+    """World-size-1 serving path: runner + scheduler + sampler, driven synchronously."""
+
+    def __init__(self, sharded: Path, dev: Device, cfg: EngineConfig) -> None:
+        from dsworker.dist import build_groups
+        from dsworker.model import DeepseekModel, ModelArgs
+
+        plan = ParallelPlan(1, 1, 1, 1, 1)
+        groups = build_groups(plan, 0, dev.backend)
+        model = DeepseekModel(
+            ModelArgs.from_dir(sharded), groups, engine_options(cfg), DTYPES[cfg.dtype], dev.torch
+        )
+        load_weights(model.targets(), sharded, plan, 0, dev)
+        self.cfg = cfg
+        self.runner = ModelRunner(
+            model, model.new_cache(cfg.maxBatchSize, cfg.maxSeqLen), groups, dev
+        )
+        self.decode = TextTokenizer(sharded).decode
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
+        """Seconds from submission to the last token, and tokens generated."""
+        loop = EngineLoop(
+            self.runner,
+            Scheduler(self.cfg.maxBatchSize, self.cfg.maxSeqLen, self.cfg.maxPrefillTokens),
+            self.decode,
+            LocalChannel(),
+            Metrics(),
+        )
+        count = [0]
+        lock = threading.Lock()
+
+        def sink(out: Output) -> None:
+            with lock:
+                count[0] += len(out.token_ids)
+
+        greedy = SamplingParams(temperature=0.0)
+        t0 = time.perf_counter()
+        for p in prompts:
+            loop.submit(GenRequest(p, greedy, new_tokens, ignore_eos=True), sink)
+        loop.run_until_idle()
+        sync(self.runner.device)
+        return time.perf_counter() - t0, count[0]
+
+
+# -- transformers ---------------------------------------------------------------------------------
+
+
+class Reference:
+    def __init__(self, full: Path, dev: Device, dtype: torch.dtype) -> None:
+        from transformers import DeepseekV3ForCausalLM
+
+        self.model = DeepseekV3ForCausalLM.from_pretrained(full, dtype=dtype).to(dev.torch).eval()
+        self.device = dev.torch
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        self.model(ids.to(self.device), use_cache=False)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> tuple[float, int]:
+        ids = ids.to(self.device)
+        t0 = time.perf_counter()
+        out = self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+        sync(self.device)
+        return time.perf_counter() - t0, int(out[:, ids.shape[1] :].numel())
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", default="bench", choices=["tiny", "small", "bench"])
+    p.add_argument("--model", type=Path, default=None, help="HF checkpoint (default: synthesize)")
+    p.add_argument("--work-dir", type=Path, default=None, help="default: /dev/shm or a temp dir")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default bf16 (cpu: f32)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length for decode runs")
+    p.add_argument("--prefill-tokens", type=int, default=512)
+    p.add_argument("--repeat", type=int, default=2, help="timed runs per figure (best is kept)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["load", "prefill", "decode", "hf"])
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    dev = Device.create(args.device, 0)
+    dtype_name = args.dtype or ("float32" if dev.kind == "cpu" else "bfloat16")
+    max_batch = max(args.batch)
+    cfg = EngineConfig(
+        dtype=dtype_name,
+        maxBatchSize=max_batch,
+        maxSeqLen=max(args.prefill_tokens, args.prompt_tokens + args.new_tokens) + 1,
+        maxInputTokenLen=max(args.prefill_tokens, args.prompt_tokens),
+        maxPrefillTokens=max(args.prefill_tokens, max_batch * args.prompt_tokens),
+        maxNewTokens=args.new_tokens,
+    )
+    root = args.work_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
+    with tempfile.TemporaryDirectory(dir=root, prefix="dsbench-") as tmp:
+        work = args.work_dir or Path(tmp)
+        full, sharded = prepare(args, work)
+        emit(
+            bench="setup",
+            preset=args.preset,
+            device=str(dev.torch),
+            dtype=dtype_name,
+            torch=torch.__version__,
+            gpu=torch.cuda.get_device_name(dev.torch) if dev.kind == "cuda" else None,
+            checkpoint_bytes=sum(f.stat().st_size for f in full.glob("*.safetensors")),
+        )
+        if "load" not in args.skip:
+            bench_load(full, sharded, dev, cfg)
+        vocab = json.loads((full / "config.json").read_text())["vocab_size"]
+        gen = torch.Generator().manual_seed(0)
+        prefill_ids = torch.randint(0, vocab, (1, args.prefill_tokens), generator=gen)
+        prompts = torch.randint(0, vocab, (max_batch, args.prompt_tokens), generator=gen)
+        results: dict[tuple[str, str, int], float] = {}
+
+        engine = Engine(sharded, dev, cfg)
+        engine.generate([prefill_ids[0, :8].tolist()], 2)  # warm-up
+        if "prefill" not in args.skip:
+            best = min(engine.generate([prefill_ids[0].tolist()], 1)[0] for _ in range(args.repeat))
+            results[("prefill", "dsworker", 1)] = args.prefill_tokens / best
+        if "decode" not in args.skip:
+            for b in args.batch:
+                runs = [
+                    engine.generate(prompts[:b].tolist(), args.new_tokens)
+                    for _ in range(args.repeat)
+                ]
+                secs, toks = min(runs)
+                results[("decode", "dsworker", b)] = toks / secs
+        del engine
+        gc.collect()
+
+        if "hf" not in args.skip:
+            ref = Reference(full, dev, DTYPES[dtype_name])
+            ref.prefill(prefill_ids[:, :8])  # warm-up
+            if "prefill" not in args.skip:
+                best = min(ref.prefill(prefill_ids) for _ in range(args.repeat))
+                results[("prefill", "transformers", 1)] = args.prefill_tokens / best
+            if "decode" not in args.skip:
+                for b in args.batch:
+                    runs = [ref.generate(prompts[:b], args.new_tokens) for _ in range(args.repeat)]
+                    secs, toks = min(runs)
+                    results[("decode", "transformers", b)] = toks / secs
+            del ref
+            gc.collect()
+
+        for (bench, engine_name, b), tps in results.items():
+            emit(
+                bench=bench,
+                engine=engine_name,
+                batch=b,
+                tokens_per_s=round(tps, 2),
+                new_tokens=args.new_tokens if bench == "decode" else None,
+                prompt_tokens=args.prefill_tokens if bench == "prefill" else args.prompt_tokens,
+            )
+        for (bench, engine_name, b), tps in results.items():
+            ref_tps = results.get((bench, "transformers", b))
+            if engine_name == "dsworker" and ref_tps:
+                emit(
+                    bench=bench,
+                    batch=b,
+                    ratio=round(tps / ref_tps, 2),
+                    what="dsworker tokens/s / transformers tokens/s",
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""kopf handlers: every one of them only says "look at this DeepSeekDeployment again".
+
+The custom resource is watched with kopf.on.event, which covers creation, every update and the
+resume after an operator restart (kopf lists all objects when it starts) without kopf writing
+annotations or finalizers to the object: GitOps tools see no drift and deletion never waits for
+the operator. Owned Jobs, StatefulSets, Pods and claims are watched by the managed-by label and
+mapped back to their custom resource by the llm.dsop.io/deployment annotation.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from .api import GROUP, PLURAL, VERSION
+from .planning import names
+from .reconcile import Reconciler
+
+log = logging.getLogger("deepseek_operator.handlers")
+
+OWNED = {names.MANAGED_BY_LABEL: names.MANAGER}
+
+# Set by __main__ before kopf starts (kopf handlers are module-level functions).
+RECONCILER: Reconciler | None = None
+
+
+def _reconciler() -> Reconciler:
+    if RECONCILER is None:
+        raise kopf.PermanentError("the operator was started without a Reconciler")
+    return RECONCILER
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Quiet kopf's own Events (the operator posts its own) and keep watches fresh."""
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+
+
+@kopf.on.cleanup()
+def shutdown(**_: Any) -> None:
+    if RECONCILER is not None:
+        RECONCILER.close()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def deployment_event(type: str | None, name: str, namespace: str, **_: Any) -> None:
+    """Creation, any change (spec or status), or first sight after a restart."""
+    if type == "DELETED":
+        _reconciler().forget(namespace, name)
+        return
+    await _reconciler().trigger(namespace, name)
+
+
+async def _child(meta: kopf.Meta, namespace: str | None) -> None:
+    owner = (meta.annotations or {}).get(names.DEPLOYMENT_ANNOTATION)
+    if owner and namespace:
+        await _reconciler().trigger(namespace, owner)
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
+async def job_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    await _child(meta, namespace)
+
+
+@kopf.on.event("apps", "v1", "statefulsets", labels=OWNED)
+async def statefulset_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    await _child(meta, namespace)
+
+
+@kopf.on.event("", "v1", "persistentvolumeclaims", labels=OWNED)
+async def claim_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    await _child(meta, namespace)
+
+
+@kopf.on.event("", "v1", "pods", labels=OWNED)
+async def pod_event(
+    type: str | None, body: kopf.Body, meta: kopf.Meta, namespace: str | None, **_: Any
+) -> None:
+    owner = (meta.annotations or {}).get(names.DEPLOYMENT_ANNOTATION)
+    if not owner or not namespace:
+        return
+    if type != "DELETED" and meta.labels.get(names.COMPONENT_LABEL) == names.WORKER:
+        _reconciler().pod_event(namespace, owner, dict(body))
+    await _reconciler().trigger(namespace, owner)

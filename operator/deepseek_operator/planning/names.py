@@ -1,0 +1,143 @@
+"""Names, labels and annotations of the children of one DeepSeekDeployment.
+
+A custom resource name may be a 253-character DNS subdomain with dots and a leading digit, while
+Services, StatefulSets and label values want short DNS-1035 labels: every child name is derived
+here, shortened with a hash when needed so two long names never collide.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from ..api import GROUP
+
+MANAGER = "deepseek-operator"
+"""Field manager of every server-side apply and the managed-by label value."""
+
+PART_OF = "deepseek-moe-serving"
+
+# Labels (app.kubernetes.io/* are the recommended common labels).
+NAME_LABEL = "app.kubernetes.io/name"
+INSTANCE_LABEL = "app.kubernetes.io/instance"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+PART_OF_LABEL = "app.kubernetes.io/part-of"
+FINGERPRINT_LABEL = f"{GROUP}/fingerprint"
+POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+REVISION_LABEL = "controller-revision-hash"
+
+# Annotations.
+FINGERPRINT_ANNOTATION = f"{GROUP}/fingerprint"
+DEPLOYMENT_ANNOTATION = f"{GROUP}/deployment"
+GENERATION_ANNOTATION = f"{GROUP}/generation"
+WORLD_SIZE_ANNOTATION = f"{GROUP}/world-size"
+ENGINE_CONFIG_ANNOTATION = f"{GROUP}/engine-config-sha256"
+SHARD_DIR_ANNOTATION = f"{GROUP}/shard-dir"
+TEMPLATE_ANNOTATION = f"{GROUP}/template-sha256"
+MODEL_CONFIG_ANNOTATION = f"{GROUP}/model-config"
+"""On the custom resource: the checkpoint's config.json inline, so the operator can check the plan
+against the model before any Job runs (see docs/operator.md)."""
+
+# Components.
+SHARDER = "sharder"
+CLEANUP = "shard-cleanup"
+WORKER = "worker"
+ENGINE_CONFIG = "engine-config"
+SHARD_STORE = "shard-store"
+SERVICE = "api"
+HEADLESS = "rank-discovery"
+DISRUPTION = "disruption-budget"
+
+BASE_MAX = 40  # leaves room for the longest suffix ("-clean-" + 10 hex) under 63
+FP_SHORT = 16  # shard directory name: <store>/<fingerprint[:16]>
+FP_JOB = 10  # in Job names
+
+_INVALID = re.compile(r"[^a-z0-9-]+")
+
+
+def _digest(text: str, n: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:n]
+
+
+def base_name(name: str) -> str:
+    """A DNS-1035 label of at most BASE_MAX characters standing for the custom resource."""
+    base = _INVALID.sub("-", name.lower()).strip("-") or "dsd"
+    if not base[0].isalpha():
+        base = "d-" + base
+    if base != name or len(base) > BASE_MAX:
+        # "a.b" and "a-b" must not share children: anything rewritten carries the name's hash.
+        base = base[: BASE_MAX - 9].rstrip("-") + "-" + _digest(name)
+    return base
+
+
+def instance(name: str) -> str:
+    """The instance label value: the name itself when it is a valid label value, else shortened."""
+    if len(name) <= 63 and re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", name):
+        return name
+    return base_name(name)
+
+
+def short_fingerprint(fingerprint: str) -> str:
+    return fingerprint[:FP_SHORT]
+
+
+def shard_dir(fingerprint: str) -> str:
+    """The directory of one plan's shards inside the store."""
+    return short_fingerprint(fingerprint)
+
+
+def config_map(name: str) -> str:
+    return f"{base_name(name)}-engine"
+
+
+def store_claim(name: str) -> str:
+    return f"{base_name(name)}-shards"
+
+
+def shard_job(name: str, fingerprint: str) -> str:
+    return f"{base_name(name)}-shard-{fingerprint[:FP_JOB]}"
+
+
+def cleanup_job(name: str, fingerprint: str) -> str:
+    return f"{base_name(name)}-clean-{fingerprint[:FP_JOB]}"
+
+
+def statefulset(name: str) -> str:
+    return f"{base_name(name)}-worker"
+
+
+def headless_service(name: str) -> str:
+    return f"{base_name(name)}-ranks"
+
+
+def client_service(name: str) -> str:
+    return base_name(name)
+
+
+def disruption_budget(name: str) -> str:
+    return f"{base_name(name)}-workers"
+
+
+def selector_labels(name: str, component: str) -> dict[str, str]:
+    """The labels that select one component's objects (immutable in selectors: keep them few)."""
+    return {
+        INSTANCE_LABEL: instance(name),
+        COMPONENT_LABEL: component,
+        MANAGED_BY_LABEL: MANAGER,
+    }
+
+
+def labels(name: str, component: str) -> dict[str, str]:
+    """The recommended app.kubernetes.io labels of one child."""
+    return {
+        NAME_LABEL: "deepseek",
+        PART_OF_LABEL: PART_OF,
+        **selector_labels(name, component),
+    }
+
+
+def owned_selector(name: str) -> str:
+    """Label selector of every child of one custom resource."""
+    return f"{MANAGED_BY_LABEL}={MANAGER},{INSTANCE_LABEL}={instance(name)}"

@@ -1,0 +1,222 @@
+"""What the operator read from the cluster for one custom resource, and how to read it.
+
+Children are plain dicts as the API server returns them (camelCase JSON), so the planner can be
+fed straight from a List call in the operator and from literals in unit tests.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from . import names
+
+JobState = Literal["active", "complete", "failed"]
+Obj = dict[str, Any]
+
+MAX_MESSAGE = 1024
+EXIT_BAD_INPUT = 2  # dsworker's exit code for a checkpoint or plan that cannot work
+
+
+@dataclass
+class Observed:
+    """The children of one custom resource as last read, plus the clock."""
+
+    jobs: list[Obj] = field(default_factory=list)
+    statefulsets: list[Obj] = field(default_factory=list)
+    pods: list[Obj] = field(default_factory=list)
+    claims: list[Obj] = field(default_factory=list)
+    # Worker pods seen failing in a watch event: the StatefulSet controller may delete a Failed pod
+    # before the next List, and the group must still restart.
+    failed_pods: list[Obj] = field(default_factory=list)
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def component_pods(self, component: str) -> list[Obj]:
+        return [p for p in self.pods if label(p, names.COMPONENT_LABEL) == component]
+
+    def job(self, name: str) -> Obj | None:
+        return next((j for j in self.jobs if meta(j).get("name") == name), None)
+
+    def jobs_of(self, component: str) -> list[Obj]:
+        return [j for j in self.jobs if label(j, names.COMPONENT_LABEL) == component]
+
+    def statefulset(self, name: str) -> Obj | None:
+        return next((s for s in self.statefulsets if meta(s).get("name") == name), None)
+
+    def claim(self, name: str) -> Obj | None:
+        return next((c for c in self.claims if meta(c).get("name") == name), None)
+
+
+def meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return obj.get("metadata") or {}
+
+
+def label(obj: Mapping[str, Any], key: str) -> str | None:
+    return (meta(obj).get("labels") or {}).get(key)
+
+
+def annotation(obj: Mapping[str, Any], key: str) -> str | None:
+    return (meta(obj).get("annotations") or {}).get(key)
+
+
+def terminating(obj: Mapping[str, Any]) -> bool:
+    return bool(meta(obj).get("deletionTimestamp"))
+
+
+def _true(conditions: Iterable[Mapping[str, Any]] | None, kind: str) -> Mapping[str, Any] | None:
+    return next(
+        (c for c in conditions or () if c.get("type") == kind and c.get("status") == "True"), None
+    )
+
+
+# ------------------------------------------------------------------------------------- Jobs
+
+
+def job_state(job: Mapping[str, Any]) -> JobState:
+    conds = (job.get("status") or {}).get("conditions")
+    if _true(conds, "Complete"):
+        return "complete"
+    if _true(conds, "Failed"):
+        return "failed"
+    return "active"
+
+
+def job_failure_reason(job: Mapping[str, Any]) -> str:
+    cond = _true((job.get("status") or {}).get("conditions"), "Failed") or {}
+    text = cond.get("message") or cond.get("reason") or "failed"
+    return str(text)
+
+
+def pods_of_job(job_name: str, pods: Iterable[Obj]) -> list[Obj]:
+    return [
+        p
+        for p in pods
+        if label(p, names.JOB_NAME_LABEL) == job_name or label(p, "job-name") == job_name
+    ]
+
+
+@dataclass
+class Termination:
+    """The last words of a Job's container: its exit code and what it wrote to the termination
+    log (the sharder's JSON summary or {"error": ...}; the log tail otherwise)."""
+
+    exit_code: int | None
+    message: str
+    summary: dict[str, Any] | None = None
+    error: str | None = None
+
+    @property
+    def bad_input(self) -> bool:
+        return self.exit_code == EXIT_BAD_INPUT
+
+
+def _terminated_states(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    out = []
+    for cs in (pod.get("status") or {}).get("containerStatuses") or ():
+        for key in ("state", "lastState"):
+            term = (cs.get(key) or {}).get("terminated")
+            if term:
+                out.append(term)
+    return out
+
+
+def termination(pods: Iterable[Obj], succeeded: bool) -> Termination | None:
+    """The termination record of the newest pod that ended as asked (succeeded or failed)."""
+    best: tuple[str, Mapping[str, Any]] | None = None
+    for pod in pods:
+        for term in _terminated_states(pod):
+            if (term.get("exitCode") == 0) != succeeded:
+                continue
+            finished = str(term.get("finishedAt") or "")
+            if best is None or finished >= best[0]:
+                best = (finished, term)
+    if best is None:
+        return None
+    term = best[1]
+    text = str(term.get("message") or "").strip()
+    out = Termination(exit_code=term.get("exitCode"), message=text[-MAX_MESSAGE:])
+    try:
+        parsed = json.loads(text) if text.startswith("{") else None
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        if "error" in parsed:
+            out.error = str(parsed["error"])[:MAX_MESSAGE]
+        else:
+            out.summary = parsed
+    elif not succeeded:
+        reason = term.get("reason") or "Error"
+        out.error = text[-MAX_MESSAGE:] or f"exit code {term.get('exitCode')} ({reason})"
+    return out
+
+
+# ------------------------------------------------------------------------------------- Pods
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    return _true((pod.get("status") or {}).get("conditions"), "Ready") is not None
+
+
+def unschedulable(pod: Mapping[str, Any]) -> str | None:
+    """The scheduler's message when the pod cannot be placed."""
+    for c in (pod.get("status") or {}).get("conditions") or ():
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            return str(c.get("message") or c.get("reason") or "unschedulable")
+    return None
+
+
+def failure(pod: Mapping[str, Any]) -> str | None:
+    """Why a worker pod breaks its group: it failed, or a container of it restarted."""
+    status = pod.get("status") or {}
+    pod_name = meta(pod).get("name", "?")
+    if status.get("phase") == "Failed":
+        why = status.get("message") or status.get("reason") or "phase Failed"
+        return f"pod {pod_name} failed: {why}"
+    for cs in status.get("containerStatuses") or ():
+        if int(cs.get("restartCount") or 0) > 0:
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            detail = ""
+            if last:
+                detail = f" (exit code {last.get('exitCode')}, {last.get('reason') or 'Error'}"
+                msg = str(last.get("message") or "").strip()
+                detail += f": {msg[-300:]})" if msg else ")"
+            return (
+                f"pod {pod_name} container {cs.get('name')} restarted "
+                f"{cs.get('restartCount')} time(s){detail}"
+            )
+    return None
+
+
+PodStage = Literal["unschedulable", "pending", "staging", "loading", "ready"]
+
+
+def pod_stage(pod: Mapping[str, Any]) -> tuple[PodStage, str]:
+    """Where one worker pod is on its way to serving, with a detail for the status message."""
+    name = meta(pod).get("name", "?")
+    if pod_ready(pod):
+        return "ready", ""
+    why = unschedulable(pod)
+    if why:
+        return "unschedulable", f"pod {name} cannot be scheduled: {why}"
+    status = pod.get("status") or {}
+    for cs in status.get("initContainerStatuses") or ():
+        state = cs.get("state") or {}
+        if (state.get("terminated") or {}).get("exitCode") == 0:
+            continue
+        waiting = state.get("waiting") or {}
+        detail = f": {waiting.get('reason')}" if waiting.get("reason") else ""
+        return "staging", f"pod {name} is staging its shards{detail}"
+    if not status.get("containerStatuses"):
+        return "pending", f"pod {name} is starting"
+    return "loading", f"pod {name} is loading the model"
+
+
+def revision(pod: Mapping[str, Any]) -> str | None:
+    return label(pod, names.REVISION_LABEL)
+
+
+def uid(obj: Mapping[str, Any]) -> str:
+    return str(meta(obj).get("uid") or "")

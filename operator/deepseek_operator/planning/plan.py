@@ -1,0 +1,658 @@
+"""The planner: from one custom resource and its observed children to the objects to apply, the
+objects to delete, the status to write and the Events to post. Pure: no clock, no I/O.
+
+Level-triggered: the result depends only on the inputs, so running it again after a crash, or
+for an event that changed nothing, repeats the same decisions (server-side apply of the same
+objects is a no-op). The few memories it needs live in the status it writes (groupRestarts,
+Failed at a generation) and in the children's annotations (fingerprint, generation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from ..api import DeepSeekDeploymentStatus, parse_deployment
+from ..api.status import READY, SHARDED, VALIDATED, WORKERS_READY, Phase
+from ..validation import review_config
+from . import names, objects
+from . import status as st
+from .fingerprint import fingerprint
+from .observed import (
+    Obj,
+    Observed,
+    annotation,
+    failure,
+    job_failure_reason,
+    job_state,
+    meta,
+    pod_ready,
+    pod_stage,
+    pods_of_job,
+    revision,
+    terminating,
+    termination,
+    uid,
+    unschedulable,
+)
+from .status import Cond, EventSpec, Summary
+
+
+@dataclass(frozen=True)
+class Delete:
+    """A child to delete (Background propagation: a Job's pods go with it)."""
+
+    kind: Literal["Job", "Pod"]
+    name: str
+
+
+@dataclass
+class Plan:
+    """What one reconcile does."""
+
+    apply: list[Obj]
+    delete: list[Delete]
+    status: DeepSeekDeploymentStatus
+    events: list[EventSpec]
+    previous: DeepSeekDeploymentStatus
+    # uids of worker pods whose failure was acted on (the operator stops re-reporting them).
+    counted_failures: list[str] = field(default_factory=list)
+
+    @property
+    def status_changed(self) -> bool:
+        return self.status.to_dict() != self.previous.to_dict()
+
+    @property
+    def phase(self) -> Phase | None:
+        return self.status.phase
+
+
+def previous_status(body: Mapping[str, Any]) -> DeepSeekDeploymentStatus:
+    """The status as written last; one this version cannot read counts as empty."""
+    try:
+        return DeepSeekDeploymentStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return DeepSeekDeploymentStatus()
+
+
+def read_model_config(body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The config.json given inline in the llm.dsop.io/model-config annotation, or an error."""
+    raw = (meta(body).get("annotations") or {}).get(names.MODEL_CONFIG_ANNOTATION)
+    if raw is None:
+        return None, None
+    try:
+        config = json.loads(raw)
+    except ValueError as exc:
+        return None, (
+            f"metadata.annotations[{names.MODEL_CONFIG_ANNOTATION}] is not valid JSON ({exc}); "
+            "paste the checkpoint's config.json there or remove the annotation"
+        )
+    if not isinstance(config, dict):
+        return None, (
+            f"metadata.annotations[{names.MODEL_CONFIG_ANNOTATION}] must hold a JSON object "
+            "(the checkpoint's config.json)"
+        )
+    return config, None
+
+
+def _not_validated(generation: int, reason: str, message: str, previous: Any) -> Summary:
+    return Summary(
+        phase="Failed",
+        message=message,
+        generation=generation,
+        conditions=[
+            Cond(VALIDATED, "False", reason, message),
+            Cond(SHARDED, "Unknown", st.NOT_VALIDATED, "the spec is not valid"),
+            Cond(WORKERS_READY, "Unknown", st.NOT_VALIDATED, "the spec is not valid"),
+            Cond(READY, "False", "Failed", message),
+        ],
+        group_restarts=previous.group_restarts,
+    )
+
+
+def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
+    """Decide everything for one custom resource (body: the object as the API server has it)."""
+    md = meta(body)
+    generation = int(md.get("generation") or 1)
+    previous = previous_status(body)
+
+    parsed = parse_deployment(body)
+    if not parsed.ok:
+        summary = _not_validated(generation, st.INVALID_SPEC, "; ".join(parsed.errors), previous)
+        return _finish(previous, summary, observed, [], [], [], [])
+    dep = parsed.deployment
+    assert dep is not None
+    spec = dep.spec
+
+    model_config, config_error = read_model_config(body)
+    warnings = list(parsed.warnings)
+    if config_error:
+        summary = _not_validated(generation, st.INVALID_MODEL_CONFIG, config_error, previous)
+        return _finish(previous, summary, observed, [], [], [], [])
+    if model_config is not None:
+        review = review_config(spec, model_config)
+        if review.errors:
+            summary = _not_validated(
+                generation, st.CONFIG_MISMATCH, "; ".join(review.errors), previous
+            )
+            return _finish(previous, summary, observed, [], [], [], [])
+        warnings += [w for w in review.warnings if w not in warnings]
+
+    fp = fingerprint(spec, model_config, owner=f"{dep.namespace}/{dep.name}")
+    ctx = objects.Context(dep, str(md.get("uid") or ""), fp, generation)
+    retry = previous.phase == "Failed" and previous.observed_generation not in (None, generation)
+    sticky = (
+        previous.phase == "Failed"
+        and previous.observed_generation == generation
+        and _reason(previous, WORKERS_READY) == st.RESTART_BUDGET_EXHAUSTED
+    )
+    return _Planner(ctx, observed, previous, warnings, retry, sticky).run()
+
+
+def _reason(status: DeepSeekDeploymentStatus, kind: str) -> str | None:
+    cond = st.condition(status, kind)
+    return cond.reason if cond else None
+
+
+def _finish(
+    previous: DeepSeekDeploymentStatus,
+    summary: Summary,
+    observed: Observed,
+    apply: list[Obj],
+    delete: list[Delete],
+    events: list[EventSpec],
+    counted: list[str],
+) -> Plan:
+    new = st.build_status(previous, summary, observed.now)
+    return Plan(
+        apply=apply,
+        delete=delete,
+        status=new,
+        events=[*events, *st.transition_events(previous, new)],
+        previous=previous,
+        counted_failures=counted,
+    )
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class _Shards:
+    cond: Cond
+    complete: bool = False
+    failed: bool = False
+    bad_input: bool = False
+    waiting: bool = False  # for something outside (a claim to bind, a node to fit the pod)
+    message: str = ""
+    summary: dict[str, Any] | None = None
+
+
+@dataclass
+class _Workers:
+    cond: Cond
+    ready: int = 0
+    replicas: int = 0
+    all_ready: bool = False
+    stage: str = "none"
+    message: str = ""
+    budget_exhausted: bool = False
+
+
+class _Planner:
+    """One planning pass; the methods share the inputs and accumulate the outputs."""
+
+    def __init__(
+        self,
+        ctx: objects.Context,
+        observed: Observed,
+        previous: DeepSeekDeploymentStatus,
+        warnings: list[str],
+        retry: bool,
+        sticky: bool,
+    ) -> None:
+        self.ctx, self.observed, self.previous = ctx, observed, previous
+        self.spec = ctx.spec
+        self.warnings, self.retry, self.sticky = warnings, retry, sticky
+        self.apply: list[Obj] = []
+        self.delete: list[Delete] = []
+        self.events: list[EventSpec] = []
+        self.counted: list[str] = []
+        self.restarts = 0 if retry else (previous.group_restarts or 0)
+
+    # ------------------------------------------------------------------------------ run
+
+    def run(self) -> Plan:
+        ctx = self.ctx
+        validated = self._validated()
+        self.apply += [objects.headless_service(ctx), objects.client_service(ctx)]
+        shards = self._shards()
+        sts_name = names.statefulset(ctx.name)
+        observed_sts = self.observed.statefulset(sts_name)
+        if observed_sts is not None and terminating(observed_sts):
+            observed_sts = None
+        desired_sts = None
+        if shards.complete and not shards.failed:
+            config_map = objects.engine_config_map(ctx)
+            digest = config_map["metadata"]["annotations"][names.ENGINE_CONFIG_ANNOTATION]
+            desired_sts = objects.statefulset(ctx, digest, (shards.summary or {}).get("bytes"))
+            desired_sts["metadata"]["annotations"][names.TEMPLATE_ANNOTATION] = _digest(
+                desired_sts["spec"]
+            )
+            self.apply += [config_map, desired_sts, objects.disruption_budget(ctx)]
+        workers = self._workers(observed_sts, desired_sts, shards)
+        serving_previous = (
+            workers.all_ready
+            and observed_sts is not None
+            and annotation(observed_sts, names.FINGERPRINT_ANNOTATION) != ctx.fingerprint
+        )
+        if shards.bad_input:
+            validated = Cond(VALIDATED, "False", st.CONFIG_MISMATCH, shards.message)
+        phase, message = self._phase(shards, workers, serving_previous)
+        if phase == "Ready":
+            self._remove_old_shards()
+        world = ctx.spec.parallelism.world()
+        total = ctx.spec.parallelism.nodes
+        if serving_previous and observed_sts is not None:
+            world = int(annotation(observed_sts, names.WORLD_SIZE_ANNOTATION) or world)
+            total = workers.replicas
+        summary = Summary(
+            phase=phase,
+            message=message,
+            generation=ctx.generation,
+            conditions=[
+                validated,
+                shards.cond,
+                workers.cond,
+                st.ready_condition(phase, serving_previous, message),
+            ],
+            fingerprint=ctx.fingerprint,
+            world_size=world,
+            shards=self._shards_status(shards),
+            ready_workers=f"{workers.ready}/{total}",
+            group_restarts=self.restarts,
+            endpoint=objects.endpoint(ctx),
+        )
+        return _finish(
+            self.previous,
+            summary,
+            self.observed,
+            self.apply,
+            self.delete,
+            self.events,
+            self.counted,
+        )
+
+    # ------------------------------------------------------------------------ validation
+
+    def _validated(self) -> Cond:
+        if not self.warnings:
+            return Cond(VALIDATED, "True", st.VALID, "the spec is valid")
+        text = "; ".join(self.warnings)
+        old = st.condition(self.previous, VALIDATED)
+        if old is None or old.message != text:
+            self.events.append(EventSpec("Warning", "SpecWarning", st.truncate(text)))
+        return Cond(VALIDATED, "True", st.VALID_WITH_WARNINGS, text)
+
+    # -------------------------------------------------------------------------- sharding
+
+    def _shards(self) -> _Shards:
+        ctx, spec = self.ctx, self.spec
+        if not spec.sharding.enabled:
+            return _Shards(
+                Cond(
+                    SHARDED,
+                    "True",
+                    st.SHARDING_DISABLED,
+                    "offline sharding is off: the workers load and split the checkpoint",
+                ),
+                complete=True,
+            )
+        claim = objects.store_claim(ctx)
+        claim_pending = ""
+        if claim is not None:
+            observed_claim = self.observed.claim(claim["metadata"]["name"])
+            if observed_claim is None:
+                self.apply.append(claim)
+            phase = ((observed_claim or {}).get("status") or {}).get("phase")
+            if phase != "Bound":
+                claim_pending = (
+                    f"waiting for PersistentVolumeClaim {claim['metadata']['name']} (storage "
+                    f"class {claim['spec']['storageClassName']}) to be bound"
+                )
+
+        job_name = names.shard_job(ctx.name, ctx.fingerprint)
+        job = self.observed.job(job_name)
+        plan_text = self._plan_text()
+        if job is not None and terminating(job):
+            return _Shards(
+                Cond(SHARDED, "False", st.SHARDING_PENDING, f"waiting for Job {job_name} to go"),
+                message=f"restarting sharding: waiting for the failed Job {job_name} to go",
+            )
+        if job is None:
+            self.apply.append(objects.shard_job(ctx))
+            text = claim_pending or f"sharding Job {job_name} created for {plan_text}"
+            return _Shards(
+                Cond(
+                    SHARDED,
+                    "False",
+                    st.STORE_NOT_BOUND if claim_pending else st.SHARDING_PENDING,
+                    text,
+                ),
+                waiting=bool(claim_pending),
+                message=text,
+            )
+        pods = pods_of_job(job_name, self.observed.pods)
+        state = job_state(job)
+        if state == "failed":
+            if annotation(job, names.GENERATION_ANNOTATION) != str(ctx.generation):
+                # The spec changed since this Job failed: run it again.
+                self.delete.append(Delete("Job", job_name))
+                self.events.append(
+                    EventSpec("Normal", "RetryingSharding", f"spec changed: re-running {job_name}")
+                )
+                text = f"re-running the sharding Job {job_name} after the spec changed"
+                return _Shards(Cond(SHARDED, "False", st.SHARDING_PENDING, text), message=text)
+            term = termination(pods, succeeded=False)
+            detail = (term.error if term and term.error else None) or job_failure_reason(job)
+            text = f"sharding Job {job_name} failed: {detail}"
+            return _Shards(
+                Cond(SHARDED, "False", st.SHARDING_FAILED, text),
+                failed=True,
+                bad_input=bool(term and term.bad_input),
+                message=detail if term and term.bad_input else text,
+            )
+        if state == "complete":
+            term = termination(pods, succeeded=True)
+            summary = term.summary if term and term.summary else None
+            text = f"shards of {plan_text} complete in {names.shard_dir(ctx.fingerprint)}"
+            if summary and summary.get("bytes") is not None:
+                text += f" ({summary.get('files')} files, {int(summary['bytes']) / 1e9:.2f} GB)"
+            return _Shards(
+                Cond(SHARDED, "True", st.SHARDS_COMPLETE, text), complete=True, summary=summary
+            )
+        waiting = claim_pending or next(
+            (
+                f"sharding pod {meta(p).get('name')} cannot be scheduled: {why}"
+                for p in pods
+                if (why := unschedulable(p))
+            ),
+            "",
+        )
+        if waiting:
+            return _Shards(
+                Cond(
+                    SHARDED,
+                    "False",
+                    st.STORE_NOT_BOUND if claim_pending else st.SHARDING_PENDING,
+                    waiting,
+                ),
+                waiting=True,
+                message=waiting,
+            )
+        text = (
+            f"sharding Job {job_name} is writing {plan_text} to {names.shard_dir(ctx.fingerprint)}"
+        )
+        return _Shards(Cond(SHARDED, "False", st.SHARDING_IN_PROGRESS, text), message=text)
+
+    def _plan_text(self) -> str:
+        p = self.spec.parallelism.to_plan()
+        return (
+            f"world {p.world_size} (dp {p.dp} x tp {p.tp}, moeTp {p.moe_tp} x moeEp {p.moe_ep}"
+            + (", MTP" if self.spec.model.mtp else "")
+            + ")"
+        )
+
+    def _shards_status(self, shards: _Shards) -> dict[str, Any] | None:
+        if not self.spec.sharding.enabled:
+            return None
+        job = names.shard_job(self.ctx.name, self.ctx.fingerprint)
+        if shards.summary:
+            keys = ("bytes", "files", "seconds", "throughputMBps")
+            return {**{k: shards.summary[k] for k in keys if k in shards.summary}, "job": job}
+        old = self.previous.shards
+        if (
+            shards.complete
+            and old is not None
+            and self.previous.fingerprint == self.ctx.fingerprint
+        ):
+            return old.to_dict()
+        return {"job": job}
+
+    # --------------------------------------------------------------------------- workers
+
+    def _workers(self, sts: Obj | None, desired: Obj | None, shards: _Shards) -> _Workers:
+        if sts is None:
+            if shards.complete and not shards.failed:
+                text = "creating the worker StatefulSet"
+                return _Workers(
+                    Cond(WORKERS_READY, "False", st.STARTING, text), stage="starting", message=text
+                )
+            return _Workers(
+                Cond(WORKERS_READY, "False", st.WAITING_FOR_SHARDS, "waiting for the shards"),
+                stage="waiting",
+            )
+        pods = [p for p in self.observed.component_pods(names.WORKER) if not terminating(p)]
+        ready = sum(1 for p in pods if pod_ready(p))
+        replicas = int((sts.get("spec") or {}).get("replicas") or 0)
+        if self.sticky:
+            old = st.condition(self.previous, WORKERS_READY)
+            text = old.message if old else "the restart budget is spent"
+            return _Workers(
+                Cond(WORKERS_READY, "False", st.RESTART_BUDGET_EXHAUSTED, text),
+                ready=ready,
+                replicas=replicas,
+                message=text,
+                budget_exhausted=True,
+            )
+        status = sts.get("status") or {}
+        settled = int(status.get("observedGeneration") or 0) >= int(
+            meta(sts).get("generation") or 0
+        )
+        if desired is not None and annotation(sts, names.TEMPLATE_ANNOTATION) != annotation(
+            desired, names.TEMPLATE_ANNOTATION
+        ):
+            settled = False  # this pass applies a new template; its pods come next pass
+        update_revision = status.get("updateRevision")
+        stale = [p for p in pods if settled and update_revision and revision(p) != update_revision]
+        if stale:
+            self._delete_pods(pods)
+            self.events.append(
+                EventSpec(
+                    "Normal",
+                    "RollingOut",
+                    f"replacing all {len(pods)} worker pods together with the new template",
+                )
+            )
+            text = "replacing the worker group with the new template"
+            return _Workers(
+                Cond(WORKERS_READY, "False", st.ROLLING_OUT, text),
+                replicas=replicas,
+                stage="rolling",
+                message=text,
+            )
+
+        failures = self._failures(pods)
+        if failures:
+            return self._restart_group(pods, failures, ready, replicas)
+        if not settled:
+            text = f"{ready}/{replicas} workers ready; applying the new worker template"
+            return _Workers(
+                Cond(WORKERS_READY, "False", st.ROLLING_OUT, text),
+                ready=ready,
+                replicas=replicas,
+                stage="rolling",
+                message=text,
+            )
+        if len(pods) == replicas and ready == replicas:
+            return _Workers(
+                Cond(
+                    WORKERS_READY, "True", st.ALL_WORKERS_READY, f"{ready}/{replicas} workers ready"
+                ),
+                ready=ready,
+                replicas=replicas,
+                all_ready=True,
+                stage="ready",
+            )
+        stages = [pod_stage(p) for p in pods]
+        for kind, reason in (
+            ("unschedulable", st.UNSCHEDULABLE),
+            ("staging", st.STAGING),
+            ("pending", st.STARTING),
+            ("loading", st.LOADING),
+        ):
+            found = [detail for stage, detail in stages if stage == kind]
+            if found:
+                text = f"{ready}/{replicas} workers ready; {found[0]}"
+                return _Workers(
+                    Cond(WORKERS_READY, "False", reason, text),
+                    ready=ready,
+                    replicas=replicas,
+                    stage=kind,
+                    message=text,
+                )
+        missing = replicas - len(pods)
+        text = f"{ready}/{replicas} workers ready; waiting for {missing} pod(s) to be created"
+        return _Workers(
+            Cond(WORKERS_READY, "False", st.STARTING, text),
+            ready=ready,
+            replicas=replicas,
+            stage="pending",
+            message=text,
+        )
+
+    def _restart_group(
+        self, pods: list[Obj], failures: list[tuple[str, str]], ready: int, replicas: int
+    ) -> _Workers:
+        """One rank down takes the whole torch.distributed group down: replace every pod, within
+        the restart budget; past it the deployment is Failed until the spec changes."""
+        detail = failures[0][1]
+        budget = self.spec.worker.restart_budget
+        self.counted += [u for u, _ in failures]
+        if self.restarts >= budget:
+            text = (
+                f"{detail}; the restart budget ({budget} group restarts) is spent: fix the cause "
+                "(kubectl logs, Events) and change the spec to try again"
+            )
+            return _Workers(
+                Cond(WORKERS_READY, "False", st.RESTART_BUDGET_EXHAUSTED, text),
+                ready=ready,
+                replicas=replicas,
+                message=text,
+                budget_exhausted=True,
+            )
+        self.restarts += 1
+        self._delete_pods(pods)
+        text = (
+            f"{detail}; restarting all {len(pods)} worker pods together "
+            f"(group restart {self.restarts} of {budget})"
+        )
+        self.events.append(EventSpec("Warning", "GroupRestart", st.truncate(text)))
+        return _Workers(
+            Cond(WORKERS_READY, "False", st.GROUP_RESTARTING, text),
+            replicas=replicas,
+            stage="restarting",
+            message=text,
+        )
+
+    def _failures(self, pods: list[Obj]) -> list[tuple[str, str]]:
+        out = [(uid(p), why) for p in pods if (why := failure(p))]
+        known = {uid(p) for p in self.observed.component_pods(names.WORKER)}
+        live = {u for u, _ in out}
+        for hint in self.observed.failed_pods:
+            u = uid(hint)
+            if u in live or terminating(hint):
+                continue
+            current = [p for p in self.observed.pods if uid(p) == u]
+            if u in known and (not current or terminating(current[0])):
+                continue  # already being replaced
+            why = failure(hint)
+            if why:
+                out.append((u, why))
+        return out
+
+    def _delete_pods(self, pods: list[Obj]) -> None:
+        for pod in pods:
+            self.delete.append(Delete("Pod", str(meta(pod).get("name"))))
+
+    # ----------------------------------------------------------------------------- phase
+
+    def _phase(
+        self, shards: _Shards, workers: _Workers, serving_previous: bool
+    ) -> tuple[Phase, str]:
+        prev = self.previous
+        if workers.budget_exhausted:
+            return "Failed", workers.message
+        if shards.failed:
+            return "Failed", shards.message
+        if not shards.complete:
+            if serving_previous:
+                return "Sharding", f"{shards.message}; the previous plan keeps serving"
+            return ("Pending" if shards.waiting else "Sharding"), shards.message
+        if workers.all_ready and not serving_previous:
+            name = self.spec.model.name
+            return "Ready", f"serving {name} at {objects.endpoint(self.ctx)}"
+        was_ready = prev.phase in ("Ready", "Degraded") and prev.fingerprint == self.ctx.fingerprint
+        if was_ready:
+            return "Degraded", workers.message or "a worker was lost"
+        if workers.stage == "unschedulable":
+            return "Pending", workers.message
+        if workers.stage in ("staging", "starting", "pending", "rolling", "waiting"):
+            return "Staging", workers.message or "creating the workers"
+        return "Loading", workers.message or "loading the model"
+
+    # ---------------------------------------------------------------------- old shards
+
+    def _remove_old_shards(self) -> None:
+        """Once the group serving the current plan is Ready, delete the shard directories of
+        earlier plans (a cleanup Job on their store), then their sharding Jobs."""
+        current = names.shard_job(self.ctx.name, self.ctx.fingerprint)
+        for old in self.observed.jobs_of(names.SHARDER):
+            name = str(meta(old).get("name"))
+            if name == current or terminating(old):
+                continue
+            old_fp = annotation(old, names.FINGERPRINT_ANNOTATION) or ""
+            cleanup_name = names.cleanup_job(self.ctx.name, old_fp)
+            cleanup = self.observed.job(cleanup_name)
+            if cleanup is None:
+                job = objects.cleanup_job(self.ctx, old)
+                if job is None:
+                    self.delete.append(Delete("Job", name))
+                    continue
+                self.apply.append(job)
+                self.events.append(
+                    EventSpec(
+                        "Normal",
+                        "RemovingOldShards",
+                        f"deleting the shards of the previous plan ({names.shard_dir(old_fp)}) "
+                        f"with Job {cleanup_name}",
+                    )
+                )
+                continue
+            state = job_state(cleanup)
+            if state == "active":
+                continue
+            self.delete.append(Delete("Job", name))
+            if state == "complete":
+                self.events.append(
+                    EventSpec(
+                        "Normal",
+                        "OldShardsRemoved",
+                        f"removed {names.shard_dir(old_fp)} and sharding Job {name}",
+                    )
+                )
+            else:
+                self.events.append(
+                    EventSpec(
+                        "Warning",
+                        "OldShardsLeft",
+                        f"cleanup Job {cleanup_name} failed ({job_failure_reason(cleanup)}); "
+                        f"{names.shard_dir(old_fp)} is left in the store: delete it by hand",
+                    )
+                )

@@ -1,0 +1,174 @@
+"""One reconcile of one custom resource: read it and its children, plan, apply, write status.
+
+Every kopf handler funnels into Reconciler.trigger(namespace, name). Triggers for the same object
+coalesce: while a reconcile runs, more events only mark it dirty and it runs once more after; the
+blocking kubernetes client calls run on a small thread pool. A reconcile that raises is retried
+with backoff, so the operator converges even when an event was the last one for a while.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .k8s import Kube
+from .planning import Plan, plan
+from .planning.observed import failure, meta, terminating, uid
+
+log = logging.getLogger("deepseek_operator.reconcile")
+
+Key = tuple[str, str]  # (namespace, name)
+
+MAX_BACKOFF = 60.0
+MAX_REMEMBERED_FAILURES = 10000
+
+
+@dataclass
+class _State:
+    running: bool = False
+    dirty: bool = False
+    failures: int = 0
+    retry: asyncio.TimerHandle | None = None
+    failed_pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class Reconciler:
+    """Runs reconcile(namespace, name) for triggers, one at a time per object."""
+
+    def __init__(self, kube: Kube, workers: int = 8) -> None:
+        self.kube = kube
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
+        self.states: dict[Key, _State] = {}
+        self.phases = metrics.PhaseBook()
+        # uids of worker pods whose failure has been acted on: never hinted twice.
+        self.counted: dict[str, None] = {}
+
+    # ------------------------------------------------------------------------ triggers
+
+    async def trigger(self, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        state = self.states.setdefault(key, _State())
+        state.dirty = True
+        if state.running:
+            return
+        state.running = True
+        loop = asyncio.get_running_loop()
+        try:
+            while state.dirty:
+                state.dirty = False
+                hints = list(state.failed_pods.values())
+                state.failed_pods.clear()
+                try:
+                    await loop.run_in_executor(self.pool, self.reconcile, namespace, name, hints)
+                except Exception as exc:  # noqa: BLE001 - any failure is retried, never fatal
+                    state.failures += 1
+                    delay = min(MAX_BACKOFF, 0.5 * 2 ** min(state.failures, 8))
+                    log.warning(
+                        "reconcile %s/%s failed (%s: %s); retrying in %.1fs",
+                        namespace,
+                        name,
+                        type(exc).__name__,
+                        exc,
+                        delay,
+                    )
+                    for pod in hints:  # not acted on: keep them for the retry
+                        state.failed_pods.setdefault(uid(pod), pod)
+                    self._schedule_retry(loop, key, state, delay)
+                else:
+                    state.failures = 0
+        finally:
+            state.running = False
+
+    def _schedule_retry(
+        self, loop: asyncio.AbstractEventLoop, key: Key, state: _State, delay: float
+    ) -> None:
+        if self.states.get(key) is not state:
+            return  # deleted meanwhile
+        if state.retry is not None:
+            state.retry.cancel()
+        state.retry = loop.call_later(delay, lambda: asyncio.ensure_future(self.trigger(*key)))
+
+    def pod_event(self, namespace: str, owner: str, pod: Mapping[str, Any]) -> None:
+        """Remember a worker pod seen failing, in case it is gone by the next List."""
+        pod_uid = uid(pod)
+        if not pod_uid or pod_uid in self.counted or terminating(pod) or not failure(pod):
+            return
+        state = self.states.setdefault((namespace, owner), _State())
+        state.failed_pods[pod_uid] = dict(pod)
+
+    def forget(self, namespace: str, name: str) -> None:
+        state = self.states.pop((namespace, name), None)
+        if state is not None and state.retry is not None:
+            state.retry.cancel()
+        self.phases.set((namespace, name), None)
+
+    def close(self) -> None:
+        for state in self.states.values():
+            if state.retry is not None:
+                state.retry.cancel()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------ reconcile
+
+    def reconcile(
+        self, namespace: str, name: str, failed_pods: list[dict[str, Any]] | None = None
+    ) -> Plan | None:
+        """Read, plan, apply, delete, write status, post Events. Returns the plan it carried out
+        (None when the custom resource is gone)."""
+        started = time.monotonic()
+        try:
+            result = self._reconcile(namespace, name, failed_pods or [])
+        except Exception as exc:
+            metrics.RECONCILES.labels("error").inc()
+            metrics.ERRORS.labels(type(exc).__name__).inc()
+            raise
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+        metrics.RECONCILES.labels("ok").inc()
+        return result
+
+    def _reconcile(
+        self, namespace: str, name: str, failed_pods: list[dict[str, Any]]
+    ) -> Plan | None:
+        kube = self.kube
+        body = kube.deployment(namespace, name)
+        if body is None or meta(body).get("deletionTimestamp"):
+            self.forget(namespace, name)
+            return None
+        observed = kube.observe(namespace, name, str(meta(body).get("uid") or ""))
+        observed.failed_pods = failed_pods
+        result = plan(body, observed)
+
+        for obj in result.apply:
+            kube.apply(obj)
+            metrics.APPLIES.labels(obj["kind"]).inc()
+        # Status first: a group restart is counted before its pods go, so a crash in between
+        # can only over-count, never restart without counting.
+        if result.status_changed:
+            kube.apply_status(namespace, name, result.status.to_dict())
+        for gone in result.delete:
+            kube.delete(gone.kind, namespace, gone.name)
+        if any(e.reason == "GroupRestart" for e in result.events):
+            metrics.GROUP_RESTARTS.inc()
+        for pod_uid in result.counted_failures:
+            self.counted[pod_uid] = None
+        while len(self.counted) > MAX_REMEMBERED_FAILURES:
+            self.counted.pop(next(iter(self.counted)))
+        for event in result.events:
+            kube.post_event(body, event)
+        self.phases.set((namespace, name), result.phase)
+        if result.events:
+            log.info(
+                "%s/%s: %s (%s)",
+                namespace,
+                name,
+                result.phase,
+                ", ".join(e.reason for e in result.events),
+            )
+        return result

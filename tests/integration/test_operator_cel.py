@@ -1,0 +1,80 @@
+"""The CRD's schema and CEL rules on a real API server: every `cel: true` case of
+tests/data/bad_specs.yaml is refused at admission with its message, every valid example is
+accepted (both as server-side dry runs, so nothing is stored)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+
+from test_api_bad_specs import load_bad_specs, load_valid  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+GROUP, VERSION, PLURAL = "llm.dsop.io", "v1alpha1", "deepseekdeployments"
+CEL_CASES = [c for c in load_bad_specs() if c.get("cel")]
+
+
+def _create(api: client.ApiClient, obj: dict[str, Any], strict: bool) -> Any:
+    return client.CustomObjectsApi(api).create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        "default",
+        PLURAL,
+        obj,
+        dry_run="All",
+        field_validation="Strict" if strict else None,
+    )
+
+
+@pytest.fixture(scope="module")
+def served(dsd_crd: str, k8s: client.ApiClient, kube_cluster: Any) -> client.ApiClient:
+    """Right after Established the endpoint may 404 for a moment: wait until it serves."""
+    valid = load_valid()[0][1]
+
+    def serves() -> bool:
+        try:
+            _create(k8s, {**valid, "metadata": {"name": "probe"}}, strict=True)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    kube_cluster.wait_for("DeepSeekDeployment endpoint", serves)
+    return k8s
+
+
+def test_the_table_has_admission_cases() -> None:
+    assert len(CEL_CASES) >= 40
+
+
+@pytest.mark.parametrize("case", CEL_CASES, ids=[c["name"] for c in CEL_CASES])
+def test_bad_spec_is_refused_by_the_api_server(
+    served: client.ApiClient, case: dict[str, Any]
+) -> None:
+    obj = {**case["object"], "metadata": {"name": "bad"}}
+    with pytest.raises(ApiException) as err:
+        _create(served, obj, strict=bool(case.get("strict")))
+    assert err.value.status in (400, 422), err.value.body
+    message = json.loads(err.value.body)["message"]
+    assert (case.get("celExpect") or case["expect"]) in message, message
+
+
+@pytest.mark.parametrize("name,obj", load_valid(), ids=[n for n, _ in load_valid()])
+def test_valid_example_is_accepted(
+    served: client.ApiClient, name: str, obj: dict[str, Any]
+) -> None:
+    created = _create(served, {**obj, "metadata": {"name": name}}, strict=True)
+    assert created["spec"]["model"]["source"] == obj["spec"]["model"]["source"]
+    # The server filled the defaults the CEL rules rely on.
+    assert created["spec"]["serving"]["maxSeqLen"] >= 2
+    assert created["spec"]["expertParallel"]["level"] in (1, 2)

@@ -1,0 +1,283 @@
+"""The HTTP API over a fake model: request validation, OpenAI shapes, streaming, health, metrics.
+
+The fake runner predicts "previous token + 1", so every expected output is known exactly and the
+real engine loop, scheduler, sampler and text streaming run underneath.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from dsworker.control import LocalChannel
+from dsworker.engine_config import EngineConfig
+from dsworker.engine_loop import EngineLoop, GenRequest, StepError
+from dsworker.metrics import Metrics
+from dsworker.sampling import SamplingParams
+from dsworker.scheduler import Scheduler, Step
+from dsworker.server import ServerState, create_app
+from dsworker.tokenizer import TextTokenizer
+
+WORDS = ["<s>", "</s>", "User:", "Assistant:", *[f"w{i}" for i in range(60)]]
+EOS_ID = 1
+
+
+class CountingRunner:
+    """Logits peak at (last token + 1) % V; token 'w9' is followed by EOS."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+        self.steps: list[Step] = []
+        self.fail: Exception | None = None
+
+    def run(self, step: Step) -> torch.Tensor:
+        self.steps.append(step)
+        if self.fail is not None:
+            raise self.fail
+        rows = []
+        for it in step.sampled:
+            nxt = (it.tokens[-1] + 1) % self.vocab
+            if it.tokens[-1] == WORDS.index("w9"):
+                nxt = EOS_ID
+            row = torch.zeros(self.vocab)
+            row[nxt] = 10.0
+            rows.append(row)
+        return torch.stack(rows) if rows else torch.zeros(0, self.vocab)
+
+    def dropped_rows(self) -> int:
+        return 0
+
+
+def write_model_dir(d: Path, chat_template: str | None = None) -> Path:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(d / "tokenizer.json"))
+    cfg = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "config.json").write_text(json.dumps({"vocab_size": len(WORDS), "eos_token_id": EOS_ID}))
+    return d
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> Iterator[tuple[TestClient, ServerState, CountingRunner]]:
+    cfg = EngineConfig(
+        modelName="tiny", maxSeqLen=40, maxInputTokenLen=20, maxNewTokens=30, maxBatchSize=2,
+        maxRequestBytes=4096,
+    )  # fmt: skip
+    tok = TextTokenizer(write_model_dir(tmp_path))
+    state = ServerState(config=cfg, metrics=Metrics())
+    runner = CountingRunner(len(WORDS))
+    fatal: list[BaseException] = []
+    state.fatal = fatal  # type: ignore[attr-defined]
+    loop = EngineLoop(
+        runner,
+        Scheduler(cfg.maxBatchSize, cfg.maxSeqLen, 64),
+        tok.decode,
+        LocalChannel(),
+        state.metrics,
+        on_fatal=fatal.append,
+    )
+    app = create_app(state)
+    with TestClient(app) as client:
+        assert client.get("/health").status_code == 503
+        assert client.post("/v1/completions", json={"prompt": "w1"}).status_code == 503
+        loop.start()
+        state.tokenizer, state.engine, state.ready = tok, loop, True
+        yield client, state, runner
+        loop.stop()
+
+
+def ids(*words: str) -> list[int]:
+    return [WORDS.index(w) for w in words]
+
+
+def test_health_models_and_greedy_completion(served) -> None:
+    client, _, _ = served
+    assert client.get("/health").json() == {"status": "ok"}
+    models_ = client.get("/v1/models").json()
+    assert models_["data"][0]["id"] == "tiny"
+    r = client.post(
+        "/v1/completions",
+        json={"model": "tiny", "prompt": "w1 w2", "max_tokens": 3, "temperature": 0,
+              "return_token_ids": True},
+    )  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    choice = body["choices"][0]
+    assert choice["token_ids"] == ids("w3", "w4", "w5")
+    # WordLevel joins words with spaces, so the first word keeps the space after the prompt
+    assert choice["text"] == " w3 w4 w5"
+    assert choice["finish_reason"] == "length"
+    # BOS is prepended to plain prompts (add_bos_token)
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+def test_eos_and_stop_strings_finish_with_stop(served) -> None:
+    client, _, _ = served
+    r = client.post("/v1/completions", json={"prompt": "w7", "max_tokens": 10, "temperature": 0})
+    assert r.json()["choices"][0] | {"logprobs": None} == {
+        "index": 0, "text": " w8 w9", "logprobs": None, "finish_reason": "stop"
+    }  # fmt: skip
+    r = client.post(
+        "/v1/completions",
+        json={"prompt": [4, 5], "max_tokens": 10, "temperature": 0, "stop": ["w8"]},
+    )
+    choice = r.json()["choices"][0]
+    assert choice["finish_reason"] == "stop" and "w8" not in choice["text"]
+    assert choice["text"] == " w2 w3 w4 w5 w6 w7 "
+
+
+def test_streamed_chat_uses_template_and_ends_with_done(tmp_path: Path, served) -> None:
+    client, state, runner = served
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "messages": [{"role": "user", "content": "w3"}],
+            "max_tokens": 2,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[len("data: ") :]) for ln in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+    assert finals[-1] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
+    # Default template: "<s>User: w3\n\nAssistant:" -> the last prompt token is "Assistant:" (3),
+    # so the counting model answers w0 (4) then w1 (5).
+    assert text.split() == ["w0", "w1"]
+    first = [s for s in runner.steps if s.items and s.items[0].start == 0][-1]
+    assert list(first.items[0].tokens) == ids("<s>", "User:", "w3", "Assistant:")
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "w1", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "w1", "temperature": 5}, "temperature"),
+        ({"prompt": "w1", "n": 3}, "n"),
+        ({"prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": [999]}, "prompt"),
+        ({"prompt": "w1", "max_tokens": 31}, "max_tokens"),
+        ({"prompt": "w1", "model": "other"}, "model"),
+        ({"max_tokens": 3}, "prompt"),
+    ],
+)
+def test_bad_requests_are_openai_shaped(served, body: dict, param: str) -> None:
+    client, _, _ = served
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code in (400, 404), r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["param"] == param and err["message"]
+
+
+def test_malformed_json_and_oversized_bodies(served) -> None:
+    client, state, _ = served
+    r = client.post(
+        "/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = client.post("/v1/completions", content=b"x" * 5000)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = client.get("/nowhere")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_long_prompts_refused_or_truncated(served) -> None:
+    client, state, _ = served
+    long_prompt = list(range(4, 30))  # 26 tokens > maxInputTokenLen 20
+    r = client.post("/v1/completions", json={"prompt": long_prompt, "max_tokens": 1})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    state.config = state.config.model_copy(update={"truncation": True})
+    r = client.post(
+        "/v1/completions", json={"prompt": long_prompt, "max_tokens": 1, "temperature": 0}
+    )
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 20
+
+
+def test_metrics_count_requests_and_tokens(served) -> None:
+    client, _, _ = served
+    client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2, "temperature": 0})
+    client.post("/v1/completions", json={"prompt": "w1", "n": 2})
+    text = client.get("/metrics").text
+    assert 'dsworker_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
+    assert 'dsworker_requests_total{endpoint="/v1/completions",status="400"} 1.0' in text
+    assert "dsworker_generation_tokens_total 2.0" in text
+    assert "dsworker_prompt_tokens_total 2.0" in text
+    assert "dsworker_time_to_first_token_seconds_count 1.0" in text
+    assert "dsworker_inter_token_latency_seconds_count 1.0" in text
+    for name in ("dsworker_running_batch_size", "dsworker_load_gigabytes_per_second",
+                 "dsworker_dropped_routed_rows_total"):  # fmt: skip
+        assert name in text
+
+
+def test_concurrent_requests_batch_together(served) -> None:
+    _, state, runner = served
+    import threading
+
+    results: dict[int, list[int]] = {}
+    done = threading.Event()
+    pending = {0, 1}
+
+    def sink_for(i: int):
+        def sink(out) -> None:
+            results.setdefault(i, []).extend(out.token_ids)
+            if out.finish_reason:
+                pending.discard(i)
+                if not pending:
+                    done.set()
+
+        return sink
+
+    greedy = SamplingParams(temperature=0.0)
+    for i, start in enumerate((20, 30)):
+        state.engine.submit(GenRequest([start], greedy, 5), sink_for(i))
+    assert done.wait(10)
+    assert results == {0: [21, 22, 23, 24, 25], 1: [31, 32, 33, 34, 35]}
+    assert max(len(s.items) for s in runner.steps) == 2
+
+
+def test_refused_step_fails_its_requests_and_serving_goes_on(served) -> None:
+    client, state, runner = served
+    runner.fail = StepError("AllToAll buffer too small")
+    r = client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "buffer too small" in r.json()["error"]["message"]
+    runner.fail = None
+    r = client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200
+    assert "dsworker_rejected_steps_total 1.0" in client.get("/metrics").text
+    assert state.fatal == []
+
+
+def test_engine_failure_is_fatal_and_answers_500(served) -> None:
+    client, state, runner = served
+    runner.fail = RuntimeError("device lost")
+    with client.stream(
+        "POST", "/v1/completions", json={"prompt": "w1", "max_tokens": 2, "stream": True}
+    ) as r:
+        body = "".join(r.iter_lines())
+    assert "device lost" in body and "server_error" in body
+    assert len(state.fatal) == 1
+    r = client.post("/v1/completions", json={"prompt": "w1"})
+    assert r.status_code == 500 and "engine failed" in r.json()["error"]["message"]

@@ -1,0 +1,121 @@
+"""Sampling: greedy rows, seeded reproducibility, top-k/top-p masks, incremental text with stops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsworker import sampling
+from dsworker.sampling import SamplingParams
+from dsworker.textstream import OutputText
+
+
+def test_greedy_is_argmax_per_row() -> None:
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 1.0, 0.0]])
+    params = [SamplingParams(temperature=0.0)] * 2
+    assert sampling.sample(logits, params, [None, None]) == [1, 0]
+
+
+def test_top_k_one_is_greedy_and_params_validate_shape() -> None:
+    logits = torch.tensor([[0.1, 3.0, 0.2]])
+    assert sampling.sample(logits, [SamplingParams(temperature=1.0, top_k=1)], [None]) == [1]
+    with pytest.raises(ValueError, match="do not match"):
+        sampling.sample(logits, [], [])
+
+
+def test_seeded_sampling_repeats_and_differs_by_seed() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(1, 50)
+
+    def draw(seed: int) -> list[int]:
+        p = SamplingParams(temperature=1.0, seed=seed)
+        g = sampling.make_generator(p)
+        return [sampling.sample(logits, [p], [g])[0] for _ in range(20)]
+
+    assert draw(1) == draw(1)
+    assert draw(1) != draw(2)
+
+
+def test_mixed_batch_keeps_greedy_rows_exact() -> None:
+    logits = torch.tensor([[0.0, 9.0, 0.0], [1.0, 1.0, 1.0]])
+    hot = SamplingParams(temperature=1.0, seed=3)
+    out = sampling.sample(
+        logits, [SamplingParams(temperature=0.0), hot], [None, sampling.make_generator(hot)]
+    )
+    assert out[0] == 1 and 0 <= out[1] < 3
+
+
+def test_top_k_and_top_p_masks() -> None:
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = sampling.filter_logits(logits, top_k=2, top_p=1.0)
+    assert torch.isfinite(kept).tolist() == [True, True, False, False]
+    # nucleus 0.7: 0.5 alone is below, 0.5 + 0.3 covers it -> two tokens kept
+    kept = sampling.filter_logits(logits, top_k=0, top_p=0.7)
+    assert torch.isfinite(kept).tolist() == [True, True, False, False]
+    # a tiny nucleus still keeps the most likely token
+    kept = sampling.filter_logits(logits, top_k=0, top_p=1e-6)
+    assert torch.isfinite(kept).tolist() == [True, False, False, False]
+
+
+def test_sampling_never_picks_masked_tokens() -> None:
+    logits = torch.tensor([[2.0, 1.9, -5.0, -5.0]])
+    p = SamplingParams(temperature=2.0, top_k=2, seed=0)
+    g = sampling.make_generator(p)
+    seen = {sampling.sample(logits, [p], [g])[0] for _ in range(200)}
+    assert seen == {0, 1}
+
+
+# -- incremental text -------------------------------------------------------------------------
+
+BYTES = {i: bytes([i]) for i in range(256)}
+
+
+def byte_decode(ids: list[int]) -> str:
+    return b"".join(BYTES[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def feed(out: OutputText, text: str) -> tuple[list[str], bool]:
+    pieces = []
+    stopped = False
+    for b in text.encode():
+        stopped = out.add(b)
+        pieces.append(out.take())
+        if stopped:
+            break
+    out.finish()
+    pieces.append(out.take(final=True))
+    return pieces, stopped
+
+
+def test_stream_never_splits_a_utf8_character() -> None:
+    out = OutputText(byte_decode)
+    pieces, _ = feed(out, "héllo ✓")
+    assert "".join(pieces) == "héllo ✓"
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_string_is_cut_and_never_streamed() -> None:
+    out = OutputText(byte_decode, stop=["END"])
+    pieces, stopped = feed(out, "abcENDxyz")
+    assert stopped and "".join(pieces) == "abc"
+    assert all("E" not in p for p in pieces)
+
+
+def test_near_miss_of_stop_string_is_released() -> None:
+    out = OutputText(byte_decode, stop=["END"])
+    pieces, stopped = feed(out, "aENbEN")
+    assert not stopped and "".join(pieces) == "aENbEN"
+
+
+def test_prompt_context_does_not_leak_into_output() -> None:
+    out = OutputText(byte_decode, prompt_tail=list(b"prompt "))
+    pieces, _ = feed(out, "ok")
+    assert "".join(pieces) == "ok"
+
+
+def test_unfinished_character_is_flushed_at_the_end() -> None:
+    out = OutputText(byte_decode)
+    out.add(0xE2)  # first byte of a three-byte character
+    assert out.take() == ""
+    out.finish()
+    assert out.take(final=True) == "\ufffd"

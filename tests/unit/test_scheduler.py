@@ -1,0 +1,137 @@
+"""Continuous batching policy: slots, chunked prefill, decode-first budgets, finish rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from dsworker import step_wire
+from dsworker.scheduler import FinishReason, Scheduler, SchedulerError, Sequence, Step, StepItem
+
+
+def seq(i: int, n_prompt: int, max_tokens: int = 4, eos: int | None = None) -> Sequence:
+    stop = frozenset({eos}) if eos is not None else frozenset()
+    return Sequence(i, list(range(10 + i, 10 + i + n_prompt)), max_tokens, stop_token_ids=stop)
+
+
+def run_step(s: Scheduler, token: int = 7) -> tuple[Step, list]:
+    step = s.schedule()
+    assert step is not None
+    events = s.update(step, {it.seq_id: token for it in step.sampled})
+    return step, events
+
+
+def test_prefill_then_decode_positions_and_slots() -> None:
+    s = Scheduler(max_batch_size=2, max_seq_len=32, max_step_tokens=64)
+    s.add(seq(0, 3))
+    step, events = run_step(s, token=5)
+    assert step.items == (StepItem(0, 0, 0, (10, 11, 12), True),)
+    assert [(e.seq_id, e.token, e.finish_reason) for e in events] == [(0, 5, None)]
+    step, _ = run_step(s, token=6)
+    # Decode feeds the last sampled token at the next position, same slot.
+    assert step.items == (StepItem(0, 0, 3, (5,), True),)
+    step, _ = run_step(s)
+    assert step.items == (StepItem(0, 0, 4, (6,), True),)
+
+
+def test_max_tokens_finishes_with_length_and_frees_slot() -> None:
+    s = Scheduler(max_batch_size=1, max_seq_len=32, max_step_tokens=64)
+    s.add(seq(0, 2, max_tokens=2))
+    s.add(seq(1, 2, max_tokens=1))
+    run_step(s)
+    _, events = run_step(s)
+    assert events[-1].finish_reason is FinishReason.LENGTH
+    assert s.free_slots == s.free_slots.__class__([0])
+    step, events = run_step(s)  # the waiting sequence gets the freed slot
+    assert step.items[0].seq_id == 1 and step.items[0].slot == 0
+    assert events[0].finish_reason is FinishReason.LENGTH
+    assert not s.has_work
+
+
+def test_eos_stops_unless_ignored() -> None:
+    s = Scheduler(max_batch_size=2, max_seq_len=32, max_step_tokens=64)
+    s.add(seq(0, 2, max_tokens=10, eos=1))
+    ignoring = seq(1, 2, max_tokens=2, eos=1)
+    ignoring.ignore_eos = True
+    s.add(ignoring)
+    _, events = run_step(s, token=1)
+    reasons = {e.seq_id: e.finish_reason for e in events}
+    assert reasons == {0: FinishReason.STOP, 1: None}
+
+
+def test_max_seq_len_caps_total_tokens() -> None:
+    s = Scheduler(max_batch_size=1, max_seq_len=5, max_step_tokens=64)
+    s.add(seq(0, 3, max_tokens=100))
+    run_step(s)
+    _, events = run_step(s)
+    assert events[0].finish_reason is FinishReason.LENGTH
+    with pytest.raises(SchedulerError, match="no room"):
+        s.add(seq(1, 5))
+
+
+def test_chunked_prefill_respects_budget_and_keeps_decodes_running() -> None:
+    s = Scheduler(max_batch_size=4, max_seq_len=128, max_step_tokens=8)
+    s.add(seq(0, 2, max_tokens=50))
+    run_step(s)  # seq 0 now decoding
+    s.add(seq(1, 20, max_tokens=3))
+    step, events = run_step(s)
+    # one decode token + 7 prompt tokens; the partial chunk samples nothing
+    assert step.num_tokens == 8
+    assert step.items[0] == StepItem(0, 0, 2, (7,), True)
+    assert step.items[1].seq_id == 1 and step.items[1].start == 0
+    assert len(step.items[1].tokens) == 7 and not step.items[1].sample
+    assert [e.seq_id for e in events] == [0]
+    step, _ = run_step(s)
+    assert step.items[1].start == 7 and len(step.items[1].tokens) == 7
+    step, events = run_step(s)
+    assert step.items[1].start == 14 and len(step.items[1].tokens) == 6 and step.items[1].sample
+    assert {e.seq_id for e in events} == {0, 1}
+
+
+def test_batch_is_bounded_by_slots_and_fifo() -> None:
+    s = Scheduler(max_batch_size=2, max_seq_len=64, max_step_tokens=64)
+    for i in range(4):
+        s.add(seq(i, 2, max_tokens=3))
+    step, _ = run_step(s)
+    assert [it.seq_id for it in step.items] == [0, 1]
+    assert s.num_running == 2 and [q.seq_id for q in s.waiting] == [2, 3]
+
+
+def test_finish_early_frees_slot_and_update_skips_it() -> None:
+    s = Scheduler(max_batch_size=1, max_seq_len=64, max_step_tokens=64)
+    s.add(seq(0, 2, max_tokens=10))
+    s.add(seq(1, 2, max_tokens=10))
+    step = s.schedule()
+    assert step is not None
+    gone = s.finish(0, FinishReason.ABORT)  # e.g. the client disconnected mid-forward
+    assert gone is not None and gone.finish_reason is FinishReason.ABORT
+    assert s.update(step, {0: 3}) == []
+    assert s.finish(1, FinishReason.ABORT) is not None  # waiting ones can be dropped too
+    assert not s.has_work and list(s.free_slots) == [0]
+
+
+def test_rejects_bad_sequences() -> None:
+    s = Scheduler(max_batch_size=1, max_seq_len=8, max_step_tokens=8)
+    with pytest.raises(SchedulerError, match="empty"):
+        s.add(Sequence(0, [], 1))
+    with pytest.raises(SchedulerError, match="max_tokens"):
+        s.add(Sequence(0, [1], 0))
+    s.add(Sequence(0, [1], 1))
+    with pytest.raises(SchedulerError, match="already"):
+        s.add(Sequence(0, [1], 1))
+    assert s.schedule() is not None
+
+
+def test_idle_scheduler_has_no_step() -> None:
+    assert Scheduler(1, 8, 8).schedule() is None
+
+
+def test_step_wire_round_trip() -> None:
+    step = Step((StepItem(3, 1, 0, (5, 6, 7), False), StepItem(9, 0, 12, (2,), True)))
+    msg = step_wire.Message(step_wire.STEP, step)
+    assert step_wire.decode(step_wire.encode(msg)) == msg
+    for kind in (step_wire.HEARTBEAT, step_wire.STOP):
+        assert step_wire.decode(step_wire.encode(step_wire.Message(kind))).kind == kind
+    with pytest.raises(step_wire.WireError):
+        step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 5, 0, 1])
+    with pytest.raises(step_wire.WireError):
+        step_wire.decode([42, 0])

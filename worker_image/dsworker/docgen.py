@@ -1,0 +1,44 @@
+"""The engine-config table of docs/serving.md, generated from EngineConfig's field descriptions.
+
+`python -m dsworker.docgen` prints it; a unit test checks the committed page holds exactly this
+text, so a new key cannot ship undocumented.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal, get_args, get_origin
+
+from dsworker.engine_config import EngineConfig
+
+BEGIN = "<!-- engine-config-table:begin (python -m dsworker.docgen) -->"
+END = "<!-- engine-config-table:end -->"
+
+
+def _default(name: str) -> str:
+    value = EngineConfig().model_dump(mode="json")[name]
+    text = json.dumps(value)
+    return f"`{text}`" if len(text) <= 40 else f"`{text[:37]}...`"
+
+
+def _type(annotation: object) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(json.dumps(a) for a in args)
+    if origin is list and args:
+        inner = get_args(args[0])
+        return f"list of [{', '.join(a.__name__ for a in inner)}]" if inner else "list"
+    return getattr(annotation, "__name__", None) or str(annotation)
+
+
+def config_table() -> str:
+    """Markdown table: key, type, default, meaning (in EngineConfig's field order)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, field in EngineConfig.model_fields.items():
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{name}` | {_type(field.annotation)} | {_default(name)} | {desc} |")
+    return "\n".join([BEGIN, *rows, END])
+
+
+if __name__ == "__main__":
+    print(config_table())

@@ -1,0 +1,299 @@
+"""The step loop: scheduler -> broadcast -> forward -> sample -> text, on one thread per rank.
+
+Rank 0 owns requests: HTTP handlers submit() from the event loop's thread, the loop thread runs
+steps and hands each request its new text through a thread-safe callback. Other ranks run
+`follow()`: receive each step and run the same forward, so collectives inside the model line up.
+A failing forward is fatal for the whole group (the launcher restarts it), never silently skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from dsworker import sampling
+from dsworker.control import Channel
+from dsworker.metrics import Metrics
+from dsworker.scheduler import FinishReason, Scheduler, Sequence, Step
+from dsworker.step_wire import HEARTBEAT, STEP, STOP, Message
+from dsworker.textstream import OutputText
+
+log = logging.getLogger("dsworker.engine_loop")
+
+HEARTBEAT_S = 10.0
+
+
+class StepError(RuntimeError):
+    """A step every rank refused identically (e.g. a full AllToAll buffer): its sequences fail,
+    the group lives on. Anything else a forward raises is fatal."""
+
+
+class Runner(Protocol):
+    """What the loop needs from the model: one forward over a step, logits of sampled items."""
+
+    device: torch.device
+
+    def run(self, step: Step) -> torch.Tensor | None:
+        """Logits [len(step.sampled), V] on rank 0 (other ranks may return None)."""
+        ...
+
+    def dropped_rows(self) -> int:
+        """Routed rows dropped so far (routing cutoff, AllToAll overflow); 0 when none."""
+        ...
+
+
+@dataclass
+class GenRequest:
+    """A validated request as the engine sees it."""
+
+    prompt: list[int]
+    params: sampling.SamplingParams
+    max_tokens: int
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Output:
+    """New text and tokens of one request since the last Output; final when finish_reason set."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+Sink = Callable[[Output], None]
+
+
+@dataclass
+class _Live:
+    req: GenRequest
+    sink: Sink
+    text: OutputText
+    generator: torch.Generator | None
+    arrived: float
+    last_token_at: float | None = None
+
+
+class EngineLoop:
+    """Rank 0's engine thread: continuous batching over the runner."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        scheduler: Scheduler,
+        decode: Callable[[list[int]], str],
+        channel: Channel,
+        metrics: Metrics,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.decode = decode
+        self.channel = channel
+        self.metrics = metrics
+        self.on_fatal = on_fatal or _exit_process
+        # (op, seq_id, request, sink, submitted at): "add" carries the last three, "abort" none.
+        self._inbox: queue.SimpleQueue[tuple[str, int, GenRequest | None, Sink | None, float]] = (
+            queue.SimpleQueue()
+        )
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._live: dict[int, _Live] = {}
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._dropped_seen = 0
+        self.failed: BaseException | None = None
+
+    # -- called from other threads -------------------------------------------------------------
+
+    def submit(self, req: GenRequest, sink: Sink) -> int:
+        """Queue a request; `sink` gets Outputs on the engine thread (make it thread-safe)."""
+        if self.failed is not None:
+            raise RuntimeError(f"engine failed: {self.failed}")
+        with self._id_lock:
+            seq_id = self._next_id
+            self._next_id += 1
+        self._inbox.put(("add", seq_id, req, sink, time.monotonic()))
+        self._wake.set()
+        return seq_id
+
+    def abort(self, seq_id: int) -> None:
+        """The client went away: free its slot at the next step boundary."""
+        self._inbox.put(("abort", seq_id, None, None, 0.0))
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the current step, tell the other ranks to stop, end the thread."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the engine thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        last_sent = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                if self.step_once():
+                    last_sent = time.monotonic()
+                    continue
+                if time.monotonic() - last_sent >= HEARTBEAT_S:
+                    self.channel.send(Message(HEARTBEAT))
+                    last_sent = time.monotonic()
+                self._wake.wait(timeout=HEARTBEAT_S / 2)
+                self._wake.clear()
+            self.channel.send(Message(STOP))
+        except BaseException as exc:  # noqa: BLE001 - any failure ends the group
+            self.failed = exc
+            log.error("engine loop failed:\n%s", traceback.format_exc())
+            for live in self._live.values():
+                live.sink(Output("", [], None, error=f"engine failed: {exc}"))
+            self._live.clear()
+            self.on_fatal(exc)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                op, seq_id, req, sink, submitted = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if op == "add":
+                assert req is not None and sink is not None
+                self._admit(seq_id, req, sink, submitted)
+            elif op == "abort" and seq_id in self._live:
+                self.scheduler.finish(seq_id, FinishReason.ABORT)
+                del self._live[seq_id]
+                self.metrics.finished.labels(FinishReason.ABORT.value).inc()
+
+    def _admit(self, seq_id: int, req: GenRequest, sink: Sink, submitted: float) -> None:
+        seq = Sequence(
+            seq_id,
+            list(req.prompt),
+            req.max_tokens,
+            stop_token_ids=req.stop_token_ids,
+            ignore_eos=req.ignore_eos,
+        )
+        try:
+            self.scheduler.add(seq)
+        except ValueError as exc:
+            sink(Output("", [], None, error=str(exc)))
+            return
+        gen = None
+        if not req.params.greedy:
+            gen = sampling.make_generator(req.params, self.runner.device)
+        self._live[seq_id] = _Live(
+            req, sink, OutputText(self.decode, req.stop, req.prompt), gen, submitted
+        )
+        self.metrics.prompt_tokens.inc(len(req.prompt))
+
+    def step_once(self) -> bool:
+        """Run one step if there is work; False when idle."""
+        self._drain_inbox()
+        step = self.scheduler.schedule()
+        self.metrics.running.set(self.scheduler.num_running)
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+        if step is None:
+            return False
+        t0 = time.monotonic()
+        self.channel.send(Message(STEP, step))
+        try:
+            logits = self.runner.run(step)
+        except StepError as exc:
+            self._reject(step, exc)
+            return True
+        sampled_items = step.sampled
+        sampled: dict[int, int] = {}
+        if sampled_items:
+            assert logits is not None and logits.shape[0] == len(sampled_items)
+            lives = [self._live[i.seq_id] for i in sampled_items]
+            tokens = sampling.sample(
+                logits, [lv.req.params for lv in lives], [lv.generator for lv in lives]
+            )
+            sampled = {it.seq_id: tok for it, tok in zip(sampled_items, tokens, strict=True)}
+        now = time.monotonic()
+        self.metrics.step_seconds.observe(now - t0)
+        for ev in self.scheduler.update(step, sampled):
+            self._emit(ev.seq_id, ev.token, ev.finish_reason, now)
+        dropped = self.runner.dropped_rows()
+        if dropped > self._dropped_seen:
+            self.metrics.dropped_rows.inc(dropped - self._dropped_seen)
+            self._dropped_seen = dropped
+        return True
+
+    def _reject(self, step: Step, exc: StepError) -> None:
+        """Fail the step's sequences (their slots are reused, so stale KV entries do no harm)."""
+        log.warning("step of %d sequences refused: %s", len(step.items), exc)
+        self.metrics.rejected_steps.inc()
+        for item in step.items:
+            self.scheduler.finish(item.seq_id, FinishReason.ABORT)
+            live = self._live.pop(item.seq_id, None)
+            if live is not None:
+                live.sink(Output("", [], None, error=f"engine refused the batch: {exc}"))
+
+    def _emit(self, seq_id: int, token: int, reason: FinishReason | None, now: float) -> None:
+        live = self._live.get(seq_id)
+        if live is None:
+            return
+        self.metrics.generation_tokens.inc()
+        if live.last_token_at is None:
+            self.metrics.ttft.observe(now - live.arrived)
+        else:
+            self.metrics.itl.observe(now - live.last_token_at)
+        live.last_token_at = now
+        if live.text.add(token) and reason is None:
+            reason = FinishReason.STOP
+            self.scheduler.finish(seq_id, reason)
+        if reason is not None:
+            live.text.finish()
+        text = live.text.take(final=reason is not None)
+        live.sink(Output(text, [token], reason.value if reason else None))
+        if reason is not None:
+            del self._live[seq_id]
+            self.metrics.finished.labels(reason.value).inc()
+            self.metrics.e2e.observe(now - live.arrived)
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> int:
+        """Synchronous stepping (warm-up and tests): steps run until nothing is left."""
+        steps = 0
+        while steps < max_steps and (self.step_once() or self.scheduler.has_work):
+            steps += 1
+        return steps
+
+
+def follow(runner: Runner, channel: Channel) -> None:
+    """Ranks > 0: run every step rank 0 broadcasts until it says stop."""
+    while True:
+        msg = channel.recv()
+        if msg.kind == STOP:
+            return
+        if msg.kind == HEARTBEAT:
+            continue
+        assert msg.step is not None
+        try:
+            runner.run(msg.step)
+        except StepError as exc:  # rank 0 refused the same step the same way
+            log.warning("step refused: %s", exc)
+
+
+def _exit_process(exc: BaseException) -> None:
+    """Default fatal handler: exit non-zero; the launcher stops the group, Kubernetes restarts."""
+    logging.shutdown()
+    os._exit(70)

@@ -1,0 +1,89 @@
+"""This rank's routed experts (a contiguous block, each sliced over moe_tp) and how rows run them.
+
+Two equal-result paths: a loop of per-expert matmuls, and a grouped matmul over rows sorted by
+expert (MindIE switches it on by itself past 32 EP ranks, where the loop's launch count hurts).
+The grouped path uses torch._grouped_mm on CUDA bf16 when present, else one padded bmm.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsworker.device import native_grouped_mm
+from dsworker.model.layers import weight
+
+log = logging.getLogger("dsworker.model")
+
+
+class LocalExperts(nn.Module):
+    """w13 [E_loc, 2*I_loc, H] (gate rows then up rows) and w2 [E_loc, H, I_loc]."""
+
+    def __init__(
+        self,
+        num: int,
+        first: int,
+        hidden: int,
+        inter: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.num, self.first, self.inter = num, first, inter
+        self.w13 = weight(num, 2 * inter, hidden, dtype=dtype, device=device)
+        self.w2 = weight(num, hidden, inter, dtype=dtype, device=device)
+        self._native_grouped = True
+
+    def targets(self, prefix: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for i in range(self.num):
+            p = f"{prefix}.{self.first + i}"
+            out[f"{p}.gate_proj.weight"] = self.w13[i, : self.inter]
+            out[f"{p}.up_proj.weight"] = self.w13[i, self.inter :]
+            out[f"{p}.down_proj.weight"] = self.w2[i]
+        return out
+
+    def forward(self, x: torch.Tensor, eid: torch.Tensor, grouped: bool) -> torch.Tensor:
+        """Rows x [R, H] through local expert eid [R] each (partial over moe_tp)."""
+        if x.shape[0] == 0:
+            return x.new_zeros(x.shape)
+        return self._grouped(x, eid) if grouped else self._loop(x, eid)
+
+    def _loop(self, x: torch.Tensor, eid: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(x.shape)
+        for e in eid.unique().tolist():
+            rows = (eid == e).nonzero().squeeze(1)
+            gate, up = F.linear(x[rows], self.w13[e]).chunk(2, dim=-1)
+            out[rows] = F.linear(F.silu(gate) * up, self.w2[e])
+        return out
+
+    def _grouped(self, x: torch.Tensor, eid: torch.Tensor) -> torch.Tensor:
+        order = eid.argsort(stable=True)
+        sorted_eid = eid[order]
+        counts = torch.bincount(sorted_eid, minlength=self.num)
+        xs = x[order]
+        if self._native_grouped and native_grouped_mm(x):
+            try:
+                ys = self._grouped_native(xs, counts)
+                return ys.new_empty(ys.shape).index_copy_(0, order, ys)
+            except (RuntimeError, AttributeError) as e:  # old GPU/torch: use the portable path
+                log.warning("torch._grouped_mm unavailable (%s); using padded bmm", e)
+                self._native_grouped = False
+        starts = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(x.shape[0], device=x.device) - starts[sorted_eid]
+        padded = x.new_zeros(self.num, int(counts.max()), x.shape[1])
+        padded[sorted_eid, slot] = xs
+        gate, up = torch.bmm(padded, self.w13.transpose(1, 2)).chunk(2, dim=-1)
+        ys = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))[sorted_eid, slot]
+        return ys.new_empty(ys.shape).index_copy_(0, order, ys)
+
+    def _grouped_native(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        h = torch._grouped_mm(xs, self.w13.transpose(1, 2), offs=offs)
+        gate, up = h.chunk(2, dim=-1)
+        return torch._grouped_mm(
+            (F.silu(gate) * up).contiguous(), self.w2.transpose(1, 2), offs=offs
+        )

@@ -1,0 +1,107 @@
+"""Building blocks with tensor parallelism made explicit: norms, vocab-parallel embed and head, MLP.
+
+Weights are plain tensors filled by the loader (no autograd, no init); a module that produces a
+partial sum over tp says so and leaves the all-reduce to its caller, so the MoE block can fold the
+shared experts and the routed experts into one reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsworker.dist import Group
+
+
+def weight(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in fp32, scaled by the weight in the input dtype (transformers' numerics)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = weight(dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class VocabEmbedding(nn.Module):
+    """Rows [tp_rank*V/tp, (tp_rank+1)*V/tp) of the table; other ids contribute zeros."""
+
+    def __init__(
+        self, vocab: int, hidden: int, tp: Group, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.part = vocab // tp.size
+        self.start = tp.rank * self.part
+        self.weight = weight(self.part, hidden, dtype=dtype, device=device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.part)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside[:, None], 0)
+        return self.tp.all_reduce(out)
+
+
+class VocabHead(nn.Module):
+    """Column-parallel lm_head: local logits over V/tp ids, all-gathered to the full vocab."""
+
+    def __init__(
+        self, vocab: int, hidden: int, tp: Group, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.weight = weight(vocab // tp.size, hidden, dtype=dtype, device=device)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        local = F.linear(h, self.weight)
+        if self.tp.size == 1:
+            return local
+        parts = self.tp.all_gather(local)  # [tp*T, V/tp]
+        t, part = local.shape
+        return parts.view(self.tp.size, t, part).permute(1, 0, 2).reshape(t, self.tp.size * part)
+
+
+class Linear(nn.Module):
+    def __init__(self, out: int, inp: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = weight(out, inp, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class MLP(nn.Module):
+    """SwiGLU with gate and up fused into one [2I, H] weight; returns a partial sum over tp."""
+
+    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.inter = inter
+        self.w13 = weight(2 * inter, hidden, dtype=dtype, device=device)
+        self.w2 = weight(hidden, inter, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2)
+
+    def targets(self, prefix: str) -> dict[str, torch.Tensor]:
+        """HF names -> the views the loader fills."""
+        return {
+            f"{prefix}.gate_proj.weight": self.w13[: self.inter],
+            f"{prefix}.up_proj.weight": self.w13[self.inter :],
+            f"{prefix}.down_proj.weight": self.w2,
+        }

@@ -1,0 +1,222 @@
+"""The DeepSeek V2/V3 decoder for one rank of a plan: build, expose load targets, run a step.
+
+A server constructs it once per rank (`DeepseekModel(args, groups, opts, dtype, device)`), fills
+its weights with `dsworker.loader.load_weights`, allocates a `KVCache` with `new_cache`, and calls
+`forward(Batch, cache)` for each step of its dp group's sequences. Every rank of the world must call
+forward for every step (MoE exchanges span the world), with an empty Batch when it has no work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dsworker.dist import ParallelGroups
+from dsworker.errors import CheckpointError
+from dsworker.model.attention import MLA
+from dsworker.model.batch import Batch, KVCache
+from dsworker.model.config import ModelArgs
+from dsworker.model.layers import MLP, Linear, RMSNorm, VocabEmbedding, VocabHead
+from dsworker.model.moe import MoE, MoEOptions, MoEStats
+from dsworker.model.rope import Rope
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Runtime choices that do not change the weights a rank holds."""
+
+    moe: MoEOptions = field(default_factory=MoEOptions)
+    mtp: bool = False  # build and load the MTP layer(s) for speculative decoding
+
+
+@dataclass
+class StepOutput:
+    """logits [B, V] of each sequence's last token (or [T, V] for every token); hidden [T, H].
+
+    `hidden` is the final-normed state the MTP layer consumes.
+    """
+
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class DenseMLP(MLP):
+    """A dense layer's MLP: column/row-parallel over tp, reduced here."""
+
+    def __init__(
+        self, args: ModelArgs, groups: ParallelGroups, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        super().__init__(args.hidden_size, args.intermediate_size // groups.tp.size, dtype, device)
+        self.tp = groups.tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(super().forward(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(
+        self,
+        args: ModelArgs,
+        index: int,
+        groups: ParallelGroups,
+        opts: EngineOptions,
+        stats: MoEStats,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        h, eps = args.hidden_size, args.rms_norm_eps
+        self.input_layernorm = RMSNorm(h, eps, dtype, device)
+        self.post_attention_layernorm = RMSNorm(h, eps, dtype, device)
+        self.self_attn = MLA(args, groups.tp, dtype, device)
+        self.mlp: nn.Module = (
+            DenseMLP(args, groups, dtype, device)
+            if index < args.first_k_dense
+            else MoE(args, groups, opts.moe, stats, dtype, device)
+        )
+
+    def targets(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {
+            f"{prefix}.input_layernorm.weight": self.input_layernorm.weight,
+            f"{prefix}.post_attention_layernorm.weight": self.post_attention_layernorm.weight,
+        }
+        out.update({f"{prefix}.self_attn.{n}": p for n, p in self.self_attn.named_parameters()})
+        out.update(self.mlp.targets(f"{prefix}.mlp"))
+        return out
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: Batch,
+        cache: tuple[torch.Tensor, torch.Tensor],
+        rope: Rope,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, cache, rope, cos_sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPLayer(nn.Module):
+    """DeepSeek-V3 multi-token prediction: block(eh_proj[enorm(emb(t_i+1)); hnorm(h_i)]) -> t_i+2."""
+
+    def __init__(
+        self,
+        args: ModelArgs,
+        index: int,
+        groups: ParallelGroups,
+        opts: EngineOptions,
+        stats: MoEStats,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        h, eps, v = args.hidden_size, args.rms_norm_eps, args.vocab_size
+        self.index = index
+        self.embed_tokens = VocabEmbedding(v, h, groups.tp, dtype, device)
+        self.enorm = RMSNorm(h, eps, dtype, device)
+        self.hnorm = RMSNorm(h, eps, dtype, device)
+        self.eh_proj = Linear(h, 2 * h, dtype, device)
+        self.block = DecoderLayer(args, index, groups, opts, stats, dtype, device)
+        self.shared_norm = RMSNorm(h, eps, dtype, device)
+        self.shared_head = VocabHead(v, h, groups.tp, dtype, device)
+
+    def targets(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {
+            f"{prefix}.embed_tokens.weight": self.embed_tokens.weight,
+            f"{prefix}.enorm.weight": self.enorm.weight,
+            f"{prefix}.hnorm.weight": self.hnorm.weight,
+            f"{prefix}.eh_proj.weight": self.eh_proj.weight,
+            f"{prefix}.shared_head.norm.weight": self.shared_norm.weight,
+            f"{prefix}.shared_head.head.weight": self.shared_head.weight,
+        }
+        out.update(self.block.targets(prefix))
+        return out
+
+
+class DeepseekModel(nn.Module):
+    def __init__(
+        self,
+        args: ModelArgs,
+        groups: ParallelGroups,
+        opts: EngineOptions | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        opts = opts or EngineOptions()
+        device = torch.device(device)
+        self.args, self.groups, self.opts, self.dtype = args, groups, opts, dtype
+        self.stats = MoEStats()
+        h, v = args.hidden_size, args.vocab_size
+        self.embed = VocabEmbedding(v, h, groups.tp, dtype, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(args, i, groups, opts, self.stats, dtype, device)
+            for i in range(args.num_layers)
+        )
+        self.norm = RMSNorm(h, args.rms_norm_eps, dtype, device)
+        self.head = VocabHead(v, h, groups.tp, dtype, device)
+        if opts.mtp and not args.num_mtp_layers:
+            raise CheckpointError("MTP requested but config.json has num_nextn_predict_layers = 0")
+        n_mtp = args.num_mtp_layers if opts.mtp else 0
+        self.mtp = nn.ModuleList(
+            MTPLayer(args, args.num_layers + j, groups, opts, self.stats, dtype, device)
+            for j in range(n_mtp)
+        )
+        self.rope = Rope(args, device)
+        self.device = device
+
+    def targets(self) -> dict[str, torch.Tensor]:
+        """Every checkpoint name (HF naming) this rank loads -> the tensor (view) it fills."""
+        out = {
+            "model.embed_tokens.weight": self.embed.weight,
+            "model.norm.weight": self.norm.weight,
+            "lm_head.weight": self.head.weight,
+        }
+        for i, layer in enumerate(self.layers):
+            out.update(layer.targets(f"model.layers.{i}"))
+        for m in self.mtp:
+            out.update(m.targets(f"model.layers.{m.index}"))
+        return out
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        a = self.args
+        n = a.num_layers + len(self.mtp)
+        return KVCache(
+            n, num_slots, max_len, a.kv_lora_rank, a.qk_rope_dim, self.dtype, self.device
+        )
+
+    def _logits(self, head: VocabHead, h: torch.Tensor, batch: Batch, every: bool) -> torch.Tensor:
+        return head(h if every else h[batch.last])
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: KVCache, all_logits: bool = False) -> StepOutput:
+        """One step: write the new tokens' cache entries, return their logits (all or last)."""
+        cache.check(batch)
+        cos_sin = self.rope.cos_sin(batch.positions)
+        x = self.embed(batch.input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, cache.layer(i), self.rope, cos_sin)
+        h = self.norm(x)
+        return StepOutput(self._logits(self.head, h, batch, all_logits), h)
+
+    @torch.inference_mode()
+    def forward_mtp(
+        self,
+        batch: Batch,
+        hidden: torch.Tensor,
+        cache: KVCache,
+        depth: int = 0,
+        all_logits: bool = False,
+    ) -> StepOutput:
+        """Draft logits of MTP layer `depth`: batch holds token i+1 at position i, hidden is h_i.
+
+        Returns the layer's block output as `hidden` (the input of depth + 1).
+        """
+        m = self.mtp[depth]
+        cos_sin = self.rope.cos_sin(batch.positions)
+        e = m.enorm(m.embed_tokens(batch.input_ids))
+        x = m.eh_proj(torch.cat([e, m.hnorm(hidden)], dim=-1))
+        x = m.block(x, batch, cache.layer(self.args.num_layers + depth), self.rope, cos_sin)
+        return StepOutput(self._logits(m.shared_head, m.shared_norm(x), batch, all_logits), x)

@@ -1,0 +1,361 @@
+"""OpenAI-compatible request validation and response shapes, without any I/O.
+
+Requests are parsed by pydantic models with bounds; everything a client can get wrong becomes an
+`ApiError` whose JSON body is OpenAI's {"error": {message, type, param, code}}, so SDKs show it.
+Unknown request fields are ignored (clients send many); known but unsupported ones are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dsworker.sampling import SamplingParams
+
+T = TypeVar("T", bound=BaseModel)
+
+MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 256
+
+
+class ApiError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    """Fields both endpoints share."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="Extension: keep the k most likely tokens; 0 = off.")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
+    ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence.")
+    return_token_ids: bool = Field(False, description="Extension: add token_ids to choices.")
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: Any = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+        items = [v] if isinstance(v, str) else (v or [])
+        if len(items) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop sequences")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in items):
+            raise ValueError(f"stop sequences must be 1..{MAX_STOP_CHARS} characters")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v: float) -> float:
+        if v != 0:
+            raise ValueError("penalties are not supported; send 0 or leave it out")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: Any) -> Any:
+        if v not in (None, False, 0):
+            raise ValueError("logprobs are not supported")
+        return v
+
+    @property
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed
+        )
+
+
+class CompletionRequest(_Common):
+    """POST /v1/completions: one prompt, as text or as token ids."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=1)
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix is not supported")
+        return v
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt; a one-element batch is unwrapped, larger batches are refused."""
+        p = self.prompt
+        if isinstance(p, str):
+            return p
+        if not p:
+            raise ApiError("prompt must not be empty", param="prompt")
+        if all(isinstance(x, int) for x in p):
+            return list(p)  # type: ignore[arg-type]
+        if len(p) != 1:
+            raise ApiError("only one prompt per request is supported", param="prompt")
+        return p[0]  # type: ignore[return-value]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text; only text parts are supported."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        out = []
+        for part in self.content:
+            if part.type != "text" or part.text is None:
+                raise ApiError(
+                    f"content part type {part.type!r} is not supported (text only)",
+                    param="messages",
+                )
+            out.append(part.text)
+        return "".join(out)
+
+
+class ChatCompletionRequest(_Common):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def template_messages(self) -> list[dict[str, str]]:
+        """Messages as the chat template sees them ('developer' is OpenAI's newer 'system')."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+def parse_request(model: type[T], raw: bytes) -> T:
+    """Bytes -> validated request, or an ApiError naming the first bad field."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or None
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ApiError(f"{loc}: {err['msg']}", param=param) from None
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The serving bounds of the engine config that requests are checked against."""
+
+    max_input_tokens: int
+    max_seq_len: int
+    max_new_tokens: int
+    truncation: bool
+    vocab_size: int
+
+
+def check_prompt_ids(ids: list[int], limits: Limits) -> list[int]:
+    """Refuse bad ids and over-long prompts, or keep the last max_input_tokens when truncating."""
+    if not ids:
+        raise ApiError("prompt is empty after tokenization", param="prompt")
+    bad = [t for t in ids if not 0 <= t < limits.vocab_size]
+    if bad:
+        raise ApiError(
+            f"token ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})",
+            param="prompt",
+        )
+    if len(ids) > limits.max_input_tokens:
+        if not limits.truncation:
+            raise ApiError(
+                f"prompt has {len(ids)} tokens, more than maxInputTokenLen "
+                f"({limits.max_input_tokens}); shorten it",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        ids = ids[-limits.max_input_tokens :]
+    return ids
+
+
+def resolve_max_tokens(requested: int | None, default: int, prompt_len: int, limits: Limits) -> int:
+    """The request's token budget: bounded by maxNewTokens, clipped to the room under maxSeqLen."""
+    if requested is not None and requested > limits.max_new_tokens:
+        raise ApiError(
+            f"max_tokens {requested} exceeds this server's limit {limits.max_new_tokens}",
+            param="max_tokens",
+        )
+    want = requested if requested is not None else min(default, limits.max_new_tokens)
+    return max(1, min(want, limits.max_seq_len - prompt_len))
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    token_ids: list[int] | None,
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def completion_chunk(
+    rid: str, model: str, text: str, finish_reason: str | None, token_ids: list[int] | None
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "text": text,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def chat_body(
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    prompt_tokens: int,
+    completion_tokens: int,
+    token_ids: list[int] | None,
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(
+    rid: str,
+    model: str,
+    delta: dict[str, str],
+    finish_reason: str | None,
+    token_ids: list[int] | None,
+) -> dict[str, Any]:
+    choice: dict[str, Any] = {
+        "index": 0,
+        "delta": delta,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }

@@ -1,0 +1,168 @@
+"""The bridge from scheduler steps to the engine's DeepseekModel on one rank.
+
+It builds the rank (device, process groups, model, weights, KV cache) from the engine config and
+turns each Step into the model's Batch. With dp > 1 a sequence lives on dp group slot % dp (its KV
+cache is there), every rank runs its group's part of the step (possibly empty: the MoE exchanges
+span the world) and rank 0 gathers the sampled rows' logits from each group's first rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from dsworker.control import Channel, DistChannel, LocalChannel
+from dsworker.device import Device
+from dsworker.dist import ParallelGroups, build_groups, init_process_group
+from dsworker.engine_config import EngineConfig
+from dsworker.engine_loop import StepError
+from dsworker.layout import ParallelPlan
+from dsworker.loader import load_weights
+from dsworker.model import (
+    Batch,
+    DeepseekModel,
+    EngineOptions,
+    ExpertBufferOverflow,
+    KVCache,
+    ModelArgs,
+    MoEOptions,
+)
+from dsworker.scheduler import Step, StepItem
+
+log = logging.getLogger("dsworker.runner")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class ModelRunner:
+    """Runs steps on one rank's model shard; rank 0 gets the logits of every sampled item."""
+
+    def __init__(
+        self, model: DeepseekModel, cache: KVCache, groups: ParallelGroups, device: Device
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.groups = groups
+        self.dev = device
+        self.device = device.torch
+        self.dp = groups.plan.dp
+        self.dp_rank = groups.coords.dp_rank
+        self.vocab = model.args.vocab_size
+        self._count_drops = model.opts.moe.routing_cutoff is not None
+        self._dropped_total = 0
+
+    def _mine(self, step: Step) -> list[StepItem]:
+        if self.dp == 1:
+            return list(step.items)
+        return [it for it in step.items if it.slot % self.dp == self.dp_rank]
+
+    @torch.inference_mode()
+    def run(self, step: Step) -> torch.Tensor | None:
+        mine = self._mine(step)
+        batch = Batch.build([(it.slot // self.dp, it.start, it.tokens) for it in mine], self.device)
+        try:
+            out = self.model.forward(batch, self.cache)
+        except ExpertBufferOverflow as exc:  # raised on every rank alike (from a gathered table)
+            raise StepError(str(exc)) from None
+        picked = [i for i, it in enumerate(mine) if it.sample]
+        logits = out.logits[picked] if len(picked) != len(mine) else out.logits
+        if self._count_drops:
+            self._sum_drops()
+        if self.dp == 1:
+            return logits
+        return self._gather(step, logits)
+
+    def _gather(self, step: Step, logits: torch.Tensor) -> torch.Tensor | None:
+        """Collect each dp group's sampled logits on rank 0, in the step's sampled order."""
+        per_group = [[it for it in step.sampled if it.slot % self.dp == d] for d in range(self.dp)]
+        width = max(1, max(len(g) for g in per_group))
+        padded = logits.new_zeros(width, logits.shape[1])
+        padded[: logits.shape[0]] = logits
+        world = self.groups.world
+        rank = self.groups.rank
+        bucket = [torch.empty_like(padded) for _ in range(world.size)] if rank == 0 else None
+        dist.gather(padded, bucket, dst=0, group=world.pg)
+        if bucket is None:
+            return None
+        tp = self.groups.plan.tp
+        index = {it.seq_id: (d, j) for d, g in enumerate(per_group) for j, it in enumerate(g)}
+        rows = [bucket[index[it.seq_id][0] * tp][index[it.seq_id][1]] for it in step.sampled]
+        return torch.stack(rows) if rows else padded[:0]
+
+    def _sum_drops(self) -> None:
+        n = torch.tensor([self.model.stats.dropped_rows], dtype=torch.int64)
+        self.groups.cpu.all_reduce(n)
+        self._dropped_total = int(n.item())
+
+    def dropped_rows(self) -> int:
+        """Routed rows dropped by the routing cutoff so far, summed over the world."""
+        return self._dropped_total
+
+
+@dataclass
+class Loaded:
+    """A rank ready to run: the runner, the control channel and how loading went."""
+
+    runner: ModelRunner
+    channel: Channel
+    load_seconds: float
+    load_bytes: int
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def engine_options(cfg: EngineConfig) -> EngineOptions:
+    """The engine's MoE/MTP options from the engine config's MindIE-named keys."""
+    moe = MoEOptions(
+        ep_level=cfg.ep_level,
+        routing_cutoff=cfg.topk_scaling_factor if cfg.enable_init_routing_cutoff else None,
+        buffer_scale_factors=tuple(
+            (int(t), float(f)) for t, f in cfg.alltoall_ep_buffer_scale_factors
+        ),
+        grouped_matmul=cfg.use_grouped_matmul,
+    )
+    return EngineOptions(moe=moe, mtp=cfg.mtp)
+
+
+def build_runner(
+    model_dir: str | Path,
+    cfg: EngineConfig,
+    *,
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    local_world_size: int = 1,
+) -> Loaded:
+    """Device, torch.distributed, groups, model, weights and KV cache of one rank."""
+    if world_size != cfg.worldSize:
+        raise ValueError(f"WORLD_SIZE {world_size} but the engine config says {cfg.worldSize}")
+    device = Device.create(cfg.device, local_rank)
+    device.cpu_threads(local_world_size)
+    init_process_group(device, rank, world_size)
+    plan = ParallelPlan(cfg.worldSize, cfg.dp, cfg.tp, cfg.moe_tp, cfg.moe_ep)
+    groups = build_groups(plan, rank, device.backend)
+    args = ModelArgs.from_dir(model_dir)
+    t0 = time.perf_counter()
+    model = DeepseekModel(args, groups, engine_options(cfg), DTYPES[cfg.dtype], device.torch)
+    stats = load_weights(model.targets(), model_dir, plan, rank, device, mtp=cfg.mtp)
+    device.synchronize()
+    seconds = time.perf_counter() - t0
+    slots = -(-cfg.maxBatchSize // cfg.dp)  # this dp group's share of the scheduler's slots
+    cache = model.new_cache(slots, cfg.maxSeqLen)
+    channel: Channel = DistChannel(groups.cpu.pg) if world_size > 1 else LocalChannel()
+    log.info(
+        "rank %d on %s: %s; KV cache %d slots x %d positions",
+        rank,
+        device.torch,
+        stats,
+        slots,
+        cfg.maxSeqLen,
+    )
+    return Loaded(ModelRunner(model, cache, groups, device), channel, seconds, stats.bytes)

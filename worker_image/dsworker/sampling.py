@@ -1,0 +1,96 @@
+"""Turning one step's logits into next tokens: greedy, temperature, top-k and top-p with seeds.
+
+Pure tensor math with no I/O, so unit tests pin it down exactly. Rank 0 samples on the device the
+logits live on and moves only the chosen ids to the host; greedy rows are a single argmax.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+# Below this temperature sampling is greedy (division by ~0 would overflow anyway).
+GREEDY_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of the sampler (validated upstream by openai_schema)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS or self.top_k == 1
+
+
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
+    """A per-request generator: seeded requests repeat exactly, unseeded ones get a fresh seed."""
+    g = torch.Generator(device=device)
+    g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    return g
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside top-k and outside the smallest top-p nucleus of one row.
+
+    The most likely token always survives, so a row never ends up all -inf.
+    """
+    out = logits
+    vocab = out.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(out, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Mass strictly before each token; keep tokens whose preceding mass is < top_p.
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = before >= top_p
+        drop_sorted[..., 0] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def sample_row(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token id (0-d tensor) from one row of logits [V]."""
+    if params.greedy:
+        return torch.argmax(logits, dim=-1)
+    scaled = logits.float() / params.temperature
+    scaled = filter_logits(scaled, params.top_k, params.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """Next token per row of `logits` [B, V]; rows are independent and seeded per request."""
+    if logits.dim() != 2 or logits.shape[0] != len(params) or len(params) != len(generators):
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match {len(params)} params/"
+            f"{len(generators)} generators"
+        )
+    if not params:
+        return []
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if len(greedy) == len(params):  # the common case: one kernel, one device->host copy
+        return torch.argmax(logits, dim=-1).tolist()
+    out = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    if greedy:
+        idx = torch.tensor(greedy, device=logits.device)
+        out[idx] = torch.argmax(logits.index_select(0, idx), dim=-1)
+    for i, p in enumerate(params):
+        if not p.greedy:
+            out[i] = sample_row(logits[i], p, generators[i])
+    return out.tolist()

@@ -1,0 +1,79 @@
+"""Opening a sharded layout as a source of whole tensors (for merge and reshard).
+
+Each global tensor becomes a `GlobalTensor` whose parts are the stored slices (one copy per part:
+the vocab slices that every dp replica holds are read once), so any region of it can be read
+without materialising the full model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import CheckpointError
+from .fsutil import check_tensor_name, load_json, safe_join
+from .layout import METADATA_FILE, ModelDims, PlanError
+from .metadata import ShardedMetadata, read_metadata
+from .regions import GlobalTensor, SourcePart
+from .sharder import LayoutSource
+from .verify import verify_sharded
+
+
+def open_sharded(root: str | Path) -> tuple[ShardedMetadata, LayoutSource]:
+    """Validate a complete layout and index its tensors; CheckpointError when it is not usable."""
+    root = Path(root)
+    md = read_metadata(root)
+    problems = verify_sharded(root, checksums=False)
+    if problems:
+        more = f" (+{len(problems) - 1} more; run dsworker verify)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more)
+    config = load_json(root / "config.json", "config.json")
+    try:
+        dims = ModelDims.from_config(config)
+    except PlanError as e:
+        raise CheckpointError(f"{root / 'config.json'}: {e}") from None
+    tensors: dict[str, GlobalTensor] = {}
+    seen: set[tuple[str, int | None, int]] = set()
+    for t in md.tensors:
+        check_tensor_name(t.name, str(root / METADATA_FILE))
+        path = safe_join(root, t.file, f"{METADATA_FILE} tensors[{t.name!r}]")
+        key = (t.name, t.dim, t.part)
+        if key in seen:
+            continue
+        seen.add(key)
+        gt = tensors.get(t.name)
+        if gt is None:
+            gt = tensors[t.name] = GlobalTensor(
+                name=t.name,
+                dtype=t.dtype,
+                shape=tuple(t.global_shape),
+                parts=[],
+                source_file=t.source_file,
+                value=t.global_value,
+            )
+        if t.dim is None:
+            gt.parts.append(SourcePart(str(path), t.name, None, 0, t.shape[0] if t.shape else 0))
+        else:
+            size = t.shape[t.dim]
+            gt.parts.append(
+                SourcePart(str(path), t.name, t.dim, t.part * size, (t.part + 1) * size)
+            )
+    # The metadata lists tensors in source order (the sharder keeps it): keep reading sequentially.
+    for k, gt in enumerate(tensors.values()):
+        gt.order = k
+    aux = [
+        (rel, root / rel)
+        for rel in md.files
+        if "/" not in rel and not rel.endswith(".safetensors") and rel != "config.json"
+    ]
+    src = LayoutSource(
+        path=root,
+        tensors=tensors,
+        dims=dims,
+        config=config,
+        config_sha256=str(md.source.get("configSha256", "")),
+        index_sha256=md.source.get("indexSha256"),
+        quantization=str(md.plan.get("quantization", "bf16")),
+        dequantized=bool(md.plan.get("dequantized", False)),
+        aux=aux,
+    )
+    return md, src
