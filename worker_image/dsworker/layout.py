@@ -199,6 +199,7 @@ _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)$")
 WEIGHT_SUFFIXES = (
     ".weight_scale_inv",
     ".weight_packed",
+    ".qweight",
     ".weight_shape",
     ".weight_scale",
     ".weight_offset",
