@@ -3,8 +3,9 @@
 The custom resource is watched with kopf.on.event, which covers creation, every update and the
 resume after an operator restart (kopf lists all objects when it starts) without kopf writing
 annotations or finalizers to the object: GitOps tools see no drift and deletion never waits for
-the operator. Owned Jobs, StatefulSets, Pods and claims are watched by the managed-by label and
-mapped back to their custom resource by the llm.dsop.io/deployment annotation.
+the operator. Every kind of child (Jobs, StatefulSets, Pods, claims, Services, ConfigMaps,
+PodDisruptionBudgets) is watched by the managed-by label and mapped back to its custom resource by
+the llm.dsop.io/deployment annotation, so a child changed or deleted by hand is put back.
 """
 
 from __future__ import annotations
@@ -48,12 +49,17 @@ def shutdown(**_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def deployment_event(type: str | None, name: str, namespace: str, **_: Any) -> None:
+async def deployment_event(
+    type: str | None, name: str, namespace: str, meta: kopf.Meta, **_: Any
+) -> None:
     """Creation, any change (spec or status), or first sight after a restart."""
+    reconciler = _reconciler()
     if type == "DELETED":
-        _reconciler().forget(namespace, name)
+        reconciler.forget(namespace, name)
         return
-    await _reconciler().trigger(namespace, name)
+    if type == "MODIFIED" and reconciler.is_own_write(namespace, name, meta.get("resourceVersion")):
+        return  # the echo of our own status write
+    await reconciler.trigger(namespace, name)
 
 
 async def _child(meta: kopf.Meta, namespace: str | None) -> None:
@@ -74,6 +80,22 @@ async def statefulset_event(meta: kopf.Meta, namespace: str | None, **_: Any) ->
 
 @kopf.on.event("", "v1", "persistentvolumeclaims", labels=OWNED)
 async def claim_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    await _child(meta, namespace)
+
+
+# Children nobody else changes: watched so that one edited or deleted by hand is put back.
+@kopf.on.event("", "v1", "services", labels=OWNED)
+async def service_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    await _child(meta, namespace)
+
+
+@kopf.on.event("", "v1", "configmaps", labels=OWNED)
+async def config_map_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+    await _child(meta, namespace)
+
+
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=OWNED)
+async def disruption_budget_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
     await _child(meta, namespace)
 
 

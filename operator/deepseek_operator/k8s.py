@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import socket
-import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -78,7 +77,6 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
-        self._lock = threading.Lock()
 
     # ----------------------------------------------------------------------------- REST
 
@@ -151,7 +149,9 @@ class Kube:
             content_type=APPLY_PATCH,
         )
 
-    def apply_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+    def apply_status(
+        self, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
         """Apply the status subresource only: the spec is never written."""
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
@@ -159,7 +159,7 @@ class Kube:
             "metadata": {"name": name, "namespace": namespace},
             "status": dict(status),
         }
-        self.request(
+        return self.request(
             "PATCH",
             _path(KIND, namespace, name, "status"),
             body=body,

@@ -48,6 +48,9 @@ class Reconciler:
         self.phases = metrics.PhaseBook()
         # uids of worker pods whose failure has been acted on: never hinted twice.
         self.counted: dict[str, None] = {}
+        # resourceVersion of each custom resource after our own status write: the watch event
+        # that write causes needs no reconcile.
+        self.own_writes: dict[Key, str] = {}
 
     # ------------------------------------------------------------------------ triggers
 
@@ -102,7 +105,12 @@ class Reconciler:
         state = self.states.setdefault((namespace, owner), _State())
         state.failed_pods[pod_uid] = dict(pod)
 
+    def is_own_write(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        """Whether this version of the custom resource is the one our status write made."""
+        return bool(resource_version) and self.own_writes.get((namespace, name)) == resource_version
+
     def forget(self, namespace: str, name: str) -> None:
+        self.own_writes.pop((namespace, name), None)
         state = self.states.pop((namespace, name), None)
         if state is not None and state.retry is not None:
             state.retry.cancel()
@@ -151,7 +159,10 @@ class Reconciler:
         # Status first: a group restart is counted before its pods go, so a crash in between
         # can only over-count, never restart without counting.
         if result.status_changed:
-            kube.apply_status(namespace, name, result.status.to_dict())
+            written = kube.apply_status(namespace, name, result.status.to_dict()) or {}
+            rv = meta(written).get("resourceVersion")
+            if rv and meta(written).get("generation") == meta(body).get("generation"):
+                self.own_writes[(namespace, name)] = str(rv)
         for gone in result.delete:
             kube.delete(gone.kind, namespace, gone.name)
         if any(e.reason == "GroupRestart" for e in result.events):

@@ -485,6 +485,9 @@ class LocalCluster:
                 f"--server-address=127.0.0.1:{self.ports['kwok']}",
                 "--cidr=10.244.0.1/16",
                 "--node-ip=127.0.0.1",
+                # Node leases keep nodes Ready between kwok's slow status heartbeats; without them
+                # the node-lifecycle controller flaps nodes NotReady and strands pods NotReady.
+                "--node-lease-duration-seconds=40",
             ],
         )
 

@@ -144,11 +144,12 @@ def dsd_crd(kube_cluster: Any) -> str:
     return "deepseekdeployments.llm.dsop.io"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(
     kube_cluster: Any, dsd_crd: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[OperatorProcess]:
-    """One operator for the session; a test may kill and restart it (it is restarted if dead)."""
+    """One operator per test module (never two acting on the cluster at once); a test may kill
+    and restart it (running_operator starts it again if a test left it stopped)."""
     env = dict(kube_cluster.env)
     env["PYTHONUNBUFFERED"] = "1"
     env.pop("DSOP_PEERING", None)

@@ -181,7 +181,17 @@ def wait_phase(kube: Any, namespace: str, name: str, phase: str) -> dict[str, An
         return kube.wait_for(f"{namespace}/{name} phase {phase}", probe, RECONCILE_TIMEOUT, 0.5)
     except AssertionError as exc:
         obj = get_json(kube, "deepseekdeployment", name, "-n", namespace) or {}
-        raise AssertionError(f"{exc}\nstatus: {json.dumps(obj.get('status'), indent=1)}") from None
+        pods = get_json(kube, "pods", "-n", namespace) or {"items": []}
+        seen = {
+            p["metadata"]["name"]: {
+                "phase": p["status"].get("phase"),
+                "conditions": [(c["type"], c["status"]) for c in p["status"].get("conditions", [])],
+            }
+            for p in pods["items"]
+        }
+        raise AssertionError(
+            f"{exc}\nstatus: {json.dumps(obj.get('status'), indent=1)}\npods: {seen}"
+        ) from None
 
 
 def helm_install(kube: Any, release: str, namespace: str, *values: str) -> str:

@@ -376,6 +376,8 @@ def test_small_chunks_and_no_copy_file_range(
         raise OSError(errno.EXDEV, "cross-device")
 
     monkeypatch.setattr(regions, "CHUNK_BYTES", 300)
+    monkeypatch.setattr(sio, "_IOV_MAX", 4)  # several scatter reads per chunk
+    monkeypatch.setattr(sio, "_IOV_CACHE", {})
     monkeypatch.setattr(sio, "_COPY_CHUNK", 1000)
     monkeypatch.setattr(sio, "_FALLBACK_CHUNK", 1000)
     monkeypatch.setattr(sio.os, "copy_file_range", no_cfr)

@@ -9,7 +9,6 @@ wraps the few collectives the model needs and skips them for groups of one.
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -127,25 +126,11 @@ def build_groups(plan: ParallelPlan, rank: int, backend: str) -> ParallelGroups:
     )
 
 
-_PARENT_STORE = "DSWORKER_PARENT_STORE"
-
-
 def init_process_group(device: Device, rank: int, world_size: int, timeout_s: float = 600) -> None:
-    """torch.distributed from MASTER_ADDR/MASTER_PORT (env://), with the device's backend.
-
-    Under spawn_local the parent already serves the rendezvous store, so ranks join as clients.
-    """
+    """torch.distributed from MASTER_ADDR/MASTER_PORT (env://), with the device's backend."""
     if world_size == 1 or dist.is_initialized():
         return
     kwargs: dict[str, Any] = device.init_kwargs()
-    if os.environ.get(_PARENT_STORE):
-        client = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=timedelta(seconds=timeout_s),
-        )  # keys under a per-world prefix: a stray client of another world cannot collide
-        kwargs["store"] = dist.PrefixStore(os.environ[_PARENT_STORE], client)
     dist.init_process_group(
         device.backend,
         rank=rank,
@@ -156,7 +141,7 @@ def init_process_group(device: Device, rank: int, world_size: int, timeout_s: fl
 
 
 def _entry(
-    rank: int, nproc: int, port: int, token: str, fn: Callable[..., None], args: tuple[Any, ...]
+    rank: int, nproc: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]
 ) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
@@ -164,8 +149,10 @@ def _entry(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(nproc),
+        # The parent serves the env:// store (torchrun's agent-store convention): every rank,
+        # rank 0 included, joins as a client, whoever calls init_process_group.
+        TORCHELASTIC_USE_AGENT_STORE="True",
     )
-    os.environ[_PARENT_STORE] = token
     try:
         fn(rank, nproc, *args)
     finally:
@@ -182,7 +169,6 @@ def spawn_local(nproc: int, fn: Callable[..., None], *args: Any) -> None:
     """
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     try:
-        token = f"dsworker-{secrets.token_hex(8)}"
-        mp.spawn(_entry, args=(nproc, store.port, token, fn, args), nprocs=nproc, join=True)
+        mp.spawn(_entry, args=(nproc, store.port, fn, args), nprocs=nproc, join=True)
     finally:
         del store

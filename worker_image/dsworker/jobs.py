@@ -21,16 +21,17 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from . import quant
 from .errors import CheckpointError
 from .fsutil import disk_error, fsync_dir, tmp_name
 from .layout import PlanError
 from .progress import Progress
 from .regions import ReaderCache, Region, copy_region, iter_rows, read_array
 from .safetensors_io import DTYPE_SIZES, SafetensorsWriter, TensorSpec
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass
@@ -231,6 +232,10 @@ def _write_dequant(
     e: OutEntry, w: SafetensorsWriter, readers: ReaderCache, advance: Callable[[int], None]
 ) -> None:
     """BF16 = fp8 * scale_inv[row // 128, col // 128], chunk by chunk of rows."""
+    import numpy as np
+
+    from . import quant
+
     assert e.region is not None and e.scale is not None
     scale = read_array(e.scale, readers).astype(np.float32)
     reg = e.region
@@ -245,6 +250,10 @@ def _write_dequant(
 
 
 def _to_f32(block: np.ndarray, dtype: str) -> np.ndarray:
+    import numpy as np
+
+    from . import quant
+
     if dtype == "BF16":
         return quant.bf16_to_f32(block.view("<u2"))
     if dtype == "F16":
@@ -255,6 +264,8 @@ def _to_f32(block: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _from_f32(x: np.ndarray, dtype: str) -> np.ndarray:
+    from . import quant
+
     if dtype == "BF16":
         return quant.f32_to_bf16(x)
     if dtype == "F16":
@@ -271,6 +282,10 @@ def _write_lora(
     rows, a dim-1 slice A's matching columns. An FP8 source weight (e.scale set) is dequantised
     first; the result is BF16.
     """
+    import numpy as np
+
+    from . import quant
+
     assert e.region is not None and e.lora is not None
     a_reg, b_reg, s = e.lora
     a = _to_f32(read_array(a_reg, readers).view(np.uint8), a_reg.dtype).reshape(a_reg.shape)

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .safetensors_io import (
     DTYPE_SIZES,
@@ -22,6 +21,9 @@ from .safetensors_io import (
     TensorInfo,
     scratch,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 CHUNK_BYTES = 4 << 20
 
@@ -182,9 +184,23 @@ def copy_region(
                 off += n
                 length -= n
         return
-    for _, block in iter_rows(reg, readers, chunk_bytes):
-        w.write(block)
-        advance(block.nbytes)
+    # A dim-1 band of every piece, rows side by side, through scatter reads (no numpy).
+    outer, row_out = _row_view(reg)
+    step = max(1, chunk_bytes // max(row_out, 1))
+    infos = [(pc, *readers.info(pc)) for pc in reg.pieces]
+    for pc, _, t in infos:
+        _check_piece(reg, pc, t)
+    for a in range(0, outer, step):
+        b = min(outer, a + step)
+        out = scratch((b - a) * row_out, "rows")[: (b - a) * row_out]
+        col = 0
+        for pc, r, t in infos:
+            unit = t.nbytes // (t.shape[0] * t.shape[1]) if t.shape[0] * t.shape[1] else 0
+            width = (pc.hi - pc.lo) * unit
+            r.read_band(t, a, b, pc.lo * unit, pc.hi * unit, out, row_out, col)
+            col += width
+        w.write(out)
+        advance(len(out))
 
 
 def _check_piece(reg: Region, pc: Piece, t: TensorInfo) -> None:
@@ -201,6 +217,8 @@ def iter_rows(
     chunk holds the same rows of every piece side by side. With reuse=True the chunks are views of
     one per-process buffer: consume each before asking for the next.
     """
+    import numpy as np
+
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     shape = reg.shape
     if not shape or shape[0] == 0:
@@ -246,6 +264,8 @@ def iter_rows(
 
 def read_array(reg: Region, readers: ReaderCache) -> np.ndarray:
     """A (small) region as a numpy array of its dtype (BF16 as uint16 bits)."""
+    import numpy as np
+
     from .safetensors_io import NUMPY_DTYPES
 
     blocks = [b for _, b in iter_rows(reg, readers, 1 << 62, reuse=False)]
