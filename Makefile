@@ -28,8 +28,12 @@ fmt: $(VENV)/.installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Regenerate everything derived from the API models (CRDs, the chart's copies, the API reference).
 crd: $(VENV)/.installed
 	$(PY) -m deepseek_operator.crd
+	$(PY) -m deepseek_operator.peering
+	$(PY) -m deepseek_operator.peering --output charts/deepseek-operator/crds/kopf-peering.yaml
+	$(PY) -m deepseek_operator.docs
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest tests/unit -q
