@@ -101,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     kube = Kube(new_api_client(args.kubeconfig, pool_size=max(4, args.workers * 2)))
     handlers.RECONCILER = Reconciler(kube, workers=args.workers)
+    handlers.NAMESPACED = bool(args.namespace)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)

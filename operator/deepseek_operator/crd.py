@@ -57,7 +57,7 @@ _KEEP = {
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.readyWorkers"},
-    {"name": "Model", "type": "string", "jsonPath": ".spec.model.name"},
+    {"name": "Model", "type": "string", "jsonPath": ".status.modelName"},
     {"name": "World", "type": "integer", "jsonPath": ".status.worldSize"},
     {"name": "EP", "type": "integer", "jsonPath": ".spec.expertParallel.level"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -25,6 +25,8 @@ OWNED = {names.MANAGED_BY_LABEL: names.MANAGER}
 
 # Set by __main__ before kopf starts (kopf handlers are module-level functions).
 RECONCILER: Reconciler | None = None
+# True when the operator serves only named namespaces (set by __main__).
+NAMESPACED = False
 
 
 def _reconciler() -> Reconciler:
@@ -40,6 +42,19 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    # A namespaced install may not list namespaces or CRDs cluster-wide: scanning would retry
+    # forbidden lists for about a minute before the first reconcile.
+    settings.scanning.disabled = NAMESPACED
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account, else the kubeconfig in $KUBECONFIG as set by --kubeconfig.
+
+    kopf's default login goes through the kubernetes client, which reads $KUBECONFIG when it is
+    imported, before the command line is parsed.
+    """
+    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
 @kopf.on.cleanup()

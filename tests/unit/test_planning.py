@@ -271,6 +271,7 @@ def test_first_pass_creates_services_and_the_sharding_job_only() -> None:
     status = result.status.to_dict()
     assert status["worldSize"] == 16 and status["readyWorkers"] == "0/2"
     assert status["endpoint"] == "http://r1.llm.svc:1025/v1"
+    assert status["modelName"] == "DeepSeek-R1"  # printed as the Model column
     assert [e.reason for e in result.events] == ["Sharding"]
 
 
@@ -375,7 +376,9 @@ def test_operator_created_store_claim() -> None:
 
 def test_host_path_store_pins_the_job_and_loads_in_place() -> None:
     cluster = FakeCluster(HOST_STORE)
-    cluster.until_ready()
+    ready = cluster.until_ready()
+    # No spec.model.name: the served name (and the Model column) falls back to metadata.name.
+    assert ready.status.model_name == "tiny"
     fp = cluster.fp()
     job = cluster.job("tiny-shard")
     pod = job["spec"]["template"]["spec"]

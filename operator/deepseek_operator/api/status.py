@@ -92,6 +92,10 @@ class DeepSeekDeploymentStatus(StatusModel):
         description="sha256 of the model source, quantization, MTP, the parallel layout and the "
         "shard format: names the shard directory and the sharding Job.",
     )
+    model_name: str | None = Field(
+        None,
+        description="Served model name: spec.model.name, else metadata.name (printed as Model).",
+    )
     world_size: int | None = Field(
         None, ge=1, description="Ranks of the running plan (printed as World)."
     )

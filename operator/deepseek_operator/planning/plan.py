@@ -273,6 +273,7 @@ class _Planner:
                 st.ready_condition(phase, serving_previous, message),
             ],
             fingerprint=ctx.fingerprint,
+            model_name=ctx.spec.model.name,
             world_size=world,
             shards=self._shards_status(shards),
             ready_workers=f"{workers.ready}/{total}",

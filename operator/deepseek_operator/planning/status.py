@@ -100,6 +100,7 @@ class Summary:
     conditions: list[Cond]
     generation: int
     fingerprint: str | None = None
+    model_name: str | None = None
     world_size: int | None = None
     shards: dict[str, Any] | None = None
     ready_workers: str | None = None
@@ -146,6 +147,7 @@ def build_status(
             previous.conditions, summary.conditions, summary.generation, now
         ),
         fingerprint=summary.fingerprint,
+        model_name=summary.model_name,
         world_size=summary.world_size,
         shards=summary.shards,
         ready_workers=summary.ready_workers,
