@@ -263,6 +263,37 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def _response(
+    rid: str,
+    obj: str,
+    model: str,
+    key: str,
+    value: Any,
+    finish_reason: str | None,
+    token_ids: list[int] | None,
+    tokens: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """One OpenAI response or stream chunk with a single choice; `tokens` adds usage."""
+    choice: dict[str, Any] = {
+        "index": 0,
+        key: value,
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    body: dict[str, Any] = {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+    }
+    if tokens is not None:
+        body["usage"] = usage(*tokens)
+    return body
+
+
 def completion_body(
     rid: str,
     model: str,
@@ -272,42 +303,16 @@ def completion_body(
     completion_tokens: int,
     token_ids: list[int] | None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "text": text,
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return _response(
+        rid, "text_completion", model, "text", text, finish_reason, token_ids,
+        (prompt_tokens, completion_tokens),
+    )  # fmt: skip
 
 
 def completion_chunk(
     rid: str, model: str, text: str, finish_reason: str | None, token_ids: list[int] | None
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "text": text,
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-    }
+    return _response(rid, "text_completion", model, "text", text, finish_reason, token_ids)
 
 
 def chat_body(
@@ -319,22 +324,11 @@ def chat_body(
     completion_tokens: int,
     token_ids: list[int] | None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [choice],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    message = {"role": "assistant", "content": text}
+    return _response(
+        rid, "chat.completion", model, "message", message, finish_reason, token_ids,
+        (prompt_tokens, completion_tokens),
+    )  # fmt: skip
 
 
 def chat_chunk(
@@ -344,18 +338,18 @@ def chat_chunk(
     finish_reason: str | None,
     token_ids: list[int] | None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "delta": delta,
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
+    return _response(rid, "chat.completion.chunk", model, "delta", delta, finish_reason, token_ids)
+
+
+def usage_chunk(
+    rid: str, obj: str, model: str, prompt_tokens: int, completion_tokens: int
+) -> dict[str, Any]:
+    """The last stream chunk when stream_options.include_usage asks for it: no choices."""
     return {
         "id": rid,
-        "object": "chat.completion.chunk",
+        "object": obj,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": [],
+        "usage": usage(prompt_tokens, completion_tokens),
     }

@@ -217,14 +217,7 @@ def create_app(state: ServerState) -> FastAPI:
                 return [oa.completion_chunk(rid, model, out.text, out.finish_reason, ids)]
 
             def usage_chunk(n: int) -> dict[str, Any]:
-                return {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": int(time.time()),
-                    "model": model,
-                    "choices": [],
-                    "usage": oa.usage(len(gen.prompt), n),
-                }
+                return oa.usage_chunk(rid, "text_completion", model, len(gen.prompt), n)
 
             return _streaming(gen, chunk, usage_chunk if include_usage else None)
         text, ids_out, reason = await _collect(gen)
@@ -278,14 +271,7 @@ def create_app(state: ServerState) -> FastAPI:
                 return chunks
 
             def usage_chunk(n: int) -> dict[str, Any]:
-                return {
-                    "id": rid,
-                    "object": "chat.completion.chunk",
-                    "created": int(time.time()),
-                    "model": model,
-                    "choices": [],
-                    "usage": oa.usage(len(gen.prompt), n),
-                }
+                return oa.usage_chunk(rid, "chat.completion.chunk", model, len(gen.prompt), n)
 
             return _streaming(gen, chunk, usage_chunk if include_usage else None)
         text, ids_out, reason = await _collect(gen)
