@@ -27,7 +27,15 @@ from .errors import CheckpointError
 from .fsutil import disk_error, fsync_dir, tmp_name
 from .layout import PlanError
 from .progress import Progress
-from .regions import ReaderCache, Region, copy_region, iter_rows, read_array
+from .regions import (
+    ReaderCache,
+    Region,
+    copy_bands,
+    copy_region,
+    iter_rows,
+    one_pass_key,
+    read_array,
+)
 from .safetensors_io import DTYPE_SIZES, SafetensorsWriter, TensorSpec
 
 if TYPE_CHECKING:
@@ -138,6 +146,104 @@ class _Aborted(Exception):
     pass
 
 
+def _new_writer(job: OutFile, root: Path, checksum: bool) -> SafetensorsWriter:
+    path = root / job.relpath
+    path.parent.mkdir(parents=True, exist_ok=True)
+    specs = [TensorSpec(e.name, e.dtype, e.shape) for e in job.entries]
+    return SafetensorsWriter(path, specs, checksum=checksum)
+
+
+class OnePass:
+    """Cut each dim-1 split tensor in one pass for all the files of this process that take a band.
+
+    Files are written one after the other, so without this a tensor split on dim 1 into `parts`
+    bands (o_proj, down_proj) would be read `parts` times, once per file. Instead, when the first
+    file that takes a band of it is written, every band is cut from the same chunk of rows: its own
+    goes out sequentially, the others' are pwritten at their (known) offsets into the later files'
+    temporary files, opened early; those files step over them when their turn comes. Memory stays
+    bounded by the row chunk. Off with checksums (the hash needs the bytes in order).
+    """
+
+    MAX_OPEN = 256  # files held open early; beyond that a band waits for its own file's turn
+
+    def __init__(self, jobs: list[OutFile], root: Path, checksum: bool) -> None:
+        self.jobs = jobs
+        self.root = root
+        self.member: dict[tuple[int, int], tuple[str, str]] = {}
+        self.groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        self.done: set[tuple[int, int]] = set()
+        self.writers: dict[int, SafetensorsWriter] = {}
+        self._offsets: dict[int, list[int]] = {}
+        if checksum:
+            return
+        groups: dict[tuple[str, str], list[tuple[int, int]]] = {}
+        for ji, j in enumerate(jobs):
+            for ei, e in enumerate(j.entries):
+                if e.const is not None or e.lora is not None or e.transform is not None:
+                    continue
+                k = one_pass_key(e.region) if e.region is not None else None
+                if k is not None:
+                    groups.setdefault(k, []).append((ji, ei))
+        self.groups = {k: v for k, v in groups.items() if len(v) > 1}
+        for k, v in self.groups.items():
+            for m in v:
+                self.member[m] = k
+
+    def take(self, ji: int) -> SafetensorsWriter | None:
+        """The writer opened early for job `ji`, now owned by the caller (None if none)."""
+        return self.writers.pop(ji, None)
+
+    def _writer(self, ji: int) -> SafetensorsWriter | None:
+        w = self.writers.get(ji)
+        if w is None and len(self.writers) < self.MAX_OPEN:
+            w = self.writers[ji] = _new_writer(self.jobs[ji], self.root, False)
+        return w
+
+    def _offset(self, ji: int, ei: int, w: SafetensorsWriter) -> int:
+        offs = self._offsets.get(ji)
+        if offs is None:
+            offs = [len(w.header)]
+            for e in self.jobs[ji].entries:
+                offs.append(offs[-1] + e.nbytes)
+            self._offsets[ji] = offs
+        return offs[ei]
+
+    def cut(
+        self,
+        ji: int,
+        ei: int,
+        w: SafetensorsWriter,
+        readers: ReaderCache,
+        advance: Callable[[int], None],
+    ) -> None:
+        """Write entry (ji, ei) to `w` and, in the same pass, its sibling bands to later files."""
+        regs: list[Region] = []
+        sinks: list[Callable[[int, memoryview], None]] = []
+        for m in self.groups[self.member[(ji, ei)]]:
+            if m in self.done:
+                continue
+            e = self.jobs[m[0]].entries[m[1]]
+            assert e.region is not None
+            if m == (ji, ei):
+                sinks.append(lambda _off, data: w.write(data))
+            else:
+                if m[0] < ji:  # an earlier file: always done already
+                    continue
+                mw = w if m[0] == ji else self._writer(m[0])
+                if mw is None:
+                    continue
+                base = self._offset(m[0], m[1], mw)
+                sinks.append(lambda off, data, mw=mw, base=base: mw.write_at(base + off, data))
+            regs.append(e.region)
+            self.done.add(m)
+        copy_bands(regs, sinks, readers, advance)
+
+    def abort(self) -> None:
+        for w in self.writers.values():
+            w.abort()
+        self.writers.clear()
+
+
 def write_outfile(
     job: OutFile,
     root: Path,
@@ -145,15 +251,25 @@ def write_outfile(
     checksum: bool,
     advance: Callable[[int], None],
     committer: Committer | None = None,
+    one_pass: OnePass | None = None,
+    index: int = -1,
 ) -> FileResult:
-    """Write one planned file (tmp name, fsync, rename; the last two on `committer` if given)."""
+    """Write one planned file (tmp name, fsync, rename; the last two on `committer` if given).
+
+    With `one_pass` (job number `index` of its jobs), dim-1 bands are cut in one pass for all files.
+    """
     path = root / job.relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    specs = [TensorSpec(e.name, e.dtype, e.shape) for e in job.entries]
-    w = SafetensorsWriter(path, specs, checksum=checksum)
+    w = one_pass.take(index) if one_pass is not None else None
+    if w is None:
+        w = _new_writer(job, root, checksum)
     try:
-        for e in job.entries:
-            if e.const is not None:
+        for ei, e in enumerate(job.entries):
+            if one_pass is not None and (index, ei) in one_pass.member:
+                if (index, ei) in one_pass.done:
+                    w.skip(e.nbytes)  # written by an earlier file's pass over the tensor
+                else:
+                    one_pass.cut(index, ei, w, readers, advance)
+            elif e.const is not None:
                 w.write(e.const)
                 advance(len(e.const))
             elif e.lora is not None:
@@ -218,9 +334,14 @@ def write_all(
 ) -> list[FileResult]:
     """Write files in order, committing each in the background; all committed on return."""
     committer = Committer()
+    one_pass = OnePass(jobs, root, checksum)
     try:
-        out = [write_outfile(j, root, readers, checksum, advance, committer) for j in jobs]
+        out = [
+            write_outfile(j, root, readers, checksum, advance, committer, one_pass, i)
+            for i, j in enumerate(jobs)
+        ]
     except BaseException:
+        one_pass.abort()
         with contextlib.suppress(Exception):
             committer.wait()  # finish what is written; the first error stays the one raised
         raise

@@ -203,6 +203,70 @@ def copy_region(
         advance(len(out))
 
 
+def one_pass_key(reg: Region) -> tuple[str, str] | None:
+    """(file, stored tensor) when `reg` is a dim-1 band of a single stored tensor, else None.
+
+    Regions with the same key are column bands of the same rows: `copy_bands` cuts them all in one
+    pass over the stored tensor instead of one pass per band.
+    """
+    if reg.dim != 1 or len(reg.global_shape) < 2 or len(reg.pieces) != 1:
+        return None
+    pc = reg.pieces[0]
+    return pc.path, pc.name
+
+
+def copy_bands(
+    regs: list[Region],
+    sinks: list[Callable[[int, memoryview], None]],
+    readers: ReaderCache,
+    advance: Callable[[int], None] = lambda n: None,
+    chunk_bytes: int | None = None,
+) -> None:
+    """Cut several dim-1 bands of one stored tensor (same `one_pass_key`) in one pass over it.
+
+    Rows are read a chunk of at most `chunk_bytes` (of band bytes) at a time with scatter reads
+    that put each band's columns straight into its part of a reused buffer; each band's bytes go
+    to its sink as (byte offset within that region, bytes). Identical bands are read once and go
+    to every sink that takes them. Memory is bounded by the chunk; no numpy.
+    """
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
+    keys = {one_pass_key(reg) for reg in regs}
+    assert len(keys) == 1 and None not in keys, keys
+    r, t = readers.info(regs[0].pieces[0])
+    for reg in regs:
+        _check_piece(reg, reg.pieces[0], t)
+    rows = t.shape[0]
+    if rows == 0 or t.nbytes == 0:
+        return
+    row_bytes = t.nbytes // rows
+    unit = row_bytes // t.shape[1] if t.shape[1] else 0
+    cols = [(reg.pieces[0].lo * unit, reg.pieces[0].hi * unit) for reg in regs]
+    # one pass per set of disjoint bands (bands of one split never overlap: one pass in practice)
+    passes: list[list[tuple[int, int]]] = []
+    for c in sorted({c for c in cols if c[1] > c[0]}):
+        for p in passes:
+            if p[-1][1] <= c[0]:
+                p.append(c)
+                break
+        else:
+            passes.append([c])
+    for bands in passes:
+        widths = [c1 - c0 for c0, c1 in bands]
+        step = max(1, min(rows, chunk_bytes // sum(widths)))
+        bases = [step * sum(widths[:k]) for k in range(len(bands))]
+        buf = scratch(step * sum(widths), "bands")
+        targets = [
+            (bands.index(c), sink) for c, sink in zip(cols, sinks, strict=True) if c in bands
+        ]
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            r.read_bands(t, a, b, bands, buf, bases)
+            for k, sink in targets:
+                n = (b - a) * widths[k]
+                sink(a * widths[k], buf[bases[k] : bases[k] + n])
+                advance(n)
+
+
 def _check_piece(reg: Region, pc: Piece, t: TensorInfo) -> None:
     if t.dtype != reg.dtype:
         raise ValueError(f"{t.name} in {pc.path}: dtype {t.dtype}, expected {reg.dtype}")
@@ -280,8 +344,10 @@ __all__ = [
     "ReaderCache",
     "Region",
     "SourcePart",
+    "copy_bands",
     "copy_region",
     "iter_rows",
+    "one_pass_key",
     "read_array",
     "region",
 ]

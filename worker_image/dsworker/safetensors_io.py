@@ -3,8 +3,8 @@
 Why our own: the sharding Job must run in a slim image and handle files of several GB with a memory
 footprint that does not grow with them. The format is simple (8-byte little-endian header length,
 a JSON header mapping names to dtype/shape/data_offsets, then the raw data), so we read the header,
-then byte ranges with os.pread / copy_file_range / short-lived mmaps, and write files whose header is
-known up front and whose data streams in.
+then byte ranges with os.pread / copy_file_range / sendfile / short-lived mmaps, and write files
+whose header is known up front and whose data streams in.
 
 Reading validates everything a corrupt or truncated download could break and raises
 `SafetensorsError` naming the file, the tensor and the fix.
@@ -308,6 +308,56 @@ class SafetensorsReader:
             if got != want:
                 raise self._fail(f"truncated (short read in tensor {t.name})")
 
+    def read_bands(
+        self,
+        t: TensorInfo,
+        r0: int,
+        r1: int,
+        bands: list[tuple[int, int]],
+        out: memoryview,
+        bases: list[int],
+    ) -> None:
+        """Rows [r0,r1) of several byte-column bands of t (viewed as 2D), each to its own place.
+
+        `bands` are sorted, disjoint [c0, c1) ranges; row i of band k lands at
+        out[bases[k] + i*(c1-c0) ...]. One scatter read (preadv) per batch of rows reads every
+        band of those rows at once (the bytes between bands go to a small junk buffer), so a
+        tensor split into several column bands is read once, not once per band.
+        """
+        row_bytes = t.nbytes // t.shape[0] if t.shape and t.shape[0] else t.nbytes
+        n = r1 - r0
+        segs: list[tuple[int, int, int]] = []  # (band or -1 for junk, width, base)
+        pos = 0
+        for k, (c0, c1) in enumerate(bands):
+            if c0 > pos:
+                segs.append((-1, c0 - pos, 0))
+            segs.append((k, c1 - c0, bases[k]))
+            pos = c1
+        if pos < row_bytes:
+            segs.append((-1, row_bytes - pos, 0))
+        junk = scratch(max([w for k, w, _ in segs if k < 0] + [1]), "junk")
+        batch = max(1, _IOV_MAX // len(segs))
+        geom = (id(out.obj), id(junk.obj), row_bytes, tuple(segs))
+        for i0 in range(0, n, batch):
+            i1 = min(n, i0 + batch)
+            key = (*geom, i0, i1)
+            iov = _IOV_CACHE.get(key)
+            if iov is None:
+                iov = []
+                for i in range(i0, i1):
+                    for k, w, base in segs:
+                        if k < 0:
+                            iov.append(junk[:w])
+                        else:
+                            iov.append(out[base + i * w : base + (i + 1) * w])
+                if len(_IOV_CACHE) > 64:
+                    _IOV_CACHE.clear()
+                _IOV_CACHE[key] = iov
+            want = (i1 - i0) * row_bytes
+            got = os.preadv(self.fd, iov, t.begin + (r0 + i0) * row_bytes)
+            if got != want:
+                raise self._fail(f"truncated (short read in tensor {t.name})")
+
     def rows(
         self, t: TensorInfo, r0: int, r1: int, c0: int, c1: int, out: np.ndarray | None = None
     ) -> np.ndarray:
@@ -438,6 +488,28 @@ class SafetensorsWriter:
         except OSError as e:
             raise disk_error(e, self.path) from e
 
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """pwrite `data` at absolute file offset, leaving the sequential position alone.
+
+        For bytes of a later tensor that arrive early (one pass over a source tensor feeding
+        several files); the sequential writer later steps over them with `skip`. Not with a hash.
+        """
+        assert self.hash is None, "out-of-order writes cannot be hashed"
+        mv = memoryview(data).cast("B")
+        try:
+            while len(mv):
+                n = os.pwrite(self.fd, mv, offset)
+                mv = mv[n:]
+                offset += n
+        except OSError as e:
+            raise disk_error(e, self.path) from e
+
+    def skip(self, n: int) -> None:
+        """Step over `n` bytes already written with `write_at`."""
+        assert self.hash is None, "out-of-order writes cannot be hashed"
+        os.lseek(self.fd, n, os.SEEK_CUR)
+        self.written += n
+
     def copy_from(self, src_fd: int, offset: int, length: int) -> None:
         """Append `length` bytes of another file: in-kernel copy_file_range when no hash is needed."""
         if self.hash is None:
@@ -455,7 +527,23 @@ class SafetensorsWriter:
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
                     raise disk_error(e, self.path) from e
-                # EXDEV/EINVAL/ENOSYS/EOPNOTSUPP: no in-kernel copy here, fall back to pread/write.
+                # EXDEV/EINVAL/ENOSYS/EOPNOTSUPP: no copy_file_range here (e.g. disk -> tmpfs).
+            try:
+                # sendfile splices page-cache pages into the target: one copy, not two.
+                while length > 0:
+                    n = os.sendfile(self.fd, src_fd, offset, min(length, _COPY_CHUNK))
+                    if n == 0:
+                        raise SafetensorsError(
+                            f"source file ended early while copying into {self.path}"
+                        )
+                    offset += n
+                    length -= n
+                    self.written += n
+                return
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                    raise disk_error(e, self.path) from e
+                # no in-kernel copy at all: fall back to pread/write.
         step = min(length, _FALLBACK_CHUNK)
         buf = scratch(step)[:step]
         while length > 0:
