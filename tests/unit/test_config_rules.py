@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,30 +18,10 @@ from deepseek_operator.validation import (
     review_config,
 )
 
-V3: dict[str, Any] = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "model_type": "deepseek_v3",
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61,
-    "first_k_dense_replace": 3,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "num_attention_heads": 128,
-    "vocab_size": 129280,
-    "num_nextn_predict_layers": 1,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "max_position_embeddings": 163840,
-    "quantization_config": {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
-    },
-}
+# The public DeepSeek-V3/R1 config.json (FP8 block-quantised).
+V3: dict[str, Any] = json.loads(
+    (Path(__file__).resolve().parents[1] / "data" / "deepseek-v3-config.json").read_text()
+)
 V3_BF16 = {k: v for k, v in V3.items() if k != "quantization_config"}
 V2_LITE: dict[str, Any] = {
     "architectures": ["DeepseekV2ForCausalLM"],

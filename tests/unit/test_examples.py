@@ -4,6 +4,7 @@ names (DeepSeek-V3/R1 config.json dimensions, or the tiny synthetic checkpoint).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,39 +19,12 @@ from dsworker.synth import make_config
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FILES = sorted(EXAMPLES.glob("*.yaml"))
 
-# DeepSeek-V3 / R1 config.json (the public model files; shared/design/DEEPSEEK_REFERENCE.md).
-V3_CONFIG: dict[str, Any] = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "model_type": "deepseek_v3",
-    "hidden_size": 7168,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "num_hidden_layers": 61,
-    "first_k_dense_replace": 3,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "num_experts_per_tok": 8,
-    "n_group": 8,
-    "topk_group": 4,
-    "num_attention_heads": 128,
-    "num_key_value_heads": 128,
-    "q_lora_rank": 1536,
-    "kv_lora_rank": 512,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "vocab_size": 129280,
-    "max_position_embeddings": 163840,
-    "num_nextn_predict_layers": 1,
-}
-FP8 = {
-    "quantization_config": {
-        "quant_method": "fp8",
-        "fmt": "e4m3",
-        "activation_scheme": "dynamic",
-        "weight_block_size": [128, 128],
-    }
-}
+# DeepSeek-V3 / R1 config.json (the public model files), without and with its FP8 block scheme.
+_V3_FP8: dict[str, Any] = json.loads(
+    (Path(__file__).resolve().parent.parent / "data" / "deepseek-v3-config.json").read_text()
+)
+V3_CONFIG = {k: v for k, v in _V3_FP8.items() if k != "quantization_config"}
+FP8 = {"quantization_config": _V3_FP8["quantization_config"]}
 # msModelSlim W8A8_DYNAMIC: no quantization_config, a quant_model_description_*.json beside it.
 W8A8_FILES = ["quant_model_description_w8a8_dynamic.json"]
 

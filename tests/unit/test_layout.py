@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from dsworker.layout import (
@@ -25,24 +28,10 @@ from dsworker.layout import (
     tensor_slice,
 )
 
-V3 = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "model_type": "deepseek_v3",
-    "hidden_size": 7168,
-    "vocab_size": 129280,
-    "num_attention_heads": 128,
-    "num_hidden_layers": 61,
-    "first_k_dense_replace": 3,
-    "intermediate_size": 18432,
-    "moe_intermediate_size": 2048,
-    "n_routed_experts": 256,
-    "n_shared_experts": 1,
-    "num_nextn_predict_layers": 1,
-    "qk_nope_head_dim": 128,
-    "qk_rope_head_dim": 64,
-    "v_head_dim": 128,
-    "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]},
-}
+# The public DeepSeek-V3/R1 config.json (FP8 block-quantised).
+V3 = json.loads(
+    (Path(__file__).resolve().parents[1] / "data" / "deepseek-v3-config.json").read_text()
+)
 DIMS = ModelDims.from_config(V3)
 
 
