@@ -18,7 +18,7 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -510,40 +510,40 @@ class SafetensorsWriter:
         os.lseek(self.fd, n, os.SEEK_CUR)
         self.written += n
 
+    def _kernel_copy(
+        self, copy: Callable[[int, int], int], offset: int, length: int
+    ) -> tuple[int, int]:
+        """Loop one in-kernel copy call; returns the (offset, length) left if the kernel refuses it."""
+        try:
+            while length > 0:
+                n = copy(offset, min(length, _COPY_CHUNK))
+                if n == 0:
+                    raise SafetensorsError(
+                        f"source file ended early while copying into {self.path}"
+                    )
+                offset += n
+                length -= n
+                self.written += n
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                raise disk_error(e, self.path) from e
+            # EXDEV/EINVAL/ENOSYS/EOPNOTSUPP: this call does not work between these files.
+        return offset, length
+
     def copy_from(self, src_fd: int, offset: int, length: int) -> None:
-        """Append `length` bytes of another file: in-kernel copy_file_range when no hash is needed."""
+        """Append `length` bytes of another file, in the kernel when no hash is needed.
+
+        copy_file_range first (refused across file systems, e.g. disk -> tmpfs), then sendfile
+        (one copy through the page cache), then pread/write.
+        """
         if self.hash is None:
-            try:
-                while length > 0:
-                    n = os.copy_file_range(src_fd, self.fd, min(length, _COPY_CHUNK), offset)
-                    if n == 0:
-                        raise SafetensorsError(
-                            f"source file ended early while copying into {self.path}"
-                        )
-                    offset += n
-                    length -= n
-                    self.written += n
-                return
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
-                    raise disk_error(e, self.path) from e
-                # EXDEV/EINVAL/ENOSYS/EOPNOTSUPP: no copy_file_range here (e.g. disk -> tmpfs).
-            try:
-                # sendfile splices page-cache pages into the target: one copy, not two.
-                while length > 0:
-                    n = os.sendfile(self.fd, src_fd, offset, min(length, _COPY_CHUNK))
-                    if n == 0:
-                        raise SafetensorsError(
-                            f"source file ended early while copying into {self.path}"
-                        )
-                    offset += n
-                    length -= n
-                    self.written += n
-                return
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
-                    raise disk_error(e, self.path) from e
-                # no in-kernel copy at all: fall back to pread/write.
+            for copy in (
+                lambda o, n: os.copy_file_range(src_fd, self.fd, n, o),
+                lambda o, n: os.sendfile(self.fd, src_fd, o, n),
+            ):
+                offset, length = self._kernel_copy(copy, offset, length)
+                if length == 0:
+                    return
         step = min(length, _FALLBACK_CHUNK)
         buf = scratch(step)[:step]
         while length > 0:
