@@ -83,35 +83,22 @@ async def _child(meta: kopf.Meta, namespace: str | None) -> None:
         await _reconciler().trigger(namespace, owner)
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
-async def job_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
+async def child_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
     await _child(meta, namespace)
 
 
-@kopf.on.event("apps", "v1", "statefulsets", labels=OWNED)
-async def statefulset_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
-    await _child(meta, namespace)
-
-
-@kopf.on.event("", "v1", "persistentvolumeclaims", labels=OWNED)
-async def claim_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
-    await _child(meta, namespace)
-
-
-# Children nobody else changes: watched so that one edited or deleted by hand is put back.
-@kopf.on.event("", "v1", "services", labels=OWNED)
-async def service_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
-    await _child(meta, namespace)
-
-
-@kopf.on.event("", "v1", "configmaps", labels=OWNED)
-async def config_map_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
-    await _child(meta, namespace)
-
-
-@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=OWNED)
-async def disruption_budget_event(meta: kopf.Meta, namespace: str | None, **_: Any) -> None:
-    await _child(meta, namespace)
+# Jobs, StatefulSets and claims move the deployment along; the others nobody else changes and are
+# watched so that one edited or deleted by hand is put back. Pods have their own handler below.
+CHILD_KINDS = (
+    ("batch", "v1", "jobs"),
+    ("apps", "v1", "statefulsets"),
+    ("", "v1", "persistentvolumeclaims"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
+for _group, _version, _plural in CHILD_KINDS:
+    kopf.on.event(_group, _version, _plural, labels=OWNED, id=f"child-{_plural}")(child_event)
 
 
 @kopf.on.event("", "v1", "pods", labels=OWNED)

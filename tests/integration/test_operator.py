@@ -272,6 +272,34 @@ def test_sharding_disabled_starts_the_workers_directly(
     assert engine.args[engine.args.index("--model") + 1] == "/source/DeepSeek-V3"
 
 
+def test_children_deleted_by_hand_are_put_back(running_operator: OperatorProcess, dsd: Dsd) -> None:
+    """The child watches: Services removed by hand are re-applied by the operator.
+
+    The store claim (of a class nothing provisions) never binds, so the sharding Job's pod never
+    schedules: no pod changes whose events would trigger a reconcile anyway.
+    """
+    store = {"pvc": {"storageClassName": "never-provisioned", "size": "1Gi"}}
+    dsd.create(deployment("hand", sharding={"store": store}))
+    dsd.wait(
+        "StoreNotBound",
+        lambda: dsd.condition("hand", "Sharded").get("reason") == "StoreNotBound",
+    )
+    ns = dsd.namespace
+    services = [names.client_service("hand"), names.headless_service("hand")]
+    old = {n: dsd.core.read_namespaced_service(n, ns).metadata.uid for n in services}
+    for n in services:
+        dsd.core.delete_namespaced_service(n, ns)
+
+    def recreated() -> bool:
+        try:
+            now = {n: dsd.core.read_namespaced_service(n, ns).metadata.uid for n in services}
+        except client.ApiException:
+            return False
+        return all(now[n] != old[n] for n in services)
+
+    dsd.wait("both Services put back", recreated, timeout=30)
+
+
 def test_host_path_store_pins_the_job_to_the_workers_node(
     running_operator: OperatorProcess, dsd: Dsd
 ) -> None:
