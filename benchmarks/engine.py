@@ -10,6 +10,7 @@ and a ratio line per figure (dsworker / transformers). The engine runs through t
 
   python benchmarks/engine.py                          # GPU, the "bench" config (3.54 B params)
   python benchmarks/engine.py --preset tiny --device cpu --new-tokens 8 --prefill-tokens 64
+  python benchmarks/engine.py --no-graphs            # eager decode steps, for the graphs' share
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from dsworker.engine_loop import EngineLoop, GenRequest, Output
 from dsworker.layout import ParallelPlan
 from dsworker.loader import load_weights
 from dsworker.metrics import Metrics
-from dsworker.runner import DTYPES, ModelRunner, engine_options
+from dsworker.runner import DTYPES, ModelRunner, engine_options, fixed_shape_decode
 from dsworker.sampling import SamplingParams
 from dsworker.scheduler import Scheduler
 from dsworker.tokenizer import TextTokenizer
@@ -131,9 +132,9 @@ class Engine:
         )
         load_weights(model.targets(), sharded, plan, 0, dev)
         self.cfg = cfg
-        self.runner = ModelRunner(
-            model, model.new_cache(cfg.maxBatchSize, cfg.maxSeqLen), groups, dev
-        )
+        cache = model.new_cache(cfg.maxBatchSize, cfg.maxSeqLen)
+        graphs = fixed_shape_decode(model, cache, cfg, cfg.maxBatchSize)
+        self.runner = ModelRunner(model, cache, groups, dev, graphs)
         self.decode = TextTokenizer(sharded).decode
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
@@ -209,6 +210,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=16, help="prompt length for decode runs")
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--repeat", type=int, default=2, help="timed runs per figure (best is kept)")
+    p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "prefill", "decode", "hf"])
     return p.parse_args(argv)
 
@@ -225,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         maxInputTokenLen=max(args.prefill_tokens, args.prompt_tokens),
         maxPrefillTokens=max(args.prefill_tokens, max_batch * args.prompt_tokens),
         maxNewTokens=args.new_tokens,
+        cudaGraphs=not args.no_graphs,
+        torchCompile=args.compile,
     )
     root = args.work_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
     with tempfile.TemporaryDirectory(dir=root, prefix="dsbench-") as tmp:
@@ -237,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             dtype=dtype_name,
             torch=torch.__version__,
             gpu=torch.cuda.get_device_name(dev.torch) if dev.kind == "cuda" else None,
+            cuda_graphs=cfg.cudaGraphs and dev.kind == "cuda",
+            torch_compile=cfg.torchCompile,
             checkpoint_bytes=sum(f.stat().st_size for f in full.glob("*.safetensors")),
         )
         if "load" not in args.skip:

@@ -46,6 +46,12 @@ class Group:
             dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.pg)
         return x
 
+    def all_min(self, x: torch.Tensor) -> torch.Tensor:
+        """Minimum over the group, in place (e.g. the KV slots every rank can hold)."""
+        if self.size > 1 and x.numel():
+            dist.all_reduce(x, op=dist.ReduceOp.MIN, group=self.pg)
+        return x
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate equal-shaped tensors of every member along dim 0, in group order."""
         if self.size == 1:

@@ -45,8 +45,12 @@ class EngineConfig(BaseModel):
     maxRequestBytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
     maxNewTokens: int = Field(1024, ge=1, description="Upper bound on a request's max_tokens.")
     port: int = Field(1025, ge=1, le=65535, description="HTTP port of rank 0.")
-    cpuMemSize: int = Field(5, ge=0, description="GiB of host memory for swap-out (MindIE name).")
-    npuMemSize: int = Field(-1, ge=-1, description="GiB of device memory for KV cache; -1 = auto.")
+    cpuMemSize: int = Field(5, ge=0, description="Accepted for MindIE; unused (no host swap).")
+    npuMemSize: int = Field(
+        -1,
+        ge=-1,
+        description="KV-cache GiB per rank, caps the batch; -1 = free memory less a reserve.",
+    )
     worldSize: int = Field(1, ge=1, description="Ranks in the model instance.")
     dp: int = Field(1, ge=1, description="Attention data-parallel groups.")
     tp: int = Field(1, ge=1, description="Attention/dense tensor-parallel size.")
@@ -61,6 +65,10 @@ class EngineConfig(BaseModel):
     )
     grouped_matmul: Literal["auto", "on", "off"] = Field("auto", description="auto = moe_ep > 32.")
     mtp: bool = Field(False, description="Load and run the MTP layer.")
+    cudaGraphs: bool = Field(
+        True, description="Replay decode steps as CUDA graphs (cuda, worldSize 1, no cutoff)."
+    )
+    torchCompile: bool = Field(False, description="torch.compile the graphed decode step.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Compute dtype."
     )

@@ -21,6 +21,7 @@ from dsworker.device import Device
 from dsworker.dist import ParallelGroups, build_groups, init_process_group
 from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import StepError
+from dsworker.kv_budget import KVBudgetError, bytes_per_slot, plan_kv_cache, wanted_slots
 from dsworker.layout import ParallelPlan
 from dsworker.loader import load_weights
 from dsworker.model import (
@@ -32,6 +33,7 @@ from dsworker.model import (
     ModelArgs,
     MoEOptions,
 )
+from dsworker.model.decode_graphs import DecodeGraphs
 from dsworker.scheduler import Step, StepItem
 
 log = logging.getLogger("dsworker.runner")
@@ -43,9 +45,15 @@ class ModelRunner:
     """Runs steps on one rank's model shard; rank 0 gets the logits of every sampled item."""
 
     def __init__(
-        self, model: DeepseekModel, cache: KVCache, groups: ParallelGroups, device: Device
+        self,
+        model: DeepseekModel,
+        cache: KVCache,
+        groups: ParallelGroups,
+        device: Device,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
+        self.graphs = graphs
         self.cache = cache
         self.groups = groups
         self.dev = device
@@ -64,18 +72,34 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: Step) -> torch.Tensor | None:
         mine = self._mine(step)
-        batch = Batch.build([(it.slot // self.dp, it.start, it.tokens) for it in mine], self.device)
-        try:
-            out = self.model.forward(batch, self.cache)
-        except ExpertBufferOverflow as exc:  # raised on every rank alike (from a gathered table)
-            raise StepError(str(exc)) from None
         picked = [i for i, it in enumerate(mine) if it.sample]
-        logits = out.logits[picked] if len(picked) != len(mine) else out.logits
+        if self._fixed_shape(mine):
+            assert self.graphs is not None
+            logits = self.graphs.run(
+                [it.slot for it in mine], [it.start for it in mine], [it.tokens[0] for it in mine]
+            )
+        else:
+            batch = Batch.build(
+                [(it.slot // self.dp, it.start, it.tokens) for it in mine], self.device
+            )
+            try:
+                logits = self.model.forward(batch, self.cache).logits
+            except ExpertBufferOverflow as exc:  # raised on every rank alike (a gathered table)
+                raise StepError(str(exc)) from None
+        logits = logits[picked] if len(picked) != len(mine) else logits
         if self._count_drops:
             self._sum_drops()
         if self.dp == 1:
             return logits
         return self._gather(step, logits)
+
+    def _fixed_shape(self, mine: list[StepItem]) -> bool:
+        """A pure decode step the graphs hold a bucket for (world size 1, so every rank agrees)."""
+        return (
+            self.graphs is not None
+            and 0 < len(mine) <= self.graphs.max_batch
+            and all(len(it.tokens) == 1 for it in mine)
+        )
 
     def _gather(self, step: Step, logits: torch.Tensor) -> torch.Tensor | None:
         """Collect each dp group's sampled logits on rank 0, in the step's sampled order."""
@@ -112,6 +136,7 @@ class Loaded:
     channel: Channel
     load_seconds: float
     load_bytes: int
+    max_batch_size: int  # the scheduler's slots: maxBatchSize, or less when the KV budget cut it
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -129,6 +154,17 @@ def engine_options(cfg: EngineConfig) -> EngineOptions:
         grouped_matmul=cfg.use_grouped_matmul,
     )
     return EngineOptions(moe=moe, mtp=cfg.mtp)
+
+
+def fixed_shape_decode(
+    model: DeepseekModel, cache: KVCache, cfg: EngineConfig, max_batch: int
+) -> DecodeGraphs | None:
+    """Graphed and/or compiled decode steps where they apply (world 1, no routing cutoff)."""
+    capture = cfg.cudaGraphs and model.device.type == "cuda"
+    if cfg.worldSize != 1 or cfg.enable_init_routing_cutoff or not (capture or cfg.torchCompile):
+        return None
+    backend = "inductor" if cfg.torchCompile else None
+    return DecodeGraphs(model, cache, max_batch, capture=capture, compile_backend=backend)
 
 
 def build_runner(
@@ -154,15 +190,69 @@ def build_runner(
     stats = load_weights(model.targets(), model_dir, plan, rank, device, mtp=cfg.mtp)
     device.synchronize()
     seconds = time.perf_counter() - t0
-    slots = -(-cfg.maxBatchSize // cfg.dp)  # this dp group's share of the scheduler's slots
+    slots = _kv_slots(model, cfg, device, groups)
     cache = model.new_cache(slots, cfg.maxSeqLen)
+    max_batch = min(cfg.maxBatchSize, slots * cfg.dp)
     channel: Channel = DistChannel(groups.cpu.pg) if world_size > 1 else LocalChannel()
     log.info(
-        "rank %d on %s: %s; KV cache %d slots x %d positions",
+        "rank %d on %s: %s; KV cache %d slots x %d positions; max batch %d",
         rank,
         device.torch,
         stats,
         slots,
         cfg.maxSeqLen,
+        max_batch,
     )
-    return Loaded(ModelRunner(model, cache, groups, device), channel, seconds, stats.bytes)
+    runner = ModelRunner(
+        model, cache, groups, device, fixed_shape_decode(model, cache, cfg, max_batch)
+    )
+    return Loaded(runner, channel, seconds, stats.bytes, max_batch)
+
+
+def _kv_slots(
+    model: DeepseekModel, cfg: EngineConfig, device: Device, groups: ParallelGroups
+) -> int:
+    """KV slots per dp group within npuMemSize, the minimum over all ranks (they must agree).
+
+    Every rank reaches the all-reduce (a rank whose budget holds nothing offers 0), so a refusal
+    is raised on every rank instead of leaving the others waiting in the collective.
+    """
+    a = model.args
+    slot_bytes = bytes_per_slot(
+        a.num_layers + len(model.mtp),
+        cfg.maxSeqLen,
+        a.kv_lora_rank,
+        a.qk_rope_dim,
+        model.dtype.itemsize,
+    )
+    free: int | None = None
+    if device.is_accelerator and cfg.npuMemSize < 0:
+        device.module.empty_cache()  # the loader's freed staging blocks count as free
+        free = int(device.module.mem_get_info(device.torch)[0])
+    error: KVBudgetError | None = None
+    try:
+        budget = plan_kv_cache(
+            slot_bytes, wanted_slots(cfg.maxBatchSize, cfg.dp), cfg.npuMemSize, free
+        )
+        mine = budget.slots
+    except KVBudgetError as exc:
+        error, mine = exc, 0
+    agreed = int(groups.cpu.all_min(torch.tensor([mine], dtype=torch.int64)).item())
+    if error is not None:
+        raise error
+    if agreed < 1:
+        raise KVBudgetError(
+            "KV cache: another rank's npuMemSize budget holds no sequence; see its log"
+        )
+    if agreed < budget.wanted:
+        log.warning(
+            "KV cache: %s; %d slots agreed over the ranks, so the effective maxBatchSize is %d "
+            "(not %d)",
+            budget.reason,
+            agreed,
+            min(cfg.maxBatchSize, agreed * cfg.dp),
+            cfg.maxBatchSize,
+        )
+    else:
+        log.info("KV cache: %s", budget.reason)
+    return agreed

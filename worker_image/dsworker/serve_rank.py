@@ -154,7 +154,7 @@ def _load_and_start(
         # Warm-up traffic goes to a throwaway registry; the real one counts only requests.
         engine = EngineLoop(
             loaded.runner,
-            Scheduler(cfg.maxBatchSize, cfg.maxSeqLen, cfg.maxPrefillTokens),
+            Scheduler(loaded.max_batch_size, cfg.maxSeqLen, cfg.maxPrefillTokens),
             tokenizer.decode,
             loaded.channel,
             Metrics(),

@@ -80,6 +80,28 @@ class Batch:
         max_slot = max((s for s, _, _ in seqs), default=-1)
         return cls(*dev, max_q=max_q, max_k=max_k, max_slot=max_slot)
 
+    @classmethod
+    def decode(
+        cls, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, max_k: int
+    ) -> Batch:
+        """One new token per sequence, built on the device alone (a CUDA graph captures it).
+
+        Keys are read up to max_k whatever the positions; the causal mask hides the rest.
+        """
+        ar = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return cls(
+            input_ids,
+            positions,
+            seq=ar,
+            row=torch.zeros_like(ar),
+            slots=slots,
+            token_slots=slots,
+            last=ar,
+            q_pos=positions[:, None],
+            max_q=1,
+            max_k=max_k,
+        )
+
     def with_ids(self, input_ids: torch.Tensor) -> Batch:
         """The same layout with other token ids (the MTP layer reads the next tokens)."""
         return dataclasses.replace(self, input_ids=input_ids)
@@ -89,6 +111,7 @@ class KVCache:
     """Per layer, slot and position: the normalised KV latent and the rotated shared rope key.
 
     576 values per token per layer for V3 (512 + 64), the compressed form absorbed MLA reads.
+    One slot past `num_slots` is scratch: padding rows of a fixed-shape step write there.
     """
 
     def __init__(
@@ -102,9 +125,11 @@ class KVCache:
         device: torch.device,
     ) -> None:
         self.num_slots = num_slots
+        self.scratch_slot = num_slots
         self.max_len = max_len
-        self.kv = torch.zeros(num_layers, num_slots, max_len, kv_rank, dtype=dtype, device=device)
-        self.pe = torch.zeros(num_layers, num_slots, max_len, rope_dim, dtype=dtype, device=device)
+        shape = (num_layers, num_slots + 1, max_len)
+        self.kv = torch.zeros(*shape, kv_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(*shape, rope_dim, dtype=dtype, device=device)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.kv[i], self.pe[i]

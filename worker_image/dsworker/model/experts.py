@@ -3,6 +3,8 @@
 Two equal-result paths: a loop of per-expert matmuls, and a grouped matmul over rows sorted by
 expert (MindIE switches it on by itself past 32 EP ranks, where the loop's launch count hurts).
 The grouped path uses torch._grouped_mm on CUDA bf16 when present, else one padded bmm.
+`combine` is a third, for steps that must not wait on the host (graph capture, compile): static
+shapes throughout, either the native grouped matmul or every local expert over every token.
 """
 
 from __future__ import annotations
@@ -79,6 +81,39 @@ class LocalExperts(nn.Module):
         gate, up = torch.bmm(padded, self.w13.transpose(1, 2)).chunk(2, dim=-1)
         ys = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))[sorted_eid, slot]
         return ys.new_empty(ys.shape).index_copy_(0, order, ys)
+
+    def combine(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[t, k] * expert ids[t, k] (x[t]) for local ids [T, k]; no host sync."""
+        if self._native_grouped and native_grouped_mm(x):
+            return self.combine_grouped(x, ids, weights)
+        return self.combine_dense(x, ids, weights)
+
+    def combine_grouped(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows sorted by expert through torch._grouped_mm; group sizes stay on the device."""
+        k = ids.shape[1]
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.zeros(self.num, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        tok = order // k
+        ys = self._grouped_native(x[tok], counts)
+        ys = (ys * weights.reshape(-1)[order, None]).to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, tok, ys)
+
+    def combine_dense(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Every local expert over every token, weighted by a dense [T, E] matrix.
+
+        Reads each expert once, which at decode sizes (T*k rows near the expert count) costs about
+        what the routed rows would.
+        """
+        gate, up = torch.matmul(x, self.w13.transpose(1, 2)).chunk(2, dim=-1)  # [E, T, I]
+        ys = torch.matmul(F.silu(gate) * up, self.w2.transpose(1, 2))  # [E, T, H]
+        dense = weights.new_zeros(ids.shape[0], self.num).scatter_add_(1, ids, weights)  # [T, E]
+        return torch.einsum("eth,te->th", ys.float(), dense).to(x.dtype)
 
     def _grouped_native(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)

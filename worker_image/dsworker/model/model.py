@@ -190,7 +190,7 @@ class DeepseekModel(nn.Module):
     def _logits(self, head: VocabHead, h: torch.Tensor, batch: Batch, every: bool) -> torch.Tensor:
         return head(h if every else h[batch.last])
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward(self, batch: Batch, cache: KVCache, all_logits: bool = False) -> StepOutput:
         """One step: write the new tokens' cache entries, return their logits (all or last)."""
         cache.check(batch)
@@ -201,7 +201,7 @@ class DeepseekModel(nn.Module):
         h = self.norm(x)
         return StepOutput(self._logits(self.head, h, batch, all_logits), h)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def forward_mtp(
         self,
         batch: Batch,

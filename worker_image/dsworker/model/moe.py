@@ -7,6 +7,8 @@ sends each routed row only to the ranks owning its expert (all moe_tp slices), w
 buffers from alltoall_ep_buffer_scale_factors, and sends the results back. Either way the chunk's
 routed output is added to the shared experts' partial sum and one tp all-reduce completes both.
 gloo implements all_to_all_single too, so CPU runs exercise the same AllToAll path as nccl/hccl.
+A world of one rank needs no exchange: small steps (decode) and captured or compiled ones take a
+path with static shapes and no host sync (`LocalExperts.combine`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsworker.device import native_grouped_mm
 from dsworker.dist import ParallelGroups
 from dsworker.engine_config import DEFAULT_BUFFER_SCALE_FACTORS
 from dsworker.model.config import ModelArgs
@@ -96,6 +99,7 @@ class MoE(nn.Module):
             dtype,
             device,
         )
+        self.local_only = groups.world.size == 1 and opts.routing_cutoff is None
 
     def targets(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.gate.weight": self.gate}
@@ -109,7 +113,23 @@ class MoE(nn.Module):
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return route(F.linear(x.float(), self.gate), self.args, self.bias)
 
+    def _sync_free(self, x: torch.Tensor) -> bool:
+        """Take the static path: always under capture or compile, else where it is cheap."""
+        if not self.local_only:
+            return False
+        if torch.compiler.is_compiling() or (
+            x.is_cuda and torch.cuda.is_current_stream_capturing()
+        ):
+            return True
+        return native_grouped_mm(x) or x.shape[0] * self.args.top_k <= 4 * self.experts.num
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._sync_free(x):
+            weights, ids = self._route(x)
+            if not torch.compiler.is_compiling():  # a traced Python counter would recompile
+                self.stats.routed_rows += ids.numel()
+            routed = self.experts.combine(x, ids, weights)
+            return routed + self.shared(x) if self.shared is not None else routed
         tp = self.g.tp
         t = x.shape[0]
         chunk = -(-t // tp.size)
