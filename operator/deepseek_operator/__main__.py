@@ -4,6 +4,7 @@
     deepseek-operator --standalone            # no peering (tests, a single replica)
     deepseek-operator --namespace llm --namespace llm-canary
     deepseek-operator --peering dsop --priority 100 --liveness http://0.0.0.0:8080/healthz
+    deepseek-operator --resync-period 60      # reconcile every object at least once a minute
 
 Leader election: kopf peering lets only the highest-priority operator of one peering name act; the
 others pause until it stops renewing (60 s). Without --priority each replica draws a random one,
@@ -25,11 +26,22 @@ import kopf
 
 from . import __version__, handlers, metrics
 from .k8s import Kube, new_api_client
-from .reconcile import Reconciler
+from .reconcile import DEFAULT_RESYNC_SECONDS, Reconciler
 
 DEFAULT_PEERING = "deepseek-operator"
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 DEFAULT_METRICS_PORT = 8081
+
+
+def seconds(text: str) -> float:
+    """A non-negative number of seconds (argparse type; also parses the environment default)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return value
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,6 +92,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, default=8, help="parallel reconciles (threads) (default 8)"
     )
+    parser.add_argument(
+        "--resync-period",
+        type=seconds,
+        # A string default goes through type= too, so a bad $DSOP_RESYNC_PERIOD is a usage error.
+        default=os.environ.get("DSOP_RESYNC_PERIOD", f"{DEFAULT_RESYNC_SECONDS:g}"),
+        metavar="SECONDS",
+        help="reconcile every DeepSeekDeployment again this long after its last reconcile, with "
+        "no event needed, to repair drift no watch reports; 0 disables "
+        f"(env DSOP_RESYNC_PERIOD; default {DEFAULT_RESYNC_SECONDS:g})",
+    )
     parser.add_argument("--kubeconfig", default=None, help="default: in-cluster, else $KUBECONFIG")
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.add_argument("--quiet", "-q", action="store_true", help="warnings and errors only")
@@ -100,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
         logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     kube = Kube(new_api_client(args.kubeconfig, pool_size=max(4, args.workers * 2)))
-    handlers.RECONCILER = Reconciler(kube, workers=args.workers)
+    handlers.RECONCILER = Reconciler(kube, workers=args.workers, resync=args.resync_period)
     handlers.NAMESPACED = bool(args.namespace)
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)

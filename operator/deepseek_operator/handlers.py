@@ -6,6 +6,8 @@ annotations or finalizers to the object: GitOps tools see no drift and deletion 
 the operator. Every kind of child (Jobs, StatefulSets, Pods, claims, Services, ConfigMaps,
 PodDisruptionBudgets) is watched by the managed-by label and mapped back to its custom resource by
 the llm.dsop.io/deployment annotation, so a child changed or deleted by hand is put back.
+What no event reports is caught by the Reconciler's periodic resync (--resync-period), which is
+not a kopf timer: kopf timers put a finalizer on every object.
 """
 
 from __future__ import annotations

@@ -66,6 +66,17 @@ def _path(kind: str, namespace: str, name: str | None = None, sub: str | None = 
     return path
 
 
+def refusal_message(exc: ApiException) -> str:
+    """The message of a metav1.Status error body ("... is forbidden: only dynamically provisioned
+    pvc can be resized ..."), else the HTTP status and reason."""
+    try:
+        status = json.loads(exc.body or "")
+    except (TypeError, ValueError):
+        status = None
+    message = status.get("message") if isinstance(status, dict) else None
+    return str(message or f"{exc.status} {exc.reason}")
+
+
 def _owned_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or ()
     return any(r.get("controller") and r.get("uid") == owner_uid for r in refs)
@@ -148,6 +159,18 @@ class Kube:
             query={"fieldManager": names.MANAGER, "force": "true"},
             content_type=APPLY_PATCH,
         )
+
+    def apply_or_refusal(self, obj: Mapping[str, Any]) -> str | None:
+        """Apply; when the API server refuses the change itself (400 Bad Request, 403 from an
+        admission plugin, 422 Invalid), return its message instead of raising, so the planner can
+        report it. Other failures (conflicts, timeouts, 5xx) raise and the reconcile is retried."""
+        try:
+            self.apply(obj)
+        except ApiException as exc:
+            if exc.status not in (400, 403, 422):
+                raise
+            return refusal_message(exc)
+        return None
 
     def apply_status(
         self, namespace: str, name: str, status: Mapping[str, Any]

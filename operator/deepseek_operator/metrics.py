@@ -36,6 +36,11 @@ ERRORS = Counter(
     ["error"],
     registry=REGISTRY,
 )
+RESYNCS = Counter(
+    "dsop_resyncs",
+    "Reconciles started by the periodic resync (no event asked for them).",
+    registry=REGISTRY,
+)
 APPLIES = Counter(
     "dsop_applies", "Server-side applies of children, by kind.", ["kind"], registry=REGISTRY
 )

@@ -3,13 +3,20 @@
 Every kopf handler funnels into Reconciler.trigger(namespace, name). Triggers for the same object
 coalesce: while a reconcile runs, more events only mark it dirty and it runs once more after; the
 blocking kubernetes client calls run on a small thread pool. A reconcile that raises is retried
-with backoff, so the operator converges even when an event was the last one for a while.
+with backoff, so the operator converges even when an event was the last one for a while; one
+that succeeds is repeated after the resync period (default 300 s), so drift that no watch event
+reports (a missed event, a child edited so that it no longer names its owner) is repaired too.
+
+The resync is a timer of this class rather than a kopf timer: kopf timers and daemons put a
+finalizer on every object, which the operator must not do (GitOps drift, deletion waiting on the
+operator, and its RBAC may not patch the object).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +34,9 @@ Key = tuple[str, str]  # (namespace, name)
 
 MAX_BACKOFF = 60.0
 MAX_REMEMBERED_FAILURES = 10000
+DEFAULT_RESYNC_SECONDS = 300.0
+# Each resync comes up to this fraction early, so objects seen together spread out over time.
+RESYNC_JITTER = 0.1
 
 
 @dataclass
@@ -34,15 +44,21 @@ class _State:
     running: bool = False
     dirty: bool = False
     failures: int = 0
-    retry: asyncio.TimerHandle | None = None
+    # The next retry (after a failed reconcile) or resync (after a successful one).
+    timer: asyncio.TimerHandle | None = None
     failed_pods: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class Reconciler:
     """Runs reconcile(namespace, name) for triggers, one at a time per object."""
 
-    def __init__(self, kube: Kube, workers: int = 8) -> None:
+    def __init__(
+        self, kube: Kube, workers: int = 8, resync: float = DEFAULT_RESYNC_SECONDS
+    ) -> None:
         self.kube = kube
+        # Seconds between level-triggered reconciles of an object with no events; 0: never.
+        self.resync = resync
+        self._tasks: set[asyncio.Future[None]] = set()  # triggers fired by timers, still running
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="reconcile")
         self.states: dict[Key, _State] = {}
         self.phases = metrics.PhaseBook()
@@ -51,6 +67,9 @@ class Reconciler:
         # resourceVersion of each custom resource after our own status write: the watch event
         # that write causes needs no reconcile.
         self.own_writes: dict[Key, str] = {}
+        # The last store resize the API server refused, per object: it is tried again on every
+        # reconcile (the storage class may allow it by now) but logged only when it changes.
+        self.refusals: dict[Key, str] = {}
 
     # ------------------------------------------------------------------------ triggers
 
@@ -82,20 +101,43 @@ class Reconciler:
                     )
                     for pod in hints:  # not acted on: keep them for the retry
                         state.failed_pods.setdefault(uid(pod), pod)
-                    self._schedule_retry(loop, key, state, delay)
+                    self._schedule(loop, key, state, delay, resync=False)
                 else:
                     state.failures = 0
+                    if self.resync > 0:
+                        self._schedule(loop, key, state, self.resync_delay(), resync=True)
         finally:
             state.running = False
 
-    def _schedule_retry(
-        self, loop: asyncio.AbstractEventLoop, key: Key, state: _State, delay: float
+    def resync_delay(self) -> float:
+        """The resync period, up to RESYNC_JITTER of it early."""
+        return self.resync * (1.0 - RESYNC_JITTER * random.random())
+
+    def _schedule(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        key: Key,
+        state: _State,
+        delay: float,
+        resync: bool,
     ) -> None:
+        """Replace the object's timer: only the latest retry or resync is pending."""
         if self.states.get(key) is not state:
             return  # deleted meanwhile
-        if state.retry is not None:
-            state.retry.cancel()
-        state.retry = loop.call_later(delay, lambda: asyncio.ensure_future(self.trigger(*key)))
+        if state.timer is not None:
+            state.timer.cancel()
+        state.timer = loop.call_later(delay, self._fire, key, state, resync)
+
+    def _fire(self, key: Key, state: _State, resync: bool) -> None:
+        if self.states.get(key) is not state:
+            return  # forgotten (deleted) since the timer was set
+        state.timer = None
+        if resync:
+            metrics.RESYNCS.inc()
+            log.debug("resync %s/%s", *key)
+        task = asyncio.ensure_future(self.trigger(*key))
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
 
     def pod_event(self, namespace: str, owner: str, pod: Mapping[str, Any]) -> None:
         """Remember a worker pod seen failing, in case it is gone by the next List."""
@@ -111,15 +153,16 @@ class Reconciler:
 
     def forget(self, namespace: str, name: str) -> None:
         self.own_writes.pop((namespace, name), None)
+        self.refusals.pop((namespace, name), None)
         state = self.states.pop((namespace, name), None)
-        if state is not None and state.retry is not None:
-            state.retry.cancel()
+        if state is not None and state.timer is not None:
+            state.timer.cancel()
         self.phases.set((namespace, name), None)
 
     def close(self) -> None:
         for state in self.states.values():
-            if state.retry is not None:
-                state.retry.cancel()
+            if state.timer is not None:
+                state.timer.cancel()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------ reconcile
@@ -152,6 +195,25 @@ class Reconciler:
         observed = kube.observe(namespace, name, str(meta(body).get("uid") or ""))
         observed.failed_pods = failed_pods
         result = plan(body, observed)
+        if result.resize is not None:
+            # The one change the API server may refuse for reasons the operator cannot see (the
+            # storage class must allow expansion): first, and a refusal is planned around.
+            refused = kube.apply_or_refusal(result.resize)
+            metrics.APPLIES.labels(result.resize["kind"]).inc()
+            if refused is None:
+                self.refusals.pop((namespace, name), None)
+            else:
+                repeated = self.refusals.get((namespace, name)) == refused
+                self.refusals[(namespace, name)] = refused
+                log.log(
+                    logging.DEBUG if repeated else logging.WARNING,
+                    "%s/%s: store claim resize refused: %s",
+                    namespace,
+                    name,
+                    refused,
+                )
+                observed.store_resize_refused = refused
+                result = plan(body, observed)
 
         for obj in result.apply:
             kube.apply(obj)

@@ -300,6 +300,82 @@ def test_children_deleted_by_hand_are_put_back(running_operator: OperatorProcess
     dsd.wait("both Services put back", recreated, timeout=30)
 
 
+def _metric(text: str, name: str) -> float:
+    """One unlabelled sample of the operator's /metrics text (0 when absent)."""
+    return next(
+        (float(line.split()[-1]) for line in text.splitlines() if line.startswith(f"{name} ")), 0
+    )
+
+
+def _versions(dsd: Dsd, name: str) -> dict[str, str]:
+    """resourceVersion of the custom resource and of every child the operator applies (pods are
+    left out: the operator never writes them, kwok does)."""
+    ns, selector = dsd.namespace, f"{MANAGED},app.kubernetes.io/instance={name}"
+    found = {"dsd": dsd.get(name)["metadata"]["resourceVersion"]}  # type: ignore[index]
+    listers = {
+        "svc": dsd.core.list_namespaced_service,
+        "cm": dsd.core.list_namespaced_config_map,
+        "pvc": dsd.core.list_namespaced_persistent_volume_claim,
+        "sts": dsd.apps.list_namespaced_stateful_set,
+        "job": dsd.batch.list_namespaced_job,
+        "pdb": client.PolicyV1Api(dsd.api).list_namespaced_pod_disruption_budget,
+    }
+    for kind, lister in listers.items():
+        for obj in lister(ns, label_selector=selector).items:
+            found[f"{kind}/{obj.metadata.name}"] = obj.metadata.resource_version
+    return found
+
+
+def test_resync_repairs_drift_that_no_event_reports(
+    running_operator: OperatorProcess, dsd: Dsd
+) -> None:
+    """A Service stripped of the annotation that maps it to its deployment: its watch event names
+    no owner, so only the periodic resync puts it back. An idle resync writes nothing."""
+    ns = dsd.namespace
+    store = {"pvc": {"storageClassName": "never-provisioned", "size": "1Gi"}}
+    service = names.client_service("quiet")
+    strip = {"metadata": {"annotations": {names.DEPLOYMENT_ANNOTATION: None}}}
+
+    def owner_annotation() -> str | None:
+        svc = dsd.core.read_namespaced_service(service, ns)
+        return (svc.metadata.annotations or {}).get(names.DEPLOYMENT_ANNOTATION)
+
+    operator = running_operator
+    # Events alone (the test operator's resync is 300 s): the stripped annotation stays stripped.
+    dsd.create(deployment("quiet", sharding={"store": store}))
+    dsd.wait(
+        "StoreNotBound",
+        lambda: dsd.condition("quiet", "Sharded").get("reason") == "StoreNotBound",
+    )
+    dsd.create(deployment("idle"))
+    dsd.wait_phase("idle", "Ready")
+    dsd.core.patch_namespaced_service(service, ns, strip)
+    time.sleep(5)
+    assert owner_annotation() is None
+
+    operator.stop()
+    resyncing = OperatorProcess(env=operator.env, log_dir=operator.log_dir / "resync")
+    resyncing.log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        resyncing.start("--standalone", "--resync-period", "2")
+        dsd.wait("the start-up listing repairs it", owner_annotation, timeout=30)
+        dsd.wait_phase("idle", "Ready")
+        before = {n: _versions(dsd, n) for n in ("quiet", "idle")}
+        resyncs = _metric(_get(resyncing.metrics_url)[1], "dsop_resyncs_total")
+        dsd.wait(
+            "four resyncs",
+            lambda: _metric(_get(resyncing.metrics_url)[1], "dsop_resyncs_total") >= resyncs + 4,
+            timeout=30,
+        )
+        assert {n: _versions(dsd, n) for n in ("quiet", "idle")} == before  # nothing written
+
+        dsd.core.patch_namespaced_service(service, ns, strip)
+        assert dsd.wait("the resync repairs it", owner_annotation, timeout=30) == "quiet"
+    finally:
+        resyncing.stop()
+        operator.start()
+
+
 def test_host_path_store_pins_the_job_to_the_workers_node(
     running_operator: OperatorProcess, dsd: Dsd
 ) -> None:
@@ -325,6 +401,105 @@ def test_host_path_store_pins_the_job_to_the_workers_node(
     fp = dsd.status("tiny")["fingerprint"]
     engine = spec.containers[0]
     assert engine.args[engine.args.index("--model") + 1] == f"/store/{fp[:16]}"
+
+
+# ------------------------------------------------------------------------------ store size
+
+
+def claim_request(dsd: Dsd, name: str) -> str:
+    """The claim's storage request, "" while it does not exist."""
+    try:
+        claim = dsd.core.read_namespaced_persistent_volume_claim(name, dsd.namespace)
+    except client.ApiException as exc:
+        if exc.status == 404:
+            return ""
+        raise
+    return str(claim.spec.resources.requests["storage"])
+
+
+def test_store_claim_grows_with_the_spec_and_never_shrinks(
+    running_operator: OperatorProcess, dsd: Dsd
+) -> None:
+    """The claim the operator created follows a larger spec.sharding.store.pvc.size once it is
+    Bound (Kubernetes refuses to resize an unbound claim); a smaller size is refused with a
+    Warning and the Validated reason StoreSpecNotApplied; so is a resize the API server refuses."""
+    ns = dsd.namespace
+    storage = client.StorageV1Api(dsd.api)
+    expandable = f"expandable-{ns}"
+    storage.create_storage_class(
+        {
+            "apiVersion": "storage.k8s.io/v1",
+            "kind": "StorageClass",
+            "metadata": {"name": expandable},
+            "provisioner": "example.com/none",
+            "allowVolumeExpansion": True,
+        }
+    )
+    try:
+        dsd.create(
+            deployment(
+                "grow", sharding={"store": {"pvc": {"storageClassName": expandable, "size": "1Gi"}}}
+            )
+        )
+        dsd.wait(
+            "StoreNotBound",
+            lambda: dsd.condition("grow", "Sharded").get("reason") == ("StoreNotBound"),
+        )
+        # Unbound: the larger size waits, and says so.
+        dsd.patch_spec("grow", {"sharding": {"store": {"pvc": {"size": "2Gi"}}}})
+        dsd.wait(
+            "the resize waiting for the claim to bind",
+            lambda: (
+                "2Gi is applied once the claim is bound"
+                in dsd.condition("grow", "Sharded").get("message", "")
+            ),
+        )
+        assert claim_request(dsd, "grow-shards") == "1Gi"
+        bound_claim(dsd.core, ns, "grow-shards", expandable)  # a volume for it, only now
+        bind(dsd.core, ns, "grow-shards")
+        dsd.wait("the claim asks 2Gi", lambda: claim_request(dsd, "grow-shards") == "2Gi")
+        resized = dsd.wait(
+            "ResizingStore event",
+            lambda: [e for e in dsd.events("grow") if e.reason == "ResizingStore"],
+        )
+        assert resized[0].type == "Normal" and "from 1Gi to 2Gi" in resized[0].message
+        dsd.wait_phase("grow", "Ready")
+        claim = dsd.core.read_namespaced_persistent_volume_claim("grow-shards", ns)
+        assert claim.spec.storage_class_name == expandable and claim.status.phase == "Bound"
+
+        # Smaller: refused, the claim keeps 2Gi, the deployment keeps serving.
+        dsd.patch_spec("grow", {"sharding": {"store": {"pvc": {"size": "1Gi"}}}})
+        status = dsd.wait_phase("grow", "Ready")
+        validated = dsd.condition("grow", "Validated")
+        assert (validated["status"], validated["reason"]) == ("True", "StoreSpecNotApplied")
+        assert validated["message"].startswith("spec.sharding.store.pvc.size: 1Gi is less than")
+        assert "set size to 2Gi or more" in validated["message"]
+        assert claim_request(dsd, "grow-shards") == "2Gi"
+        assert status["readyWorkers"] == "2/2"
+        warned = dsd.wait(
+            "StoreSpecNotApplied event",
+            lambda: [e for e in dsd.events("grow") if e.reason == "StoreSpecNotApplied"],
+        )
+        assert warned[0].type == "Warning"
+
+        # A class that does not allow expansion: the API server's refusal is reported.
+        fixed_class = "manual"  # no StorageClass object at all
+        bound_claim(dsd.core, ns, "fixed-shards", fixed_class)
+        store = {"pvc": {"storageClassName": fixed_class, "size": "1Gi"}}
+        dsd.create(deployment("fixed", sharding={"store": store}))
+        dsd.wait("claim fixed-shards", lambda: claim_request(dsd, "fixed-shards"))
+        bind(dsd.core, ns, "fixed-shards")
+        dsd.wait_phase("fixed", "Ready")
+        dsd.patch_spec("fixed", {"sharding": {"store": {"pvc": {"size": "2Gi"}}}})
+        dsd.wait_phase("fixed", "Ready")
+        validated = dsd.condition("fixed", "Validated")
+        assert validated["reason"] == "StoreSpecNotApplied", validated
+        assert "the API server refused" in validated["message"]
+        assert "storageclass that provisions the pvc must support resize" in validated["message"]
+        assert "allowVolumeExpansion: true" in validated["message"]
+        assert claim_request(dsd, "fixed-shards") == "1Gi"
+    finally:
+        storage.delete_storage_class(expandable)
 
 
 # ----------------------------------------------------------------------------- validation

@@ -55,6 +55,7 @@ FULL_VALUES: dict[str, Any] = {
     "operator": {
         "logLevel": "debug",
         "workers": 4,
+        "resyncPeriodSeconds": 0,
         "extraEnv": [{"name": "EXTRA", "value": "1"}],
     },
     "metrics": {
@@ -99,6 +100,8 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"replicaCount": 0}, "replicaCount"),
     ({"watchNamespaces": ["Bad_Name"]}, "watchNamespaces"),
     ({"operator": {"logLevel": "trace"}}, "logLevel"),
+    ({"operator": {"resyncPeriodSeconds": -1}}, "resyncPeriodSeconds"),
+    ({"operator": {"resyncPeriodSeconds": "5m"}}, "resyncPeriodSeconds"),
     ({"securityContext": {"runAsUser": 0}}, "runAsUser"),
     ({"securityContext": {"privileged": True}}, "privileged"),
     ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "interval"),
@@ -544,6 +547,8 @@ def test_operator_accepts_the_rendered_arguments(helm: Path, tmp_path: Path, sce
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert args.liveness == f"http://0.0.0.0:{ports['health']}/healthz"
     assert args.metrics_port == ports.get("metrics", 0)
+    operator = {"resyncPeriodSeconds": 300, **SCENARIOS[scenario].get("operator", {})}
+    assert args.resync_period == operator["resyncPeriodSeconds"]
     peerings = by_kind(objects, "ClusterKopfPeering") + by_kind(objects, "KopfPeering")
     if args.standalone:
         assert not peerings

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from deepseek_operator import peering
+from deepseek_operator import metrics, peering
 from deepseek_operator.__main__ import parse_args
 from deepseek_operator.planning import Observed
 from deepseek_operator.reconcile import Reconciler
@@ -142,6 +142,106 @@ def test_failed_worker_pods_seen_in_events_are_remembered_once() -> None:
     reconciler.close()
 
 
+def test_resync_reconciles_again_without_events_and_writes_nothing() -> None:
+    kube = FakeKube()
+    reconciler = Reconciler(kube, workers=1, resync=0.2)  # type: ignore[arg-type]
+    before = metrics.RESYNCS._value.get()
+
+    async def scenario() -> None:
+        await reconciler.trigger("llm", "r1")
+        await asyncio.sleep(0.75)  # a few periods (each up to 10 % early)
+        assert kube.body is not None
+        kube.body = None  # deleted: the next resync forgets it and no more follow
+        await asyncio.sleep(0.5)
+
+    asyncio.run(scenario())
+    gets = [c for c in kube.calls if c[0] == "get"]
+    assert 3 <= len(gets) <= 6, gets  # the first reconcile and at least two resyncs
+    assert [c for c in kube.calls if c[0] == "status"] == [("status", "Sharding")]
+    assert [c for c in kube.calls if c[0] == "event"] == [("event", "Sharding")]
+    # Every get but the first came from a resync, the last one found the object gone.
+    assert metrics.RESYNCS._value.get() - before == len(gets) - 1
+    assert ("llm", "r1") not in reconciler.states
+    reconciler.close()
+
+
+def test_resync_zero_never_resyncs() -> None:
+    kube = FakeKube()
+    reconciler = Reconciler(kube, workers=1, resync=0)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        await reconciler.trigger("llm", "r1")
+        await asyncio.sleep(0.3)
+        assert reconciler.states[("llm", "r1")].timer is None
+
+    asyncio.run(scenario())
+    assert [c for c in kube.calls if c[0] == "get"] == [("get", "r1")]
+    reconciler.close()
+
+
+def test_resync_delay_is_the_period_up_to_a_tenth_early() -> None:
+    reconciler = Reconciler(FakeKube(), workers=1, resync=300)  # type: ignore[arg-type]
+    delays = [reconciler.resync_delay() for _ in range(200)]
+    assert all(270 <= d <= 300 for d in delays) and max(delays) - min(delays) > 1
+    reconciler.close()
+
+
+class StoreKube(FakeKube):
+    """A deployment whose spec asks 2Gi of the store claim the operator created at 1Gi, on a
+    storage class that does not allow expansion."""
+
+    def __init__(self, refusal: str | None) -> None:
+        super().__init__()
+        assert self.body is not None
+        self.body["spec"]["sharding"]["store"] = {
+            "pvc": {"storageClassName": "fixed", "size": "2Gi"}
+        }
+        self.refusal = refusal
+
+    def observe(self, namespace: str, name: str, owner_uid: str) -> Observed:
+        claim = {
+            "metadata": {"name": "r1-shards"},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "fixed",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+            "status": {"phase": "Bound", "capacity": {"storage": "1Gi"}},
+        }
+        return Observed(claims=[claim])
+
+    def apply_or_refusal(self, obj: dict[str, Any]) -> str | None:
+        self.calls.append(("resize", obj["spec"]["resources"]["requests"]["storage"]))
+        return self.refusal
+
+
+def test_a_refused_store_resize_is_planned_around() -> None:
+    refusal = 'persistentvolumeclaims "r1-shards" is forbidden: only dynamically provisioned pvc'
+    kube = StoreKube(refusal)
+    reconciler = Reconciler(kube, workers=1)  # type: ignore[arg-type]
+    reconciler.reconcile("llm", "r1")
+    ops = [op for op, _ in kube.calls]
+    assert ops.index("resize") < ops.index("apply")  # the resize goes first
+    assert ("resize", "2Gi") in kube.calls
+    assert not [w for op, w in kube.calls if op == "apply" and "PersistentVolumeClaim" in w]
+    assert kube.body is not None
+    validated = next(c for c in kube.body["status"]["conditions"] if c["type"] == "Validated")
+    assert validated["reason"] == "StoreSpecNotApplied" and refusal in validated["message"]
+    events = [w for op, w in kube.calls if op == "event"]
+    assert "StoreSpecNotApplied" in events and "ResizingStore" not in events
+    reconciler.close()
+
+
+def test_an_accepted_store_resize_is_an_event() -> None:
+    kube = StoreKube(None)
+    reconciler = Reconciler(kube, workers=1)  # type: ignore[arg-type]
+    reconciler.reconcile("llm", "r1")
+    assert ("resize", "2Gi") in kube.calls
+    events = [w for op, w in kube.calls if op == "event"]
+    assert "ResizingStore" in events and "StoreSpecNotApplied" not in events
+    reconciler.close()
+
+
 # ----------------------------------------------------------------------- command line
 
 
@@ -154,6 +254,22 @@ def test_command_line_defaults_and_choices() -> None:
     assert args.standalone and args.namespace == ["llm", "llm-canary"] and args.metrics_port == 0
     with pytest.raises(SystemExit):
         parse_args(["--standalone", "--peering", "x"])
+
+
+def test_resync_period_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DSOP_RESYNC_PERIOD", raising=False)
+    assert parse_args([]).resync_period == 300
+    assert parse_args(["--resync-period", "2.5"]).resync_period == 2.5
+    assert parse_args(["--resync-period=0"]).resync_period == 0  # off
+    monkeypatch.setenv("DSOP_RESYNC_PERIOD", "60")
+    assert parse_args([]).resync_period == 60
+    assert parse_args(["--resync-period", "5"]).resync_period == 5  # the flag wins
+    for bad in ("-1", "5m", "nan", "inf", ""):
+        with pytest.raises(SystemExit):
+            parse_args(["--resync-period", bad])
+    monkeypatch.setenv("DSOP_RESYNC_PERIOD", "often")
+    with pytest.raises(SystemExit):
+        parse_args([])
 
 
 def test_peering_crds_are_generated_and_committed() -> None:

@@ -38,11 +38,22 @@ def ref(tiny_v3: Path) -> Reference:
     return hf_reference(tiny_v3)
 
 
-def build(ckpt: Path, opts: EngineOptions | None = None) -> tuple[DeepseekModel, KVCache]:
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here: graph capture needs one"
+)
+
+
+def build(
+    ckpt: Path,
+    opts: EngineOptions | None = None,
+    kind: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[DeepseekModel, KVCache]:
+    dev = Device.create(kind)
     model = DeepseekModel(
-        ModelArgs.from_dir(ckpt), build_groups(P1, 0, "gloo"), opts, torch.float32
+        ModelArgs.from_dir(ckpt), build_groups(P1, 0, "gloo"), opts, dtype, dev.torch
     )
-    load_weights(model.targets(), ckpt, P1, 0, Device.create("cpu"))
+    load_weights(model.targets(), ckpt, P1, 0, dev)
     return model, model.new_cache(4, MAX_LEN)
 
 
@@ -123,7 +134,8 @@ def test_routing_cutoff_keeps_the_exchange_path(tiny_v3: Path) -> None:
     """The cutoff drops rows data-dependently, so such a model never takes the static MoE path."""
     model, _ = build(tiny_v3, EngineOptions(moe=MoEOptions(routing_cutoff=0.5)))
     moe = model.layers[-1].mlp
-    assert not moe.local_only and not moe._sync_free(torch.zeros(1, model.args.hidden_size))
+    assert not moe.local_only
+    assert not moe._sync_free(torch.zeros(1, model.args.hidden_size), fixed_shape=True)
 
 
 def test_graphs_refuse_what_they_cannot_run(tiny_v3: Path) -> None:
@@ -161,3 +173,47 @@ def test_inductor_compiled_step(tiny_v3: Path, ref: Reference) -> None:
         logits = graphs.run([0], [len(prompt) + len(tokens) - 1], [tokens[-1]])
         tokens.append(int(logits.argmax(-1)))
     assert tokens == ref.tokens[0]
+
+
+@needs_cuda
+def test_cuda_graphs_give_transformers_tokens(tiny_v3: Path, ref: Reference) -> None:
+    """fp32 on the GPU: captured steps (dense expert path) against transformers on the CPU."""
+    model, cache = build(tiny_v3, kind="cuda")
+    graphs = DecodeGraphs(model, cache, 4, capture=True)
+    assert greedy(model, cache, graphs) == ref.tokens
+    assert set(graphs.graphs) == {(4, MAX_LEN)}
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", [None, "inductor"])
+def test_cuda_graph_replay_equals_the_eager_step_in_bf16(
+    tiny_v3: Path, backend: str | None
+) -> None:
+    """bf16 takes torch._grouped_mm; a replay must give the eager step's tokens and logits."""
+    runs = []
+    for capture in (False, True):
+        model, cache = build(tiny_v3, kind="cuda", dtype=torch.bfloat16)
+        graphs = DecodeGraphs(model, cache, 4, capture=capture, compile_backend=backend)
+        runs.append(greedy(model, cache, graphs))
+    assert runs[0] == runs[1]
+
+
+def test_grouped_matmul_refused_by_the_device_falls_back_to_dense(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An old GPU refuses torch._grouped_mm at warm-up: the step goes on with the dense path."""
+    from dsworker.model import experts
+
+    def refuse(*a: object, **k: object) -> torch.Tensor:
+        raise RuntimeError("grouped gemm is only supported on sm90")
+
+    torch.manual_seed(0)
+    ex = LocalExperts(4, 0, 16, 8, torch.float32, torch.device("cpu"))
+    ex.w13.normal_()
+    ex.w2.normal_()
+    x, ids, weights = torch.randn(5, 16), torch.randint(0, 4, (5, 2)), torch.rand(5, 2)
+    want = ex.combine_dense(x, ids, weights)
+    monkeypatch.setattr(experts, "native_grouped_mm", lambda x: True)
+    monkeypatch.setattr(torch, "_grouped_mm", refuse)
+    torch.testing.assert_close(ex.combine(x, ids, weights), want)
+    assert not ex._native_grouped

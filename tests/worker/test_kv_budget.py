@@ -77,6 +77,15 @@ def test_cpu_auto_has_no_limit_but_an_explicit_value_still_applies() -> None:
     assert plan_kv_cache(V3_SLOT, 200, 1, None).slots == GIB // V3_SLOT == 5
 
 
+def test_explicit_budget_above_the_free_memory_is_refused_now_not_at_allocation() -> None:
+    assert plan_kv_cache(V3_SLOT, 16, 10, 20 * GIB).slots == 16  # 2.7 GiB of 20 free: fine
+    with pytest.raises(KVBudgetError) as err:
+        plan_kv_cache(V3_SLOT, 200, 10, 4 * GIB)  # 59 slots = 9.9 GiB, 4 GiB free
+    msg = str(err.value)
+    assert "npuMemSize 10 GiB gives 59 sequences" in msg and "4.00 GiB" in msg
+    assert "lower npuMemSize" in msg and "-1 (auto)" in msg
+
+
 def _min_of_ranks(rank: int, nproc: int) -> None:
     import torch.distributed as dist
 

@@ -64,7 +64,8 @@ def plan_kv_cache(
     slot_bytes: int, wanted: int, npu_mem_size: int, free_bytes: int | None
 ) -> KVBudget:
     """slots = min(wanted, budget // slot_bytes); budget = npuMemSize GiB, or for -1 the free
-    device memory less auto_reserve (free_bytes None = cpu: no limit). Raises KVBudgetError."""
+    device memory less auto_reserve (free_bytes None = cpu: no limit). Raises KVBudgetError,
+    also when an explicit budget's slots exceed the free memory (an OOM later, said now)."""
     if slot_bytes <= 0 or wanted <= 0:
         raise ValueError(f"slot_bytes ({slot_bytes}) and wanted ({wanted}) must be positive")
     fix = "raise npuMemSize, lower maxSeqLen, or spread the model over more ranks (tp/moe_ep)"
@@ -87,6 +88,12 @@ def plan_kv_cache(
             f"{_gib(slot_bytes)} ({slot_bytes} bytes); {fix}"
         )
     slots = min(wanted, fits)
+    if npu_mem_size >= 0 and free_bytes is not None and slots * slot_bytes > free_bytes:
+        raise KVBudgetError(
+            f"KV cache: {source} gives {slots} sequences ({_gib(slots * slot_bytes)}) but only "
+            f"{_gib(free_bytes)} of device memory is free after the weights; lower npuMemSize, "
+            "or set it to -1 (auto) to use what is free"
+        )
     if slots < wanted:
         reason = f"{source} holds {slots} of the {wanted} slots maxBatchSize asks for"
     else:

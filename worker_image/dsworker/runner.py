@@ -226,7 +226,7 @@ def _kv_slots(
         model.dtype.itemsize,
     )
     free: int | None = None
-    if device.is_accelerator and cfg.npuMemSize < 0:
+    if device.is_accelerator:
         device.module.empty_cache()  # the loader's freed staging blocks count as free
         free = int(device.module.mem_get_info(device.torch)[0])
     error: KVBudgetError | None = None

@@ -43,11 +43,15 @@ class Serving(ApiModel):
         1025, ge=1, le=65535, description="Port of the OpenAI-compatible HTTP API on rank 0."
     )
     cpu_mem_size: int = Field(
-        5, ge=0, description="Host memory in GiB for swapped-out KV cache blocks (cpuMemSize)."
+        5,
+        ge=0,
+        description="Host memory in GiB for swapped-out KV cache blocks in MindIE (cpuMemSize). "
+        "Accepted for MindIE compatibility and unused: the worker keeps no KV cache in host "
+        "memory.",
     )
     npu_mem_size: int = Field(
         -1,
         ge=-1,
-        description="Device memory in GiB for the KV cache per device (npuMemSize); -1 = all that "
-        "is left after the weights.",
+        description="Device memory in GiB for the KV cache per device (npuMemSize): caps the "
+        "sequences decoded together; -1 = the memory left after the weights, less a reserve.",
     )

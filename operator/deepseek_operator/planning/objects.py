@@ -242,6 +242,28 @@ def store_claim(ctx: Context) -> Obj | None:
     }
 
 
+def resized_store_claim(ctx: Context, observed: Mapping[str, Any], size: str) -> Obj:
+    """The store claim as the operator applied it, with only the storage request changed.
+
+    A claim's spec is immutable but for resources.requests, so every other field the operator
+    owns (access modes, storage class, fingerprint label and annotation) is applied again with the
+    value the claim has: a server-side apply that left one out would try to remove it.
+    """
+    claim = store_claim(ctx)
+    assert claim is not None
+    md = observed.get("metadata") or {}
+    fingerprint = (md.get("annotations") or {}).get(names.FINGERPRINT_ANNOTATION)
+    claim["metadata"] = metadata(
+        ctx, claim["metadata"]["name"], names.SHARD_STORE, None, fingerprint
+    )
+    spec = observed.get("spec") or {}
+    for key in ("accessModes", "storageClassName"):
+        if key in spec:
+            claim["spec"][key] = spec[key]
+    claim["spec"]["resources"] = {"requests": {"storage": size}}
+    return claim
+
+
 # ------------------------------------------------------------------------------ pod basics
 
 

@@ -32,6 +32,9 @@ class Observed:
     # Worker pods seen failing in a watch event: the StatefulSet controller may delete a Failed pod
     # before the next List, and the group must still restart.
     failed_pods: list[Obj] = field(default_factory=list)
+    # The API server's answer when it refused the store claim resize this reconcile planned (a
+    # storage class without allowVolumeExpansion, ...): the planner reports it and plans again.
+    store_resize_refused: str | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def component_pods(self, component: str) -> list[Obj]:

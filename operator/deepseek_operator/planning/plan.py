@@ -40,6 +40,7 @@ from .observed import (
     uid,
     unschedulable,
 )
+from .quantity import compare_quantities
 from .status import Cond, EventSpec, Summary
 
 
@@ -62,6 +63,9 @@ class Plan:
     previous: DeepSeekDeploymentStatus
     # uids of worker pods whose failure was acted on (the operator stops re-reporting them).
     counted_failures: list[str] = field(default_factory=list)
+    # The store claim with a new storage request, applied before everything else: the API server
+    # may refuse it (then the shell plans again with Observed.store_resize_refused set).
+    resize: Obj | None = None
 
     @property
     def status_changed(self) -> bool:
@@ -167,6 +171,7 @@ def _finish(
     delete: list[Delete],
     events: list[EventSpec],
     counted: list[str],
+    resize: Obj | None = None,
 ) -> Plan:
     new = st.build_status(previous, summary, observed.now)
     return Plan(
@@ -176,7 +181,83 @@ def _finish(
         events=[*events, *st.transition_events(previous, new)],
         previous=previous,
         counted_failures=counted,
+        resize=resize,
     )
+
+
+@dataclass(frozen=True)
+class StoreChange:
+    """What to do about an existing store claim whose spec.sharding.store.pvc may have changed."""
+
+    current: str = ""  # the claim's storage request now
+    request: str | None = None  # the storage request to apply; None leaves the claim alone
+    event: str = ""  # the Normal Event posted when the request is changed
+    waiting: str = ""  # why a larger size waits (joins the StoreNotBound message)
+    warning: str = ""  # what of the spec the claim does not get, and the fix
+
+
+def store_change(
+    name: str, size: str, storage_class: str | None, claim: Mapping[str, Any]
+) -> StoreChange:
+    """Compare spec.sharding.store.pvc with the claim the operator created from it.
+
+    Kubernetes lets a claim's request grow once the claim is Bound (the storage class must allow
+    volume expansion: the API server checks that), never shrink below what the volume already
+    has, and never change class. A larger size is applied when the claim is Bound, and waits while
+    it is not; a smaller one only undoes an expansion the volume has not reached yet (a request
+    still above status.capacity), else it is refused with a warning; quantities are compared by
+    value ("2048Mi" is "2Gi").
+    """
+    spec = claim.get("spec") or {}
+    status = claim.get("status") or {}
+    requested = str(((spec.get("resources") or {}).get("requests") or {}).get("storage") or "")
+    capacity = str((status.get("capacity") or {}).get("storage") or "")
+    bound = status.get("phase") == "Bound"
+    warnings: list[str] = []
+    have_class = spec.get("storageClassName")
+    if storage_class is not None and have_class is not None and storage_class != have_class:
+        warnings.append(
+            f"spec.sharding.store.pvc.storageClassName: PersistentVolumeClaim {name} was created "
+            f"with storage class {have_class} and a claim's class cannot change, so the shards "
+            f"stay there: set storageClassName back to {have_class}"
+        )
+    order = compare_quantities(size, requested)
+    if not order:  # equal, or a request that is not a quantity (nothing sensible to do)
+        return StoreChange(current=requested, warning="; ".join(warnings))
+    if order > 0 and not bound:
+        return StoreChange(
+            current=requested,
+            waiting=f"spec.sharding.store.pvc.size {size} is applied once the claim is bound "
+            f"(it asks for {requested}; an unbound claim cannot change)",
+            warning="; ".join(warnings),
+        )
+    if order > 0:
+        return StoreChange(
+            current=requested,
+            request=size,
+            event=f"raising the storage request of PersistentVolumeClaim {name} from {requested} "
+            f"to {size} (spec.sharding.store.pvc.size)",
+            warning="; ".join(warnings),
+        )
+    if bound and compare_quantities(size, capacity) == 1:
+        return StoreChange(
+            current=requested,
+            request=size,
+            event=f"lowering the storage request of PersistentVolumeClaim {name} from "
+            f"{requested} to {size}, still above its capacity {capacity}: the expansion the "
+            "volume has not reached yet is retried at the smaller size",
+            warning="; ".join(warnings),
+        )
+    fix = f"set size to {requested} or more"
+    if capacity and compare_quantities(capacity, requested) == -1:
+        fix += f" (or to more than its capacity {capacity}, to retry an unfinished expansion)"
+    warnings.insert(
+        0,
+        f"spec.sharding.store.pvc.size: {size} is less than the {requested} that "
+        f"PersistentVolumeClaim {name} asks for, and a claim never shrinks, so it keeps "
+        f"{requested}: {fix}",
+    )
+    return StoreChange(current=requested, warning="; ".join(warnings))
 
 
 def _digest(obj: Any) -> str:
@@ -224,15 +305,17 @@ class _Planner:
         self.delete: list[Delete] = []
         self.events: list[EventSpec] = []
         self.counted: list[str] = []
+        self.resize: Obj | None = None
         self.restarts = 0 if retry else (previous.group_restarts or 0)
 
     # ------------------------------------------------------------------------------ run
 
     def run(self) -> Plan:
         ctx = self.ctx
-        validated = self._validated()
+        store = self._store()
+        validated = self._validated(store.warning if store else "")
         self.apply += [objects.headless_service(ctx), objects.client_service(ctx)]
-        shards = self._shards()
+        shards = self._shards(store)
         sts_name = names.statefulset(ctx.name)
         observed_sts = self.observed.statefulset(sts_name)
         if observed_sts is not None and terminating(observed_sts):
@@ -288,22 +371,65 @@ class _Planner:
             self.delete,
             self.events,
             self.counted,
+            self.resize,
         )
 
     # ------------------------------------------------------------------------ validation
 
-    def _validated(self) -> Cond:
-        if not self.warnings:
+    def _validated(self, store_warning: str) -> Cond:
+        """Valid, with the settings that have no effect named; each warning is posted as an
+        Event once, when it first appears in the condition's message."""
+        spec_text = "; ".join(self.warnings)
+        text = "; ".join(t for t in (store_warning, spec_text) if t)
+        if not text:
             return Cond(VALIDATED, "True", st.VALID, "the spec is valid")
-        text = "; ".join(self.warnings)
         old = st.condition(self.previous, VALIDATED)
-        if old is None or old.message != text:
-            self.events.append(EventSpec("Warning", "SpecWarning", st.truncate(text)))
-        return Cond(VALIDATED, "True", st.VALID_WITH_WARNINGS, text)
+        before = old.message if old is not None else ""
+        if store_warning and store_warning not in before:
+            self.events.append(
+                EventSpec("Warning", "StoreSpecNotApplied", st.truncate(store_warning))
+            )
+        if spec_text and spec_text not in before:
+            self.events.append(EventSpec("Warning", "SpecWarning", st.truncate(spec_text)))
+        reason = st.STORE_SPEC_NOT_APPLIED if store_warning else st.VALID_WITH_WARNINGS
+        return Cond(VALIDATED, "True", reason, text)
+
+    # ----------------------------------------------------------------------------- store
+
+    def _store(self) -> StoreChange | None:
+        """The store claim the operator created, against spec.sharding.store.pvc now: plans a
+        new storage request, or says what the claim does not get."""
+        ctx, store = self.ctx, self.spec.sharding.store
+        claim = objects.store_claim(ctx) if self.spec.sharding.enabled else None
+        if claim is None or store is None or store.pvc is None or store.pvc.size is None:
+            return None
+        name = claim["metadata"]["name"]
+        observed = self.observed.claim(name)
+        if observed is None or terminating(observed):
+            return None
+        change = store_change(name, store.pvc.size, store.pvc.storage_class_name, observed)
+        if change.request is None:
+            return change
+        refused = self.observed.store_resize_refused
+        if refused:
+            storage_class = (observed.get("spec") or {}).get("storageClassName")
+            warning = (
+                f"spec.sharding.store.pvc.size: the API server refused to change the storage "
+                f"request of PersistentVolumeClaim {name} from {change.current} to "
+                f"{change.request} ({refused}): let storage class {storage_class} expand "
+                f"volumes (allowVolumeExpansion: true), or set size back to {change.current}"
+            )
+            return StoreChange(
+                current=change.current,
+                warning="; ".join(w for w in (warning, change.warning) if w),
+            )
+        self.resize = objects.resized_store_claim(ctx, observed, change.request)
+        self.events.append(EventSpec("Normal", "ResizingStore", change.event))
+        return change
 
     # -------------------------------------------------------------------------- sharding
 
-    def _shards(self) -> _Shards:
+    def _shards(self, store: StoreChange | None) -> _Shards:
         ctx, spec = self.ctx, self.spec
         if not spec.sharding.enabled:
             return _Shards(
@@ -323,10 +449,15 @@ class _Planner:
                 self.apply.append(claim)
             phase = ((observed_claim or {}).get("status") or {}).get("phase")
             if phase != "Bound":
+                storage_class = ((observed_claim or claim).get("spec") or {}).get(
+                    "storageClassName"
+                )
                 claim_pending = (
                     f"waiting for PersistentVolumeClaim {claim['metadata']['name']} (storage "
-                    f"class {claim['spec']['storageClassName']}) to be bound"
+                    f"class {storage_class}) to be bound"
                 )
+                if store is not None and store.waiting:
+                    claim_pending += f"; {store.waiting}"
 
         job_name = names.shard_job(ctx.name, ctx.fingerprint)
         job = self.observed.job(job_name)

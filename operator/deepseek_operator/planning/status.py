@@ -34,6 +34,9 @@ VALID_WITH_WARNINGS = "ValidWithWarnings"
 INVALID_SPEC = "InvalidSpec"
 INVALID_MODEL_CONFIG = "InvalidModelConfig"
 CONFIG_MISMATCH = "ConfigMismatch"
+# Valid, but spec.sharding.store.pvc asks the existing claim for something it does not get (a
+# smaller size, another storage class, a resize the API server refused).
+STORE_SPEC_NOT_APPLIED = "StoreSpecNotApplied"
 NOT_VALIDATED = "NotValidated"
 
 SHARDS_COMPLETE = "ShardsComplete"
@@ -62,6 +65,7 @@ WARNING_REASONS = frozenset(
         INVALID_SPEC,
         INVALID_MODEL_CONFIG,
         CONFIG_MISMATCH,
+        STORE_SPEC_NOT_APPLIED,
         SHARDING_FAILED,
         STORE_NOT_BOUND,
         UNSCHEDULABLE,

@@ -29,6 +29,7 @@ class Batch:
     max_q: int
     max_k: int  # keys to read per sequence: max position + 1
     max_slot: int = -1
+    fixed_shape: bool = False  # padded to a bucket: no host syncs, no data-dependent shapes
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +101,7 @@ class Batch:
             q_pos=positions[:, None],
             max_q=1,
             max_k=max_k,
+            fixed_shape=True,
         )
 
     def with_ids(self, input_ids: torch.Tensor) -> Batch:

@@ -72,8 +72,7 @@ class LocalExperts(nn.Module):
                 ys = self._grouped_native(xs, counts)
                 return ys.new_empty(ys.shape).index_copy_(0, order, ys)
             except (RuntimeError, AttributeError) as e:  # old GPU/torch: use the portable path
-                log.warning("torch._grouped_mm unavailable (%s); using padded bmm", e)
-                self._native_grouped = False
+                self._no_native_grouped(e)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(x.shape[0], device=x.device) - starts[sorted_eid]
         padded = x.new_zeros(self.num, int(counts.max()), x.shape[1])
@@ -85,7 +84,13 @@ class LocalExperts(nn.Module):
     def combine(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert ids[t, k] (x[t]) for local ids [T, k]; no host sync."""
         if self._native_grouped and native_grouped_mm(x):
-            return self.combine_grouped(x, ids, weights)
+            try:
+                return self.combine_grouped(x, ids, weights)
+            except (
+                RuntimeError,
+                AttributeError,
+            ) as e:  # graph warm-up runs first, so it is met here
+                self._no_native_grouped(e)
         return self.combine_dense(x, ids, weights)
 
     def combine_grouped(
@@ -114,6 +119,10 @@ class LocalExperts(nn.Module):
         ys = torch.matmul(F.silu(gate) * up, self.w2.transpose(1, 2))  # [E, T, H]
         dense = weights.new_zeros(ids.shape[0], self.num).scatter_add_(1, ids, weights)  # [T, E]
         return torch.einsum("eth,te->th", ys.float(), dense).to(x.dtype)
+
+    def _no_native_grouped(self, e: Exception) -> None:
+        log.warning("torch._grouped_mm unavailable (%s); using the portable expert paths", e)
+        self._native_grouped = False
 
     def _grouped_native(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offs = torch.cumsum(counts, 0).to(torch.int32)

@@ -95,7 +95,8 @@ class DecoderLayer(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, cache, rope, cos_sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, batch.fixed_shape) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class MTPLayer(nn.Module):

@@ -7,8 +7,8 @@ sends each routed row only to the ranks owning its expert (all moe_tp slices), w
 buffers from alltoall_ep_buffer_scale_factors, and sends the results back. Either way the chunk's
 routed output is added to the shared experts' partial sum and one tp all-reduce completes both.
 gloo implements all_to_all_single too, so CPU runs exercise the same AllToAll path as nccl/hccl.
-A world of one rank needs no exchange: small steps (decode) and captured or compiled ones take a
-path with static shapes and no host sync (`LocalExperts.combine`).
+A world of one rank needs no exchange: fixed-shape steps (captured or compiled decode) and, where
+the grouped matmul runs natively, every step take a path with static shapes and no host sync.
 """
 
 from __future__ import annotations
@@ -113,18 +113,13 @@ class MoE(nn.Module):
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return route(F.linear(x.float(), self.gate), self.args, self.bias)
 
-    def _sync_free(self, x: torch.Tensor) -> bool:
-        """Take the static path: always under capture or compile, else where it is cheap."""
-        if not self.local_only:
-            return False
-        if torch.compiler.is_compiling() or (
-            x.is_cuda and torch.cuda.is_current_stream_capturing()
-        ):
-            return True
-        return native_grouped_mm(x) or x.shape[0] * self.args.top_k <= 4 * self.experts.num
+    def _sync_free(self, x: torch.Tensor, fixed_shape: bool) -> bool:
+        """Take the static path: for fixed-shape steps (graphs, compile), and wherever the grouped
+        matmul keeps it cheap; on cpu the ordinary path's host syncs cost nothing."""
+        return self.local_only and (fixed_shape or native_grouped_mm(x))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._sync_free(x):
+    def forward(self, x: torch.Tensor, fixed_shape: bool = False) -> torch.Tensor:
+        if self._sync_free(x, fixed_shape):
             weights, ids = self._route(x)
             if not torch.compiler.is_compiling():  # a traced Python counter would recompile
                 self.stats.routed_rows += ids.numel()
