@@ -163,7 +163,7 @@ def test_static_expert_paths_equal_the_expert_loop(path: str) -> None:
 
 
 def test_inductor_compiled_step(tiny_v3: Path, ref: Reference) -> None:
-    """torchCompile's backend on the CPU (one bucket, so one compile): the same greedy tokens."""
+    """torchCompile's backend (inductor) on the CPU: the same greedy tokens."""
     model, cache = build(tiny_v3)
     graphs = DecodeGraphs(model, cache, 1, capture=False, compile_backend="inductor")
     prompt = PROMPTS[0]
@@ -217,3 +217,16 @@ def test_grouped_matmul_refused_by_the_device_falls_back_to_dense(
     monkeypatch.setattr(torch, "_grouped_mm", refuse)
     torch.testing.assert_close(ex.combine(x, ids, weights), want)
     assert not ex._native_grouped
+
+
+def test_compiled_step_traces_once_for_every_batch_bucket(tiny_v3: Path) -> None:
+    """Symbolic sizes: buckets 2 and 4 share one trace, batch 1 gets its own; no more."""
+    from torch._dynamo.utils import counters
+
+    model, cache = build(tiny_v3)
+    graphs = DecodeGraphs(model, cache, 4, capture=False, compile_backend="eager")
+    before = counters["stats"]["unique_graphs"]
+    for n in (1, 2, 3, 4, 1):
+        logits = graphs.run(list(range(n)), [5] * n, [7] * n)
+        assert logits.shape == (n, model.args.vocab_size)
+    assert counters["stats"]["unique_graphs"] - before == 2

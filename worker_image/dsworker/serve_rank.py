@@ -161,9 +161,13 @@ def _load_and_start(
         )
         t0 = time.monotonic()
         n = min(WARMUP_PROMPT_TOKENS, cfg.maxInputTokenLen)
-        engine.submit(
-            GenRequest([0] * n, SamplingParams(temperature=0.0), max_tokens=2), lambda out: None
-        )
+        # Two sequences, one a token longer, decode at batch 2 and then 1: a compiled decode step
+        # traces both shapes it will ever trace (batch 1 is specialised) here, not on a request.
+        for i in range(min(2, loaded.max_batch_size)):
+            engine.submit(
+                GenRequest([0] * n, SamplingParams(temperature=0.0), max_tokens=2 + i),
+                lambda out: None,
+            )
         engine.run_until_idle()
         m.warmup_seconds.set(time.monotonic() - t0)
         engine.metrics = m

@@ -49,11 +49,8 @@ class DecodeGraphs:
         self._pool: tuple[int, int] | None = None
         step: Callable[[int, int], torch.Tensor] = self._step
         if compile_backend:  # fullgraph: a host sync or data-dependent shape is an error
-            limit = len(self.batch_sizes) * len(self.key_lens)  # one trace per bucket pair
-            dynamo = torch._dynamo.config
-            dynamo.recompile_limit = max(dynamo.recompile_limit, limit)
-            dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, limit)
-            step = torch.compile(step, backend=compile_backend, fullgraph=True, dynamic=False)
+            # Sizes stay symbolic, so one compile serves every bucket (batch 1 gets its own).
+            step = torch.compile(step, backend=compile_backend, fullgraph=True, dynamic=True)
         self._run = step
         self.capture_seconds = 0.0
 
