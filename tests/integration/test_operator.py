@@ -361,12 +361,14 @@ def test_resync_repairs_drift_that_no_event_reports(
         dsd.wait("the start-up listing repairs it", owner_annotation, timeout=30)
         dsd.wait_phase("idle", "Ready")
         before = {n: _versions(dsd, n) for n in ("quiet", "idle")}
+        started = time.monotonic()
         resyncs = _metric(_get(resyncing.metrics_url)[1], "dsop_resyncs_total")
         dsd.wait(
             "four resyncs",
             lambda: _metric(_get(resyncing.metrics_url)[1], "dsop_resyncs_total") >= resyncs + 4,
             timeout=30,
         )
+        time.sleep(max(0.0, started + 4.5 - time.monotonic()))  # two periods of each object
         assert {n: _versions(dsd, n) for n in ("quiet", "idle")} == before  # nothing written
 
         dsd.core.patch_namespaced_service(service, ns, strip)

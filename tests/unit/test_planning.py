@@ -458,6 +458,23 @@ def test_store_resize_refused_by_the_api_server_is_reported() -> None:
     assert cluster.step(store_resize_refused=refusal).events == []
 
 
+def test_store_lowering_refused_by_an_older_api_server_is_reported() -> None:
+    """Lowering a request that is still above the volume's capacity is how Kubernetes 1.34
+    retries an expansion that cannot finish; an API server without it refuses the change."""
+    cluster = store_cluster("1Gi")
+    claim = cluster.objects[("PersistentVolumeClaim", "r1-shards")]
+    claim["spec"]["resources"]["requests"]["storage"] = "100Gi"  # asked, never reached
+    cluster.change_spec({"sharding": {"store": {"pvc": {"size": "20Gi"}}}})
+    assert plan(cluster.body, cluster.observed()).resize is not None
+    refusal = (
+        "spec.resources.requests.storage: Forbidden: field can not be less than previous value"
+    )
+    result = cluster.step(store_resize_refused=refusal)
+    message = cond(result, "Validated")["message"]
+    assert refusal in message and message.endswith("set size back to 100Gi")
+    assert "allowVolumeExpansion" not in message
+
+
 def test_store_growth_waits_while_the_claim_is_unbound() -> None:
     body = copy.deepcopy(TWO_NODES)
     body["spec"]["sharding"]["store"] = {"pvc": {"storageClassName": "nfs", "size": "1Gi"}}

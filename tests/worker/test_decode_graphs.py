@@ -223,6 +223,7 @@ def test_compiled_step_traces_once_for_every_batch_bucket(tiny_v3: Path) -> None
     """Symbolic sizes: buckets 2 and 4 share one trace, batch 1 gets its own; no more."""
     from torch._dynamo.utils import counters
 
+    torch._dynamo.reset()  # forget the traces of other tests (the step's code object is shared)
     model, cache = build(tiny_v3)
     graphs = DecodeGraphs(model, cache, 4, capture=False, compile_backend="eager")
     before = counters["stats"]["unique_graphs"]

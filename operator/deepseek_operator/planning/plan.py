@@ -412,12 +412,17 @@ class _Planner:
             return change
         refused = self.observed.store_resize_refused
         if refused:
-            storage_class = (observed.get("spec") or {}).get("storageClassName")
+            fix = f"set size back to {change.current}"
+            if compare_quantities(change.request, change.current) == 1:
+                storage_class = (observed.get("spec") or {}).get("storageClassName")
+                fix = (
+                    f"let storage class {storage_class} expand volumes (allowVolumeExpansion: "
+                    f"true), or {fix}"
+                )
             warning = (
                 f"spec.sharding.store.pvc.size: the API server refused to change the storage "
                 f"request of PersistentVolumeClaim {name} from {change.current} to "
-                f"{change.request} ({refused}): let storage class {storage_class} expand "
-                f"volumes (allowVolumeExpansion: true), or set size back to {change.current}"
+                f"{change.request} ({refused}): {fix}"
             )
             return StoreChange(
                 current=change.current,
