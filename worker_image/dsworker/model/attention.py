@@ -18,6 +18,13 @@ from dsworker.model.config import ModelArgs
 from dsworker.model.layers import Linear, RMSNorm
 from dsworker.model.rope import Rope
 
+SCORE_BYTES = 256 << 20  # fp32 attention scores one block of query rows may hold
+
+
+def query_rows_per_chunk(seqs: int, heads: int, keys: int) -> int:
+    """Query rows per attention block so [seqs, heads, rows, keys] fp32 stays in SCORE_BYTES."""
+    return max(1, SCORE_BYTES // (4 * seqs * heads * max(1, keys)))
+
 
 class MLA(nn.Module):
     def __init__(
@@ -77,14 +84,42 @@ class MLA(nn.Module):
         qp = q_pe.new_zeros(b, lq, self.heads, self.dr)
         qa[batch.seq, batch.row] = q_lat
         qp[batch.seq, batch.row] = q_pe
-        scores = torch.einsum("bqhc,bkc->bhqk", qa, keys)
-        scores = scores + torch.einsum("bqhr,bkr->bhqk", qp, keys_pe)
         k_pos = torch.arange(batch.max_k, device=x.device)
         visible = k_pos[None, None, :] <= batch.q_pos[:, :, None]  # causal, per sequence
-        scores = (
-            scores.float().mul(rope.softmax_scale).masked_fill(~visible[:, None], float("-inf"))
-        )
-        probs = scores.softmax(dim=-1).to(x.dtype)
-        ctx = torch.einsum("bhqk,bkc->bqhc", probs, keys)[batch.seq, batch.row]  # [T, H, rank]
+        rows = query_rows_per_chunk(b, self.heads, batch.max_k)
+        if rows >= lq:
+            ctx = self._attend(qa, qp, keys, keys_pe, visible, rope.softmax_scale)
+        else:  # a long prefill: bound the fp32 score tensor, one block of query rows at a time
+            ctx = torch.cat(
+                [
+                    self._attend(
+                        qa[:, i : i + rows],
+                        qp[:, i : i + rows],
+                        keys,
+                        keys_pe,
+                        visible[:, i : i + rows],
+                        rope.softmax_scale,
+                    )
+                    for i in range(0, lq, rows)
+                ],
+                dim=1,
+            )
+        ctx = ctx[batch.seq, batch.row]  # [T, H, rank]
         out = torch.einsum("thc,hdc->thd", ctx, w[:, self.dn :]).reshape(t, self.heads * self.dv)
         return self.tp.all_reduce(self.o_proj(out))
+
+    @staticmethod
+    def _attend(
+        qa: torch.Tensor,
+        qp: torch.Tensor,
+        keys: torch.Tensor,
+        keys_pe: torch.Tensor,
+        visible: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Softmax attention of query rows [B, q, H, .] over the latents: ctx [B, q, H, rank]."""
+        scores = torch.einsum("bqhc,bkc->bhqk", qa, keys)
+        scores = scores + torch.einsum("bqhr,bkr->bhqk", qp, keys_pe)
+        scores = scores.float().mul(scale).masked_fill(~visible[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(qa.dtype)
+        return torch.einsum("bhqk,bkc->bqhc", probs, keys)
