@@ -315,7 +315,7 @@ class Dsd:
     def condition(self, name: str, kind: str) -> dict[str, Any]:
         return next((c for c in self.status(name).get("conditions", []) if c["type"] == kind), {})
 
-    def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
+    def wait_phase(self, name: str, phase: str, timeout: float = 120) -> dict[str, Any]:
         def probe() -> dict[str, Any] | None:
             status = self.status(name)
             if status.get("phase") == phase and status.get("observedGeneration") == (
