@@ -232,6 +232,7 @@ def test_defaults() -> None:
         1025,
     )
     assert (sv.cpu_mem_size, sv.npu_mem_size) == (5, -1)
+    assert (sv.cuda_graphs, sv.torch_compile) == (True, False)
     w = spec.worker
     assert w.image == DEFAULT_WORKER_IMAGE and w.restart_budget == 5
     assert w.accelerator.type == "npu" and w.accelerator.resource_name == "huawei.com/Ascend910"

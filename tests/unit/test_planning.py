@@ -657,6 +657,18 @@ def test_engine_config_map_holds_the_plan() -> None:
     assert template[names.ENGINE_CONFIG_ANNOTATION] == digest
 
 
+def test_engine_config_map_carries_the_decode_step_switches() -> None:
+    def config(body: dict[str, Any]) -> EngineConfig:
+        dep = parse_deployment(body).deployment
+        assert dep is not None
+        return objects.engine_config(dep.spec)
+
+    assert (config(TWO_NODES).cudaGraphs, config(TWO_NODES).torchCompile) == (True, False)
+    body = copy.deepcopy(TWO_NODES)
+    body["spec"]["serving"] = {"cudaGraphs": False, "torchCompile": True}
+    assert (config(body).cudaGraphs, config(body).torchCompile) == (False, True)
+
+
 def test_services() -> None:
     result = FakeCluster(TWO_NODES).step()
     headless, client = (o for o in result.apply if o["kind"] == "Service")

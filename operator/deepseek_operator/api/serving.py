@@ -55,3 +55,13 @@ class Serving(ApiModel):
         description="Device memory in GiB for the KV cache per device (npuMemSize): caps the "
         "sequences decoded together; -1 = the memory left after the weights, less a reserve.",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="Replay decode steps as CUDA graphs (NVIDIA GPUs, worldSize 1, no routing "
+        "cutoff); false runs every step eagerly.",
+    )
+    torch_compile: bool = Field(
+        False,
+        description="Compile the decode step with torch.compile (inductor) before it is "
+        "captured; traced during the warm-up, so start-up takes longer.",
+    )
