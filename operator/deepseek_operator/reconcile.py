@@ -84,7 +84,8 @@ class Reconciler:
         try:
             while state.dirty:
                 state.dirty = False
-                hints = list(state.failed_pods.values())
+                # A failure seen while the last pass ran may be the one that pass counted.
+                hints = [p for p in state.failed_pods.values() if uid(p) not in self.counted]
                 state.failed_pods.clear()
                 try:
                     await loop.run_in_executor(self.pool, self.reconcile, namespace, name, hints)

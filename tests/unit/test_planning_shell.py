@@ -142,6 +142,37 @@ def test_failed_worker_pods_seen_in_events_are_remembered_once() -> None:
     reconciler.close()
 
 
+def test_a_failure_the_running_pass_counted_is_not_handed_to_the_next_pass() -> None:
+    """The pod event of a failure can arrive while the pass that restarts the group for it runs;
+    the next pass (the pod already deleted) must not count it again and spend the budget."""
+    gate = threading.Event()
+    seen: list[list[str]] = []
+
+    class Recording(Reconciler):
+        def reconcile(
+            self, namespace: str, name: str, failed_pods: list[dict[str, Any]] | None = None
+        ) -> None:
+            seen.append([p["metadata"]["uid"] for p in failed_pods or []])
+            if len(seen) == 1:
+                gate.wait(5)
+                self.counted["p1"] = None  # this pass restarted the group for p1
+
+    reconciler = Recording(FakeKube(), workers=1, resync=0)  # type: ignore[arg-type]
+    failed = {"metadata": {"uid": "p1", "name": "r1-worker-1"}, "status": {"phase": "Failed"}}
+
+    async def scenario() -> None:
+        first = asyncio.create_task(reconciler.trigger("llm", "r1"))
+        await asyncio.sleep(0.05)
+        reconciler.pod_event("llm", "r1", failed)  # seen before the pass counted it
+        await reconciler.trigger("llm", "r1")
+        gate.set()
+        await first
+
+    asyncio.run(scenario())
+    assert seen == [[], []]
+    reconciler.close()
+
+
 def test_resync_reconciles_again_without_events_and_writes_nothing() -> None:
     kube = FakeKube()
     reconciler = Reconciler(kube, workers=1, resync=0.2)  # type: ignore[arg-type]
