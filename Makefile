@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(PYTHON) -m uv
 
-.PHONY: test demo venv cluster-bins lint crd unit fmt
+.PHONY: test demo venv cluster-bins lint crd unit fmt device-deps
 
 $(PY) venv: $(VENV)/.installed
 
@@ -43,3 +43,15 @@ test: $(VENV)/.installed cluster-bins lint
 
 demo: $(VENV)/.installed cluster-bins
 	$(PY) scripts/demo.py
+
+# The packages the worker, its benchmarks and tests need beyond what the lent GPU machine's python3
+# has (torch, transformers, safetensors, numpy), one directory per Python version, since that
+# machine cannot install: carry .device-deps and put .device-deps/pyXY on PYTHONPATH.
+DEVICE_PYTHONS := 3.10 3.11 3.12 3.13
+DEVICE_PACKAGES := pydantic prometheus-client jinja2 pytest pytest-timeout
+device-deps:
+	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --user 'uv>=0.4'
+	for v in $(DEVICE_PYTHONS); do \
+	  $(UV) pip install --quiet --target .device-deps/py$${v/./} --python-version $$v \
+	    --python-platform x86_64-manylinux_2_28 $(DEVICE_PACKAGES) || exit 1; \
+	done

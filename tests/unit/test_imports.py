@@ -17,3 +17,15 @@ def test_import_contracts_hold() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "0 broken" in done.stdout, done.stdout
+
+
+def test_no_script_directory_shadows_the_standard_library() -> None:
+    """`python benchmarks/x.py` puts benchmarks/ first on sys.path: a benchmarks/operator.py
+    once replaced the stdlib `operator` there (hidden in .venv, where site imports it early)."""
+    clashes = [
+        str(f.relative_to(ROOT))
+        for folder in ("benchmarks", "scripts", "tests/worker", "tests/unit", "tests/integration")
+        for f in (ROOT / folder).glob("*.py")
+        if f.stem in sys.stdlib_module_names
+    ]
+    assert clashes == [], f"rename these: they shadow standard-library modules: {clashes}"

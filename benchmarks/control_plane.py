@@ -1,7 +1,7 @@
 """Operator benchmark on the local control plane (kwok nodes: Job pods complete, workers turn
 Ready at once, so what is measured is the operator and the API server, not the model).
 
-    .venv/bin/python benchmarks/operator.py [--kubeconfig FILE] [--latency-samples 30] [--burst 100]
+    .venv/bin/python benchmarks/control_plane.py [--kubeconfig FILE] [--latency-samples 30] [--burst 100]
 
 Without --kubeconfig (or $DSOP_KUBECONFIG) it starts a LocalCluster of tests/cluster and stops
 it at the end. It installs the CRD, runs `python -m deepseek_operator --standalone` as a
