@@ -60,19 +60,6 @@ SERVING = "Serving"
 SERVING_PREVIOUS_PLAN = "ServingPreviousPlan"
 NOT_READY = "NotReady"
 
-WARNING_REASONS = frozenset(
-    {
-        INVALID_SPEC,
-        INVALID_MODEL_CONFIG,
-        CONFIG_MISMATCH,
-        STORE_SPEC_NOT_APPLIED,
-        SHARDING_FAILED,
-        STORE_NOT_BOUND,
-        UNSCHEDULABLE,
-        GROUP_RESTARTING,
-        RESTART_BUDGET_EXHAUSTED,
-    }
-)
 WARNING_PHASES = frozenset({"Failed", "Degraded"})
 
 

@@ -52,7 +52,6 @@ class DecodeGraphs:
             # Sizes stay symbolic, so one compile serves every bucket (batch 1 gets its own).
             step = torch.compile(step, backend=compile_backend, fullgraph=True, dynamic=True)
         self._run = step
-        self.capture_seconds = 0.0
 
     @property
     def max_batch(self) -> int:
@@ -107,6 +106,5 @@ class DecodeGraphs:
             out = self._run(b, k)
         self.graphs[(b, k)] = (graph, out)
         seconds = time.perf_counter() - t0
-        self.capture_seconds += seconds
         log.info("captured the decode step for batch %d, %d keys in %.2f s", b, k, seconds)
         return graph, out
