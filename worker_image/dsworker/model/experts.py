@@ -97,15 +97,15 @@ class LocalExperts(nn.Module):
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     ) -> torch.Tensor:
         """Rows sorted by expert through torch._grouped_mm; group sizes stay on the device."""
-        k = ids.shape[1]
+        t, k = ids.shape
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)
         counts = torch.zeros(self.num, dtype=torch.int32, device=x.device)
         counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-        tok = order // k
-        ys = self._grouped_native(x[tok], counts)
-        ys = (ys * weights.reshape(-1)[order, None]).to(ys.dtype)
-        return torch.zeros_like(x).index_add_(0, tok, ys)
+        ys = self._grouped_native(x[order // k], counts)
+        # Back to (token, k) order and summed there: no atomics, so a replay repeats eager bits.
+        ys = torch.empty_like(ys).index_copy_(0, order, ys).view(t, k, -1)
+        return (ys.float() * weights[..., None]).sum(1).to(x.dtype)
 
     def combine_dense(
         self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
