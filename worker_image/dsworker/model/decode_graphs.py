@@ -41,10 +41,8 @@ class DecodeGraphs:
         self.model, self.cache, self.capture = model, cache, capture
         self.batch_sizes = batch_buckets(min(max_batch, cache.num_slots))
         self.key_lens = key_buckets(cache.max_len)
-        n, dev = self.batch_sizes[-1], model.device
-        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), cache.scratch_slot, dtype=torch.long, device=dev)
+        # ids, positions, slots: one buffer, so a step's inputs arrive in one copy.
+        self.inputs = torch.zeros(3, self.batch_sizes[-1], dtype=torch.long, device=model.device)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: tuple[int, int] | None = None
         step: Callable[[int, int], torch.Tensor] = self._step
@@ -58,7 +56,8 @@ class DecodeGraphs:
         return self.batch_sizes[-1]
 
     def _step(self, b: int, k: int) -> torch.Tensor:
-        batch = Batch.decode(self.ids[:b], self.positions[:b], self.slots[:b], k)
+        ids, positions, slots = self.inputs[:, :b]
+        batch = Batch.decode(ids, positions, slots, k)
         return self.model.forward(batch, self.cache).logits
 
     @torch.inference_mode(False)  # compiled code cannot take inference tensors
@@ -78,10 +77,8 @@ class DecodeGraphs:
                 [*slots, *[self.cache.scratch_slot] * pad],
             ],
             dtype=torch.long,
-        ).to(self.ids.device, non_blocking=True)
-        self.ids[:b].copy_(host[0])
-        self.positions[:b].copy_(host[1])
-        self.slots[:b].copy_(host[2])
+        )
+        self.inputs[:, :b].copy_(host, non_blocking=True)
         if not self.capture:
             return self._run(b, k)[:n]
         graph = self.graphs.get((b, k))
@@ -93,12 +90,12 @@ class DecodeGraphs:
     def _capture(self, b: int, k: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (the writes repeat the real step's), then capture."""
         t0 = time.perf_counter()
-        side = torch.cuda.Stream(self.ids.device)
-        side.wait_stream(torch.cuda.current_stream(self.ids.device))
+        side = torch.cuda.Stream(self.inputs.device)
+        side.wait_stream(torch.cuda.current_stream(self.inputs.device))
         with torch.cuda.stream(side):
             for _ in range(2):
                 self._run(b, k)
-        torch.cuda.current_stream(self.ids.device).wait_stream(side)
+        torch.cuda.current_stream(self.inputs.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
