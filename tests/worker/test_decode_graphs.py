@@ -18,6 +18,7 @@ from dsworker.buckets import batch_buckets, key_buckets, pick
 from dsworker.control import LocalChannel
 from dsworker.device import Device
 from dsworker.dist import build_groups
+from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import EngineLoop, GenRequest, Output
 from dsworker.layout import ParallelPlan
 from dsworker.loader import load_weights
@@ -25,7 +26,7 @@ from dsworker.metrics import Metrics
 from dsworker.model import Batch, DeepseekModel, EngineOptions, KVCache, ModelArgs, MoEOptions
 from dsworker.model.decode_graphs import DecodeGraphs
 from dsworker.model.experts import LocalExperts
-from dsworker.runner import ModelRunner
+from dsworker.runner import ModelRunner, fixed_shape_decode
 from dsworker.sampling import SamplingParams
 from dsworker.scheduler import Scheduler
 
@@ -142,6 +143,22 @@ def test_graphs_refuse_what_they_cannot_run(tiny_v3: Path) -> None:
     model, cache = build(tiny_v3)
     with pytest.raises(ValueError, match="CUDA graphs need a cuda device"):
         DecodeGraphs(model, cache, 4, capture=True)
+    two = ParallelPlan(2, 2, 1, 1, 2)  # rank 1 of a world of two: its MoE exchanges span both
+    wide = DeepseekModel(ModelArgs.from_dir(tiny_v3), build_groups(two, 1, "gloo"))
+    with pytest.raises(ValueError, match="world of one rank"):
+        DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False)
+
+
+def test_fixed_shape_steps_are_chosen_where_they_apply(tiny_v3: Path) -> None:
+    """cpu: only torchCompile asks for them (no capture there); never for a cutoff or a wider world."""
+    model, cache = build(tiny_v3)
+    assert fixed_shape_decode(model, cache, EngineConfig(), 4) is None  # cudaGraphs, but cpu
+    compiled = fixed_shape_decode(model, cache, EngineConfig(torchCompile=True), 4)
+    assert compiled is not None and not compiled.capture and compiled.max_batch == 4
+    cutoff = EngineConfig(torchCompile=True, enable_init_routing_cutoff=True)
+    assert fixed_shape_decode(model, cache, cutoff, 4) is None
+    wider = EngineConfig(torchCompile=True, worldSize=2, dp=2, moe_ep=2)
+    assert fixed_shape_decode(model, cache, wider, 4) is None
 
 
 @pytest.mark.parametrize("path", ["grouped", "dense"])
