@@ -285,6 +285,11 @@ class _Workers:
     message: str = ""
     budget_exhausted: bool = False
 
+    @classmethod
+    def not_ready(cls, reason: str, text: str, **kw: Any) -> _Workers:
+        """WorkersReady False for `reason`; `text` is both the condition's and the status message."""
+        return cls(Cond(WORKERS_READY, "False", reason, text), message=text, **kw)
+
 
 class _Planner:
     """One planning pass; the methods share the inputs and accumulate the outputs."""
@@ -568,9 +573,7 @@ class _Planner:
         if sts is None:
             if shards.complete and not shards.failed:
                 text = "creating the worker StatefulSet"
-                return _Workers(
-                    Cond(WORKERS_READY, "False", st.STARTING, text), stage="starting", message=text
-                )
+                return _Workers.not_ready(st.STARTING, text, stage="starting")
             return _Workers(
                 Cond(WORKERS_READY, "False", st.WAITING_FOR_SHARDS, "waiting for the shards"),
                 stage="waiting",
@@ -581,11 +584,11 @@ class _Planner:
         if self.sticky:
             old = st.condition(self.previous, WORKERS_READY)
             text = old.message if old else "the restart budget is spent"
-            return _Workers(
-                Cond(WORKERS_READY, "False", st.RESTART_BUDGET_EXHAUSTED, text),
+            return _Workers.not_ready(
+                st.RESTART_BUDGET_EXHAUSTED,
+                text,
                 ready=ready,
                 replicas=replicas,
-                message=text,
                 budget_exhausted=True,
             )
         status = sts.get("status") or {}
@@ -608,24 +611,19 @@ class _Planner:
                 )
             )
             text = "replacing the worker group with the new template"
-            return _Workers(
-                Cond(WORKERS_READY, "False", st.ROLLING_OUT, text),
-                replicas=replicas,
-                stage="rolling",
-                message=text,
-            )
+            return _Workers.not_ready(st.ROLLING_OUT, text, replicas=replicas, stage="rolling")
 
         failures = self._failures(pods)
         if failures:
             return self._restart_group(pods, failures, ready, replicas)
         if not settled:
             text = f"{ready}/{replicas} workers ready; applying the new worker template"
-            return _Workers(
-                Cond(WORKERS_READY, "False", st.ROLLING_OUT, text),
+            return _Workers.not_ready(
+                st.ROLLING_OUT,
+                text,
                 ready=ready,
                 replicas=replicas,
                 stage="rolling",
-                message=text,
             )
         if len(pods) == replicas and ready == replicas:
             return _Workers(
@@ -647,21 +645,15 @@ class _Planner:
             found = [detail for stage, detail in stages if stage == kind]
             if found:
                 text = f"{ready}/{replicas} workers ready; {found[0]}"
-                return _Workers(
-                    Cond(WORKERS_READY, "False", reason, text),
-                    ready=ready,
-                    replicas=replicas,
-                    stage=kind,
-                    message=text,
-                )
+                return _Workers.not_ready(reason, text, ready=ready, replicas=replicas, stage=kind)
         missing = replicas - len(pods)
         text = f"{ready}/{replicas} workers ready; waiting for {missing} pod(s) to be created"
-        return _Workers(
-            Cond(WORKERS_READY, "False", st.STARTING, text),
+        return _Workers.not_ready(
+            st.STARTING,
+            text,
             ready=ready,
             replicas=replicas,
             stage="pending",
-            message=text,
         )
 
     def _restart_group(
@@ -677,11 +669,11 @@ class _Planner:
                 f"{detail}; the restart budget ({budget} group restarts) is spent: fix the cause "
                 "(kubectl logs, Events) and change the spec to try again"
             )
-            return _Workers(
-                Cond(WORKERS_READY, "False", st.RESTART_BUDGET_EXHAUSTED, text),
+            return _Workers.not_ready(
+                st.RESTART_BUDGET_EXHAUSTED,
+                text,
                 ready=ready,
                 replicas=replicas,
-                message=text,
                 budget_exhausted=True,
             )
         self.restarts += 1
@@ -691,12 +683,7 @@ class _Planner:
             f"(group restart {self.restarts} of {budget})"
         )
         self.events.append(EventSpec("Warning", "GroupRestart", st.truncate(text)))
-        return _Workers(
-            Cond(WORKERS_READY, "False", st.GROUP_RESTARTING, text),
-            replicas=replicas,
-            stage="restarting",
-            message=text,
-        )
+        return _Workers.not_ready(st.GROUP_RESTARTING, text, replicas=replicas, stage="restarting")
 
     def _failures(self, pods: list[Obj]) -> list[tuple[str, str]]:
         out = [(uid(p), why) for p in pods if (why := failure(p))]
