@@ -32,6 +32,7 @@ class CountingRunner:
     """Logits peak at (last token + 1) % V; token 'w9' is followed by EOS."""
 
     device = torch.device("cpu")
+    drafting = False
 
     def __init__(self, vocab: int) -> None:
         self.vocab = vocab

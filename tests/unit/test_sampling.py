@@ -119,3 +119,38 @@ def test_unfinished_character_is_flushed_at_the_end() -> None:
     assert out.take() == ""
     out.finish()
     assert out.take(final=True) == "\ufffd"
+
+
+def test_greedy_verification_keeps_a_draft_only_where_it_is_the_argmax() -> None:
+    logits = torch.zeros(5, 8)
+    for row, tok in enumerate((3, 4, 1, 6, 2)):
+        logits[row, tok] = 5.0
+    greedy = SamplingParams(temperature=0.0)
+    # item 0: rows 0-1, draft 3 == argmax(row 0): accepted, bonus 4; item 1: rows 2-3, draft 5
+    # != 1: rejected; item 2: row 4, no draft.
+    got = sampling.verify(logits, [(3,), (5,), ()], [greedy] * 3, [None] * 3)
+    assert got == [[3, 4], [1], [2]]
+    assert sampling.verify(logits[:2], [()] * 2, [greedy] * 2, [None] * 2) == [[3], [4]]
+    with pytest.raises(ValueError, match="do not match"):
+        sampling.verify(logits, [(3,)], [greedy], [None])
+
+
+@pytest.mark.parametrize("draft", [0, 2], ids=["likely-draft", "unlikely-draft"])
+def test_speculative_sampling_keeps_the_model_distribution(draft: int) -> None:
+    """Whatever the draft, the first emitted token is distributed as plain sampling's p."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = torch.stack([p.log(), torch.tensor([0.0, 50.0, 0.0, 0.0])])
+    params = SamplingParams(temperature=1.0, seed=1)
+    gen = sampling.make_generator(params)
+    n = 20_000
+    counts = torch.zeros(4)
+    bonus = 0
+    for _ in range(n):
+        out = sampling.verify(rows, [(draft,)], [params], [gen])[0]
+        counts[out[0]] += 1
+        if len(out) == 2:
+            assert out[0] == draft
+            bonus += out[1] == 1
+    freq = counts / n
+    assert (freq - p).abs().max() < 0.015, freq
+    assert counts[draft] > 0 and bonus == int(counts[draft])  # every acceptance brings its bonus

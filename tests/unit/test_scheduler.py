@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from dsworker import step_wire
-from dsworker.scheduler import FinishReason, Scheduler, SchedulerError, Sequence, Step, StepItem
+from dsworker.scheduler import (
+    DraftInput,
+    FinishReason,
+    Scheduler,
+    SchedulerError,
+    Sequence,
+    Step,
+    StepItem,
+)
 
 
 def seq(i: int, n_prompt: int, max_tokens: int = 4, eos: int | None = None) -> Sequence:
@@ -16,7 +24,7 @@ def seq(i: int, n_prompt: int, max_tokens: int = 4, eos: int | None = None) -> S
 def run_step(s: Scheduler, token: int = 7) -> tuple[Step, list]:
     step = s.schedule()
     assert step is not None
-    events = s.update(step, {it.seq_id: token for it in step.sampled})
+    events = s.update(step, {it.seq_id: [token] for it in step.sampled})
     return step, events
 
 
@@ -104,7 +112,7 @@ def test_finish_early_frees_slot_and_update_skips_it() -> None:
     assert step is not None
     gone = s.finish(0, FinishReason.ABORT)  # e.g. the client disconnected mid-forward
     assert gone is not None and gone.finish_reason is FinishReason.ABORT
-    assert s.update(step, {0: 3}) == []
+    assert s.update(step, {0: [3]}) == []
     assert s.finish(1, FinishReason.ABORT) is not None  # waiting ones can be dropped too
     assert not s.has_work and list(s.free_slots) == [0]
 
@@ -126,12 +134,82 @@ def test_idle_scheduler_has_no_step() -> None:
 
 
 def test_step_wire_round_trip() -> None:
-    step = Step((StepItem(3, 1, 0, (5, 6, 7), False), StepItem(9, 0, 12, (2,), True)))
+    step = Step((StepItem(3, 1, 0, (5, 6, 7), False), StepItem(9, 0, 12, (2, 8), True, 1)))
     msg = step_wire.Message(step_wire.STEP, step)
     assert step_wire.decode(step_wire.encode(msg)) == msg
+    drafts = step_wire.Message(
+        step_wire.DRAFT, drafts=(DraftInput(0, (6, 7, 9)), DraftInput(1, (8,)))
+    )
+    assert step_wire.decode(step_wire.encode(drafts)) == drafts
+    assert step_wire.decode(step_wire.encode(step_wire.Message(step_wire.DRAFT))).drafts == ()
+    with pytest.raises(step_wire.WireError, match="drafts among"):
+        step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 1, 1, 1, 5])
+    with pytest.raises(step_wire.WireError, match="truncated draft"):
+        step_wire.decode([step_wire.DRAFT, 1, 0, 3, 5, 6])
+    with pytest.raises(step_wire.WireError, match="trailing"):
+        step_wire.decode([step_wire.DRAFT, 1, 0, 1, 5, 6])
     for kind in (step_wire.HEARTBEAT, step_wire.STOP):
         assert step_wire.decode(step_wire.encode(step_wire.Message(kind))).kind == kind
     with pytest.raises(step_wire.WireError):
         step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 5, 0, 1])
     with pytest.raises(step_wire.WireError):
         step_wire.decode([42, 0])
+
+
+def test_drafts_ride_behind_the_last_token_and_verification_sets_the_cache() -> None:
+    """Accepted: both positions stay cached; rejected: the draft's entry is left to overwrite."""
+    s = Scheduler(max_batch_size=2, max_seq_len=32, max_step_tokens=64)
+    s.add(seq(0, 3, max_tokens=10))
+    step, _ = run_step(s, token=5)
+    # The last chunk: the MTP reads positions 0..2 with the token after each (the sampled 5 last).
+    assert s.draft_inputs(step) == (DraftInput(0, (11, 12, 5)),)
+    s.set_drafts({0: 6})
+    step = s.schedule()
+    assert step is not None and step.items == (StepItem(0, 0, 3, (5, 6), True, 1),)
+    assert step.num_tokens == 2 and step.items[0].verify_rows == 2
+    events = s.update(step, {0: [6, 9]})  # draft 6 accepted, 9 is the main model's next
+    assert [e.token for e in events] == [6, 9]
+    assert s.running[0].num_cached == 5 and s.running[0].draft is None
+    assert s.draft_inputs(step) == (DraftInput(0, (6, 9)),)
+    s.set_drafts({0: 4})
+    step = s.schedule()
+    assert step is not None and step.items == (StepItem(0, 0, 5, (9, 4), True, 1),)
+    s.update(step, {0: [2]})  # draft 4 rejected: the main model said 2
+    assert s.running[0].num_cached == 6 and s.running[0].output == [5, 6, 9, 2]
+    assert s.draft_inputs(step) == (DraftInput(0, (2,)),)
+    step = s.schedule()  # no draft set: a plain decode step
+    assert step is not None and step.items == (StepItem(0, 0, 6, (2,), True, 0),)
+    with pytest.raises(SchedulerError, match="2 tokens for an item with 0 drafts"):
+        s.update(step, {0: [1, 2]})
+
+
+def test_draft_inputs_of_prompt_chunks_and_finished_sequences() -> None:
+    s = Scheduler(max_batch_size=2, max_seq_len=64, max_step_tokens=4)
+    s.add(seq(0, 6, max_tokens=1))
+    step, _ = run_step(s)
+    # A mid-prompt chunk pairs its last position with the next chunk's first prompt token.
+    assert step.items[0].tokens == (10, 11, 12, 13)
+    assert s.draft_inputs(step) == (DraftInput(0, (11, 12, 13, 14)),)
+    s.set_drafts({0: 3})  # still prefilling: a draft now would be a guess at a prompt token
+    assert s.running[0].draft is None
+    step, events = run_step(s)
+    assert events[0].finish_reason is FinishReason.LENGTH
+    assert s.draft_inputs(step) == ()  # finished: nothing left to draft for
+
+
+def test_tokens_past_a_finish_are_dropped() -> None:
+    s = Scheduler(max_batch_size=1, max_seq_len=32, max_step_tokens=64)
+    s.add(seq(0, 2, max_tokens=10, eos=1))
+    run_step(s, token=5)
+    s.set_drafts({0: 1})
+    step = s.schedule()
+    assert step is not None
+    events = s.update(step, {0: [1, 7]})  # the accepted draft is EOS: 7 never appears
+    assert [(e.token, e.finish_reason) for e in events] == [(1, FinishReason.STOP)]
+    s.add(seq(1, 2, max_tokens=2))
+    run_step(s, token=5)
+    s.set_drafts({1: 6})
+    step = s.schedule()
+    assert step is not None
+    events = s.update(step, {1: [6, 7]})  # max_tokens 2 reached at the draft
+    assert [(e.token, e.finish_reason) for e in events] == [(6, FinishReason.LENGTH)]

@@ -15,7 +15,9 @@ import torch.distributed as dist
 
 from dsworker.step_wire import Message, decode, encode
 
-INLINE = 1024  # int64 values carried by the first broadcast (enough for a batch-100 decode step)
+INLINE = (
+    1024  # int64 values carried by the first broadcast (a batch-100 decode step, drafts included)
+)
 # Idle ranks wait in a broadcast between requests; rank 0 sends heartbeats well within this.
 CONTROL_TIMEOUT = timedelta(hours=1)
 

@@ -40,7 +40,9 @@ class EngineConfig(BaseModel):
     truncation: bool = Field(False, description="Truncate over-long prompts instead of refusing.")
     maxBatchSize: int = Field(16, ge=1, description="Sequences decoded together.")
     maxPrefillTokens: int = Field(
-        8192, ge=1, description="Tokens per engine step (prompt chunks plus one per decode)."
+        8192,
+        ge=1,
+        description="Tokens per engine step (prompt chunks plus one per decode, two with MTP).",
     )
     maxRequestBytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
     maxNewTokens: int = Field(1024, ge=1, description="Upper bound on a request's max_tokens.")
@@ -64,7 +66,11 @@ class EngineConfig(BaseModel):
         description="[seqLenThreshold, factor] pairs, descending; ep_level 2 buffer sizing.",
     )
     grouped_matmul: Literal["auto", "on", "off"] = Field("auto", description="auto = moe_ep > 32.")
-    mtp: bool = Field(False, description="Load and run the MTP layer.")
+    mtp: bool = Field(
+        False,
+        description="Load the MTP layer and decode speculatively: one draft token per sequence "
+        "and step, verified by the main model (greedy output unchanged).",
+    )
     cudaGraphs: bool = Field(
         True, description="Replay decode steps as CUDA graphs (cuda, worldSize 1, no cutoff)."
     )

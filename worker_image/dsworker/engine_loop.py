@@ -3,6 +3,8 @@
 Rank 0 owns requests: HTTP handlers submit() from the event loop's thread, the loop thread runs
 steps and hands each request its new text through a thread-safe callback. Other ranks run
 `follow()`: receive each step and run the same forward, so collectives inside the model line up.
+With MTP, every step is followed by a draft message and pass (speculative decoding): the tokens
+sampled after each position go to the MTP layer, whose drafts the next step verifies.
 A failing forward is fatal for the whole group (the launcher restarts it), never silently skipped.
 """
 
@@ -23,8 +25,8 @@ import torch
 from dsworker import sampling
 from dsworker.control import Channel
 from dsworker.metrics import Metrics
-from dsworker.scheduler import FinishReason, Scheduler, Sequence, Step
-from dsworker.step_wire import HEARTBEAT, STEP, STOP, Message
+from dsworker.scheduler import DraftInput, FinishReason, Scheduler, Sequence, Step, StepItem
+from dsworker.step_wire import DRAFT, HEARTBEAT, STEP, STOP, Message
 from dsworker.textstream import OutputText
 
 log = logging.getLogger("dsworker.engine_loop")
@@ -41,9 +43,14 @@ class Runner(Protocol):
     """What the loop needs from the model: one forward over a step, logits of sampled items."""
 
     device: torch.device
+    drafting: bool  # the MTP layer is loaded: each step is followed by run_drafts
 
     def run(self, step: Step) -> torch.Tensor | None:
-        """Logits [len(step.sampled), V] on rank 0 (other ranks may return None)."""
+        """Logits [sum of verify_rows of step.sampled, V] on rank 0 (others may return None)."""
+        ...
+
+    def run_drafts(self, step: Step, inputs: tuple[DraftInput, ...]) -> dict[int, int] | None:
+        """The MTP pass after `step`: seq_id -> draft token on rank 0."""
         ...
 
     def dropped_rows(self) -> int:
@@ -220,23 +227,47 @@ class EngineLoop:
             self._reject(step, exc)
             return True
         sampled_items = step.sampled
-        sampled: dict[int, int] = {}
+        sampled: dict[int, list[int]] = {}
         if sampled_items:
-            assert logits is not None and logits.shape[0] == len(sampled_items)
+            assert logits is not None
             lives = [self._live[i.seq_id] for i in sampled_items]
-            tokens = sampling.sample(
-                logits, [lv.req.params for lv in lives], [lv.generator for lv in lives]
+            tokens = sampling.verify(
+                logits,
+                [it.tokens[len(it.tokens) - it.drafts :] for it in sampled_items],
+                [lv.req.params for lv in lives],
+                [lv.generator for lv in lives],
             )
-            sampled = {it.seq_id: tok for it, tok in zip(sampled_items, tokens, strict=True)}
+            sampled = {it.seq_id: t for it, t in zip(sampled_items, tokens, strict=True)}
+            self._count_drafts(sampled_items, tokens)
         now = time.monotonic()
         self.metrics.step_seconds.observe(now - t0)
         for ev in self.scheduler.update(step, sampled):
             self._emit(ev.seq_id, ev.token, ev.finish_reason, now)
+        if self.runner.drafting:
+            self._draft(step)
         dropped = self.runner.dropped_rows()
         if dropped > self._dropped_seen:
             self.metrics.dropped_rows.inc(dropped - self._dropped_seen)
             self._dropped_seen = dropped
         return True
+
+    def _count_drafts(self, items: list[StepItem], tokens: list[list[int]]) -> None:
+        drafted = sum(it.drafts for it in items)
+        if drafted:
+            self.metrics.draft_tokens.inc(drafted)
+            self.metrics.accepted_draft_tokens.inc(sum(len(t) - 1 for t in tokens))
+
+    def _draft(self, step: Step) -> None:
+        """The MTP pass: every rank reads the same inputs; the drafts ride in the next step."""
+        inputs = self.scheduler.draft_inputs(step)
+        self.channel.send(Message(DRAFT, drafts=inputs))
+        try:
+            drafts = self.runner.run_drafts(step, inputs)
+        except StepError as exc:
+            self._reject(Step(tuple(step.items[d.index] for d in inputs)), exc)
+            return
+        assert drafts is not None
+        self.scheduler.set_drafts(drafts)
 
     def _reject(self, step: Step, exc: StepError) -> None:
         """Fail the step's sequences (their slots are reused, so stale KV entries do no harm)."""
@@ -289,6 +320,11 @@ def follow(runner: Runner, channel: Channel) -> None:
         assert msg.step is not None
         try:
             runner.run(msg.step)
+            if runner.drafting:
+                msg_drafts = channel.recv()
+                if msg_drafts.kind != DRAFT:
+                    raise RuntimeError(f"expected the draft message, got kind {msg_drafts.kind}")
+                runner.run_drafts(msg.step, msg_drafts.drafts)
         except StepError as exc:  # rank 0 refused the same step the same way
             log.warning("step refused: %s", exc)
 

@@ -99,6 +99,16 @@ class Metrics:
             "Engine steps every rank refused (e.g. a full AllToAll buffer); their requests failed.",
             registry=r,
         )
+        self.draft_tokens = Counter(
+            "dsworker_spec_draft_tokens",
+            "MTP draft tokens the main model verified (speculative decoding).",
+            registry=r,
+        )
+        self.accepted_draft_tokens = Counter(
+            "dsworker_spec_accepted_tokens",
+            "MTP draft tokens the main model accepted; accepted / draft is the acceptance rate.",
+            registry=r,
+        )
         self.ready = Gauge("dsworker_ready", "1 once weights are loaded and warmed up.", registry=r)
 
     def render(self) -> bytes:

@@ -4,6 +4,10 @@ It builds the rank (device, process groups, model, weights, KV cache) from the e
 turns each Step into the model's Batch. With dp > 1 a sequence lives on dp group slot % dp (its KV
 cache is there), every rank runs its group's part of the step (possibly empty: the MoE exchanges
 span the world) and rank 0 gathers the sampled rows' logits from each group's first rank.
+
+With MTP on, each step is followed by a draft pass: every rank runs the MTP layer over its items'
+positions (the hidden states the step just produced and the tokens rank 0 sampled after them) and
+rank 0 collects one greedy draft token per sequence for the next step to verify.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from dsworker.model import (
     MoEOptions,
 )
 from dsworker.model.decode_graphs import DecodeGraphs
-from dsworker.scheduler import Step, StepItem
+from dsworker.scheduler import DraftInput, Step, StepItem
 
 log = logging.getLogger("dsworker.runner")
 
@@ -61,8 +65,12 @@ class ModelRunner:
         self.dp = groups.plan.dp
         self.dp_rank = groups.coords.dp_rank
         self.vocab = model.args.vocab_size
+        self.drafting = len(model.mtp) > 0
         self._count_drops = model.opts.moe.routing_cutoff is not None
         self._dropped_total = 0
+        # The last step's hidden states and where each of its items starts in them (MTP input).
+        self._hidden: torch.Tensor | None = None
+        self._offsets: dict[int, int] = {}
 
     def _mine(self, step: Step) -> list[StepItem]:
         if self.dp == 1:
@@ -71,40 +79,96 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: Step) -> torch.Tensor | None:
+        """Logits of every sampled item's verify rows, in step order (rank 0; others None)."""
         mine = self._mine(step)
-        picked = [i for i, it in enumerate(mine) if it.sample]
         if self._fixed_shape(mine):
             assert self.graphs is not None
             logits = self.graphs.run(
                 [it.slot for it in mine], [it.start for it in mine], [it.tokens[0] for it in mine]
             )
+            picked = [i for i, it in enumerate(mine) if it.sample]
+            logits = logits[picked] if len(picked) != len(mine) else logits
         else:
-            batch = Batch.build(
-                [(it.slot // self.dp, it.start, it.tokens) for it in mine], self.device
-            )
-            try:
-                logits = self.model.forward(batch, self.cache).logits
-            except ExpertBufferOverflow as exc:  # raised on every rank alike (a gathered table)
-                raise StepError(str(exc)) from None
-        logits = logits[picked] if len(picked) != len(mine) else logits
+            logits = self._forward(step)
         if self._count_drops:
             self._sum_drops()
         if self.dp == 1:
             return logits
         return self._gather(step, logits)
 
+    def _forward(self, step: Step) -> torch.Tensor:
+        seqs: list[tuple[int, int, tuple[int, ...]]] = []
+        offsets: dict[int, int] = {}  # step item index -> its first row in this rank's batch
+        rows: list[int] = []
+        at = 0
+        for i, it in enumerate(step.items):
+            if it.slot % self.dp != self.dp_rank:
+                continue
+            seqs.append((it.slot // self.dp, it.start, it.tokens))
+            offsets[i] = at
+            at += len(it.tokens)
+            rows += range(at - it.verify_rows, at)
+        batch = Batch.build(seqs, self.device)
+        picked = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        try:
+            out = self.model.forward(batch, self.cache, rows=picked)
+        except ExpertBufferOverflow as exc:  # raised on every rank alike (a gathered table)
+            raise StepError(str(exc)) from None
+        if self.drafting:
+            self._hidden, self._offsets = out.hidden, offsets
+        return out.logits
+
+    @torch.inference_mode()
+    def run_drafts(self, step: Step, inputs: tuple[DraftInput, ...]) -> dict[int, int] | None:
+        """The MTP pass after `step`: seq_id -> greedy draft on rank 0 (others None).
+
+        Every rank runs it (the MTP block's MoE exchanges span the world), an empty batch where
+        none of the inputs are its own; with no inputs at all every rank skips it alike.
+        """
+        if not inputs:
+            return {} if self.groups.rank == 0 else None
+        assert self._hidden is not None, "run_drafts follows a step of this runner"
+        mine = [d for d in inputs if d.index in self._offsets]
+        rows = [self._offsets[d.index] + j for d in mine for j in range(len(d.tokens))]
+        batch = Batch.build(
+            [
+                (step.items[d.index].slot // self.dp, step.items[d.index].start, d.tokens)
+                for d in mine
+            ],
+            self.device,
+        )
+        picked = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        try:
+            out = self.model.forward_mtp(batch, self._hidden[picked], self.cache)
+        except ExpertBufferOverflow as exc:
+            raise StepError(str(exc)) from None
+        finally:
+            self._hidden, self._offsets = None, {}
+        tokens = out.logits.argmax(-1).cpu()
+        if self.dp > 1:  # every group's drafts on every rank: -1 where a group had none
+            slot = {d.index: i for i, d in enumerate(inputs)}
+            flat = torch.full((len(inputs),), -1, dtype=torch.int64)
+            flat[[slot[d.index] for d in mine]] = tokens
+            tokens, mine = self.groups.cpu.all_max(flat), list(inputs)
+        if self.groups.rank != 0:
+            return None
+        return {
+            step.items[d.index].seq_id: int(t) for d, t in zip(mine, tokens.tolist(), strict=True)
+        }
+
     def _fixed_shape(self, mine: list[StepItem]) -> bool:
         """A pure decode step the graphs hold a bucket for (world size 1, so every rank agrees)."""
         return (
             self.graphs is not None
+            and not self.drafting
             and 0 < len(mine) <= self.graphs.max_batch
             and all(len(it.tokens) == 1 for it in mine)
         )
 
     def _gather(self, step: Step, logits: torch.Tensor) -> torch.Tensor | None:
-        """Collect each dp group's sampled logits on rank 0, in the step's sampled order."""
+        """Collect each dp group's verify rows on rank 0, in the step's sampled order."""
         per_group = [[it for it in step.sampled if it.slot % self.dp == d] for d in range(self.dp)]
-        width = max(1, max(len(g) for g in per_group))
+        width = max(1, max(sum(it.verify_rows for it in g) for g in per_group))
         padded = logits.new_zeros(width, logits.shape[1])
         padded[: logits.shape[0]] = logits
         world = self.groups.world
@@ -114,9 +178,17 @@ class ModelRunner:
         if bucket is None:
             return None
         tp = self.groups.plan.tp
-        index = {it.seq_id: (d, j) for d, g in enumerate(per_group) for j, it in enumerate(g)}
-        rows = [bucket[index[it.seq_id][0] * tp][index[it.seq_id][1]] for it in step.sampled]
-        return torch.stack(rows) if rows else padded[:0]
+        where: dict[int, tuple[int, int]] = {}
+        for d, group in enumerate(per_group):
+            at = 0
+            for it in group:
+                where[it.seq_id] = (d * tp, at)
+                at += it.verify_rows
+        rows = [
+            bucket[where[it.seq_id][0]][where[it.seq_id][1] : where[it.seq_id][1] + it.verify_rows]
+            for it in step.sampled
+        ]
+        return torch.cat(rows) if rows else padded[:0]
 
     def _sum_drops(self) -> None:
         n = torch.tensor([self.model.stats.dropped_rows], dtype=torch.int64)
@@ -159,9 +231,15 @@ def engine_options(cfg: EngineConfig) -> EngineOptions:
 def fixed_shape_decode(
     model: DeepseekModel, cache: KVCache, cfg: EngineConfig, max_batch: int
 ) -> DecodeGraphs | None:
-    """Graphed and/or compiled decode steps where they apply (world 1, no routing cutoff)."""
+    """Graphed and/or compiled decode steps where they apply (world 1, no routing cutoff).
+
+    Not with MTP: its decode steps carry a draft behind each token, which the graphs' one token
+    per sequence cannot hold.
+    """
     capture = cfg.cudaGraphs and model.device.type == "cuda"
-    if cfg.worldSize != 1 or cfg.enable_init_routing_cutoff or not (capture or cfg.torchCompile):
+    if cfg.worldSize != 1 or cfg.enable_init_routing_cutoff or cfg.mtp:
+        return None
+    if not (capture or cfg.torchCompile):
         return None
     backend = "inductor" if cfg.torchCompile else None
     return DecodeGraphs(model, cache, max_batch, capture=capture, compile_backend=backend)

@@ -1,4 +1,5 @@
-"""Turning one step's logits into next tokens: greedy, temperature, top-k and top-p with seeds.
+"""Turning one step's logits into next tokens: greedy, temperature, top-k and top-p with seeds,
+and the verification of MTP drafts (speculative decoding).
 
 Pure tensor math with no I/O, so unit tests pin it down exactly. Rank 0 samples on the device the
 logits live on and moves only the chosen ids to the host; greedy rows are a single argmax.
@@ -64,10 +65,7 @@ def sample_row(
     """One token id (0-d tensor) from one row of logits [V]."""
     if params.greedy:
         return torch.argmax(logits, dim=-1)
-    scaled = logits.float() / params.temperature
-    scaled = filter_logits(scaled, params.top_k, params.top_p)
-    probs = torch.softmax(scaled, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+    return torch.multinomial(_probs(logits, params), 1, generator=generator)[0]
 
 
 def sample(
@@ -94,3 +92,77 @@ def sample(
         if not p.greedy:
             out[i] = sample_row(logits[i], p, generators[i])
     return out.tolist()
+
+
+def _probs(rows: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled request draws from: temperature, then top-k/top-p."""
+    scaled = filter_logits(rows.float() / params.temperature, params.top_k, params.top_p)
+    return torch.softmax(scaled, dim=-1)
+
+
+def _accept_greedy(best: list[int], drafts: tuple[int, ...]) -> list[int]:
+    """best[j] is the argmax after input j; a draft survives while it equals the one before."""
+    out = [best[0]]
+    for j, d in enumerate(drafts):
+        if d != out[-1]:
+            break
+        out.append(best[j + 1])
+    return out
+
+
+def _accept_sampled(
+    rows: torch.Tensor,
+    drafts: tuple[int, ...],
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> list[int]:
+    """Speculative sampling with a deterministic draft: keep draft d with probability p(d), else
+    draw from p without d; the emitted tokens are distributed exactly as plain sampling's."""
+    probs = _probs(rows, params)
+    out: list[int] = []
+    for j, d in enumerate(drafts):
+        u = torch.rand((), generator=generator, device=probs.device)
+        if bool(u < probs[j, d]):
+            out.append(d)
+            continue
+        rest = probs[j].clone()
+        rest[d] = 0.0
+        out.append(int(torch.multinomial(rest, 1, generator=generator)[0]))
+        return out
+    out.append(int(torch.multinomial(probs[len(drafts)], 1, generator=generator)[0]))
+    return out
+
+
+def verify(
+    logits: torch.Tensor,
+    drafts: list[tuple[int, ...]],
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[list[int]]:
+    """Tokens each item emits from its 1 + len(drafts) rows of `logits` (items back to back).
+
+    Row j of an item holds the logits after its j-th input (the last real token, then each
+    draft). Without drafts this is `sample`: one token per item.
+    """
+    n_rows = sum(1 + len(d) for d in drafts)
+    if (
+        logits.dim() != 2
+        or logits.shape[0] != n_rows
+        or not (len(drafts) == len(params) == len(generators))
+    ):
+        raise ValueError(
+            f"logits {tuple(logits.shape)} do not match {len(drafts)} items with {n_rows} rows"
+        )
+    if not any(drafts):
+        return [[t] for t in sample(logits, params, generators)]
+    best = torch.argmax(logits, dim=-1).tolist()
+    out: list[list[int]] = []
+    at = 0
+    for d, p, g in zip(drafts, params, generators, strict=True):
+        rows = slice(at, at + 1 + len(d))
+        if p.greedy:
+            out.append(_accept_greedy(best[rows], d))
+        else:
+            out.append(_accept_sampled(logits[rows], d, p, g))
+        at += 1 + len(d)
+    return out

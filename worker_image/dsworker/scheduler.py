@@ -4,14 +4,21 @@ No torch, no I/O, no clock: the engine loop feeds it requests and sampled tokens
 steps and finish events, so every policy decision is unit-testable. The KV cache is one slot per
 sequence (capacity maxSeqLen), so admission is "is a slot free" and nothing is ever preempted.
 
-Policy per step: every decoding sequence contributes its one new token; the rest of the step's
-token budget (maxPrefillTokens) goes to prompts in arrival order, in chunks, so a long prompt never
-stalls running decodes for more than one chunk.
+Policy per step: every decoding sequence contributes its one new token (two with an MTP draft);
+the rest of the step's token budget (maxPrefillTokens) goes to prompts in arrival order, in chunks,
+so a long prompt never stalls running decodes for more than one chunk.
+
+Speculative decoding (MTP): after a step, `draft_inputs` says which positions the MTP layer reads
+(each position's hidden state and the token after it); the draft it proposes rides in the next
+decode item behind the last token, the main model verifies it, and `update` takes the 1 or 2
+tokens that verification emitted. A rejected draft's cache entry is simply overwritten next step.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -37,6 +44,7 @@ class Sequence:
     slot: int | None = None
     num_cached: int = 0  # tokens whose KV entries are in the cache
     finish_reason: FinishReason | None = None
+    draft: int | None = None  # the MTP layer's guess at the token after the last output
 
     @property
     def num_tokens(self) -> int:
@@ -60,6 +68,12 @@ class StepItem:
     start: int
     tokens: tuple[int, ...]
     sample: bool  # the last token's logits yield the next token (False: a mid-prompt chunk)
+    drafts: int = 0  # trailing tokens that are MTP drafts for the main model to verify
+
+    @property
+    def verify_rows(self) -> int:
+        """Logit rows this item yields when sampled: the last real token and each draft."""
+        return 1 + self.drafts if self.sample else 0
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,15 @@ class Step:
     @property
     def sampled(self) -> list[StepItem]:
         return [i for i in self.items if i.sample]
+
+
+@dataclass(frozen=True)
+class DraftInput:
+    """What the MTP layer reads for step item `index` after sampling: its first len(tokens)
+    positions, each with the token that followed it; the draft comes from the last one."""
+
+    index: int
+    tokens: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -155,11 +178,13 @@ class Scheduler:
             if seq.prefilling:
                 prefilling.append(seq)
                 continue
-            # Decode: feed the last sampled token, whose KV entry is not cached yet.
+            # Decode: feed the last sampled token, whose KV entry is not cached yet, and the
+            # draft after it. Both fit: a running sequence has num_tokens < max_seq_len.
             assert seq.slot is not None
             pos = seq.num_cached
-            items.append(StepItem(seq.seq_id, seq.slot, pos, (seq.token_at(pos),), True))
-            budget -= 1
+            toks = (seq.token_at(pos),) if seq.draft is None else (seq.token_at(pos), seq.draft)
+            items.append(StepItem(seq.seq_id, seq.slot, pos, toks, True, len(toks) - 1))
+            budget -= len(toks)
         # Prompts already holding a slot continue before new ones are admitted.
         while budget > 0 and self.waiting and self.free_slots:
             seq = self.waiting.popleft()
@@ -179,28 +204,64 @@ class Scheduler:
             budget -= n
         return Step(tuple(items)) if items else None
 
-    def update(self, step: Step, sampled: dict[int, int]) -> list[TokenEvent]:
+    def update(self, step: Step, sampled: Mapping[int, Seq[int]]) -> list[TokenEvent]:
         """Record a finished step: cached counts advance, sampled tokens append, limits apply.
 
-        `sampled` maps seq_id -> token for the step's sampling items; sequences finished
-        meanwhile (finish() during the forward) are skipped.
+        `sampled` maps seq_id -> the tokens a sampling item emitted: one, plus one per draft the
+        main model accepted (the accepted drafts, then its own next token). Sequences finished
+        meanwhile (finish() during the forward) are skipped; tokens past a finish are dropped.
         """
         events: list[TokenEvent] = []
         for item in step.items:
             seq = self.running.get(item.seq_id)
             if seq is None:
                 continue
+            seq.draft = None
             seq.num_cached = item.start + len(item.tokens)
             if not item.sample:
                 continue
-            token = sampled[item.seq_id]
-            seq.output.append(token)
-            reason: FinishReason | None = None
-            if token in seq.stop_token_ids and not seq.ignore_eos:
-                reason = FinishReason.STOP
-            elif len(seq.output) >= seq.max_tokens or seq.num_tokens >= self.max_seq_len:
-                reason = FinishReason.LENGTH
-            if reason is not None:
-                self.finish(seq.seq_id, reason)
-            events.append(TokenEvent(seq.seq_id, token, reason))
+            tokens = sampled[item.seq_id]
+            if not 1 <= len(tokens) <= 1 + item.drafts:
+                raise SchedulerError(
+                    f"sequence {seq.seq_id}: {len(tokens)} tokens for an item with "
+                    f"{item.drafts} drafts"
+                )
+            # Drafts the main model rejected left cache entries that the next step overwrites.
+            seq.num_cached -= item.drafts - (len(tokens) - 1)
+            for token in tokens:
+                seq.output.append(token)
+                reason: FinishReason | None = None
+                if token in seq.stop_token_ids and not seq.ignore_eos:
+                    reason = FinishReason.STOP
+                elif len(seq.output) >= seq.max_tokens or seq.num_tokens >= self.max_seq_len:
+                    reason = FinishReason.LENGTH
+                if reason is not None:
+                    self.finish(seq.seq_id, reason)
+                events.append(TokenEvent(seq.seq_id, token, reason))
+                if reason is not None:
+                    break
         return events
+
+    def draft_inputs(self, step: Step) -> tuple[DraftInput, ...]:
+        """After `update`: the MTP layer's reads for each item of a still-running sequence.
+
+        Each position of the item whose cache entry stayed valid is paired with the token after
+        it; a mid-prompt chunk's last position pairs with the next chunk's first prompt token.
+        """
+        out: list[DraftInput] = []
+        for index, item in enumerate(step.items):
+            seq = self.running.get(item.seq_id)
+            if seq is None:
+                continue
+            end = min(seq.num_cached, seq.num_tokens - 1)
+            if end > item.start:
+                toks = tuple(seq.token_at(p + 1) for p in range(item.start, end))
+                out.append(DraftInput(index, toks))
+        return tuple(out)
+
+    def set_drafts(self, drafts: Mapping[int, int]) -> None:
+        """seq_id -> the MTP layer's draft token for its next decode step."""
+        for seq_id, token in drafts.items():
+            seq = self.running.get(seq_id)
+            if seq is not None and not seq.prefilling:
+                seq.draft = token

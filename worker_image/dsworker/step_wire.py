@@ -1,4 +1,5 @@
-"""The control message rank 0 broadcasts before every forward: a step, a heartbeat, or stop.
+"""The control message rank 0 broadcasts before every forward: a step, the MTP layer's inputs
+after a step (speculative decoding), a heartbeat, or stop.
 
 Pure encoding to a flat list of int64 so it travels as one small tensor (header with the length,
 then the payload) over a CPU (gloo) group; no pickling, so no rank ever unpickles network bytes.
@@ -8,21 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsworker.scheduler import Step, StepItem
+from dsworker.scheduler import DraftInput, Step, StepItem
 
 STEP = 1
 HEARTBEAT = 2
 STOP = 3
-_KINDS = (STEP, HEARTBEAT, STOP)
-_ITEM_HEADER = 5  # seq_id, slot, start, n_tokens, sample
+DRAFT = 4
+_KINDS = (STEP, HEARTBEAT, STOP, DRAFT)
+_ITEM_HEADER = 6  # seq_id, slot, start, n_tokens, sample, drafts
 
 
 @dataclass(frozen=True)
 class Message:
-    """What the non-zero ranks act on: kind plus the step when kind == STEP."""
+    """What the non-zero ranks act on: kind plus the step (STEP) or the MTP inputs (DRAFT)."""
 
     kind: int
     step: Step | None = None
+    drafts: tuple[DraftInput, ...] = ()
 
 
 class WireError(ValueError):
@@ -30,23 +33,45 @@ class WireError(ValueError):
 
 
 def encode(msg: Message) -> list[int]:
-    """[kind, n_items, per item: seq_id, slot, start, n_tokens, sample, tokens...]."""
+    """[kind, n_items, per item: seq_id, slot, start, n_tokens, sample, drafts, tokens...];
+    DRAFT: [kind, n_inputs, per input: index, n_tokens, tokens...]."""
     if msg.kind not in _KINDS:
         raise WireError(f"unknown message kind {msg.kind}")
+    if msg.kind == DRAFT:
+        out = [DRAFT, len(msg.drafts)]
+        for d in msg.drafts:
+            out += [d.index, len(d.tokens), *d.tokens]
+        return out
     if msg.kind != STEP:
         return [msg.kind, 0]
     assert msg.step is not None
     out = [STEP, len(msg.step.items)]
     for it in msg.step.items:
-        out += [it.seq_id, it.slot, it.start, len(it.tokens), int(it.sample)]
+        out += [it.seq_id, it.slot, it.start, len(it.tokens), int(it.sample), it.drafts]
         out += list(it.tokens)
     return out
+
+
+def _decode_drafts(data: list[int], n: int) -> Message:
+    inputs: list[DraftInput] = []
+    i = 2
+    for _ in range(n):
+        if i + 2 > len(data) or data[i + 1] < 1 or i + 2 + data[i + 1] > len(data):
+            raise WireError("truncated draft input")
+        index, n_tok = data[i], data[i + 1]
+        inputs.append(DraftInput(index, tuple(data[i + 2 : i + 2 + n_tok])))
+        i += 2 + n_tok
+    if i != len(data):
+        raise WireError(f"{len(data) - i} trailing values after {n} draft inputs")
+    return Message(DRAFT, drafts=tuple(inputs))
 
 
 def decode(data: list[int]) -> Message:
     if len(data) < 2 or data[0] not in _KINDS:
         raise WireError(f"bad message header {data[:2]}")
     kind, n = data[0], data[1]
+    if kind == DRAFT:
+        return _decode_drafts(data, n)
     if kind != STEP:
         return Message(kind)
     items: list[StepItem] = []
@@ -54,11 +79,14 @@ def decode(data: list[int]) -> Message:
     for _ in range(n):
         if i + _ITEM_HEADER > len(data):
             raise WireError("truncated step item header")
-        seq_id, slot, start, n_tok, sample = data[i : i + _ITEM_HEADER]
+        seq_id, slot, start, n_tok, sample, drafts = data[i : i + _ITEM_HEADER]
         i += _ITEM_HEADER
         if n_tok < 1 or i + n_tok > len(data):
             raise WireError("truncated step item tokens")
-        items.append(StepItem(seq_id, slot, start, tuple(data[i : i + n_tok]), bool(sample)))
+        if not 0 <= drafts < n_tok:
+            raise WireError(f"step item with {drafts} drafts among {n_tok} tokens")
+        toks = tuple(data[i : i + n_tok])
+        items.append(StepItem(seq_id, slot, start, toks, bool(sample), drafts))
         i += n_tok
     if i != len(data):
         raise WireError(f"{len(data) - i} trailing values after {n} items")

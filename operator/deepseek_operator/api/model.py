@@ -116,7 +116,9 @@ class ModelSpec(ApiModel):
     mtp: bool = Field(
         False,
         description="Include the multi-token-prediction layer (layer index num_hidden_layers) in "
-        "the shards and the engine (MindIE DEEPSEEK_MTP=1). DeepseekV3 only.",
+        "the shards and the engine, which then decodes speculatively: the MTP layer drafts one "
+        "token per sequence and step, the main model verifies it (MindIE DEEPSEEK_MTP=1). "
+        "DeepseekV3 only.",
     )
     trust_remote_code: bool = Field(
         False,

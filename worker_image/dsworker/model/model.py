@@ -188,19 +188,33 @@ class DeepseekModel(nn.Module):
             n, num_slots, max_len, a.kv_lora_rank, a.qk_rope_dim, self.dtype, self.device
         )
 
-    def _logits(self, head: VocabHead, h: torch.Tensor, batch: Batch, every: bool) -> torch.Tensor:
+    def _logits(
+        self, head: VocabHead, h: torch.Tensor, batch: Batch, every: bool, rows: torch.Tensor | None
+    ) -> torch.Tensor:
+        if rows is not None:
+            return head(h[rows])
         return head(h if every else h[batch.last])
 
     @torch.no_grad()
-    def forward(self, batch: Batch, cache: KVCache, all_logits: bool = False) -> StepOutput:
-        """One step: write the new tokens' cache entries, return their logits (all or last)."""
+    def forward(
+        self,
+        batch: Batch,
+        cache: KVCache,
+        all_logits: bool = False,
+        rows: torch.Tensor | None = None,
+    ) -> StepOutput:
+        """One step: write the new tokens' cache entries, return their logits.
+
+        Logits of each sequence's last token, of every token (all_logits), or of the flat token
+        indices `rows` (a speculative step verifies its drafts' rows too).
+        """
         cache.check(batch)
         cos_sin = self.rope.cos_sin(batch.positions)
         x = self.embed(batch.input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, cache.layer(i), self.rope, cos_sin)
         h = self.norm(x)
-        return StepOutput(self._logits(self.head, h, batch, all_logits), h)
+        return StepOutput(self._logits(self.head, h, batch, all_logits, rows), h)
 
     @torch.no_grad()
     def forward_mtp(
@@ -220,4 +234,5 @@ class DeepseekModel(nn.Module):
         e = m.enorm(m.embed_tokens(batch.input_ids))
         x = m.eh_proj(torch.cat([e, m.hnorm(hidden)], dim=-1))
         x = m.block(x, batch, cache.layer(self.args.num_layers + depth), self.rope, cos_sin)
-        return StepOutput(self._logits(m.shared_head, m.shared_norm(x), batch, all_logits), x)
+        logits = self._logits(m.shared_head, m.shared_norm(x), batch, all_logits, None)
+        return StepOutput(logits, x)

@@ -1,0 +1,197 @@
+"""Speculative decoding with the MTP layer, through the serving loop on real weights (CPU, fp32).
+
+Greedy output must be exactly transformers' (which ignores the MTP layer) whatever the drafts
+were; an MTP layer built to agree with the main model must see every draft accepted and halve the
+decode steps; 2-rank worlds (dp 2, and tp 2 with EP level 2) follow the draft messages.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import NEW_TOKENS, PROMPTS, Reference, hf_reference
+from safetensors.torch import load_file, save_file
+
+from dsworker.control import DistChannel
+from dsworker.dist import spawn_local
+from dsworker.engine_config import EngineConfig
+from dsworker.engine_loop import EngineLoop, GenRequest, Output, follow
+from dsworker.metrics import Metrics
+from dsworker.runner import build_runner
+from dsworker.sampling import SamplingParams
+from dsworker.scheduler import Scheduler
+from dsworker.step_wire import STOP, Message
+
+MAX_LEN = 64
+
+
+def engine_config(**kw: object) -> EngineConfig:
+    base = {"dtype": "float32", "device": "cpu", "maxBatchSize": 4}
+    base |= {"maxSeqLen": MAX_LEN, "maxInputTokenLen": MAX_LEN // 2}
+    return EngineConfig.model_validate({**base, **kw})
+
+
+def generate(
+    ckpt: Path,
+    cfg: EngineConfig,
+    params: SamplingParams | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[list[list[int]], Metrics, int]:
+    """Every prompt through one rank-0 engine loop: tokens per prompt, metrics, steps taken."""
+    loaded = build_runner(ckpt, cfg, rank=rank, world_size=world, local_rank=rank)
+    metrics = Metrics()
+    loop = EngineLoop(
+        loaded.runner,
+        Scheduler(loaded.max_batch_size, cfg.maxSeqLen, cfg.maxPrefillTokens),
+        lambda ids: "",
+        loaded.channel,
+        metrics,
+    )
+    got: dict[int, list[int]] = {}
+    lock = threading.Lock()
+    for i, p in enumerate(PROMPTS):
+
+        def sink(out: Output, i: int = i) -> None:
+            assert out.error is None, out.error
+            with lock:
+                got.setdefault(i, []).extend(out.token_ids)
+
+        req = GenRequest(p, params or SamplingParams(temperature=0.0), NEW_TOKENS, ignore_eos=True)
+        loop.submit(req, sink)
+    steps = loop.run_until_idle()
+    loaded.channel.send(Message(STOP))
+    return [got[i] for i in range(len(PROMPTS))], metrics, steps
+
+
+def counter(metrics: Metrics, name: str) -> float:
+    value = metrics.registry.get_sample_value(name)
+    assert value is not None, name
+    return value
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_v3: Path) -> Reference:
+    return hf_reference(tiny_v3)
+
+
+def test_greedy_tokens_equal_transformers_whatever_the_drafts(
+    tiny_v3: Path, ref: Reference
+) -> None:
+    tokens, metrics, steps = generate(tiny_v3, engine_config(mtp=True))
+    assert tokens == ref.tokens
+    drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
+    accepted = counter(metrics, "dsworker_spec_accepted_tokens_total")
+    # Every decode step after the first token carries one draft per running sequence.
+    assert drafted >= NEW_TOKENS - 1
+    assert 0 <= accepted <= drafted
+    assert counter(metrics, "dsworker_generation_tokens_total") == len(PROMPTS) * NEW_TOKENS
+    plain, plain_metrics, plain_steps = generate(tiny_v3, engine_config(mtp=False))
+    assert plain == ref.tokens
+    assert counter(plain_metrics, "dsworker_spec_draft_tokens_total") == 0
+    assert steps <= plain_steps
+
+
+def test_seeded_sampling_with_drafts_repeats(tiny_v3: Path) -> None:
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=7)
+    first, metrics, _ = generate(tiny_v3, engine_config(mtp=True), params)
+    again, _, _ = generate(tiny_v3, engine_config(mtp=True), params)
+    assert first == again
+    assert all(len(t) == NEW_TOKENS for t in first)
+    assert counter(metrics, "dsworker_spec_draft_tokens_total") > 0
+
+
+def agreeing_mtp_copy(src: Path, dst: Path) -> Path:
+    """A checkpoint whose MTP layer predicts exactly what the main model will say next.
+
+    Attention outputs are zeroed everywhere and every main layer but the last is an identity, so
+    the main model's next token is a function F of the current token alone; the MTP block is a
+    copy of that last layer fed the (unit-RMS) embedding of the token it is given, so its draft is
+    F of the token after, which is what the main model computes one position later.
+    """
+    shutil.copytree(src, dst)
+    cfg = json.loads((src / "config.json").read_text())
+    last, mtp = cfg["num_hidden_layers"] - 1, cfg["num_hidden_layers"]
+    files = sorted(dst.glob("*.safetensors"))
+    tensors = {f: load_file(f) for f in files}
+    every = {k: v for t in tensors.values() for k, v in t.items()}
+    emb = every["model.embed_tokens.weight"].float()
+    emb = (emb / emb.pow(2).mean(-1, keepdim=True).sqrt()).to(every["model.embed_tokens.weight"])
+    h = emb.shape[1]
+    want: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": emb,
+        f"model.layers.{mtp}.embed_tokens.weight": emb.clone(),
+        f"model.layers.{mtp}.enorm.weight": torch.ones_like(
+            every[f"model.layers.{mtp}.enorm.weight"]
+        ),
+        f"model.layers.{mtp}.eh_proj.weight": torch.cat([torch.eye(h), torch.zeros(h, h)], 1).to(
+            emb
+        ),
+        f"model.layers.{mtp}.shared_head.norm.weight": every["model.norm.weight"].clone(),
+        f"model.layers.{mtp}.shared_head.head.weight": every["lm_head.weight"].clone(),
+    }
+    for name, t in every.items():
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        if name.endswith("self_attn.o_proj.weight") or (
+            layer is not None and int(layer) < last and name.endswith("down_proj.weight")
+        ):
+            want[name] = torch.zeros_like(t)
+        prefix = f"model.layers.{last}."
+        if name.startswith(prefix) and not name.endswith("o_proj.weight"):
+            want[f"model.layers.{mtp}." + name[len(prefix) :]] = t.clone()
+    for f, t in tensors.items():
+        save_file({k: want.get(k, v).contiguous() for k, v in t.items()}, str(f))
+    return dst
+
+
+def test_an_agreeing_mtp_layer_has_every_draft_accepted(tiny_v3: Path, tmp_path: Path) -> None:
+    ckpt = agreeing_mtp_copy(tiny_v3, tmp_path / "agreeing")
+    want = hf_reference(ckpt).tokens
+    tokens, metrics, steps = generate(ckpt, engine_config(mtp=True))
+    assert tokens == want
+    drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
+    assert drafted > 0
+    assert counter(metrics, "dsworker_spec_accepted_tokens_total") == drafted
+    _, _, plain_steps = generate(ckpt, engine_config(mtp=False))
+    # Prefill plus one step per token without drafts; two tokens per step with them.
+    assert plain_steps == NEW_TOKENS
+    assert steps == 1 + NEW_TOKENS // 2
+
+
+def _world_rank(rank: int, nproc: int, ckpt: str, cfg_json: str, out: str) -> None:
+    cfg = EngineConfig.model_validate_json(cfg_json)
+    if rank == 0:
+        tokens, metrics, _ = generate(Path(ckpt), cfg, rank=0, world=nproc)
+        record = {
+            "tokens": tokens,
+            "drafted": counter(metrics, "dsworker_spec_draft_tokens_total"),
+        }
+        Path(out).write_text(json.dumps(record))
+        return
+    loaded = build_runner(Path(ckpt), cfg, rank=rank, world_size=nproc, local_rank=rank)
+    assert isinstance(loaded.channel, DistChannel)
+    follow(loaded.runner, loaded.channel)
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {"dp": 2, "tp": 1, "moe_tp": 1, "moe_ep": 2},
+        {"dp": 1, "tp": 2, "moe_tp": 1, "moe_ep": 2, "ep_level": 2},
+    ],
+    ids=["dp2-ep2", "tp2-ep2-level2"],
+)
+def test_two_rank_worlds_follow_the_draft_messages(
+    tiny_v3: Path, ref: Reference, tmp_path: Path, plan: dict[str, int]
+) -> None:
+    cfg = engine_config(mtp=True, worldSize=2, **plan)
+    out = tmp_path / "result.json"
+    spawn_local(2, _world_rank, str(tiny_v3), cfg.model_dump_json(), str(out))
+    record = json.loads(out.read_text())
+    assert record["tokens"] == ref.tokens
+    assert record["drafted"] >= NEW_TOKENS - 1
