@@ -67,7 +67,7 @@ def greedy(model: DeepseekModel, cache: KVCache, graphs: DecodeGraphs) -> list[l
     for _ in range(NEW_TOKENS - 1):
         slots = list(range(len(PROMPTS)))
         positions = [len(p) + len(t) - 1 for p, t in zip(PROMPTS, tokens, strict=True)]
-        logits = graphs.run(slots, positions, [t[-1] for t in tokens])
+        logits = graphs.run(slots, positions, [[t[-1]] for t in tokens])
         assert logits.shape == (len(PROMPTS), model.args.vocab_size)
         for t, nxt in zip(tokens, logits.argmax(-1).tolist(), strict=True):
             t.append(nxt)
@@ -187,7 +187,7 @@ def test_inductor_compiled_step(tiny_v3: Path, ref: Reference) -> None:
     out = model.forward(Batch.build([(0, 0, prompt)], model.device), cache)
     tokens = [int(out.logits.argmax(-1))]
     for _ in range(NEW_TOKENS - 1):
-        logits = graphs.run([0], [len(prompt) + len(tokens) - 1], [tokens[-1]])
+        logits = graphs.run([0], [len(prompt) + len(tokens) - 1], [[tokens[-1]]])
         tokens.append(int(logits.argmax(-1)))
     assert tokens == ref.tokens[0]
 
@@ -198,7 +198,7 @@ def test_cuda_graphs_give_transformers_tokens(tiny_v3: Path, ref: Reference) -> 
     model, cache = build(tiny_v3, kind="cuda")
     graphs = DecodeGraphs(model, cache, 4, capture=True)
     assert greedy(model, cache, graphs) == ref.tokens
-    assert set(graphs.graphs) == {(4, MAX_LEN)}
+    assert set(graphs.graphs) == {("decode", 4, MAX_LEN)}
 
 
 @needs_cuda
@@ -245,6 +245,6 @@ def test_compiled_step_traces_once_for_every_batch_bucket(tiny_v3: Path) -> None
     graphs = DecodeGraphs(model, cache, 4, capture=False, compile_backend="eager")
     before = counters["stats"]["unique_graphs"]
     for n in (1, 2, 3, 4, 1):
-        logits = graphs.run(list(range(n)), [5] * n, [7] * n)
+        logits = graphs.run(list(range(n)), [5] * n, [[7]] * n)
         assert logits.shape == (n, model.args.vocab_size)
     assert counters["stats"]["unique_graphs"] - before == 2

@@ -11,6 +11,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from dsworker.dist import spawn_local
 from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import EngineLoop, GenRequest, Output, follow
 from dsworker.metrics import Metrics
+from dsworker.model.decode_graphs import DecodeGraphs
 from dsworker.runner import build_runner
 from dsworker.sampling import SamplingParams
 from dsworker.scheduler import Scheduler
@@ -42,9 +44,23 @@ def generate(
     params: SamplingParams | None = None,
     rank: int = 0,
     world: int = 1,
+    fixed: str | None = None,
+    calls: dict[str, int] | None = None,
 ) -> tuple[list[list[int]], Metrics, int]:
-    """Every prompt through one rank-0 engine loop: tokens per prompt, metrics, steps taken."""
+    """Every prompt through one rank-0 engine loop: tokens per prompt, metrics, steps taken.
+
+    fixed: run decode and draft passes as fixed-shape steps, eagerly ("eager-step"), traced by
+    dynamo with fullgraph ("eager", the backend) or captured ("capture", cuda); `calls` counts them.
+    """
     loaded = build_runner(ckpt, cfg, rank=rank, world_size=world, local_rank=rank)
+    if fixed is not None:
+        runner = loaded.runner
+        backend = None if fixed in ("eager-step", "capture") else fixed
+        graphs = DecodeGraphs(
+            runner.model, runner.cache, 4, capture=fixed == "capture", compile_backend=backend
+        )
+        count(graphs, calls if calls is not None else {})
+        runner.graphs = graphs
     metrics = Metrics()
     loop = EngineLoop(
         loaded.runner,
@@ -67,6 +83,17 @@ def generate(
     steps = loop.run_until_idle()
     loaded.channel.send(Message(STOP))
     return [got[i] for i in range(len(PROMPTS))], metrics, steps
+
+
+def count(graphs: DecodeGraphs, calls: dict[str, int]) -> None:
+    for name in ("run", "draft"):
+        fn = getattr(graphs, name)
+
+        def counted(*a: object, fn: Any = fn, name: str = name) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*a)
+
+        setattr(graphs, name, counted)
 
 
 def counter(metrics: Metrics, name: str) -> float:
@@ -195,3 +222,51 @@ def test_two_rank_worlds_follow_the_draft_messages(
     record = json.loads(out.read_text())
     assert record["tokens"] == ref.tokens
     assert record["drafted"] >= NEW_TOKENS - 1
+
+
+@pytest.mark.parametrize("fixed", ["eager-step", "eager"], ids=["padded", "dynamo-fullgraph"])
+def test_fixed_shape_decode_and_draft_steps(
+    tiny_v3: Path, ref: Reference, tmp_path: Path, fixed: str
+) -> None:
+    """The graphs' two-token decode step and their draft step: same tokens, same acceptance.
+
+    Dynamo's fullgraph tracing of both steps is what CUDA graph capture needs (no host sync).
+    """
+    calls: dict[str, int] = {}
+    tokens, metrics, _ = generate(tiny_v3, engine_config(mtp=True), fixed=fixed, calls=calls)
+    assert tokens == ref.tokens
+    # Every graphed step but the last (where every sequence ends) is followed by its draft step.
+    assert calls["run"] >= NEW_TOKENS - 1 and calls["draft"] == calls["run"] - 1
+    eager_metrics = generate(tiny_v3, engine_config(mtp=True))[1]
+    for name in ("dsworker_spec_draft_tokens_total", "dsworker_spec_accepted_tokens_total"):
+        assert counter(metrics, name) == counter(eager_metrics, name)
+    ckpt = agreeing_mtp_copy(tiny_v3, tmp_path / "agreeing")
+    _, metrics, steps = generate(ckpt, engine_config(mtp=True), fixed=fixed)
+    drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
+    assert drafted > 0 and counter(metrics, "dsworker_spec_accepted_tokens_total") == drafted
+    assert steps == 1 + NEW_TOKENS // 2
+
+
+def test_draft_step_refuses_rows_it_cannot_hold(tiny_v3: Path) -> None:
+    loaded = build_runner(tiny_v3, engine_config(mtp=True), rank=0, world_size=1, local_rank=0)
+    graphs = DecodeGraphs(loaded.runner.model, loaded.runner.cache, 4, capture=False)
+    assert graphs.width == 2
+    with pytest.raises(ValueError, match="2 tokens per sequence"):
+        graphs.run([0], [3], [[5]])
+    with pytest.raises(ValueError, match="follows a run"):
+        graphs.draft([[5]])
+    logits = graphs.run([0, 1], [3, 4], [[5, 6], [7, 8]])
+    assert logits.shape == (4, loaded.runner.model.args.vocab_size)
+    with pytest.raises(ValueError, match="1 to 2 tokens, not 3"):
+        graphs.draft([[1, 2, 3], None])
+    drafts = graphs.draft([[6], None])
+    assert drafts[1] is None and isinstance(drafts[0], int)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: capture needs one")
+def test_captured_draft_steps_equal_the_eager_ones(tiny_v3: Path) -> None:
+    cfg = engine_config(mtp=True, device="cuda", dtype="bfloat16", cudaGraphs=False)
+    calls: dict[str, int] = {}
+    runs = [generate(tiny_v3, cfg, fixed=f, calls=calls)[0] for f in ("eager-step", "capture")]
+    assert runs[0] == runs[1]
+    assert calls["draft"] > 0

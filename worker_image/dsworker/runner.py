@@ -71,6 +71,7 @@ class ModelRunner:
         # The last step's hidden states and where each of its items starts in them (MTP input).
         self._hidden: torch.Tensor | None = None
         self._offsets: dict[int, int] = {}
+        self._graphed = False  # the last step ran through the graphs (so does its draft pass)
 
     def _mine(self, step: Step) -> list[StepItem]:
         if self.dp == 1:
@@ -81,13 +82,15 @@ class ModelRunner:
     def run(self, step: Step) -> torch.Tensor | None:
         """Logits of every sampled item's verify rows, in step order (rank 0; others None)."""
         mine = self._mine(step)
-        if self._fixed_shape(mine):
+        self._graphed = self._fixed_shape(mine)
+        if self._graphed:
             assert self.graphs is not None
             logits = self.graphs.run(
-                [it.slot for it in mine], [it.start for it in mine], [it.tokens[0] for it in mine]
+                [it.slot for it in mine], [it.start for it in mine], [it.tokens for it in mine]
             )
-            picked = [i for i, it in enumerate(mine) if it.sample]
-            logits = logits[picked] if len(picked) != len(mine) else logits
+            w = self.graphs.width
+            picked = [i * w + j for i, it in enumerate(mine) if it.sample for j in range(w)]
+            logits = logits[picked] if len(picked) != logits.shape[0] else logits
         else:
             logits = self._forward(step)
         if self._count_drops:
@@ -127,6 +130,11 @@ class ModelRunner:
         """
         if not inputs:
             return {} if self.groups.rank == 0 else None
+        if self._graphed:  # world 1: every item is this rank's, in step order
+            assert self.graphs is not None
+            given = {d.index: d.tokens for d in inputs}
+            drafts = self.graphs.draft([given.get(i) for i in range(len(step.items))])
+            return {it.seq_id: t for it, t in zip(step.items, drafts, strict=True) if t is not None}
         assert self._hidden is not None, "run_drafts follows a step of this runner"
         mine = [d for d in inputs if d.index in self._offsets]
         rows = [self._offsets[d.index] + j for d in mine for j in range(len(d.tokens))]
@@ -157,12 +165,13 @@ class ModelRunner:
         }
 
     def _fixed_shape(self, mine: list[StepItem]) -> bool:
-        """A pure decode step the graphs hold a bucket for (world size 1, so every rank agrees)."""
+        """A pure decode step the graphs hold a bucket for (world size 1, so every rank agrees):
+        one token per sequence, or with MTP the last token and its draft."""
+        g = self.graphs
         return (
-            self.graphs is not None
-            and not self.drafting
-            and 0 < len(mine) <= self.graphs.max_batch
-            and all(len(it.tokens) == 1 for it in mine)
+            g is not None
+            and 0 < len(mine) <= g.max_batch
+            and all(len(it.tokens) == g.width and it.drafts == g.width - 1 for it in mine)
         )
 
     def _gather(self, step: Step, logits: torch.Tensor) -> torch.Tensor | None:
@@ -231,15 +240,9 @@ def engine_options(cfg: EngineConfig) -> EngineOptions:
 def fixed_shape_decode(
     model: DeepseekModel, cache: KVCache, cfg: EngineConfig, max_batch: int
 ) -> DecodeGraphs | None:
-    """Graphed and/or compiled decode steps where they apply (world 1, no routing cutoff).
-
-    Not with MTP: its decode steps carry a draft behind each token, which the graphs' one token
-    per sequence cannot hold.
-    """
+    """Graphed and/or compiled decode steps where they apply (world 1, no routing cutoff)."""
     capture = cfg.cudaGraphs and model.device.type == "cuda"
-    if cfg.worldSize != 1 or cfg.enable_init_routing_cutoff or cfg.mtp:
-        return None
-    if not (capture or cfg.torchCompile):
+    if cfg.worldSize != 1 or cfg.enable_init_routing_cutoff or not (capture or cfg.torchCompile):
         return None
     backend = "inductor" if cfg.torchCompile else None
     return DecodeGraphs(model, cache, max_batch, capture=capture, compile_backend=backend)

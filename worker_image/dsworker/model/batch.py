@@ -85,21 +85,23 @@ class Batch:
     def decode(
         cls, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, max_k: int
     ) -> Batch:
-        """One new token per sequence, built on the device alone (a CUDA graph captures it).
+        """q new tokens per sequence (ids and positions [B, q]; q = 2 holds an MTP draft), built
+        on the device alone (a CUDA graph captures it).
 
         Keys are read up to max_k whatever the positions; the causal mask hides the rest.
         """
-        ar = torch.arange(input_ids.shape[0], device=input_ids.device)
+        b, q = input_ids.shape
+        ar = torch.arange(b, device=input_ids.device)
         return cls(
-            input_ids,
-            positions,
-            seq=ar,
-            row=torch.zeros_like(ar),
+            input_ids.reshape(-1),
+            positions.reshape(-1),
+            seq=ar.repeat_interleave(q),
+            row=torch.arange(q, device=input_ids.device).repeat(b),
             slots=slots,
-            token_slots=slots,
-            last=ar,
-            q_pos=positions[:, None],
-            max_q=1,
+            token_slots=slots.repeat_interleave(q),
+            last=ar * q + (q - 1),
+            q_pos=positions,
+            max_q=q,
             max_k=max_k,
             fixed_shape=True,
         )

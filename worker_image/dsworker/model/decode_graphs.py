@@ -5,6 +5,8 @@ more than their math, and a captured graph launches them in one call. Inputs go 
 buffers; rows past the real batch decode token 0 into the cache's scratch slot and are dropped.
 Without capture (cpu, npu, tests) the same padded step runs eagerly, so it is checked everywhere.
 A step of one token per sequence on a world of one rank qualifies (MoE then needs no exchange).
+With an MTP layer each sequence brings two tokens (the last one and its draft), and the MTP pass
+that proposes the next drafts is a fixed-shape step of its own over the same rows (`draft`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from dsworker.model.batch import Batch, KVCache
 from dsworker.model.model import DeepseekModel
 
 log = logging.getLogger("dsworker.model")
+
+VERIFY, DRAFT = "decode", "draft"
 
 
 class DecodeGraphs:
@@ -41,67 +45,137 @@ class DecodeGraphs:
         self.model, self.cache, self.capture = model, cache, capture
         self.batch_sizes = batch_buckets(min(max_batch, cache.num_slots))
         self.key_lens = key_buckets(cache.max_len)
-        # ids, positions, slots: one buffer, so a step's inputs arrive in one copy.
-        self.inputs = torch.zeros(3, self.batch_sizes[-1], dtype=torch.long, device=model.device)
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.width = 2 if len(model.mtp) else 1  # tokens per sequence: the last, then a draft
+        dev, rows = model.device, self.batch_sizes[-1]
+        # ids, positions, slots [3, B, width]: one buffer per step kind, so inputs arrive in one copy.
+        self.inputs = {
+            kind: torch.zeros(3, rows, self.width, dtype=torch.long, device=dev)
+            for kind in ((VERIFY, DRAFT) if self.width > 1 else (VERIFY,))
+        }
+        self.hidden: torch.Tensor | None = None  # the decode step's hidden states, MTP input
+        if self.width > 1:
+            h = model.args.hidden_size
+            self.hidden = torch.zeros(rows * self.width, h, dtype=model.dtype, device=dev)
+        self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: tuple[int, int] | None = None
-        step: Callable[[int, int], torch.Tensor] = self._step
+        self._last: tuple[int, int, int, list[int], list[int]] | None = None
+        self._steps: dict[str, Callable[[int, int], torch.Tensor]] = {
+            VERIFY: self._verify_step,
+            DRAFT: self._draft_step,
+        }
         if compile_backend:  # fullgraph: a host sync or data-dependent shape is an error
             # Sizes stay symbolic, so one compile serves every bucket (batch 1 gets its own).
-            step = torch.compile(step, backend=compile_backend, fullgraph=True, dynamic=True)
-        self._run = step
+            self._steps = {
+                kind: torch.compile(fn, backend=compile_backend, fullgraph=True, dynamic=True)
+                for kind, fn in self._steps.items()
+            }
 
     @property
     def max_batch(self) -> int:
         return self.batch_sizes[-1]
 
-    def _step(self, b: int, k: int) -> torch.Tensor:
-        ids, positions, slots = self.inputs[:, :b]
-        batch = Batch.decode(ids, positions, slots, k)
-        return self.model.forward(batch, self.cache).logits
+    def _batch(self, kind: str, b: int, k: int) -> Batch:
+        ids, positions, slots = self.inputs[kind][:, :b]
+        return Batch.decode(ids, positions, slots[:, 0], k)
 
-    @torch.inference_mode(False)  # compiled code cannot take inference tensors
-    @torch.no_grad()
-    def run(
-        self, slots: Sequence[int], positions: Sequence[int], ids: Sequence[int]
-    ) -> torch.Tensor:
-        """Logits [n, V] of one new token per sequence (ids[i] at positions[i] of slots[i])."""
-        n = len(ids)
-        b = pick(self.batch_sizes, n)
-        k = pick(self.key_lens, max(positions) + 1)
-        pad = b - n
+    def _verify_step(self, b: int, k: int) -> torch.Tensor:
+        out = self.model.forward(self._batch(VERIFY, b, k), self.cache, all_logits=True)
+        if self.hidden is not None:
+            self.hidden[: b * self.width].copy_(out.hidden)
+        return out.logits
+
+    def _draft_step(self, b: int, k: int) -> torch.Tensor:
+        assert self.hidden is not None
+        hidden = self.hidden[: b * self.width]
+        out = self.model.forward_mtp(self._batch(DRAFT, b, k), hidden, self.cache, all_logits=True)
+        return out.logits.argmax(-1)
+
+    def _load(self, kind: str, b: int, ids: list[int], slots: list[int]) -> None:
+        """Pad to the bucket (token 0 into the scratch slot) and copy in with the positions."""
+        assert self._last is not None
+        pad = b * self.width - len(ids)
         host = torch.tensor(
             [
                 [*ids, *[0] * pad],
-                [*positions, *[0] * pad],
+                self._last[4][: b * self.width],
                 [*slots, *[self.cache.scratch_slot] * pad],
             ],
             dtype=torch.long,
         )
-        self.inputs[:, :b].copy_(host, non_blocking=True)
-        if not self.capture:
-            return self._run(b, k)[:n]
-        graph = self.graphs.get((b, k))
-        if graph is None:
-            graph = self._capture(b, k)
-        graph[0].replay()
-        return graph[1][:n].clone()  # the next replay overwrites the static output
+        self.inputs[kind][:, :b].copy_(host.view(3, b, self.width), non_blocking=True)
 
-    def _capture(self, b: int, k: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    @torch.inference_mode(False)  # compiled code cannot take inference tensors
+    @torch.no_grad()
+    def run(
+        self, slots: Sequence[int], positions: Sequence[int], tokens: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
+        """Logits [n * width, V]: each sequence's `width` tokens from positions[i] of slots[i]."""
+        n, w = len(tokens), self.width
+        if any(len(t) != w for t in tokens):
+            raise ValueError(f"a fixed-shape step takes {w} tokens per sequence")
+        b = pick(self.batch_sizes, n)
+        k = pick(self.key_lens, max(positions) + w)
+        pos = [p + j for p in positions for j in range(w)] + [
+            j for _ in range(b - n) for j in range(w)
+        ]
+        self._last = (n, b, k, list(slots), pos)
+        self._load(
+            VERIFY, b, [t for row in tokens for t in row], [s for s in slots for _ in range(w)]
+        )
+        logits = self._launch(VERIFY, b, k)[: n * w]
+        return logits.clone() if self.capture else logits  # the next replay overwrites it
+
+    @torch.inference_mode(False)
+    @torch.no_grad()
+    def draft(self, rows: Sequence[Sequence[int] | None]) -> list[int | None]:
+        """The MTP pass over the last `run`'s rows: per sequence, the tokens that followed its
+        positions (1..width of them; None when it needs no draft) -> its greedy draft.
+
+        A sequence short of `width` tokens (its draft was rejected) writes a stale MTP cache entry
+        past its end, which its next pass overwrites; None rows write to the scratch slot.
+        """
+        if self.width == 1:
+            raise ValueError("draft needs a model with an MTP layer")
+        if self._last is None or len(rows) != self._last[0]:
+            raise ValueError("draft follows a run over the same sequences")
+        n, b, k, slots, _ = self._last
+        ids: list[int] = []
+        where: list[int] = []
+        for row, slot in zip(rows, slots, strict=True):
+            toks = list(row or ())
+            if len(toks) > self.width:
+                raise ValueError(f"a draft row holds 1 to {self.width} tokens, not {len(toks)}")
+            ids += toks + [0] * (self.width - len(toks))
+            where += [slot if toks else self.cache.scratch_slot] * self.width
+        self._load(DRAFT, b, ids, where)
+        best = self._launch(DRAFT, b, k)[: n * self.width].view(n, self.width).tolist()
+        return [best[i][len(r) - 1] if r else None for i, r in enumerate(rows)]
+
+    def _launch(self, kind: str, b: int, k: int) -> torch.Tensor:
+        if not self.capture:
+            return self._steps[kind](b, k)
+        graph = self.graphs.get((kind, b, k))
+        if graph is None:
+            graph = self._capture(kind, b, k)
+        graph[0].replay()
+        return graph[1]
+
+    def _capture(self, kind: str, b: int, k: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (the writes repeat the real step's), then capture."""
         t0 = time.perf_counter()
-        side = torch.cuda.Stream(self.inputs.device)
-        side.wait_stream(torch.cuda.current_stream(self.inputs.device))
+        dev = self.inputs[kind].device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._run(b, k)
-        torch.cuda.current_stream(self.inputs.device).wait_stream(side)
+                self._steps[kind](b, k)
+        torch.cuda.current_stream(dev).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            out = self._run(b, k)
-        self.graphs[(b, k)] = (graph, out)
+            out = self._steps[kind](b, k)
+        self.graphs[(kind, b, k)] = (graph, out)
         seconds = time.perf_counter() - t0
-        log.info("captured the decode step for batch %d, %d keys in %.2f s", b, k, seconds)
+        log.info("captured the %s step for batch %d, %d keys in %.2f s", kind, b, k, seconds)
         return graph, out
