@@ -11,6 +11,11 @@ and a ratio line per figure (dsworker / transformers). The engine runs through t
   python benchmarks/engine.py                          # GPU, the "bench" config (3.54 B params)
   python benchmarks/engine.py --preset tiny --device cpu --new-tokens 8 --prefill-tokens 64
   python benchmarks/engine.py --no-graphs            # eager decode steps, for the graphs' share
+  python benchmarks/engine.py --mtp --skip load hf     # speculative decoding with the MTP layer
+
+With --mtp the checkpoint carries a random MTP layer, whose drafts are almost never accepted: the
+decode figures are then the floor of speculative decoding (its cost with nothing gained), and the
+acceptance line says how many drafts were kept.
 """
 
 from __future__ import annotations
@@ -54,10 +59,11 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     from dsworker.sharder import shard
     from dsworker.synth import synthesize
 
-    full = args.model or synthesize(work / f"hf-{args.preset}", "v3", args.preset, "bf16")
-    sharded = work / f"sharded-{args.preset}"
+    tag = f"{args.preset}{'-mtp' if args.mtp else ''}"
+    full = args.model or synthesize(work / f"hf-{tag}", "v3", args.preset, "bf16", args.mtp)
+    sharded = work / f"sharded-{tag}"
     if not (sharded / "_COMPLETE").exists():
-        shard(full, sharded, ParallelPlan(1, 1, 1, 1, 1))
+        shard(full, sharded, ParallelPlan(1, 1, 1, 1, 1), mtp=args.mtp)
     return Path(full), sharded
 
 
@@ -97,7 +103,7 @@ def bench_load(full: Path, sharded: Path, dev: Device, cfg: EngineConfig) -> Non
         DTYPES[cfg.dtype],
         dev.torch,
     )
-    stats = load_weights(model.targets(), sharded, plan, 0, dev)
+    stats = load_weights(model.targets(), sharded, plan, 0, dev, mtp=cfg.mtp)
     sync(dev.torch)
     emit(
         bench="load",
@@ -130,8 +136,9 @@ class Engine:
         model = DeepseekModel(
             ModelArgs.from_dir(sharded), groups, engine_options(cfg), DTYPES[cfg.dtype], dev.torch
         )
-        load_weights(model.targets(), sharded, plan, 0, dev)
+        load_weights(model.targets(), sharded, plan, 0, dev, mtp=cfg.mtp)
         self.cfg = cfg
+        self.metrics = Metrics()
         cache = model.new_cache(cfg.maxBatchSize, cfg.maxSeqLen)
         graphs = fixed_shape_decode(model, cache, cfg, cfg.maxBatchSize)
         self.runner = ModelRunner(model, cache, groups, dev, graphs)
@@ -144,7 +151,7 @@ class Engine:
             Scheduler(self.cfg.maxBatchSize, self.cfg.maxSeqLen, self.cfg.maxPrefillTokens),
             self.decode,
             LocalChannel(),
-            Metrics(),
+            self.metrics,
         )
         count = [0]
         lock = threading.Lock()
@@ -212,6 +219,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=2, help="timed runs per figure (best is kept)")
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with an MTP layer")
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "prefill", "decode", "hf"])
     return p.parse_args(argv)
 
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         maxNewTokens=args.new_tokens,
         cudaGraphs=not args.no_graphs,
         torchCompile=args.compile,
+        mtp=args.mtp,
     )
     root = args.work_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
     with tempfile.TemporaryDirectory(dir=root, prefix="dsbench-") as tmp:
@@ -244,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             gpu=torch.cuda.get_device_name(dev.torch) if dev.kind == "cuda" else None,
             cuda_graphs=cfg.cudaGraphs and dev.kind == "cuda",
             torch_compile=cfg.torchCompile,
+            mtp=cfg.mtp,
             checkpoint_bytes=sum(f.stat().st_size for f in full.glob("*.safetensors")),
         )
         if "load" not in args.skip:
@@ -267,6 +277,16 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 secs, toks = min(runs)
                 results[("decode", "dsworker", b)] = toks / secs
+        if cfg.mtp:
+            sample = engine.metrics.registry.get_sample_value
+            drafted = sample("dsworker_spec_draft_tokens_total") or 0.0
+            accepted = sample("dsworker_spec_accepted_tokens_total") or 0.0
+            emit(
+                bench="mtp",
+                drafts=int(drafted),
+                accepted=int(accepted),
+                acceptance=round(accepted / drafted, 4) if drafted else None,
+            )
         del engine
         gc.collect()
 

@@ -30,3 +30,19 @@ def test_engine_benchmark_runs_on_cpu(tmp_path: Path) -> None:
         assert figures[("decode", engine, 1)] > 0 and figures[("decode", engine, 2)] > 0
     ratios = [r for r in lines if "ratio" in r]
     assert {(r["bench"], r.get("batch")) for r in ratios} >= {("load", None), ("decode", 2)}
+
+
+def test_engine_benchmark_with_mtp_reports_acceptance(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "tiny", "--device", "cpu", "--work-dir",
+         str(tmp_path), "--batch", "2", "--new-tokens", "6", "--repeat", "1", "--mtp",
+         "--skip", "load", "prefill", "hf"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert [r["mtp"] for r in lines if r["bench"] == "setup"] == [True]
+    (mtp,) = [r for r in lines if r["bench"] == "mtp"]
+    # Warm-up, then 2 sequences x 5 decode steps after the first token, one draft each.
+    assert mtp["drafts"] >= 10 and 0 <= mtp["accepted"] <= mtp["drafts"]
+    assert [r["tokens_per_s"] > 0 for r in lines if r.get("engine") == "dsworker"] == [True]
