@@ -148,7 +148,12 @@ class Engine:
         """Seconds from submission to the last token, and tokens generated."""
         loop = EngineLoop(
             self.runner,
-            Scheduler(self.cfg.maxBatchSize, self.cfg.maxSeqLen, self.cfg.maxPrefillTokens),
+            Scheduler(
+                self.cfg.maxBatchSize,
+                self.cfg.maxSeqLen,
+                self.cfg.maxPrefillTokens,
+                drafts=int(self.runner.drafting),
+            ),
             self.decode,
             LocalChannel(),
             self.metrics,

@@ -213,3 +213,15 @@ def test_tokens_past_a_finish_are_dropped() -> None:
     assert step is not None
     events = s.update(step, {1: [6, 7]})  # max_tokens 2 reached at the draft
     assert [(e.token, e.finish_reason) for e in events] == [(6, FinishReason.LENGTH)]
+
+
+def test_the_step_budget_holds_a_full_batch_of_drafted_decodes() -> None:
+    assert Scheduler(4, 32, 3).max_step_tokens == 4
+    s = Scheduler(2, 32, 3, drafts=1)
+    assert s.max_step_tokens == 4
+    s.add(seq(0, 2, max_tokens=10))
+    s.add(seq(1, 2, max_tokens=10))
+    run_step(s, token=5)
+    s.set_drafts({0: 6, 1: 6})
+    step = s.schedule()
+    assert step is not None and [len(it.tokens) for it in step.items] == [2, 2]

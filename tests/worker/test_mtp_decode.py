@@ -64,7 +64,12 @@ def generate(
     metrics = Metrics()
     loop = EngineLoop(
         loaded.runner,
-        Scheduler(loaded.max_batch_size, cfg.maxSeqLen, cfg.maxPrefillTokens),
+        Scheduler(
+            loaded.max_batch_size,
+            cfg.maxSeqLen,
+            cfg.maxPrefillTokens,
+            drafts=int(loaded.runner.drafting),
+        ),
         lambda ids: "",
         loaded.channel,
         metrics,

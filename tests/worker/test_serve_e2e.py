@@ -248,3 +248,49 @@ def test_sigterm_stops_all_ranks_cleanly(checkpoints, tmp_path: Path) -> None:
     finally:
         if srv.proc.poll() is None:
             srv.proc.kill()
+
+
+def test_mtp_server_decodes_speculatively_with_transformers_tokens(
+    synth_checkpoint, tmp_path: Path
+) -> None:
+    """Shards cut with --mtp: the server takes mtp from them and drafts; greedy output unchanged."""
+    from transformers import DeepseekV3ForCausalLM
+
+    full = synth_checkpoint("v3", "tiny", "bf16", mtp=True)
+    sharded = tmp_path / "sharded-mtp"
+    subprocess.run(
+        [sys.executable, "-m", "dsworker.cli", "shard", "--model-path", str(full),
+         "--save-directory", str(sharded), "--world-size", "2", "--tp", "2", "--moe-tp", "1",
+         "--mtp"],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    model = DeepseekV3ForCausalLM.from_pretrained(full, dtype=torch.float32).eval()
+    srv = start_server(sharded, tmp_path)
+    try:
+        srv.hold.touch()
+        srv.wait_health(200)
+        prompt = [5, 17, 42, 99, 7, 250, 3]
+        body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}  # fmt: skip
+        r = srv.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == greedy(model, prompt, NEW_TOKENS)
+        with httpx.stream("POST", srv.url + "/v1/completions", json={**body, "stream": True},
+                          timeout=60) as s:  # fmt: skip
+            lines = [ln for ln in s.iter_lines() if ln.startswith("data: {")]
+        streamed = [t for ln in lines for t in json.loads(ln[6:])["choices"][0]["token_ids"]]
+        assert streamed == greedy(model, prompt, NEW_TOKENS)
+        metrics = srv.get("/metrics").text
+        drafted = next(
+            float(ln.split(" ")[1])
+            for ln in metrics.splitlines()
+            if ln.startswith("dsworker_spec_draft_tokens_total ")
+        )
+        # Two requests, each at least (NEW_TOKENS - 1) / 2 drafted steps (every draft kept).
+        assert drafted >= NEW_TOKENS - 1, metrics
+        srv.proc.send_signal(signal.SIGTERM)
+        assert srv.proc.wait(60) == 0, srv.logs()
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(30)

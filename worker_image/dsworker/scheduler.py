@@ -116,12 +116,16 @@ class SchedulerError(ValueError):
 class Scheduler:
     """FIFO continuous batching over a fixed set of KV slots."""
 
-    def __init__(self, max_batch_size: int, max_seq_len: int, max_step_tokens: int) -> None:
+    def __init__(
+        self, max_batch_size: int, max_seq_len: int, max_step_tokens: int, drafts: int = 0
+    ) -> None:
+        """drafts: MTP draft tokens per decode item (0 or 1); a full batch of decodes must fit a
+        step, so the token budget is at least max_batch_size * (1 + drafts)."""
         if max_batch_size < 1 or max_seq_len < 2 or max_step_tokens < 1:
             raise SchedulerError("max_batch_size, max_seq_len >= 2 and max_step_tokens must be > 0")
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
-        self.max_step_tokens = max(max_step_tokens, max_batch_size)
+        self.max_step_tokens = max(max_step_tokens, max_batch_size * (1 + drafts))
         self.free_slots: deque[int] = deque(range(max_batch_size))
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # seq_id -> sequence holding a slot

@@ -154,7 +154,12 @@ def _load_and_start(
         # Warm-up traffic goes to a throwaway registry; the real one counts only requests.
         engine = EngineLoop(
             loaded.runner,
-            Scheduler(loaded.max_batch_size, cfg.maxSeqLen, cfg.maxPrefillTokens),
+            Scheduler(
+                loaded.max_batch_size,
+                cfg.maxSeqLen,
+                cfg.maxPrefillTokens,
+                drafts=int(loaded.runner.drafting),
+            ),
             tokenizer.decode,
             loaded.channel,
             Metrics(),
