@@ -16,16 +16,19 @@ namespace) named like --peering.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import os
 import random
+import secrets
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import kopf
 
 from . import __version__, handlers, metrics
 from .k8s import Kube, new_api_client
+from .leadership import outranking_peers
 from .reconcile import DEFAULT_RESYNC_SECONDS, Reconciler
 
 DEFAULT_PEERING = "deepseek-operator"
@@ -127,16 +130,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.metrics_port:
         metrics.serve(args.metrics_port, args.metrics_address)
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
+    identity = f"{kube.instance}/{os.getpid()}/{secrets.token_hex(4)}"
+    if not args.standalone:
+        handlers.RECONCILER.standby = standby_check(
+            kube, args.peering, args.namespace, identity, priority
+        )
     liveness = None if args.liveness in ("", "off", "none") else args.liveness
     kopf.run(
         standalone=args.standalone,
         peering_name=None if args.standalone else args.peering,
         priority=None if args.standalone else priority,
+        identity=identity,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=liveness,
     )
     return 0
+
+
+def standby_check(
+    kube: Kube, peering: str, namespaces: Sequence[str], identity: str, priority: int
+) -> Callable[[], list[str]]:
+    """The live peers that pause this replica now, from every peering object it keeps alive:
+    the ClusterKopfPeering, or one KopfPeering per named namespace (glob patterns are left out)."""
+    scopes: list[str | None] = [n for n in namespaces if not any(c in n for c in "*?[")]
+    if not namespaces:
+        scopes = [None]
+
+    def check() -> list[str]:
+        now = dt.datetime.now(dt.UTC)
+        return sorted(
+            {
+                peer
+                for scope in scopes
+                for peer in outranking_peers(
+                    kube.peering_status(peering, scope), identity, priority, now
+                )
+            }
+        )
+
+    return check
 
 
 if __name__ == "__main__":

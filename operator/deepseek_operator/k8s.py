@@ -128,6 +128,21 @@ class Kube:
 
     # -------------------------------------------------------------------------- reading
 
+    def peering_status(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        """The keep-alives of kopf's peering object (ClusterKopfPeering when no namespace)."""
+        path = (
+            f"/apis/kopf.dev/v1/clusterkopfpeerings/{quote(name)}"
+            if namespace is None
+            else f"/apis/kopf.dev/v1/namespaces/{quote(namespace)}/kopfpeerings/{quote(name)}"
+        )
+        try:
+            body = self.request("GET", path)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict((body or {}).get("status") or {})
+
     def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get(KIND, namespace, name)
 

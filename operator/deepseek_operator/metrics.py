@@ -41,6 +41,11 @@ RESYNCS = Counter(
     "Reconciles started by the periodic resync (no event asked for them).",
     registry=REGISTRY,
 )
+PAUSED_TIMERS = Counter(
+    "dsop_paused_timer_skips",
+    "Retry and resync timers that found this replica paused by kopf peering and did nothing.",
+    registry=REGISTRY,
+)
 APPLIES = Counter(
     "dsop_applies", "Server-side applies of children, by kind.", ["kind"], registry=REGISTRY
 )

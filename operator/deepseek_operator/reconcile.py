@@ -9,7 +9,8 @@ reports (a missed event, a child edited so that it no longer names its owner) is
 
 The resync is a timer of this class rather than a kopf timer: kopf timers and daemons put a
 finalizer on every object, which the operator must not do (GitOps drift, deletion waiting on the
-operator, and its RBAC may not patch the object).
+operator, and its RBAC may not patch the object). Being its own, a timer first asks `standby`
+whether kopf peering has paused this replica in favour of another, and then does nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,8 @@ class Reconciler:
         # The last store resize the API server refused, per object: it is tried again on every
         # reconcile (the storage class may allow it by now) but logged only when it changes.
         self.refusals: dict[Key, str] = {}
+        # The live peers that pause this replica (kopf peering); timers skip their work while any.
+        self.standby: Callable[[], list[str]] | None = None
 
     # ------------------------------------------------------------------------ triggers
 
@@ -133,12 +136,29 @@ class Reconciler:
         if self.states.get(key) is not state:
             return  # forgotten (deleted) since the timer was set
         state.timer = None
+        task = asyncio.ensure_future(self._timed(key, state, resync))
+        self._tasks.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def _timed(self, key: Key, state: _State, resync: bool) -> None:
+        """A retry or resync, unless another replica leads (kopf paused this one's watches)."""
+        loop = asyncio.get_running_loop()
+        if self.standby is not None:
+            try:
+                peers = await loop.run_in_executor(self.pool, self.standby)
+            except Exception as exc:  # noqa: BLE001 - cannot tell: act, as an unpaused replica
+                log.debug("peering check failed (%s: %s)", type(exc).__name__, exc)
+                peers = []
+            if peers:
+                metrics.PAUSED_TIMERS.inc()
+                log.debug("%s/%s: timer skipped, paused in favour of %s", *key, ", ".join(peers))
+                delay = self.resync_delay() if self.resync > 0 else MAX_BACKOFF
+                self._schedule(loop, key, state, delay, resync=resync)
+                return
         if resync:
             metrics.RESYNCS.inc()
             log.debug("resync %s/%s", *key)
-        task = asyncio.ensure_future(self.trigger(*key))
-        self._tasks.add(task)  # the loop keeps only weak references to tasks
-        task.add_done_callback(self._tasks.discard)
+        await self.trigger(*key)
 
     def pod_event(self, namespace: str, owner: str, pod: Mapping[str, Any]) -> None:
         """Remember a worker pod seen failing, in case it is gone by the next List."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -805,6 +806,55 @@ def test_leader_election_by_peering(operator: OperatorProcess, dsd: Dsd) -> None
         follower.stop()
         leader.stop()
         peerings.delete_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", peering)
+        operator.start()
+
+
+def test_an_outranked_replica_keeps_its_timers_quiet(operator: OperatorProcess, dsd: Dsd) -> None:
+    """kopf pauses only its watches: once a live peer outranks a replica that led, that replica's
+    own resync timers must not reconcile, and must again once the peer is gone."""
+    operator.stop()
+    ns, peering = dsd.namespace, "dsop-timers"
+    peerings = client.CustomObjectsApi(dsd.api)
+    peerings.create_namespaced_custom_object(
+        "kopf.dev",
+        "v1",
+        ns,
+        "kopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering", "metadata": {"name": peering}},
+    )
+    replica = OperatorProcess(env=operator.env, log_dir=operator.log_dir / "outranked")
+    replica.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def sample(name: str) -> float:
+        return _metric(_get(replica.metrics_url)[1], name)
+
+    def keepalive(entry: dict[str, object] | None) -> None:
+        body = {"status": {"newer-leader": entry}}
+        peerings.patch_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings", peering, body)
+
+    ok = 'dsop_reconciles_total{result="ok"}'
+    try:
+        replica.start("--namespace", ns, "--peering", peering, "--priority", "10",
+                      "--resync-period", "1")  # fmt: skip
+        dsd.create(deployment("timed"))
+        dsd.wait_phase("timed", "Ready")
+        dsd.wait("resyncs", lambda: sample("dsop_resyncs_total") >= 2, timeout=30)
+        seen = datetime.now(UTC).isoformat()
+        keepalive({"priority": 100, "lifetime": 120, "lastseen": seen})
+        dsd.wait("kopf pauses", lambda: "Pausing operations" in replica.tail(200), timeout=30)
+        dsd.wait("a skipped timer", lambda: sample("dsop_paused_timer_skips_total") >= 1)
+        before, skips = sample(ok), sample("dsop_paused_timer_skips_total")
+        dsd.wait(
+            "more skipped timers",
+            lambda: sample("dsop_paused_timer_skips_total") >= skips + 2,
+            timeout=30,
+        )
+        assert sample(ok) == before, replica.tail()
+        keepalive(None)
+        dsd.wait("reconciles resume", lambda: sample(ok) > before, timeout=30)
+    finally:
+        replica.stop()
+        peerings.delete_namespaced_custom_object("kopf.dev", "v1", ns, "kopfpeerings", peering)
         operator.start()
 
 
