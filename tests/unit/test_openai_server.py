@@ -7,6 +7,7 @@ real engine loop, scheduler, sampler and text streaming run underneath.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,6 +170,44 @@ def test_streamed_chat_uses_template_and_ends_with_done(tmp_path: Path, served) 
     assert list(first.items[0].tokens) == ids("<s>", "User:", "w3", "Assistant:")
 
 
+def test_logprobs_of_completions_and_streamed_chat(served) -> None:
+    """The counting model puts logit 10 on its token and 0 on the other V - 1 (fp32 logprobs)."""
+    client, _, _ = served
+    v = len(WORDS)
+    want = 10.0 - math.log(math.exp(10.0) + v - 1)
+    other = -math.log(math.exp(10.0) + v - 1)
+    r = client.post(
+        "/v1/completions",
+        json={"prompt": "w1 w2", "max_tokens": 2, "temperature": 0, "logprobs": 2},
+    )
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert lp["tokens"] == ["w3", "w4"]
+    assert lp["token_logprobs"] == pytest.approx([want, want], abs=1e-6)
+    assert lp["text_offset"] == [0, 2]
+    assert len(lp["top_logprobs"]) == 2 and lp["top_logprobs"][0]["w3"] == pytest.approx(
+        want, abs=1e-6
+    )
+    assert sorted(lp["top_logprobs"][0].values())[0] == pytest.approx(other, abs=1e-6)
+    plain = client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 1})
+    assert plain.json()["choices"][0]["logprobs"] is None
+
+    body = {"messages": [{"role": "user", "content": "w3"}], "max_tokens": 2, "temperature": 0,
+            "stream": True, "logprobs": True, "top_logprobs": 1}  # fmt: skip
+    with client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        lines = [ln for ln in stream.iter_lines() if ln.startswith("data: {")]
+    entries = [
+        e
+        for ln in lines
+        for c in json.loads(ln[6:])["choices"]
+        for e in ((c.get("logprobs") or {}).get("content") or [])
+    ]
+    assert [e["token"] for e in entries] == ["w0", "w1"]
+    assert [e["bytes"] for e in entries] == [list(b"w0"), list(b"w1")]
+    assert [e["logprob"] for e in entries] == pytest.approx([want, want], abs=1e-6)
+    assert [[t["token"] for t in e["top_logprobs"]] for e in entries] == [["w0"], ["w1"]]
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [
@@ -180,6 +219,7 @@ def test_streamed_chat_uses_template_and_ends_with_done(tmp_path: Path, served) 
         ({"prompt": "w1", "max_tokens": 31}, "max_tokens"),
         ({"prompt": "w1", "model": "other"}, "model"),
         ({"max_tokens": 3}, "prompt"),
+        ({"prompt": "w1", "logprobs": 21}, "logprobs"),
     ],
 )
 def test_bad_requests_are_openai_shaped(served, body: dict, param: str) -> None:
@@ -282,3 +322,10 @@ def test_engine_failure_is_fatal_and_answers_500(served) -> None:
     assert len(state.fatal) == 1
     r = client.post("/v1/completions", json={"prompt": "w1"})
     assert r.status_code == 500 and "engine failed" in r.json()["error"]["message"]
+
+
+def test_chat_top_logprobs_need_logprobs(served) -> None:
+    client, _, _ = served
+    body = {"messages": [{"role": "user", "content": "w3"}], "top_logprobs": 2}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and "top_logprobs needs logprobs: true" in r.text

@@ -46,8 +46,10 @@ def generate(
     world: int = 1,
     fixed: str | None = None,
     calls: dict[str, int] | None = None,
+    logprobs: dict[int, list[float]] | None = None,
 ) -> tuple[list[list[int]], Metrics, int]:
     """Every prompt through one rank-0 engine loop: tokens per prompt, metrics, steps taken.
+    `logprobs`, when given, receives each prompt's token logprobs.
 
     fixed: run decode and draft passes as fixed-shape steps, eagerly ("eager-step"), traced by
     dynamo with fullgraph ("eager", the backend) or captured ("capture", cuda); `calls` counts them.
@@ -82,8 +84,16 @@ def generate(
             assert out.error is None, out.error
             with lock:
                 got.setdefault(i, []).extend(out.token_ids)
+                if logprobs is not None:
+                    logprobs.setdefault(i, []).extend(e.logprob for e in out.logprobs)
 
-        req = GenRequest(p, params or SamplingParams(temperature=0.0), NEW_TOKENS, ignore_eos=True)
+        req = GenRequest(
+            p,
+            params or SamplingParams(temperature=0.0),
+            NEW_TOKENS,
+            ignore_eos=True,
+            logprobs=0 if logprobs is not None else None,
+        )
         loop.submit(req, sink)
     steps = loop.run_until_idle()
     loaded.channel.send(Message(STOP))
@@ -101,6 +111,17 @@ def count(graphs: DecodeGraphs, calls: dict[str, int]) -> None:
         setattr(graphs, name, counted)
 
 
+@torch.no_grad()
+def assert_transformers_logprobs(
+    model: Any, tokens: list[list[int]], lps: dict[int, list[float]]
+) -> None:
+    """A token's logprob comes from the row that verified it, drafted or not: transformers'."""
+    for i, (prompt, toks) in enumerate(zip(PROMPTS, tokens, strict=True)):
+        logits = model(torch.tensor([prompt + toks[:-1]])).logits[0, len(prompt) - 1 :]
+        want = torch.log_softmax(logits.float(), -1)[torch.arange(len(toks)), toks]
+        torch.testing.assert_close(torch.tensor(lps[i]), want, atol=1e-4, rtol=0)
+
+
 def counter(metrics: Metrics, name: str) -> float:
     value = metrics.registry.get_sample_value(name)
     assert value is not None, name
@@ -115,8 +136,10 @@ def ref(tiny_v3: Path) -> Reference:
 def test_greedy_tokens_equal_transformers_whatever_the_drafts(
     tiny_v3: Path, ref: Reference
 ) -> None:
-    tokens, metrics, steps = generate(tiny_v3, engine_config(mtp=True))
+    lps: dict[int, list[float]] = {}
+    tokens, metrics, steps = generate(tiny_v3, engine_config(mtp=True), logprobs=lps)
     assert tokens == ref.tokens
+    assert_transformers_logprobs(ref.model, tokens, lps)
     drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
     accepted = counter(metrics, "dsworker_spec_accepted_tokens_total")
     # Every decode step after the first token carries one draft per running sequence.
@@ -183,9 +206,11 @@ def agreeing_mtp_copy(src: Path, dst: Path) -> Path:
 
 def test_an_agreeing_mtp_layer_has_every_draft_accepted(tiny_v3: Path, tmp_path: Path) -> None:
     ckpt = agreeing_mtp_copy(tiny_v3, tmp_path / "agreeing")
-    want = hf_reference(ckpt).tokens
-    tokens, metrics, steps = generate(ckpt, engine_config(mtp=True))
-    assert tokens == want
+    agreeing = hf_reference(ckpt)
+    lps: dict[int, list[float]] = {}
+    tokens, metrics, steps = generate(ckpt, engine_config(mtp=True), logprobs=lps)
+    assert tokens == agreeing.tokens
+    assert_transformers_logprobs(agreeing.model, tokens, lps)
     drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
     assert drafted > 0
     assert counter(metrics, "dsworker_spec_accepted_tokens_total") == drafted

@@ -184,6 +184,29 @@ def test_streamed_chat_matches_transformers(server: Server, reference) -> None:
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
 
 
+def test_logprobs_match_transformers(server: Server, reference) -> None:
+    """Each greedy token's logprob is transformers' log-softmax at that position (fp32)."""
+    model, tok = reference
+    prompt = [5, 17, 42, 99, 7, 250, 3]
+    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "logprobs": 3}  # fmt: skip
+    r = server.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    tokens, lp = choice["token_ids"], choice["logprobs"]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens[:-1]])).logits[0, len(prompt) - 1 :]
+    want = torch.log_softmax(logits.float(), -1)
+    assert lp["token_logprobs"] == pytest.approx(
+        [want[i, t].item() for i, t in enumerate(tokens)], abs=1e-4
+    )
+    assert lp["tokens"] == [tok.decode([t]) for t in tokens]
+    for i, top in enumerate(lp["top_logprobs"]):
+        best = want[i].topk(3)
+        assert max(top.values()) == pytest.approx(best.values[0].item(), abs=1e-4)
+        assert {tok.decode([t]) for t in best.indices.tolist()} <= set(top)
+
+
 def test_sampling_is_seeded(server: Server) -> None:
     body = {"prompt": [9, 8, 7], "max_tokens": 6, "temperature": 1.0, "top_p": 0.9, "seed": 4,
             "ignore_eos": True, "return_token_ids": True}  # fmt: skip

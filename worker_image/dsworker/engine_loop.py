@@ -68,16 +68,20 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k likeliest
 
 
 @dataclass(frozen=True)
 class Output:
-    """New text and tokens of one request since the last Output; final when finish_reason set."""
+    """New text and tokens of one request since the last Output; final when finish_reason set.
+
+    `logprobs` holds one entry per token of token_ids when the request asked for them."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: tuple[sampling.TokenLogprob, ...] = ()
 
 
 Sink = Callable[[Output], None]
@@ -239,10 +243,12 @@ class EngineLoop:
             )
             sampled = {it.seq_id: t for it, t in zip(sampled_items, tokens, strict=True)}
             self._count_drafts(sampled_items, tokens)
+        logprobs = self._logprobs(sampled_items, logits, sampled)
         now = time.monotonic()
         self.metrics.step_seconds.observe(now - t0)
         for ev in self.scheduler.update(step, sampled):
-            self._emit(ev.seq_id, ev.token, ev.finish_reason, now)
+            lps = logprobs.get(ev.seq_id)
+            self._emit(ev.seq_id, ev.token, ev.finish_reason, now, lps.pop(0) if lps else None)
         if self.runner.drafting:
             self._draft(step)
         dropped = self.runner.dropped_rows()
@@ -250,6 +256,23 @@ class EngineLoop:
             self.metrics.dropped_rows.inc(dropped - self._dropped_seen)
             self._dropped_seen = dropped
         return True
+
+    def _logprobs(
+        self,
+        items: list[StepItem],
+        logits: torch.Tensor | None,
+        sampled: dict[int, list[int]],
+    ) -> dict[int, list[sampling.TokenLogprob]]:
+        """Per sequence that asked: its emitted tokens' logprobs (token j from verify row j)."""
+        out: dict[int, list[sampling.TokenLogprob]] = {}
+        at = 0
+        for it in items:
+            top = self._live[it.seq_id].req.logprobs
+            if top is not None and logits is not None:
+                toks = sampled[it.seq_id]
+                out[it.seq_id] = sampling.token_logprobs(logits[at : at + len(toks)], toks, top)
+            at += it.verify_rows
+        return out
 
     def _count_drafts(self, items: list[StepItem], tokens: list[list[int]]) -> None:
         drafted = sum(it.drafts for it in items)
@@ -279,7 +302,14 @@ class EngineLoop:
             if live is not None:
                 live.sink(Output("", [], None, error=f"engine refused the batch: {exc}"))
 
-    def _emit(self, seq_id: int, token: int, reason: FinishReason | None, now: float) -> None:
+    def _emit(
+        self,
+        seq_id: int,
+        token: int,
+        reason: FinishReason | None,
+        now: float,
+        logprob: sampling.TokenLogprob | None = None,
+    ) -> None:
         live = self._live.get(seq_id)
         if live is None:
             return
@@ -295,7 +325,8 @@ class EngineLoop:
         if reason is not None:
             live.text.finish()
         text = live.text.take(final=reason is not None)
-        live.sink(Output(text, [token], reason.value if reason else None))
+        lps = (logprob,) if logprob is not None else ()
+        live.sink(Output(text, [token], reason.value if reason else None, logprobs=lps))
         if reason is not None:
             del self._live[seq_id]
             self.metrics.finished.labels(reason.value).inc()

@@ -13,13 +13,21 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dsworker.sampling import SamplingParams
 
 T = TypeVar("T", bound=BaseModel)
 
 MAX_STOP_STRINGS = 4
+MAX_LOGPROBS = 20  # likeliest alternatives a request may ask for per token (vLLM's default cap)
 MAX_STOP_CHARS = 256
 
 
@@ -76,7 +84,6 @@ class _Common(BaseModel):
     return_token_ids: bool = Field(False, description="Extension: add token_ids to choices.")
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logprobs: Any = None
     user: str | None = None
 
     @field_validator("stop")
@@ -96,13 +103,6 @@ class _Common(BaseModel):
             raise ValueError("penalties are not supported; send 0 or leave it out")
         return v
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: Any) -> Any:
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        return v
-
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -117,6 +117,9 @@ class CompletionRequest(_Common):
     """POST /v1/completions: one prompt, as text or as token ids."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="Each token's logprob and this many likeliest."
+    )
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=1)
@@ -134,6 +137,9 @@ class CompletionRequest(_Common):
         if v:
             raise ValueError("suffix is not supported")
         return v
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt; a one-element batch is unwrapped, larger batches are refused."""
@@ -181,6 +187,17 @@ class ChatCompletionRequest(_Common):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as the chat template sees them ('developer' is OpenAI's newer 'system')."""
@@ -272,12 +289,13 @@ def _response(
     finish_reason: str | None,
     token_ids: list[int] | None,
     tokens: tuple[int, int] | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One OpenAI response or stream chunk with a single choice; `tokens` adds usage."""
     choice: dict[str, Any] = {
         "index": 0,
         key: value,
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
     if token_ids is not None:
@@ -302,17 +320,25 @@ def completion_body(
     prompt_tokens: int,
     completion_tokens: int,
     token_ids: list[int] | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return _response(
         rid, "text_completion", model, "text", text, finish_reason, token_ids,
-        (prompt_tokens, completion_tokens),
+        (prompt_tokens, completion_tokens), logprobs,
     )  # fmt: skip
 
 
 def completion_chunk(
-    rid: str, model: str, text: str, finish_reason: str | None, token_ids: list[int] | None
+    rid: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    token_ids: list[int] | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return _response(rid, "text_completion", model, "text", text, finish_reason, token_ids)
+    return _response(
+        rid, "text_completion", model, "text", text, finish_reason, token_ids, None, logprobs
+    )
 
 
 def chat_body(
@@ -323,11 +349,12 @@ def chat_body(
     prompt_tokens: int,
     completion_tokens: int,
     token_ids: list[int] | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     message = {"role": "assistant", "content": text}
     return _response(
         rid, "chat.completion", model, "message", message, finish_reason, token_ids,
-        (prompt_tokens, completion_tokens),
+        (prompt_tokens, completion_tokens), logprobs,
     )  # fmt: skip
 
 
@@ -337,8 +364,12 @@ def chat_chunk(
     delta: dict[str, str],
     finish_reason: str | None,
     token_ids: list[int] | None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return _response(rid, "chat.completion.chunk", model, "delta", delta, finish_reason, token_ids)
+    return _response(
+        rid, "chat.completion.chunk", model, "delta", delta, finish_reason, token_ids, None,
+        logprobs,
+    )  # fmt: skip
 
 
 def usage_chunk(

@@ -8,6 +8,7 @@ logits live on and moves only the chosen ids to the host; greedy rows are a sing
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -166,3 +167,28 @@ def verify(
             out.append(_accept_sampled(logits[rows], d, p, g))
         at += 1 + len(d)
     return out
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability and the most likely alternatives (token, logprob)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(rows: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """rows[j]: the logits tokens[j] was chosen from. Log-probabilities are the model's own
+    (before temperature, top-k and top-p, as vLLM reports them), with `top` alternatives each."""
+    lp = torch.log_softmax(rows.float(), dim=-1)
+    index = torch.tensor(list(tokens), dtype=torch.long, device=lp.device)[:, None]
+    chosen = lp.gather(1, index)[:, 0].tolist()
+    alts: list[tuple[tuple[int, float], ...]] = [()] * len(chosen)
+    if top > 0:
+        values, ids = lp.topk(min(top, lp.shape[-1]), dim=-1)
+        alts = [
+            tuple(zip(i, v, strict=True))
+            for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+        ]
+    return [TokenLogprob(t, c, a) for t, c, a in zip(tokens, chosen, alts, strict=True)]

@@ -23,6 +23,8 @@ from dsworker.chat_template import ChatTemplateError, render_chat
 from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import GenRequest, Output, Sink
 from dsworker.metrics import Metrics
+from dsworker.openai_logprobs import chat_logprobs, completion_logprobs
+from dsworker.sampling import TokenLogprob
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -195,7 +197,12 @@ def create_app(state: ServerState) -> FastAPI:
             stop=body.stop_list,
             stop_token_ids=state.tokenizer.eos_token_ids,
             ignore_eos=body.ignore_eos,
+            logprobs=body.logprob_count(),
         )
+
+    def _token_text(token: int) -> str:
+        assert state.tokenizer is not None
+        return state.tokenizer.decode([token], skip_special_tokens=False)
 
     async def _completions(raw: bytes) -> Response:
         assert state.tokenizer is not None
@@ -207,20 +214,27 @@ def create_app(state: ServerState) -> FastAPI:
         rid = oa.new_id("cmpl")
         model = state.config.modelName
         want_ids = body.return_token_ids
+        want_lps = gen.logprobs is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            offset = 0
 
             def chunk(out: Output) -> list[dict[str, Any]]:
-                if not (out.text or out.finish_reason or want_ids):
+                nonlocal offset
+                if not (out.text or out.finish_reason or want_ids or want_lps):
                     return []  # a token that completes no character yet
                 ids = out.token_ids if want_ids else None
-                return [oa.completion_chunk(rid, model, out.text, out.finish_reason, ids)]
+                lps = None
+                if want_lps:
+                    lps = completion_logprobs(out.logprobs, _token_text, offset)
+                    offset += sum(len(t) for t in lps["tokens"])
+                return [oa.completion_chunk(rid, model, out.text, out.finish_reason, ids, lps)]
 
             def usage_chunk(n: int) -> dict[str, Any]:
                 return oa.usage_chunk(rid, "text_completion", model, len(gen.prompt), n)
 
             return _streaming(gen, chunk, usage_chunk if include_usage else None)
-        text, ids_out, reason = await _collect(gen)
+        text, ids_out, reason, entries = await _collect(gen)
         return JSONResponse(
             oa.completion_body(
                 rid,
@@ -230,6 +244,7 @@ def create_app(state: ServerState) -> FastAPI:
                 len(gen.prompt),
                 len(ids_out),
                 ids_out if want_ids else None,
+                completion_logprobs(entries, _token_text) if want_lps else None,
             )
         )
 
@@ -252,6 +267,7 @@ def create_app(state: ServerState) -> FastAPI:
         rid = oa.new_id("chatcmpl")
         model = state.config.modelName
         want_ids = body.return_token_ids
+        want_lps = gen.logprobs is not None
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             first = True
@@ -259,22 +275,23 @@ def create_app(state: ServerState) -> FastAPI:
             def chunk(out: Output) -> list[dict[str, Any]]:
                 nonlocal first
                 ids = out.token_ids if want_ids else None
+                lps = chat_logprobs(out.logprobs, _token_text) if want_lps else None
                 chunks = []
                 if first:
                     first = False
                     chunks.append(
                         oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None, None)
                     )
-                if out.text or out.finish_reason or want_ids:
+                if out.text or out.finish_reason or want_ids or want_lps:
                     delta = {"content": out.text} if out.text else {}
-                    chunks.append(oa.chat_chunk(rid, model, delta, out.finish_reason, ids))
+                    chunks.append(oa.chat_chunk(rid, model, delta, out.finish_reason, ids, lps))
                 return chunks
 
             def usage_chunk(n: int) -> dict[str, Any]:
                 return oa.usage_chunk(rid, "chat.completion.chunk", model, len(gen.prompt), n)
 
             return _streaming(gen, chunk, usage_chunk if include_usage else None)
-        text, ids_out, reason = await _collect(gen)
+        text, ids_out, reason, entries = await _collect(gen)
         return JSONResponse(
             oa.chat_body(
                 rid,
@@ -284,6 +301,7 @@ def create_app(state: ServerState) -> FastAPI:
                 len(gen.prompt),
                 len(ids_out),
                 ids_out if want_ids else None,
+                chat_logprobs(entries, _token_text) if want_lps else None,
             )
         )
 
@@ -296,11 +314,15 @@ def create_app(state: ServerState) -> FastAPI:
             raise oa.ApiError(str(exc), status=500, type="server_error") from None
         return seq_id, stream
 
-    async def _collect(gen: GenRequest) -> tuple[str, list[int], str | None]:
+    async def _collect(
+        gen: GenRequest,
+    ) -> tuple[str, list[int], str | None, list[TokenLogprob]]:
+        """The whole answer: text, token ids, finish reason and (when asked) token logprobs."""
         assert state.engine is not None
         seq_id, stream = _submit(gen)
         parts: list[str] = []
         ids: list[int] = []
+        entries: list[TokenLogprob] = []
         try:
             while True:
                 out = await stream.queue.get()
@@ -308,8 +330,9 @@ def create_app(state: ServerState) -> FastAPI:
                     raise oa.ApiError(out.error, status=500, type="server_error")
                 parts.append(out.text)
                 ids += out.token_ids
+                entries += out.logprobs
                 if out.finish_reason is not None:
-                    return "".join(parts), ids, out.finish_reason
+                    return "".join(parts), ids, out.finish_reason, entries
         except asyncio.CancelledError:
             state.engine.abort(seq_id)
             raise
