@@ -154,3 +154,25 @@ def test_speculative_sampling_keeps_the_model_distribution(draft: int) -> None:
     freq = counts / n
     assert (freq - p).abs().max() < 0.015, freq
     assert counts[draft] > 0 and bonus == int(counts[draft])  # every acceptance brings its bonus
+
+
+def test_penalties_follow_the_generated_tokens_and_the_drafts_before_each_row() -> None:
+    rows = torch.zeros(3, 6)
+    p = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=1.0)
+    got = sampling.apply_penalties(rows, [1, 1, 2], [4, 4], p)
+    # row 0: token 1 twice, 2 once; row 1 adds draft 4 once; row 2 adds it again
+    assert got[0].tolist() == [0, -2.5, -1.5, 0, 0, 0]
+    assert got[1].tolist() == [0, -2.5, -1.5, 0, -1.5, 0]
+    assert got[2].tolist() == [0, -2.5, -1.5, 0, -2.5, 0]
+    assert rows.abs().sum() == 0  # the caller's logits are left alone
+
+
+def test_greedy_with_penalties_moves_off_repeated_tokens() -> None:
+    logits = torch.tensor([[0.0, 3.0, 2.5, 0.0], [0.0, 3.0, 2.5, 0.0]])
+    plain = SamplingParams(temperature=0.0)
+    pen = SamplingParams(temperature=0.0, frequency_penalty=1.0)
+    assert sampling.verify(logits, [(), ()], [plain, pen], [None, None], [[1], [1]]) == [[1], [2]]
+    # With a draft: row 0 (after [1]) picks 2, so draft 1 is rejected for the penalised request.
+    got = sampling.verify(logits, [(1,)], [pen], [None], [[1]])
+    assert got == [[2]]
+    assert sampling.verify(logits, [(1,)], [plain], [None], [[1]]) == [[1, 1]]

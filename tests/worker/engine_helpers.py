@@ -252,3 +252,17 @@ def hf_mtp_logits(path: Path, ref: Reference, prompt: int, next_token: int) -> t
     )
     h = norm("shared_head.norm.weight")(x)
     return torch.nn.functional.linear(h, w["shared_head.head.weight"])[0]
+
+
+@torch.no_grad()
+def hf_penalized_greedy(
+    model: Any, prompt: list[int], n: int, presence: float, frequency: float
+) -> list[int]:
+    """transformers' greedy continuation under OpenAI's presence/frequency penalties."""
+    out: list[int] = []
+    for _ in range(n):
+        logits = model(torch.tensor([prompt + out])).logits[0, -1].float()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.shape[0])
+        logits -= frequency * counts + presence * (counts > 0)
+        out.append(int(logits.argmax()))
+    return out

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from engine_helpers import NEW_TOKENS, PROMPTS, Reference, hf_reference
+from engine_helpers import NEW_TOKENS, PROMPTS, Reference, hf_penalized_greedy, hf_reference
 from safetensors.torch import load_file, save_file
 
 from dsworker.control import DistChannel
@@ -150,6 +150,16 @@ def test_greedy_tokens_equal_transformers_whatever_the_drafts(
     assert plain == ref.tokens
     assert counter(plain_metrics, "dsworker_spec_draft_tokens_total") == 0
     assert steps <= plain_steps
+
+
+def test_penalties_with_drafts_equal_transformers(tiny_v3: Path, ref: Reference) -> None:
+    """A draft's row is penalised for the draft too: greedy output stays transformers'."""
+    params = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=1.5)
+    want = [hf_penalized_greedy(ref.model, p, NEW_TOKENS, 0.5, 1.5) for p in PROMPTS]
+    for ckpt_cfg in (engine_config(mtp=True), engine_config(mtp=False)):
+        tokens, _, _ = generate(tiny_v3, ckpt_cfg, params)
+        assert tokens == want
+    assert want != ref.tokens
 
 
 def test_seeded_sampling_with_drafts_repeats(tiny_v3: Path) -> None:

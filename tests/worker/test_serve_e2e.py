@@ -23,6 +23,7 @@ import httpx
 import psutil
 import pytest
 import torch
+from engine_helpers import hf_penalized_greedy
 
 ENGINE_CONFIG = {
     "modelName": "tiny-v3",
@@ -205,6 +206,18 @@ def test_logprobs_match_transformers(server: Server, reference) -> None:
         best = want[i].topk(3)
         assert max(top.values()) == pytest.approx(best.values[0].item(), abs=1e-4)
         assert {tok.decode([t]) for t in best.indices.tolist()} <= set(top)
+
+
+def test_penalties_match_transformers(server: Server, reference) -> None:
+    model, _ = reference
+    prompt = [5, 17, 42, 99, 7, 250, 3]
+    body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "presence_penalty": 0.5, "frequency_penalty": 1.5}  # fmt: skip
+    r = server.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()["choices"][0]["token_ids"]
+    assert got == hf_penalized_greedy(model, prompt, NEW_TOKENS, 0.5, 1.5)
+    assert got != greedy(model, prompt, NEW_TOKENS)  # the penalties changed something
 
 
 def test_sampling_is_seeded(server: Server) -> None:

@@ -240,6 +240,7 @@ class EngineLoop:
                 [it.tokens[len(it.tokens) - it.drafts :] for it in sampled_items],
                 [lv.req.params for lv in lives],
                 [lv.generator for lv in lives],
+                [self.scheduler.running[it.seq_id].output for it in sampled_items],
             )
             sampled = {it.seq_id: t for it, t in zip(sampled_items, tokens, strict=True)}
             self._count_drafts(sampled_items, tokens)

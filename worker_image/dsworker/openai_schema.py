@@ -82,8 +82,8 @@ class _Common(BaseModel):
     n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
     ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence.")
     return_token_ids: bool = Field(False, description="Extension: add token_ids to choices.")
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
 
     @field_validator("stop")
@@ -96,20 +96,18 @@ class _Common(BaseModel):
             raise ValueError(f"stop sequences must be 1..{MAX_STOP_CHARS} characters")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("penalties are not supported; send 0 or leave it out")
-        return v
-
     @property
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, seed=self.seed
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
         )
 
 

@@ -129,6 +129,7 @@ class ModelRunner:
         none of the inputs are its own; with no inputs at all every rank skips it alike.
         """
         if not inputs:
+            self._hidden, self._offsets = None, {}
             return {} if self.groups.rank == 0 else None
         if self._graphed:  # world 1: every item is this rank's, in step order
             assert self.graphs is not None

@@ -25,10 +25,16 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
+    presence_penalty: float = 0.0  # subtracted once from each token already generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was already generated
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
@@ -134,16 +140,37 @@ def _accept_sampled(
     return out
 
 
+def apply_penalties(
+    rows: torch.Tensor, generated: Sequence[int], drafts: Sequence[int], params: SamplingParams
+) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties on one item's rows (fp32 copy): row j follows
+    the tokens generated so far plus the item's first j drafts."""
+    out = rows.float().clone()
+    vocab = out.shape[-1]
+    seen = list(generated)
+    for j in range(out.shape[0]):
+        if j:
+            seen.append(drafts[j - 1])
+        if not seen:
+            continue
+        ids = torch.tensor(seen, dtype=torch.long, device=out.device)
+        counts = torch.bincount(ids, minlength=vocab)[:vocab].to(out.dtype)
+        out[j] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return out
+
+
 def verify(
     logits: torch.Tensor,
     drafts: list[tuple[int, ...]],
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    generated: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """Tokens each item emits from its 1 + len(drafts) rows of `logits` (items back to back).
 
     Row j of an item holds the logits after its j-th input (the last real token, then each
-    draft). Without drafts this is `sample`: one token per item.
+    draft). `generated` (each item's tokens so far) feeds the penalties of requests that set
+    them. Without drafts or penalties this is `sample`: one token per item.
     """
     n_rows = sum(1 + len(d) for d in drafts)
     if (
@@ -154,17 +181,20 @@ def verify(
         raise ValueError(
             f"logits {tuple(logits.shape)} do not match {len(drafts)} items with {n_rows} rows"
         )
-    if not any(drafts):
+    if not any(drafts) and not any(p.penalized for p in params):
         return [[t] for t in sample(logits, params, generators)]
     best = torch.argmax(logits, dim=-1).tolist()
     out: list[list[int]] = []
     at = 0
-    for d, p, g in zip(drafts, params, generators, strict=True):
-        rows = slice(at, at + 1 + len(d))
+    for i, (d, p, g) in enumerate(zip(drafts, params, generators, strict=True)):
+        span = slice(at, at + 1 + len(d))
+        rows = logits[span]
+        if p.penalized:
+            rows = apply_penalties(rows, generated[i] if generated else (), d, p)
         if p.greedy:
-            out.append(_accept_greedy(best[rows], d))
+            out.append(_accept_greedy(rows.argmax(-1).tolist() if p.penalized else best[span], d))
         else:
-            out.append(_accept_sampled(logits[rows], d, p, g))
+            out.append(_accept_sampled(rows, d, p, g))
         at += 1 + len(d)
     return out
 
