@@ -213,7 +213,7 @@ def test_logprobs_of_completions_and_streamed_chat(served) -> None:
     [
         ({"prompt": "w1", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "w1", "temperature": 5}, "temperature"),
-        ({"prompt": "w1", "n": 3}, "n"),
+        ({"prompt": "w1", "n": 17}, "n"),
         ({"prompt": "w1", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"prompt": [999]}, "prompt"),
         ({"prompt": "w1", "max_tokens": 31}, "max_tokens"),
@@ -259,7 +259,7 @@ def test_long_prompts_refused_or_truncated(served) -> None:
 def test_metrics_count_requests_and_tokens(served) -> None:
     client, _, _ = served
     client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2, "temperature": 0})
-    client.post("/v1/completions", json={"prompt": "w1", "n": 2})
+    client.post("/v1/completions", json={"prompt": "w1", "n": 17})
     text = client.get("/metrics").text
     assert 'dsworker_requests_total{endpoint="/v1/completions",status="200"} 1.0' in text
     assert 'dsworker_requests_total{endpoint="/v1/completions",status="400"} 1.0' in text
@@ -329,3 +329,34 @@ def test_chat_top_logprobs_need_logprobs(served) -> None:
     body = {"messages": [{"role": "user", "content": "w3"}], "top_logprobs": 2}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 400 and "top_logprobs needs logprobs: true" in r.text
+
+
+def test_n_choices_each_a_sequence(served) -> None:
+    client, _, runner = served
+    r = client.post(
+        "/v1/completions", json={"prompt": "w1", "max_tokens": 2, "temperature": 0, "n": 3}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert {c["text"] for c in body["choices"]} == {" w2 w3"}
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 6, "total_tokens": 8}
+    # Three sequences: two batched (maxBatchSize 2), the third in the next free slot.
+    assert max(len(step.items) for step in runner.steps) == 2
+
+    req = {"messages": [{"role": "user", "content": "w3"}], "max_tokens": 2, "temperature": 0,
+           "n": 2, "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with client.stream("POST", "/v1/chat/completions", json=req) as stream:
+        lines = [ln for ln in stream.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    texts: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    for c in chunks[:-1]:
+        [ch] = c["choices"]
+        texts[ch["index"]] = texts.get(ch["index"], "") + ch["delta"].get("content", "")
+        if ch["finish_reason"]:
+            finished[ch["index"]] = ch["finish_reason"]
+    assert {i: t.split() for i, t in texts.items()} == {0: ["w0", "w1"], 1: ["w0", "w1"]}
+    assert finished == {0: "length", 1: "length"}
+    assert chunks[-1]["usage"]["completion_tokens"] == 4

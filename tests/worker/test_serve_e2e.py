@@ -226,6 +226,10 @@ def test_sampling_is_seeded(server: Server) -> None:
     a = server.post("/v1/completions", json=body).json()["choices"][0]["token_ids"]
     b = server.post("/v1/completions", json=body).json()["choices"][0]["token_ids"]
     assert a == b and len(a) == 6
+    # n choices: choice i is the same request seeded seed + i.
+    both = server.post("/v1/completions", json={**body, "n": 2}).json()["choices"]
+    c = server.post("/v1/completions", json={**body, "seed": 5}).json()["choices"][0]["token_ids"]
+    assert [ch["token_ids"] for ch in both] == [a, c]
 
 
 def test_bad_requests_are_openai_errors(server: Server) -> None:

@@ -27,6 +27,7 @@ from dsworker.sampling import SamplingParams
 T = TypeVar("T", bound=BaseModel)
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16  # n: each choice is a sequence of its own, holding a KV slot
 MAX_LOGPROBS = 20  # likeliest alternatives a request may ask for per token (vLLM's default cap)
 MAX_STOP_CHARS = 256
 
@@ -79,7 +80,7 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices, each its own sequence.")
     ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence.")
     return_token_ids: bool = Field(False, description="Extension: add token_ids to choices.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
@@ -278,107 +279,48 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def _response(
-    rid: str,
-    obj: str,
-    model: str,
+def choice(
+    index: int,
     key: str,
     value: Any,
     finish_reason: str | None,
-    token_ids: list[int] | None,
-    tokens: tuple[int, int] | None = None,
+    token_ids: list[int] | None = None,
     logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One OpenAI response or stream chunk with a single choice; `tokens` adds usage."""
-    choice: dict[str, Any] = {
-        "index": 0,
+    """One choice: `key` is "text" (completions), "message" (chat) or "delta" (chat chunks)."""
+    out: dict[str, Any] = {
+        "index": index,
         key: value,
         "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
     if token_ids is not None:
-        choice["token_ids"] = token_ids
+        out["token_ids"] = token_ids
+    return out
+
+
+def response(
+    rid: str,
+    obj: str,
+    model: str,
+    choices: list[dict[str, Any]],
+    tokens: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """An OpenAI response or stream chunk; `tokens` (prompt, completion) adds usage."""
     body: dict[str, Any] = {
         "id": rid,
         "object": obj,
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": choices,
     }
     if tokens is not None:
         body["usage"] = usage(*tokens)
     return body
 
 
-def completion_body(
-    rid: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
-    token_ids: list[int] | None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return _response(
-        rid, "text_completion", model, "text", text, finish_reason, token_ids,
-        (prompt_tokens, completion_tokens), logprobs,
-    )  # fmt: skip
-
-
-def completion_chunk(
-    rid: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    token_ids: list[int] | None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return _response(
-        rid, "text_completion", model, "text", text, finish_reason, token_ids, None, logprobs
-    )
-
-
-def chat_body(
-    rid: str,
-    model: str,
-    text: str,
-    finish_reason: str | None,
-    prompt_tokens: int,
-    completion_tokens: int,
-    token_ids: list[int] | None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    message = {"role": "assistant", "content": text}
-    return _response(
-        rid, "chat.completion", model, "message", message, finish_reason, token_ids,
-        (prompt_tokens, completion_tokens), logprobs,
-    )  # fmt: skip
-
-
-def chat_chunk(
-    rid: str,
-    model: str,
-    delta: dict[str, str],
-    finish_reason: str | None,
-    token_ids: list[int] | None,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return _response(
-        rid, "chat.completion.chunk", model, "delta", delta, finish_reason, token_ids, None,
-        logprobs,
-    )  # fmt: skip
-
-
 def usage_chunk(
     rid: str, obj: str, model: str, prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
     """The last stream chunk when stream_options.include_usage asks for it: no choices."""
-    return {
-        "id": rid,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return response(rid, obj, model, [], (prompt_tokens, completion_tokens))

@@ -7,6 +7,7 @@ Every client mistake is answered as OpenAI's error JSON (4xx), never as a FastAP
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -94,14 +95,18 @@ def _sse(data: dict[str, Any] | str) -> bytes:
 
 
 class _Stream:
-    """Bridge from the engine thread's sink to an asyncio queue on the server's loop."""
+    """Bridge from the engine thread's sinks to one asyncio queue on the server's loop: each
+    choice's sink tags its Outputs with the choice's index."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.queue: asyncio.Queue[Output] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Output]] = asyncio.Queue()
         self._loop = loop
 
-    def sink(self, out: Output) -> None:
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, out)
+    def sink(self, index: int) -> Sink:
+        def put(out: Output) -> None:
+            self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
+
+        return put
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -184,21 +189,28 @@ def create_app(state: ServerState) -> FastAPI:
                 code="model_not_found",
             )
 
-    def _gen_request(body: oa._Common, prompt: list[int], default_max: int) -> GenRequest:
+    def _gen_requests(body: oa._Common, prompt: list[int], default_max: int) -> list[GenRequest]:
+        """One engine request per choice (n); a seeded request's choice i is seeded seed + i."""
         assert state.tokenizer is not None
         limits = state.limits
         prompt = oa.check_prompt_ids(prompt, limits)
         requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        max_tokens = oa.resolve_max_tokens(requested, default_max, len(prompt), limits)
-        return GenRequest(
+        params = body.sampling()
+        gen = GenRequest(
             prompt=prompt,
-            params=body.sampling(),
-            max_tokens=max_tokens,
+            params=params,
+            max_tokens=oa.resolve_max_tokens(requested, default_max, len(prompt), limits),
             stop=body.stop_list,
             stop_token_ids=state.tokenizer.eos_token_ids,
             ignore_eos=body.ignore_eos,
             logprobs=body.logprob_count(),
         )
+        if params.seed is None:
+            return [gen] * body.n
+        return [
+            dataclasses.replace(gen, params=dataclasses.replace(params, seed=params.seed + i))
+            for i in range(body.n)
+        ]
 
     def _token_text(token: int) -> str:
         assert state.tokenizer is not None
@@ -210,43 +222,33 @@ def create_app(state: ServerState) -> FastAPI:
         _check_model(body.model)
         prompt = body.single_prompt()
         ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        gen = _gen_request(body, ids, COMPLETION_DEFAULT_MAX_TOKENS)
-        rid = oa.new_id("cmpl")
-        model = state.config.modelName
+        gens = _gen_requests(body, ids, COMPLETION_DEFAULT_MAX_TOKENS)
+        rid, model, obj = oa.new_id("cmpl"), state.config.modelName, "text_completion"
+        n_prompt = len(gens[0].prompt)
         want_ids = body.return_token_ids
-        want_lps = gen.logprobs is not None
+        want_lps = gens[0].logprobs is not None
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            offset = 0
+            offsets = [0] * len(gens)
 
-            def chunk(out: Output) -> list[dict[str, Any]]:
-                nonlocal offset
+            def chunk(index: int, out: Output) -> list[dict[str, Any]]:
                 if not (out.text or out.finish_reason or want_ids or want_lps):
                     return []  # a token that completes no character yet
-                ids = out.token_ids if want_ids else None
                 lps = None
                 if want_lps:
-                    lps = completion_logprobs(out.logprobs, _token_text, offset)
-                    offset += sum(len(t) for t in lps["tokens"])
-                return [oa.completion_chunk(rid, model, out.text, out.finish_reason, ids, lps)]
+                    lps = completion_logprobs(out.logprobs, _token_text, offsets[index])
+                    offsets[index] += sum(len(t) for t in lps["tokens"])
+                ids = out.token_ids if want_ids else None
+                c = oa.choice(index, "text", out.text, out.finish_reason, ids, lps)
+                return [oa.response(rid, obj, model, [c])]
 
-            def usage_chunk(n: int) -> dict[str, Any]:
-                return oa.usage_chunk(rid, "text_completion", model, len(gen.prompt), n)
-
-            return _streaming(gen, chunk, usage_chunk if include_usage else None)
-        text, ids_out, reason, entries = await _collect(gen)
-        return JSONResponse(
-            oa.completion_body(
-                rid,
-                model,
-                text,
-                reason,
-                len(gen.prompt),
-                len(ids_out),
-                ids_out if want_ids else None,
-                completion_logprobs(entries, _token_text) if want_lps else None,
-            )
-        )
+            return _streaming(gens, chunk, obj, model, rid, _include_usage(body))
+        choices, used = [], 0
+        for index, (text, ids_out, reason, entries) in enumerate(await _collect_all(gens)):
+            lps = completion_logprobs(entries, _token_text) if want_lps else None
+            ids = ids_out if want_ids else None
+            choices.append(oa.choice(index, "text", text, reason, ids, lps))
+            used += len(ids_out)
+        return JSONResponse(oa.response(rid, obj, model, choices, (n_prompt, used)))
 
     async def _chat(raw: bytes) -> Response:
         tok = state.tokenizer
@@ -263,69 +265,65 @@ def create_app(state: ServerState) -> FastAPI:
             )
         except ChatTemplateError as exc:
             raise oa.ApiError(str(exc), param="messages") from None
-        gen = _gen_request(body, tok.encode(text, add_bos=False), state.config.maxNewTokens)
-        rid = oa.new_id("chatcmpl")
-        model = state.config.modelName
+        gens = _gen_requests(body, tok.encode(text, add_bos=False), state.config.maxNewTokens)
+        rid, model = oa.new_id("chatcmpl"), state.config.modelName
+        n_prompt = len(gens[0].prompt)
         want_ids = body.return_token_ids
-        want_lps = gen.logprobs is not None
+        want_lps = gens[0].logprobs is not None
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            first = True
+            obj = "chat.completion.chunk"
+            started = [False] * len(gens)
 
-            def chunk(out: Output) -> list[dict[str, Any]]:
-                nonlocal first
-                ids = out.token_ids if want_ids else None
-                lps = chat_logprobs(out.logprobs, _token_text) if want_lps else None
+            def chunk(index: int, out: Output) -> list[dict[str, Any]]:
                 chunks = []
-                if first:
-                    first = False
+                if not started[index]:
+                    started[index] = True
+                    role = {"role": "assistant", "content": ""}
                     chunks.append(
-                        oa.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None, None)
+                        oa.response(rid, obj, model, [oa.choice(index, "delta", role, None)])
                     )
                 if out.text or out.finish_reason or want_ids or want_lps:
                     delta = {"content": out.text} if out.text else {}
-                    chunks.append(oa.chat_chunk(rid, model, delta, out.finish_reason, ids, lps))
+                    ids = out.token_ids if want_ids else None
+                    lps = chat_logprobs(out.logprobs, _token_text) if want_lps else None
+                    c = oa.choice(index, "delta", delta, out.finish_reason, ids, lps)
+                    chunks.append(oa.response(rid, obj, model, [c]))
                 return chunks
 
-            def usage_chunk(n: int) -> dict[str, Any]:
-                return oa.usage_chunk(rid, "chat.completion.chunk", model, len(gen.prompt), n)
+            return _streaming(gens, chunk, obj, model, rid, _include_usage(body))
+        choices, used = [], 0
+        for index, (text, ids_out, reason, entries) in enumerate(await _collect_all(gens)):
+            message = {"role": "assistant", "content": text}
+            lps = chat_logprobs(entries, _token_text) if want_lps else None
+            ids = ids_out if want_ids else None
+            choices.append(oa.choice(index, "message", message, reason, ids, lps))
+            used += len(ids_out)
+        return JSONResponse(oa.response(rid, "chat.completion", model, choices, (n_prompt, used)))
 
-            return _streaming(gen, chunk, usage_chunk if include_usage else None)
-        text, ids_out, reason, entries = await _collect(gen)
-        return JSONResponse(
-            oa.chat_body(
-                rid,
-                model,
-                text,
-                reason,
-                len(gen.prompt),
-                len(ids_out),
-                ids_out if want_ids else None,
-                chat_logprobs(entries, _token_text) if want_lps else None,
-            )
-        )
+    def _include_usage(body: oa._Common) -> bool:
+        return bool(body.stream_options and body.stream_options.include_usage)
 
-    def _submit(gen: GenRequest) -> tuple[int, _Stream]:
+    def _submit(gen: GenRequest, sink: Sink) -> int:
         assert state.engine is not None
-        stream = _Stream(asyncio.get_running_loop())
         try:
-            seq_id = state.engine.submit(gen, stream.sink)
+            return state.engine.submit(gen, sink)
         except RuntimeError as exc:
             raise oa.ApiError(str(exc), status=500, type="server_error") from None
-        return seq_id, stream
 
     async def _collect(
         gen: GenRequest,
     ) -> tuple[str, list[int], str | None, list[TokenLogprob]]:
         """The whole answer: text, token ids, finish reason and (when asked) token logprobs."""
-        assert state.engine is not None
-        seq_id, stream = _submit(gen)
+        engine = state.engine
+        assert engine is not None
+        stream = _Stream(asyncio.get_running_loop())
+        seq_id = _submit(gen, stream.sink(0))
         parts: list[str] = []
         ids: list[int] = []
         entries: list[TokenLogprob] = []
         try:
             while True:
-                out = await stream.queue.get()
+                _, out = await stream.queue.get()
                 if out.error:
                     raise oa.ApiError(out.error, status=500, type="server_error")
                 parts.append(out.text)
@@ -333,42 +331,64 @@ def create_app(state: ServerState) -> FastAPI:
                 entries += out.logprobs
                 if out.finish_reason is not None:
                     return "".join(parts), ids, out.finish_reason, entries
-        except asyncio.CancelledError:
-            state.engine.abort(seq_id)
+        except (asyncio.CancelledError, oa.ApiError):
+            engine.abort(seq_id)
+            raise
+
+    async def _collect_all(
+        gens: list[GenRequest],
+    ) -> list[tuple[str, list[int], str | None, list[TokenLogprob]]]:
+        """Every choice's answer; one failing cancels (and so aborts) the others."""
+        tasks = [asyncio.ensure_future(_collect(g)) for g in gens]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
             raise
 
     def _streaming(
-        gen: GenRequest,
-        chunk: Callable[[Output], list[dict[str, Any]]],
-        usage_chunk: Callable[[int], dict[str, Any]] | None,
+        gens: list[GenRequest],
+        chunk: Callable[[int, Output], list[dict[str, Any]]],
+        obj: str,
+        model: str,
+        rid: str,
+        include_usage: bool,
     ) -> StreamingResponse:
-        seq_id, stream = _submit(gen)
+        """Server-sent events of every choice as its tokens come; [DONE] once all have ended."""
         engine = state.engine
         assert engine is not None
+        stream = _Stream(asyncio.get_running_loop())
+        seq_ids: list[int] = []
+        try:
+            for index, gen in enumerate(gens):
+                seq_ids.append(_submit(gen, stream.sink(index)))
+        except oa.ApiError:
+            for seq_id in seq_ids:
+                engine.abort(seq_id)
+            raise
 
         async def events() -> AsyncIterator[bytes]:
-            n = 0
-            done = False
+            used = 0
+            running = set(range(len(gens)))
             try:
-                while True:
-                    out = await stream.queue.get()
+                while running:
+                    index, out = await stream.queue.get()
                     if out.error:
                         err = oa.ApiError(out.error, status=500, type="server_error")
                         yield _sse(err.body())
-                        done = True
                         return
-                    n += len(out.token_ids)
-                    for c in chunk(out):
+                    used += len(out.token_ids)
+                    for c in chunk(index, out):
                         yield _sse(c)
                     if out.finish_reason is not None:
-                        done = True
-                        break
-                if usage_chunk is not None:
-                    yield _sse(usage_chunk(n))
+                        running.discard(index)
+                if include_usage:
+                    yield _sse(oa.usage_chunk(rid, obj, model, len(gens[0].prompt), used))
                 yield _sse("[DONE]")
             finally:
-                if not done:
-                    engine.abort(seq_id)
+                for index in running:
+                    engine.abort(seq_ids[index])
 
         return StreamingResponse(
             events(),
