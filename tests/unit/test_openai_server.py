@@ -360,3 +360,20 @@ def test_n_choices_each_a_sequence(served) -> None:
     assert {i: t.split() for i, t in texts.items()} == {0: ["w0", "w1"], 1: ["w0", "w1"]}
     assert finished == {0: "length", 1: "length"}
     assert chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_a_batch_of_prompts_gets_n_choices_each_in_order(served) -> None:
+    client, _, _ = served
+    body = {"prompt": ["w1", "w5"], "max_tokens": 1, "temperature": 0, "n": 2}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert [(c["index"], c["text"]) for c in got["choices"]] == [
+        (0, " w2"), (1, " w2"), (2, " w6"), (3, " w6"),
+    ]  # fmt: skip
+    # Each prompt is BOS and one word, counted once however many choices it has.
+    assert got["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+    r = client.post("/v1/completions", json={"prompt": [[5, 6], [7]], "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
+    r = client.post("/v1/completions", json={"prompt": ["w1"] * 9, "n": 2})
+    assert r.status_code == 400 and "more than 16 choices" in r.json()["error"]["message"]

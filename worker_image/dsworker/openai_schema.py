@@ -140,18 +140,22 @@ class CompletionRequest(_Common):
     def logprob_count(self) -> int | None:
         return self.logprobs
 
-    def single_prompt(self) -> str | list[int]:
-        """The one prompt; a one-element batch is unwrapped, larger batches are refused."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: one string or id list, or a batch of them (each gets n choices)."""
         p = self.prompt
         if isinstance(p, str):
-            return p
+            return [p]
         if not p:
             raise ApiError("prompt must not be empty", param="prompt")
         if all(isinstance(x, int) for x in p):
-            return list(p)  # type: ignore[arg-type]
-        if len(p) != 1:
-            raise ApiError("only one prompt per request is supported", param="prompt")
-        return p[0]  # type: ignore[return-value]
+            return [list(p)]  # type: ignore[arg-type]
+        if len(p) * self.n > MAX_CHOICES:
+            raise ApiError(
+                f"{len(p)} prompts x n {self.n} is more than {MAX_CHOICES} choices; split the "
+                "batch",
+                param="prompt",
+            )
+        return list(p)  # type: ignore[arg-type]
 
 
 class ContentPart(BaseModel):

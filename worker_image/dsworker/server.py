@@ -220,11 +220,17 @@ def create_app(state: ServerState) -> FastAPI:
         assert state.tokenizer is not None
         body = oa.parse_request(oa.CompletionRequest, raw)
         _check_model(body.model)
-        prompt = body.single_prompt()
-        ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        gens = _gen_requests(body, ids, COMPLETION_DEFAULT_MAX_TOKENS)
+        gens = [
+            gen
+            for prompt in body.prompts()
+            for gen in _gen_requests(
+                body,
+                state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt,
+                COMPLETION_DEFAULT_MAX_TOKENS,
+            )
+        ]  # choice i * n + j: prompt i's choice j, as OpenAI orders a batch
         rid, model, obj = oa.new_id("cmpl"), state.config.modelName, "text_completion"
-        n_prompt = len(gens[0].prompt)
+        n_prompt = sum(len(g.prompt) for g in gens[:: body.n])
         want_ids = body.return_token_ids
         want_lps = gens[0].logprobs is not None
         if body.stream:
@@ -241,7 +247,7 @@ def create_app(state: ServerState) -> FastAPI:
                 c = oa.choice(index, "text", out.text, out.finish_reason, ids, lps)
                 return [oa.response(rid, obj, model, [c])]
 
-            return _streaming(gens, chunk, obj, model, rid, _include_usage(body))
+            return _streaming(gens, chunk, obj, model, rid, _usage(body, n_prompt))
         choices, used = [], 0
         for index, (text, ids_out, reason, entries) in enumerate(await _collect_all(gens)):
             lps = completion_logprobs(entries, _token_text) if want_lps else None
@@ -290,7 +296,7 @@ def create_app(state: ServerState) -> FastAPI:
                     chunks.append(oa.response(rid, obj, model, [c]))
                 return chunks
 
-            return _streaming(gens, chunk, obj, model, rid, _include_usage(body))
+            return _streaming(gens, chunk, obj, model, rid, _usage(body, n_prompt))
         choices, used = [], 0
         for index, (text, ids_out, reason, entries) in enumerate(await _collect_all(gens)):
             message = {"role": "assistant", "content": text}
@@ -300,8 +306,10 @@ def create_app(state: ServerState) -> FastAPI:
             used += len(ids_out)
         return JSONResponse(oa.response(rid, "chat.completion", model, choices, (n_prompt, used)))
 
-    def _include_usage(body: oa._Common) -> bool:
-        return bool(body.stream_options and body.stream_options.include_usage)
+    def _usage(body: oa._Common, prompt_tokens: int) -> int | None:
+        """The prompt tokens a stream's final usage chunk reports; None: no usage chunk."""
+        wanted = body.stream_options and body.stream_options.include_usage
+        return prompt_tokens if wanted else None
 
     def _submit(gen: GenRequest, sink: Sink) -> int:
         assert state.engine is not None
@@ -353,7 +361,7 @@ def create_app(state: ServerState) -> FastAPI:
         obj: str,
         model: str,
         rid: str,
-        include_usage: bool,
+        usage_prompt_tokens: int | None,
     ) -> StreamingResponse:
         """Server-sent events of every choice as its tokens come; [DONE] once all have ended."""
         engine = state.engine
@@ -383,8 +391,8 @@ def create_app(state: ServerState) -> FastAPI:
                         yield _sse(c)
                     if out.finish_reason is not None:
                         running.discard(index)
-                if include_usage:
-                    yield _sse(oa.usage_chunk(rid, obj, model, len(gens[0].prompt), used))
+                if usage_prompt_tokens is not None:
+                    yield _sse(oa.usage_chunk(rid, obj, model, usage_prompt_tokens, used))
                 yield _sse("[DONE]")
             finally:
                 for index in running:
