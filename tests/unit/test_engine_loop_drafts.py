@@ -1,0 +1,106 @@
+"""The engine loop's speculative-decoding bookkeeping over a fake model that counts.
+
+The fake main model predicts "last token + 1"; the fake MTP layer predicts "token + 1" (always
+right) or "token + 2" (always wrong), or refuses its pass. The real scheduler, sampler, verifier
+and wire messages run, so steps, drafts, acceptance and failures are known exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dsworker.engine_loop import EngineLoop, GenRequest, Output, StepError
+from dsworker.metrics import Metrics
+from dsworker.sampling import SamplingParams
+from dsworker.scheduler import DraftInput, Scheduler, Step
+from dsworker.step_wire import DRAFT, STEP, Message
+
+VOCAB = 64
+
+
+class Recorder:
+    """A control channel that keeps what rank 0 would broadcast."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    def send(self, msg: Message) -> None:
+        self.sent.append(msg)
+
+    def recv(self) -> Message:  # pragma: no cover - rank 0 never receives
+        raise AssertionError("rank 0 does not receive")
+
+
+class CountingDrafter:
+    device = torch.device("cpu")
+    drafting = True
+
+    def __init__(self, draft_offset: int = 1, refuse: bool = False) -> None:
+        self.draft_offset, self.refuse = draft_offset, refuse
+        self.steps: list[Step] = []
+
+    def run(self, step: Step) -> torch.Tensor:
+        self.steps.append(step)
+        rows = []
+        for it in step.sampled:
+            for tok in it.tokens[len(it.tokens) - 1 - it.drafts :]:
+                row = torch.zeros(VOCAB)
+                row[(tok + 1) % VOCAB] = 10.0
+                rows.append(row)
+        return torch.stack(rows) if rows else torch.zeros(0, VOCAB)
+
+    def run_drafts(self, step: Step, inputs: tuple[DraftInput, ...]) -> dict[int, int]:
+        if self.refuse:
+            raise StepError("AllToAll buffer full")
+        return {
+            step.items[d.index].seq_id: (d.tokens[-1] + self.draft_offset) % VOCAB for d in inputs
+        }
+
+    def dropped_rows(self) -> int:
+        return 0
+
+
+def run(runner: CountingDrafter, max_tokens: int = 7) -> tuple[list[Output], Recorder, Metrics]:
+    channel, metrics, outs = Recorder(), Metrics(), []
+    loop = EngineLoop(runner, Scheduler(2, 64, 16, drafts=1), str, channel, metrics)
+    loop.submit(GenRequest([3, 4], SamplingParams(temperature=0.0), max_tokens), outs.append)
+    loop.run_until_idle()
+    return outs, channel, metrics
+
+
+def sample(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name) or 0.0
+
+
+def test_right_drafts_bring_two_tokens_a_step() -> None:
+    runner = CountingDrafter(draft_offset=1)
+    outs, channel, metrics = run(runner)
+    assert [t for o in outs for t in o.token_ids] == [5, 6, 7, 8, 9, 10, 11]
+    assert outs[-1].finish_reason == "length"
+    # Prefill gives 5; then each step verifies one draft and adds a bonus: 4 steps in all.
+    assert len(runner.steps) == 4
+    assert [it.tokens for s in runner.steps[1:] for it in s.items] == [(5, 6), (7, 8), (9, 10)]
+    assert sample(metrics, "dsworker_spec_draft_tokens_total") == 3
+    assert sample(metrics, "dsworker_spec_accepted_tokens_total") == 3
+    kinds = [m.kind for m in channel.sent]
+    assert kinds[:2] == [STEP, DRAFT] and kinds.count(DRAFT) == kinds.count(STEP)
+    assert channel.sent[1].drafts == (DraftInput(0, (4, 5)),)  # prompt position 0 -> 4, 1 -> 5
+
+
+def test_wrong_drafts_cost_nothing_but_the_step() -> None:
+    runner = CountingDrafter(draft_offset=2)
+    outs, _, metrics = run(runner)
+    assert [t for o in outs for t in o.token_ids] == [5, 6, 7, 8, 9, 10, 11]
+    assert len(runner.steps) == 7
+    assert sample(metrics, "dsworker_spec_accepted_tokens_total") == 0
+    assert sample(metrics, "dsworker_spec_draft_tokens_total") == 6
+
+
+def test_a_refused_draft_pass_fails_its_sequences_and_the_loop_goes_on() -> None:
+    runner = CountingDrafter(refuse=True)
+    outs, _, metrics = run(runner)
+    assert outs[-1].error is not None and "AllToAll buffer full" in outs[-1].error
+    assert sample(metrics, "dsworker_rejected_steps_total") == 1
+    runner.refuse = False
+    again, _, _ = run(runner, max_tokens=2)
+    assert [t for o in again for t in o.token_ids] == [5, 6]
