@@ -152,7 +152,7 @@ class Engine:
                 self.cfg.maxBatchSize,
                 self.cfg.maxSeqLen,
                 self.cfg.maxPrefillTokens,
-                drafts=int(self.runner.drafting),
+                drafts=self.runner.draft_tokens,
             ),
             self.decode,
             LocalChannel(),

@@ -315,6 +315,9 @@ def test_warnings() -> None:
         "resourceName is ignored for type cpu": {
             "worker": {"accelerator": {"type": "cpu", "resourceName": "x.io/y"}}
         },
+        "spec.serving.speculativeTokens has no effect while spec.model.mtp is false": {
+            "serving": {"speculativeTokens": 2}
+        },
     }
     for fragment, patch in cases.items():
         result = parse(patch)

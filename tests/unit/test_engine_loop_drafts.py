@@ -35,8 +35,8 @@ class CountingDrafter:
     device = torch.device("cpu")
     drafting = True
 
-    def __init__(self, draft_offset: int = 1, refuse: bool = False) -> None:
-        self.draft_offset, self.refuse = draft_offset, refuse
+    def __init__(self, draft_offset: int = 1, refuse: bool = False, drafts: int = 1) -> None:
+        self.draft_offset, self.refuse, self.drafts = draft_offset, refuse, drafts
         self.steps: list[Step] = []
 
     def run(self, step: Step) -> torch.Tensor:
@@ -49,12 +49,14 @@ class CountingDrafter:
                 rows.append(row)
         return torch.stack(rows) if rows else torch.zeros(0, VOCAB)
 
-    def run_drafts(self, step: Step, inputs: tuple[DraftInput, ...]) -> dict[int, int]:
+    def run_drafts(self, step: Step, inputs: tuple[DraftInput, ...]) -> dict[int, tuple[int, ...]]:
         if self.refuse:
             raise StepError("AllToAll buffer full")
-        return {
-            step.items[d.index].seq_id: (d.tokens[-1] + self.draft_offset) % VOCAB for d in inputs
-        }
+        out = {}
+        for d in inputs:
+            first = d.tokens[-1] + self.draft_offset
+            out[step.items[d.index].seq_id] = tuple((first + j) % VOCAB for j in range(self.drafts))
+        return out
 
     def dropped_rows(self) -> int:
         return 0
@@ -62,7 +64,8 @@ class CountingDrafter:
 
 def run(runner: CountingDrafter, max_tokens: int = 7) -> tuple[list[Output], Recorder, Metrics]:
     channel, metrics, outs = Recorder(), Metrics(), []
-    loop = EngineLoop(runner, Scheduler(2, 64, 16, drafts=1), str, channel, metrics)
+    scheduler = Scheduler(2, 64, 16, drafts=runner.drafts)
+    loop = EngineLoop(runner, scheduler, str, channel, metrics)
     loop.submit(GenRequest([3, 4], SamplingParams(temperature=0.0), max_tokens), outs.append)
     loop.run_until_idle()
     return outs, channel, metrics
@@ -104,3 +107,14 @@ def test_a_refused_draft_pass_fails_its_sequences_and_the_loop_goes_on() -> None
     runner.refuse = False
     again, _, _ = run(runner, max_tokens=2)
     assert [t for o in again for t in o.token_ids] == [5, 6]
+
+
+def test_three_right_drafts_bring_four_tokens_a_step() -> None:
+    runner = CountingDrafter(draft_offset=1, drafts=3)
+    outs, _, metrics = run(runner, max_tokens=9)
+    assert [t for o in outs for t in o.token_ids] == list(range(5, 14))
+    assert [it.tokens for s in runner.steps[1:] for it in s.items] == [
+        (5, 6, 7, 8),
+        (9, 10, 11, 12),
+    ]
+    assert sample(metrics, "dsworker_spec_accepted_tokens_total") == 6

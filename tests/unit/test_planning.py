@@ -667,6 +667,9 @@ def test_engine_config_map_carries_the_decode_step_switches() -> None:
     body = copy.deepcopy(TWO_NODES)
     body["spec"]["serving"] = {"cudaGraphs": False, "torchCompile": True}
     assert (config(body).cudaGraphs, config(body).torchCompile) == (False, True)
+    assert (config(body).mtp, config(body).num_speculative_tokens) == (True, 1)
+    body["spec"]["serving"]["speculativeTokens"] = 3
+    assert (config(body).mtp, config(body).num_speculative_tokens) == (True, 3)
 
 
 def test_services() -> None:

@@ -163,15 +163,15 @@ def test_drafts_ride_behind_the_last_token_and_verification_sets_the_cache() -> 
     step, _ = run_step(s, token=5)
     # The last chunk: the MTP reads positions 0..2 with the token after each (the sampled 5 last).
     assert s.draft_inputs(step) == (DraftInput(0, (11, 12, 5)),)
-    s.set_drafts({0: 6})
+    s.set_drafts({0: (6,)})
     step = s.schedule()
     assert step is not None and step.items == (StepItem(0, 0, 3, (5, 6), True, 1),)
     assert step.num_tokens == 2 and step.items[0].verify_rows == 2
     events = s.update(step, {0: [6, 9]})  # draft 6 accepted, 9 is the main model's next
     assert [e.token for e in events] == [6, 9]
-    assert s.running[0].num_cached == 5 and s.running[0].draft is None
+    assert s.running[0].num_cached == 5 and s.running[0].drafts == ()
     assert s.draft_inputs(step) == (DraftInput(0, (6, 9)),)
-    s.set_drafts({0: 4})
+    s.set_drafts({0: (4,)})
     step = s.schedule()
     assert step is not None and step.items == (StepItem(0, 0, 5, (9, 4), True, 1),)
     s.update(step, {0: [2]})  # draft 4 rejected: the main model said 2
@@ -190,8 +190,8 @@ def test_draft_inputs_of_prompt_chunks_and_finished_sequences() -> None:
     # A mid-prompt chunk pairs its last position with the next chunk's first prompt token.
     assert step.items[0].tokens == (10, 11, 12, 13)
     assert s.draft_inputs(step) == (DraftInput(0, (11, 12, 13, 14)),)
-    s.set_drafts({0: 3})  # still prefilling: a draft now would be a guess at a prompt token
-    assert s.running[0].draft is None
+    s.set_drafts({0: (3,)})  # still prefilling: a draft now would be a guess at a prompt token
+    assert s.running[0].drafts == ()
     step, events = run_step(s)
     assert events[0].finish_reason is FinishReason.LENGTH
     assert s.draft_inputs(step) == ()  # finished: nothing left to draft for
@@ -201,14 +201,14 @@ def test_tokens_past_a_finish_are_dropped() -> None:
     s = Scheduler(max_batch_size=1, max_seq_len=32, max_step_tokens=64)
     s.add(seq(0, 2, max_tokens=10, eos=1))
     run_step(s, token=5)
-    s.set_drafts({0: 1})
+    s.set_drafts({0: (1,)})
     step = s.schedule()
     assert step is not None
     events = s.update(step, {0: [1, 7]})  # the accepted draft is EOS: 7 never appears
     assert [(e.token, e.finish_reason) for e in events] == [(1, FinishReason.STOP)]
     s.add(seq(1, 2, max_tokens=2))
     run_step(s, token=5)
-    s.set_drafts({1: 6})
+    s.set_drafts({1: (6,)})
     step = s.schedule()
     assert step is not None
     events = s.update(step, {1: [6, 7]})  # max_tokens 2 reached at the draft
@@ -222,6 +222,6 @@ def test_the_step_budget_holds_a_full_batch_of_drafted_decodes() -> None:
     s.add(seq(0, 2, max_tokens=10))
     s.add(seq(1, 2, max_tokens=10))
     run_step(s, token=5)
-    s.set_drafts({0: 6, 1: 6})
+    s.set_drafts({0: (6,), 1: (6,)})
     step = s.schedule()
     assert step is not None and [len(it.tokens) for it in step.items] == [2, 2]

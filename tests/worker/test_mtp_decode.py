@@ -59,7 +59,12 @@ def generate(
         runner = loaded.runner
         backend = None if fixed in ("eager-step", "capture") else fixed
         graphs = DecodeGraphs(
-            runner.model, runner.cache, 4, capture=fixed == "capture", compile_backend=backend
+            runner.model,
+            runner.cache,
+            4,
+            capture=fixed == "capture",
+            compile_backend=backend,
+            draft_tokens=cfg.num_speculative_tokens,
         )
         count(graphs, calls if calls is not None else {})
         runner.graphs = graphs
@@ -70,7 +75,7 @@ def generate(
             loaded.max_batch_size,
             cfg.maxSeqLen,
             cfg.maxPrefillTokens,
-            drafts=int(loaded.runner.drafting),
+            drafts=loaded.runner.draft_tokens,
         ),
         lambda ids: "",
         loaded.channel,
@@ -133,17 +138,19 @@ def ref(tiny_v3: Path) -> Reference:
     return hf_reference(tiny_v3)
 
 
+@pytest.mark.parametrize("drafts", [1, 3])
 def test_greedy_tokens_equal_transformers_whatever_the_drafts(
-    tiny_v3: Path, ref: Reference
+    tiny_v3: Path, ref: Reference, drafts: int
 ) -> None:
     lps: dict[int, list[float]] = {}
-    tokens, metrics, steps = generate(tiny_v3, engine_config(mtp=True), logprobs=lps)
+    cfg = engine_config(mtp=True, num_speculative_tokens=drafts)
+    tokens, metrics, steps = generate(tiny_v3, cfg, logprobs=lps)
     assert tokens == ref.tokens
     assert_transformers_logprobs(ref.model, tokens, lps)
     drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
     accepted = counter(metrics, "dsworker_spec_accepted_tokens_total")
-    # Every decode step after the first token carries one draft per running sequence.
-    assert drafted >= NEW_TOKENS - 1
+    # Every decode step after the first token carries the drafts of each running sequence.
+    assert drafted >= drafts * (NEW_TOKENS - 1) / (1 + drafts)
     assert 0 <= accepted <= drafted
     assert counter(metrics, "dsworker_generation_tokens_total") == len(PROMPTS) * NEW_TOKENS
     plain, plain_metrics, plain_steps = generate(tiny_v3, engine_config(mtp=False))
@@ -214,20 +221,30 @@ def agreeing_mtp_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_an_agreeing_mtp_layer_has_every_draft_accepted(tiny_v3: Path, tmp_path: Path) -> None:
+def steps_when_all_drafts_hold(drafts: int) -> int:
+    """Prefill (the first token), then 1 + drafts tokens a step for the rest."""
+    return 1 + -(-(NEW_TOKENS - 1) // (1 + drafts))
+
+
+@pytest.mark.parametrize("drafts", [1, 3])
+def test_an_agreeing_mtp_layer_has_every_draft_accepted(
+    tiny_v3: Path, tmp_path: Path, drafts: int
+) -> None:
+    """Chained drafts too: the agreeing layer ignores its hidden input, so each draft holds."""
     ckpt = agreeing_mtp_copy(tiny_v3, tmp_path / "agreeing")
     agreeing = hf_reference(ckpt)
     lps: dict[int, list[float]] = {}
-    tokens, metrics, steps = generate(ckpt, engine_config(mtp=True), logprobs=lps)
+    cfg = engine_config(mtp=True, num_speculative_tokens=drafts)
+    tokens, metrics, steps = generate(ckpt, cfg, logprobs=lps)
     assert tokens == agreeing.tokens
     assert_transformers_logprobs(agreeing.model, tokens, lps)
     drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
     assert drafted > 0
     assert counter(metrics, "dsworker_spec_accepted_tokens_total") == drafted
     _, _, plain_steps = generate(ckpt, engine_config(mtp=False))
-    # Prefill plus one step per token without drafts; two tokens per step with them.
+    # Prefill plus one step per token without drafts; 1 + drafts tokens per step with them.
     assert plain_steps == NEW_TOKENS
-    assert steps == 1 + NEW_TOKENS // 2
+    assert steps == steps_when_all_drafts_hold(drafts)
 
 
 def _world_rank(rank: int, nproc: int, ckpt: str, cfg_json: str, out: str) -> None:
@@ -248,10 +265,10 @@ def _world_rank(rank: int, nproc: int, ckpt: str, cfg_json: str, out: str) -> No
 @pytest.mark.parametrize(
     "plan",
     [
-        {"dp": 2, "tp": 1, "moe_tp": 1, "moe_ep": 2},
+        {"dp": 2, "tp": 1, "moe_tp": 1, "moe_ep": 2, "num_speculative_tokens": 2},
         {"dp": 1, "tp": 2, "moe_tp": 1, "moe_ep": 2, "ep_level": 2},
     ],
-    ids=["dp2-ep2", "tp2-ep2-level2"],
+    ids=["dp2-ep2-2drafts", "tp2-ep2-level2"],
 )
 def test_two_rank_worlds_follow_the_draft_messages(
     tiny_v3: Path, ref: Reference, tmp_path: Path, plan: dict[str, int]
@@ -261,30 +278,33 @@ def test_two_rank_worlds_follow_the_draft_messages(
     spawn_local(2, _world_rank, str(tiny_v3), cfg.model_dump_json(), str(out))
     record = json.loads(out.read_text())
     assert record["tokens"] == ref.tokens
-    assert record["drafted"] >= NEW_TOKENS - 1
+    assert record["drafted"] >= (NEW_TOKENS - 1) / 2
 
 
+@pytest.mark.parametrize("drafts", [1, 2])
 @pytest.mark.parametrize("fixed", ["eager-step", "eager"], ids=["padded", "dynamo-fullgraph"])
 def test_fixed_shape_decode_and_draft_steps(
-    tiny_v3: Path, ref: Reference, tmp_path: Path, fixed: str
+    tiny_v3: Path, ref: Reference, tmp_path: Path, fixed: str, drafts: int
 ) -> None:
-    """The graphs' two-token decode step and their draft step: same tokens, same acceptance.
+    """The graphs' decode step (last token and drafts) and their draft step (the MTP pass and
+    its chain): same tokens, same acceptance as eager steps.
 
     Dynamo's fullgraph tracing of both steps is what CUDA graph capture needs (no host sync).
     """
     calls: dict[str, int] = {}
-    tokens, metrics, _ = generate(tiny_v3, engine_config(mtp=True), fixed=fixed, calls=calls)
+    cfg = engine_config(mtp=True, num_speculative_tokens=drafts)
+    tokens, metrics, _ = generate(tiny_v3, cfg, fixed=fixed, calls=calls)
     assert tokens == ref.tokens
     # Every graphed step but the last (where every sequence ends) is followed by its draft step.
     assert calls["run"] >= NEW_TOKENS - 1 and calls["draft"] == calls["run"] - 1
-    eager_metrics = generate(tiny_v3, engine_config(mtp=True))[1]
+    eager_metrics = generate(tiny_v3, cfg)[1]
     for name in ("dsworker_spec_draft_tokens_total", "dsworker_spec_accepted_tokens_total"):
         assert counter(metrics, name) == counter(eager_metrics, name)
     ckpt = agreeing_mtp_copy(tiny_v3, tmp_path / "agreeing")
-    _, metrics, steps = generate(ckpt, engine_config(mtp=True), fixed=fixed)
+    _, metrics, steps = generate(ckpt, cfg, fixed=fixed)
     drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
     assert drafted > 0 and counter(metrics, "dsworker_spec_accepted_tokens_total") == drafted
-    assert steps == 1 + NEW_TOKENS // 2
+    assert steps == steps_when_all_drafts_hold(drafts)
 
 
 def test_draft_step_refuses_rows_it_cannot_hold(tiny_v3: Path) -> None:
@@ -300,7 +320,15 @@ def test_draft_step_refuses_rows_it_cannot_hold(tiny_v3: Path) -> None:
     with pytest.raises(ValueError, match="1 to 2 tokens, not 3"):
         graphs.draft([[1, 2, 3], None])
     drafts = graphs.draft([[6], None])
-    assert drafts[1] is None and isinstance(drafts[0], int)
+    assert drafts[1] == () and len(drafts[0]) == 1
+    # Two drafts a step; near the cache's end (64 positions) a chained draft that would sit past
+    # it is dropped: a row read up to position 63 keeps one draft, one read up to 61 keeps two.
+    chained = DecodeGraphs(
+        loaded.runner.model, loaded.runner.cache, 4, capture=False, draft_tokens=2
+    )
+    assert chained.width == 3
+    chained.run([0, 1], [MAX_LEN - 3, MAX_LEN - 3], [[5, 6, 7], [7, 8, 9]])
+    assert [len(d) for d in chained.draft([[6, 7, 8], [8]])] == [1, 2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: capture needs one")

@@ -42,7 +42,7 @@ class EngineConfig(BaseModel):
     maxPrefillTokens: int = Field(
         8192,
         ge=1,
-        description="Tokens per engine step (prompt chunks plus one per decode, two with MTP).",
+        description="Tokens per engine step (prompt chunks, one per decode plus its MTP drafts).",
     )
     maxRequestBytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
     maxNewTokens: int = Field(1024, ge=1, description="Upper bound on a request's max_tokens.")
@@ -68,8 +68,15 @@ class EngineConfig(BaseModel):
     grouped_matmul: Literal["auto", "on", "off"] = Field("auto", description="auto = moe_ep > 32.")
     mtp: bool = Field(
         False,
-        description="Load the MTP layer and decode speculatively: one draft token per sequence "
-        "and step, verified by the main model (greedy output unchanged).",
+        description="Load the MTP layer and decode speculatively: draft tokens per sequence and "
+        "step, verified by the main model (greedy output unchanged).",
+    )
+    num_speculative_tokens: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="MTP drafts per sequence and step (with mtp): the layer's own, then the "
+        "layer again on each draft.",
     )
     cudaGraphs: bool = Field(
         True, description="Replay decode steps as CUDA graphs (cuda, worldSize 1, no cutoff)."

@@ -49,8 +49,10 @@ class Runner(Protocol):
         """Logits [sum of verify_rows of step.sampled, V] on rank 0 (others may return None)."""
         ...
 
-    def run_drafts(self, step: Step, inputs: tuple[DraftInput, ...]) -> dict[int, int] | None:
-        """The MTP pass after `step`: seq_id -> draft token on rank 0."""
+    def run_drafts(
+        self, step: Step, inputs: tuple[DraftInput, ...]
+    ) -> dict[int, tuple[int, ...]] | None:
+        """The MTP pass after `step`: seq_id -> draft tokens on rank 0."""
         ...
 
     def dropped_rows(self) -> int:

@@ -55,6 +55,7 @@ class ModelRunner:
         groups: ParallelGroups,
         device: Device,
         graphs: DecodeGraphs | None = None,
+        draft_tokens: int = 1,
     ) -> None:
         self.model = model
         self.graphs = graphs
@@ -66,6 +67,8 @@ class ModelRunner:
         self.dp_rank = groups.coords.dp_rank
         self.vocab = model.args.vocab_size
         self.drafting = len(model.mtp) > 0
+        # Drafts per sequence and step: the MTP layer's own, then it again on each draft.
+        self.draft_tokens = draft_tokens if self.drafting else 0
         self._count_drops = model.opts.moe.routing_cutoff is not None
         self._dropped_total = 0
         # The last step's hidden states and where each of its items starts in them (MTP input).
@@ -122,48 +125,70 @@ class ModelRunner:
         return out.logits
 
     @torch.inference_mode()
-    def run_drafts(self, step: Step, inputs: tuple[DraftInput, ...]) -> dict[int, int] | None:
-        """The MTP pass after `step`: seq_id -> greedy draft on rank 0 (others None).
+    def run_drafts(
+        self, step: Step, inputs: tuple[DraftInput, ...]
+    ) -> dict[int, tuple[int, ...]] | None:
+        """The MTP pass after `step`: seq_id -> greedy drafts on rank 0 (others None).
 
         Every rank runs it (the MTP block's MoE exchanges span the world), an empty batch where
-        none of the inputs are its own; with no inputs at all every rank skips it alike.
+        none of the inputs are its own; with no inputs at all every rank skips it alike. The
+        first pass reads the step's hidden states; each further draft runs the MTP layer on the
+        previous draft and the layer's own hidden state, one position on.
         """
+        hidden, offsets = self._hidden, self._offsets
+        self._hidden, self._offsets = None, {}
         if not inputs:
-            self._hidden, self._offsets = None, {}
             return {} if self.groups.rank == 0 else None
         if self._graphed:  # world 1: every item is this rank's, in step order
             assert self.graphs is not None
             given = {d.index: d.tokens for d in inputs}
             drafts = self.graphs.draft([given.get(i) for i in range(len(step.items))])
-            return {it.seq_id: t for it, t in zip(step.items, drafts, strict=True) if t is not None}
-        assert self._hidden is not None, "run_drafts follows a step of this runner"
-        mine = [d for d in inputs if d.index in self._offsets]
-        rows = [self._offsets[d.index] + j for d in mine for j in range(len(d.tokens))]
-        batch = Batch.build(
-            [
-                (step.items[d.index].slot // self.dp, step.items[d.index].start, d.tokens)
-                for d in mine
-            ],
-            self.device,
-        )
+            return {it.seq_id: d for it, d in zip(step.items, drafts, strict=True) if d}
+        assert hidden is not None, "run_drafts follows a step of this runner"
+        mine = [d for d in inputs if d.index in offsets]
+        rows = [offsets[d.index] + j for d in mine for j in range(len(d.tokens))]
+        seqs = [
+            (step.items[d.index].slot // self.dp, step.items[d.index].start, d.tokens) for d in mine
+        ]
         picked = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-        try:
-            out = self.model.forward_mtp(batch, self._hidden[picked], self.cache)
-        except ExpertBufferOverflow as exc:
-            raise StepError(str(exc)) from None
-        finally:
-            self._hidden, self._offsets = None, {}
-        tokens = out.logits.argmax(-1).cpu()
+        tokens = self._mtp(Batch.build(seqs, self.device), hidden[picked], [s[:2] for s in seqs])
         if self.dp > 1:  # every group's drafts on every rank: -1 where a group had none
-            slot = {d.index: i for i, d in enumerate(inputs)}
-            flat = torch.full((len(inputs),), -1, dtype=torch.int64)
-            flat[[slot[d.index] for d in mine]] = tokens
+            where = {d.index: i for i, d in enumerate(inputs)}
+            flat = torch.full((len(inputs), self.draft_tokens), -1, dtype=torch.int64)
+            flat[[where[d.index] for d in mine]] = tokens
             tokens, mine = self.groups.cpu.all_max(flat), list(inputs)
         if self.groups.rank != 0:
             return None
         return {
-            step.items[d.index].seq_id: int(t) for d, t in zip(mine, tokens.tolist(), strict=True)
+            step.items[d.index].seq_id: tuple(t for t in row if t >= 0)
+            for d, row in zip(mine, tokens.tolist(), strict=True)
         }
+
+    def _mtp(
+        self, batch: Batch, hidden: torch.Tensor, where: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Drafts [B, draft_tokens] (-1 past the cache's end) of the sequences in `batch`, whose
+        (slot, start) are `where`: the first from the MTP pass over the batch, the rest chained."""
+        out = torch.full((len(where), self.draft_tokens), -1, dtype=torch.int64)
+        try:
+            step = self.model.forward_mtp(batch, hidden, self.cache)
+            draft = step.logits.argmax(-1)
+            h = step.hidden[batch.last]
+            out[:, 0] = draft.cpu()
+            last = [int(p) for p in batch.positions[batch.last].tolist()] if where else []
+            for j in range(1, self.draft_tokens):
+                # Draft j sits at position last + j + 1; the MTP reads it at last + j.
+                live = [b for b, p in enumerate(last) if p + j < self.cache.max_len]
+                chain = Batch.build(
+                    [(where[b][0], last[b] + j, (int(out[b, j - 1]),)) for b in live], self.device
+                )
+                keep = torch.tensor(live, dtype=torch.long).to(self.device, non_blocking=True)
+                step = self.model.forward_mtp(chain, h[keep], self.cache)
+                out[live, j] = step.logits.argmax(-1).cpu()
+                h = h.index_copy(0, keep, step.hidden)
+        except ExpertBufferOverflow as exc:
+            raise StepError(str(exc)) from None
+        return out
 
     def _fixed_shape(self, mine: list[StepItem]) -> bool:
         """A pure decode step the graphs hold a bucket for (world size 1, so every rank agrees):
@@ -246,7 +271,14 @@ def fixed_shape_decode(
     if cfg.worldSize != 1 or cfg.enable_init_routing_cutoff or not (capture or cfg.torchCompile):
         return None
     backend = "inductor" if cfg.torchCompile else None
-    return DecodeGraphs(model, cache, max_batch, capture=capture, compile_backend=backend)
+    return DecodeGraphs(
+        model,
+        cache,
+        max_batch,
+        capture=capture,
+        compile_backend=backend,
+        draft_tokens=cfg.num_speculative_tokens,
+    )
 
 
 def build_runner(
@@ -286,7 +318,12 @@ def build_runner(
         max_batch,
     )
     runner = ModelRunner(
-        model, cache, groups, device, fixed_shape_decode(model, cache, cfg, max_batch)
+        model,
+        cache,
+        groups,
+        device,
+        fixed_shape_decode(model, cache, cfg, max_batch),
+        cfg.num_speculative_tokens,
     )
     return Loaded(runner, channel, seconds, stats.bytes, max_batch)
 

@@ -4,14 +4,15 @@ No torch, no I/O, no clock: the engine loop feeds it requests and sampled tokens
 steps and finish events, so every policy decision is unit-testable. The KV cache is one slot per
 sequence (capacity maxSeqLen), so admission is "is a slot free" and nothing is ever preempted.
 
-Policy per step: every decoding sequence contributes its one new token (two with an MTP draft);
+Policy per step: every decoding sequence contributes its one new token (plus its MTP drafts);
 the rest of the step's token budget (maxPrefillTokens) goes to prompts in arrival order, in chunks,
 so a long prompt never stalls running decodes for more than one chunk.
 
 Speculative decoding (MTP): after a step, `draft_inputs` says which positions the MTP layer reads
-(each position's hidden state and the token after it); the draft it proposes rides in the next
-decode item behind the last token, the main model verifies it, and `update` takes the 1 or 2
-tokens that verification emitted. A rejected draft's cache entry is simply overwritten next step.
+(each position's hidden state and the token after it); the drafts it proposes ride in the next
+decode item behind the last token, the main model verifies them, and `update` takes the tokens
+that verification emitted (one more than the drafts it accepted). A rejected draft's cache entry
+is simply overwritten by a later step.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class Sequence:
     slot: int | None = None
     num_cached: int = 0  # tokens whose KV entries are in the cache
     finish_reason: FinishReason | None = None
-    draft: int | None = None  # the MTP layer's guess at the token after the last output
+    drafts: tuple[int, ...] = ()  # the MTP layer's guesses at the tokens after the last output
 
     @property
     def num_tokens(self) -> int:
@@ -119,8 +120,8 @@ class Scheduler:
     def __init__(
         self, max_batch_size: int, max_seq_len: int, max_step_tokens: int, drafts: int = 0
     ) -> None:
-        """drafts: MTP draft tokens per decode item (0 or 1); a full batch of decodes must fit a
-        step, so the token budget is at least max_batch_size * (1 + drafts)."""
+        """drafts: MTP draft tokens per decode item; a full batch of decodes must fit a step, so
+        the token budget is at least max_batch_size * (1 + drafts)."""
         if max_batch_size < 1 or max_seq_len < 2 or max_step_tokens < 1:
             raise SchedulerError("max_batch_size, max_seq_len >= 2 and max_step_tokens must be > 0")
         self.max_batch_size = max_batch_size
@@ -183,10 +184,11 @@ class Scheduler:
                 prefilling.append(seq)
                 continue
             # Decode: feed the last sampled token, whose KV entry is not cached yet, and the
-            # draft after it. Both fit: a running sequence has num_tokens < max_seq_len.
+            # drafts after it, as many as the cache has positions for.
             assert seq.slot is not None
             pos = seq.num_cached
-            toks = (seq.token_at(pos),) if seq.draft is None else (seq.token_at(pos), seq.draft)
+            room = self.max_seq_len - seq.num_tokens
+            toks = (seq.token_at(pos), *seq.drafts[:room])
             items.append(StepItem(seq.seq_id, seq.slot, pos, toks, True, len(toks) - 1))
             budget -= len(toks)
         # Prompts already holding a slot continue before new ones are admitted.
@@ -220,7 +222,7 @@ class Scheduler:
             seq = self.running.get(item.seq_id)
             if seq is None:
                 continue
-            seq.draft = None
+            seq.drafts = ()
             seq.num_cached = item.start + len(item.tokens)
             if not item.sample:
                 continue
@@ -263,9 +265,9 @@ class Scheduler:
                 out.append(DraftInput(index, toks))
         return tuple(out)
 
-    def set_drafts(self, drafts: Mapping[int, int]) -> None:
-        """seq_id -> the MTP layer's draft token for its next decode step."""
-        for seq_id, token in drafts.items():
+    def set_drafts(self, drafts: Mapping[int, Seq[int]]) -> None:
+        """seq_id -> the MTP layer's draft tokens for its next decode step."""
+        for seq_id, tokens in drafts.items():
             seq = self.running.get(seq_id)
             if seq is not None and not seq.prefilling:
-                seq.draft = token
+                seq.drafts = tuple(tokens)

@@ -158,7 +158,7 @@ def _load_and_start(
                 loaded.max_batch_size,
                 cfg.maxSeqLen,
                 cfg.maxPrefillTokens,
-                drafts=int(loaded.runner.drafting),
+                drafts=loaded.runner.draft_tokens,
             ),
             tokenizer.decode,
             loaded.channel,

@@ -32,6 +32,11 @@ def spec_warnings(spec: DeepSeekDeploymentSpec) -> list[str]:
             f"spec.model.dequantizeFp8 has no effect: spec.model.quantization is "
             f"{model.quantization}, not fp8"
         )
+    if "speculative_tokens" in spec.serving.model_fields_set and not model.mtp:
+        out.append(
+            "spec.serving.speculativeTokens has no effect while spec.model.mtp is false: the "
+            "MTP layer drafts the tokens"
+        )
     acc = spec.worker.accelerator
     if acc.type == "cpu" and acc.resource_name is not None:
         out.append("spec.worker.accelerator.resourceName is ignored for type cpu")

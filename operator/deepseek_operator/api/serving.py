@@ -65,3 +65,11 @@ class Serving(ApiModel):
         description="Compile the decode step with torch.compile (inductor) before it is "
         "captured; traced during the warm-up, so start-up takes longer.",
     )
+    speculative_tokens: int = Field(
+        1,
+        ge=1,
+        le=4,
+        description="Draft tokens per sequence and decode step when spec.model.mtp is true "
+        "(num_speculative_tokens): the MTP layer's own draft, then the layer again on each "
+        "draft; the main model verifies them all in one step.",
+    )

@@ -134,6 +134,7 @@ def engine_config(spec: DeepSeekDeploymentSpec) -> EngineConfig:
         enable_init_routing_cutoff=ep.init_routing_cutoff.enabled,
         grouped_matmul="on" if ep.grouped_matmul_on(plan.moe_ep) else "off",
         mtp=spec.model.mtp,
+        num_speculative_tokens=serving.speculative_tokens,
         device=DEVICE_BACKENDS[spec.worker.accelerator.type],
         **extra,
     )

@@ -5,8 +5,9 @@ more than their math, and a captured graph launches them in one call. Inputs go 
 buffers; rows past the real batch decode token 0 into the cache's scratch slot and are dropped.
 Without capture (cpu, npu, tests) the same padded step runs eagerly, so it is checked everywhere.
 A step of one token per sequence on a world of one rank qualifies (MoE then needs no exchange).
-With an MTP layer each sequence brings two tokens (the last one and its draft), and the MTP pass
-that proposes the next drafts is a fixed-shape step of its own over the same rows (`draft`).
+With an MTP layer each sequence brings 1 + d tokens (the last one and its d drafts), and the MTP
+pass that proposes the next drafts is a fixed-shape step of its own over the same rows (`draft`),
+chaining the layer on its own drafts for d > 1.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class DecodeGraphs:
         *,
         capture: bool,
         compile_backend: str | None = None,
+        draft_tokens: int = 1,
     ) -> None:
         if model.groups.world.size != 1:
             raise ValueError("fixed-shape decode steps need a world of one rank")
@@ -45,7 +47,8 @@ class DecodeGraphs:
         self.model, self.cache, self.capture = model, cache, capture
         self.batch_sizes = batch_buckets(min(max_batch, cache.num_slots))
         self.key_lens = key_buckets(cache.max_len)
-        self.width = 2 if len(model.mtp) else 1  # tokens per sequence: the last, then a draft
+        self.draft_tokens = draft_tokens if len(model.mtp) else 0
+        self.width = 1 + self.draft_tokens  # tokens per sequence: the last, then its drafts
         dev, rows = model.device, self.batch_sizes[-1]
         # ids, positions, slots [3, B, width]: one buffer per step kind, so inputs arrive in one copy.
         self.inputs = {
@@ -53,6 +56,7 @@ class DecodeGraphs:
             for kind in ((VERIFY, DRAFT) if self.width > 1 else (VERIFY,))
         }
         self.hidden: torch.Tensor | None = None  # the decode step's hidden states, MTP input
+        self.last_row = torch.zeros(rows, dtype=torch.long, device=dev)  # each draft row's end
         if self.width > 1:
             h = model.args.hidden_size
             self.hidden = torch.zeros(rows * self.width, h, dtype=model.dtype, device=dev)
@@ -85,10 +89,28 @@ class DecodeGraphs:
         return out.logits
 
     def _draft_step(self, b: int, k: int) -> torch.Tensor:
+        """Drafts [b, draft_tokens]: the MTP pass over the rows, read at each sequence's last
+        valid row, then the layer chained on its own draft and hidden state, one position on;
+        a chained position past the cache goes to the scratch slot (its draft is dropped)."""
         assert self.hidden is not None
-        hidden = self.hidden[: b * self.width]
-        out = self.model.forward_mtp(self._batch(DRAFT, b, k), hidden, self.cache, all_logits=True)
-        return out.logits.argmax(-1)
+        w, cache = self.width, self.cache
+        batch = self._batch(DRAFT, b, k)
+        out = self.model.forward_mtp(batch, self.hidden[: b * w], cache, all_logits=True)
+        rows = torch.arange(b, device=batch.slots.device)
+        last = self.last_row[:b]
+        draft = out.logits.view(b, w, -1)[rows, last].argmax(-1)
+        h = out.hidden.view(b, w, -1)[rows, last]
+        pos = batch.q_pos[rows, last]
+        drafts = [draft]
+        for j in range(1, self.draft_tokens):
+            inside = pos + j < cache.max_len
+            at = torch.where(inside, pos + j, 0)
+            slots = torch.where(inside, batch.slots, cache.scratch_slot)
+            chain = Batch.decode(draft[:, None], at[:, None], slots, k)
+            step = self.model.forward_mtp(chain, h, cache, all_logits=True)
+            draft, h = step.logits.argmax(-1), step.hidden
+            drafts.append(draft)
+        return torch.stack(drafts, dim=1)
 
     def _load(self, kind: str, b: int, ids: list[int], slots: list[int]) -> None:
         """Pad to the bucket (token 0 into the scratch slot) and copy in with the positions."""
@@ -127,29 +149,43 @@ class DecodeGraphs:
 
     @torch.inference_mode(False)
     @torch.no_grad()
-    def draft(self, rows: Sequence[Sequence[int] | None]) -> list[int | None]:
+    def draft(self, rows: Sequence[Sequence[int] | None]) -> list[tuple[int, ...]]:
         """The MTP pass over the last `run`'s rows: per sequence, the tokens that followed its
-        positions (1..width of them; None when it needs no draft) -> its greedy draft.
+        positions (1..width of them; None when it needs no draft) -> its greedy drafts.
 
-        A sequence short of `width` tokens (its draft was rejected) writes a stale MTP cache entry
-        past its end, which its next pass overwrites; None rows write to the scratch slot.
+        A sequence short of `width` tokens (a draft was rejected) writes stale MTP cache entries
+        past its end, which later passes overwrite; None rows write to the scratch slot.
         """
         if self.width == 1:
             raise ValueError("draft needs a model with an MTP layer")
         if self._last is None or len(rows) != self._last[0]:
             raise ValueError("draft follows a run over the same sequences")
-        n, b, k, slots, _ = self._last
+        n, b, _, slots, positions = self._last
         ids: list[int] = []
         where: list[int] = []
+        ends: list[int] = []
         for row, slot in zip(rows, slots, strict=True):
             toks = list(row or ())
             if len(toks) > self.width:
                 raise ValueError(f"a draft row holds 1 to {self.width} tokens, not {len(toks)}")
             ids += toks + [0] * (self.width - len(toks))
             where += [slot if toks else self.cache.scratch_slot] * self.width
+            ends.append(max(0, len(toks) - 1))
         self._load(DRAFT, b, ids, where)
-        best = self._launch(DRAFT, b, k)[: n * self.width].view(n, self.width).tolist()
-        return [best[i][len(r) - 1] if r else None for i, r in enumerate(rows)]
+        self.last_row[:b].copy_(torch.tensor(ends + [0] * (b - n)), non_blocking=True)
+        # Keys up to the last chained position: the furthest row end plus the chain.
+        reach = max(positions[: n * self.width]) + self.draft_tokens
+        k = pick(self.key_lens, min(reach, self.cache.max_len))
+        best = self._launch(DRAFT, b, k)[:n].tolist()
+        out: list[tuple[int, ...]] = []
+        for i, row in enumerate(rows):
+            if not row:
+                out.append(())
+                continue
+            end = positions[i * self.width] + len(row) - 1  # the last position the pass read
+            fits = max(0, min(self.draft_tokens, self.cache.max_len - end))
+            out.append(tuple(best[i][:fits]))
+        return out
 
     def _launch(self, kind: str, b: int, k: int) -> torch.Tensor:
         if not self.capture:
