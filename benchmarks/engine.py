@@ -141,7 +141,7 @@ class Engine:
         self.metrics = Metrics()
         cache = model.new_cache(cfg.maxBatchSize, cfg.maxSeqLen)
         graphs = fixed_shape_decode(model, cache, cfg, cfg.maxBatchSize)
-        self.runner = ModelRunner(model, cache, groups, dev, graphs)
+        self.runner = ModelRunner(model, cache, groups, dev, graphs, cfg.num_speculative_tokens)
         self.decode = TextTokenizer(sharded).decode
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, int]:
@@ -225,6 +225,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-graphs", action="store_true", help="decode without CUDA graphs")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with an MTP layer")
+    p.add_argument(
+        "--speculative-tokens", type=int, default=1, help="MTP drafts per step (with --mtp)"
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "prefill", "decode", "hf"])
     return p.parse_args(argv)
 
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         cudaGraphs=not args.no_graphs,
         torchCompile=args.compile,
         mtp=args.mtp,
+        num_speculative_tokens=args.speculative_tokens,
     )
     root = args.work_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
     with tempfile.TemporaryDirectory(dir=root, prefix="dsbench-") as tmp:
@@ -259,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             cuda_graphs=cfg.cudaGraphs and dev.kind == "cuda",
             torch_compile=cfg.torchCompile,
             mtp=cfg.mtp,
+            speculative_tokens=cfg.num_speculative_tokens if cfg.mtp else None,
             checkpoint_bytes=sum(f.stat().st_size for f in full.glob("*.safetensors")),
         )
         if "load" not in args.skip:
@@ -288,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             accepted = sample("dsworker_spec_accepted_tokens_total") or 0.0
             emit(
                 bench="mtp",
+                steps=int(sample("dsworker_step_seconds_count") or 0),
                 drafts=int(drafted),
                 accepted=int(accepted),
                 acceptance=round(accepted / drafted, 4) if drafted else None,

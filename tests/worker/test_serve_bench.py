@@ -36,13 +36,16 @@ def test_engine_benchmark_with_mtp_reports_acceptance(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--preset", "tiny", "--device", "cpu", "--work-dir",
          str(tmp_path), "--batch", "2", "--new-tokens", "6", "--repeat", "1", "--mtp",
-         "--skip", "load", "prefill", "hf"],
+         "--speculative-tokens", "2", "--skip", "load", "prefill", "hf"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    assert [r["mtp"] for r in lines if r["bench"] == "setup"] == [True]
+    [setup] = [r for r in lines if r["bench"] == "setup"]
+    assert (setup["mtp"], setup["speculative_tokens"]) == (True, 2)
     (mtp,) = [r for r in lines if r["bench"] == "mtp"]
-    # Warm-up, then 2 sequences x 5 decode steps after the first token, one draft each.
-    assert mtp["drafts"] >= 10 and 0 <= mtp["accepted"] <= mtp["drafts"]
+    # Every decode step carries 2 drafts for each of its (1 or 2) sequences; prefills carry none.
+    decode_steps = mtp["steps"] - 2  # the warm-up's prefill and the run's
+    assert 2 * decode_steps <= mtp["drafts"] <= 4 * decode_steps
+    assert 0 <= mtp["accepted"] <= mtp["drafts"]
     assert [r["tokens_per_s"] > 0 for r in lines if r.get("engine") == "dsworker"] == [True]
