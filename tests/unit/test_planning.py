@@ -475,6 +475,32 @@ def test_store_lowering_refused_by_an_older_api_server_is_reported() -> None:
     assert "allowVolumeExpansion" not in message
 
 
+def test_store_expansion_the_storage_backend_could_not_finish_is_reported() -> None:
+    cluster = store_cluster("1Gi")
+    cluster.change_spec({"sharding": {"store": {"pvc": {"size": "2Gi"}}}})
+    apply_resize(cluster, cluster.step())
+    claim = cluster.objects[("PersistentVolumeClaim", "r1-shards")]
+    claim["status"]["conditions"] = [{"type": "Resizing", "status": "True"}]
+    assert cond(cluster.step(), "Validated")["reason"] == "Valid"  # still going: nothing to say
+    claim["status"]["conditions"] = [
+        {"type": "ControllerResizeError", "status": "True", "message": "quota exceeded"}
+    ]
+    result = cluster.step()
+    validated = cond(result, "Validated")
+    assert validated["reason"] == "StoreSpecNotApplied"
+    assert (
+        "did not grow from 1Gi to 2Gi (ControllerResizeError: quota exceeded)"
+        in (validated["message"])
+    )
+    assert ("Warning", "StoreSpecNotApplied") in [(e.type, e.reason) for e in result.events]
+    assert result.phase == "Ready"  # the shards fit the size they have
+    del claim["status"]["conditions"]
+    claim["status"]["allocatedResourceStatuses"] = {"storage": "NodeResizeInfeasible"}
+    assert "(NodeResizeInfeasible)" in cond(cluster.step(), "Validated")["message"]
+    claim["status"] = {"phase": "Bound", "capacity": {"storage": "2Gi"}}  # grown after all
+    assert cond(cluster.step(), "Validated")["reason"] == "Valid"
+
+
 def test_store_growth_waits_while_the_claim_is_unbound() -> None:
     body = copy.deepcopy(TWO_NODES)
     body["spec"]["sharding"]["store"] = {"pvc": {"storageClassName": "nfs", "size": "1Gi"}}

@@ -223,6 +223,15 @@ def store_change(
         )
     order = compare_quantities(size, requested)
     if not order:  # equal, or a request that is not a quantity (nothing sensible to do)
+        failure = expansion_failure(status)
+        if failure and capacity and compare_quantities(requested, capacity) == 1:
+            warnings.insert(
+                0,
+                f"spec.sharding.store.pvc.size: the volume of PersistentVolumeClaim {name} did "
+                f"not grow from {capacity} to {requested} ({failure}): fix what the storage "
+                f"backend reports (the claim's Events say more), or lower size to a value above "
+                f"{capacity} to retry the expansion at that size",
+            )
         return StoreChange(current=requested, warning="; ".join(warnings))
     if order > 0 and not bound:
         return StoreChange(
@@ -258,6 +267,20 @@ def store_change(
         f"{requested}: {fix}",
     )
     return StoreChange(current=requested, warning="; ".join(warnings))
+
+
+# A claim's expansion that stopped: the resizer's error conditions, or a size it cannot reach.
+RESIZE_ERRORS = ("ControllerResizeError", "NodeResizeError")
+RESIZE_INFEASIBLE = ("ControllerResizeInfeasible", "NodeResizeInfeasible")
+
+
+def expansion_failure(status: Mapping[str, Any]) -> str:
+    """Why a claim's volume expansion stopped, from its status; "" while none did."""
+    for c in status.get("conditions") or ():
+        if c.get("type") in RESIZE_ERRORS and c.get("status") == "True":
+            return f"{c['type']}: {c.get('message') or 'no message'}"
+    state = str((status.get("allocatedResourceStatuses") or {}).get("storage") or "")
+    return state if state in RESIZE_INFEASIBLE else ""
 
 
 def _digest(obj: Any) -> str:
