@@ -225,3 +225,76 @@ def test_the_step_budget_holds_a_full_batch_of_drafted_decodes() -> None:
     s.set_drafts({0: (6,), 1: (6,)})
     step = s.schedule()
     assert step is not None and [len(it.tokens) for it in step.items] == [2, 2]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_invariants_under_random_traffic_with_drafts(seed: int) -> None:
+    """Random arrivals, prompt lengths, drafts, acceptance and aborts: every step stays inside
+    the cache and the budget, feeds each sequence exactly its next positions, and every
+    sequence ends within its limits."""
+    import random
+
+    rng = random.Random(seed)
+    max_seq_len, batch, budget = 32, 4, 12
+    s = Scheduler(batch, max_seq_len, budget, drafts=3)
+    seqs: dict[int, Sequence] = {}
+    emitted: dict[int, list[int]] = {}
+    next_id = 0
+    for _ in range(400):
+        if next_id < 40 and rng.random() < 0.3:
+            n = rng.randint(1, 20)
+            seq_ = Sequence(next_id, [rng.randrange(50) for _ in range(n)], rng.randint(1, 20))
+            s.add(seq_)
+            seqs[next_id], emitted[next_id] = seq_, []
+            next_id += 1
+        if s.running and rng.random() < 0.05:
+            s.finish(rng.choice(list(s.running)), FinishReason.ABORT)
+        step = s.schedule()
+        if step is None:
+            continue
+        assert step.num_tokens <= s.max_step_tokens
+        assert len({it.slot for it in step.items}) == len(step.items)
+        for it in step.items:
+            seq_ = s.running[it.seq_id]
+            assert it.start == seq_.num_cached and it.slot == seq_.slot
+            assert it.start + len(it.tokens) <= max_seq_len
+            real = len(it.tokens) - it.drafts
+            assert list(it.tokens[:real]) == [
+                seq_.token_at(p) for p in range(it.start, it.start + real)
+            ]
+            assert list(it.tokens[real:]) == list(seq_.drafts[: it.drafts])
+        sampled = {
+            it.seq_id: [rng.randrange(50) for _ in range(1 + rng.randint(0, it.drafts))]
+            for it in step.sampled
+        }
+        for it in step.sampled:  # accepted drafts are the drafts themselves
+            accepted = len(sampled[it.seq_id]) - 1
+            sampled[it.seq_id][:accepted] = it.tokens[len(it.tokens) - it.drafts :][:accepted]
+        for ev in s.update(step, sampled):
+            emitted[ev.seq_id].append(ev.token)
+        inputs = s.draft_inputs(step)
+        for d in inputs:
+            it = step.items[d.index]
+            seq_ = s.running[it.seq_id]
+            assert it.start + len(d.tokens) <= seq_.num_cached
+            assert list(d.tokens) == [
+                seq_.token_at(p + 1) for p in range(it.start, it.start + len(d.tokens))
+            ]
+        s.set_drafts(
+            {step.items[d.index].seq_id: tuple(rng.randrange(50) for _ in range(3)) for d in inputs}
+        )
+        for seq_ in s.running.values():
+            if not seq_.prefilling:
+                assert seq_.num_cached == seq_.num_tokens - 1  # the last token is fed next
+        assert len(s.free_slots) + len(s.running) == batch
+    while s.has_work:  # drain: no new traffic, every draft accepted
+        step = s.schedule()
+        assert step is not None
+        s.update(
+            step,
+            {it.seq_id: list(it.tokens[len(it.tokens) - it.drafts :]) + [7] for it in step.sampled},
+        )
+    for i, seq_ in seqs.items():
+        assert seq_.finish_reason is not None
+        assert len(seq_.output) <= seq_.max_tokens and seq_.num_tokens <= max_seq_len
+        assert emitted[i] == seq_.output
