@@ -41,7 +41,7 @@ from dsworker.loader import load_weights
 from dsworker.metrics import Metrics
 from dsworker.runner import DTYPES, ModelRunner, engine_options, fixed_shape_decode
 from dsworker.sampling import SamplingParams
-from dsworker.scheduler import Scheduler
+from dsworker.scheduler import Paging, Scheduler
 from dsworker.tokenizer import TextTokenizer
 
 
@@ -139,7 +139,11 @@ class Engine:
         load_weights(model.targets(), sharded, plan, 0, dev, mtp=cfg.mtp)
         self.cfg = cfg
         self.metrics = Metrics()
-        cache = model.new_cache(cfg.maxBatchSize, cfg.maxSeqLen)
+        # Paged like `dsworker serve`: every slot's maxSeqLen fits, so no request ever waits.
+        page = min(cfg.cacheBlockSize, cfg.maxSeqLen)
+        pages = cfg.maxBatchSize * -(-cfg.maxSeqLen // page)
+        self.paging = Paging(page, pages)
+        cache = model.new_cache(cfg.maxBatchSize, cfg.maxSeqLen, page, pages)
         graphs = fixed_shape_decode(model, cache, cfg, cfg.maxBatchSize)
         self.runner = ModelRunner(model, cache, groups, dev, graphs, cfg.num_speculative_tokens)
         self.decode = TextTokenizer(sharded).decode
@@ -153,6 +157,7 @@ class Engine:
                 self.cfg.maxSeqLen,
                 self.cfg.maxPrefillTokens,
                 drafts=self.runner.draft_tokens,
+                paging=self.paging,
             ),
             self.decode,
             LocalChannel(),

@@ -696,6 +696,9 @@ def test_engine_config_map_carries_the_decode_step_switches() -> None:
     assert (config(body).mtp, config(body).num_speculative_tokens) == (True, 1)
     body["spec"]["serving"]["speculativeTokens"] = 3
     assert (config(body).mtp, config(body).num_speculative_tokens) == (True, 3)
+    assert config(body).cacheBlockSize == 128
+    body["spec"]["serving"]["cacheBlockSize"] = 64
+    assert config(body).cacheBlockSize == 64
 
 
 def test_services() -> None:

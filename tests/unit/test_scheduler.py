@@ -8,6 +8,7 @@ from dsworker import step_wire
 from dsworker.scheduler import (
     DraftInput,
     FinishReason,
+    Paging,
     Scheduler,
     SchedulerError,
     Sequence,
@@ -134,7 +135,9 @@ def test_idle_scheduler_has_no_step() -> None:
 
 
 def test_step_wire_round_trip() -> None:
-    step = Step((StepItem(3, 1, 0, (5, 6, 7), False), StepItem(9, 0, 12, (2, 8), True, 1)))
+    step = Step(
+        (StepItem(3, 1, 0, (5, 6, 7), False, 0, (4, 9)), StepItem(9, 0, 12, (2, 8), True, 1))
+    )
     msg = step_wire.Message(step_wire.STEP, step)
     assert step_wire.decode(step_wire.encode(msg)) == msg
     drafts = step_wire.Message(
@@ -143,7 +146,7 @@ def test_step_wire_round_trip() -> None:
     assert step_wire.decode(step_wire.encode(drafts)) == drafts
     assert step_wire.decode(step_wire.encode(step_wire.Message(step_wire.DRAFT))).drafts == ()
     with pytest.raises(step_wire.WireError, match="drafts among"):
-        step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 1, 1, 1, 5])
+        step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 1, 1, 1, 0, 5])
     with pytest.raises(step_wire.WireError, match="truncated draft"):
         step_wire.decode([step_wire.DRAFT, 1, 0, 3, 5, 6])
     with pytest.raises(step_wire.WireError, match="trailing"):
@@ -151,7 +154,7 @@ def test_step_wire_round_trip() -> None:
     for kind in (step_wire.HEARTBEAT, step_wire.STOP):
         assert step_wire.decode(step_wire.encode(step_wire.Message(kind))).kind == kind
     with pytest.raises(step_wire.WireError):
-        step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 5, 0, 1])
+        step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 5, 0, 1, 0])
     with pytest.raises(step_wire.WireError):
         step_wire.decode([42, 0])
 
@@ -298,3 +301,65 @@ def test_invariants_under_random_traffic_with_drafts(seed: int) -> None:
         assert seq_.finish_reason is not None
         assert len(seq_.output) <= seq_.max_tokens and seq_.num_tokens <= max_seq_len
         assert emitted[i] == seq_.output
+
+
+def test_paging_reserves_prompt_plus_max_tokens_and_frees_at_the_end() -> None:
+    s = Scheduler(4, 32, 64, paging=Paging(page_size=4, pages=10))
+    s.add(seq(0, 5, max_tokens=3))  # 8 positions: 2 pages
+    s.add(seq(1, 6, max_tokens=10))  # 16 positions: 4 pages
+    s.add(seq(2, 9, max_tokens=20))  # 29 positions: 8 pages, more than the 4 left: waits
+    step, _ = run_step(s)
+    assert [(it.seq_id, it.pages) for it in step.items] == [(0, (0, 1)), (1, (2, 3, 4, 5))]
+    assert [q.seq_id for q in s.waiting] == [2]  # first in line: nothing overtakes it
+    assert s.running[0].capacity == 8 and s.running[1].capacity == 16
+    step, _ = run_step(s)
+    assert all(it.pages == () for it in step.items)  # pages travel once, with the first item
+    s.finish(1, FinishReason.ABORT)
+    step, _ = run_step(s)  # 4 + 4 free pages now: seq 2 starts with pages 6..9 and 2..5
+    [new] = [it for it in step.items if it.seq_id == 2]
+    assert sorted(new.pages) == [2, 3, 4, 5, 6, 7, 8, 9] and new.start == 0
+
+
+def test_paging_bounds_drafts_by_the_reserved_positions() -> None:
+    s = Scheduler(1, 32, 64, drafts=3, paging=Paging(page_size=4, pages=8))
+    s.add(seq(0, 3, max_tokens=5))  # 8 positions reserved: 2 pages
+    run_step(s, token=5)
+    s.set_drafts({0: (6, 7, 8)})
+    step = s.schedule()
+    assert step is not None and step.items[0].tokens == (5, 6, 7, 8)  # positions 3..6 < 8
+    s.update(step, {0: [6, 7, 4]})  # two drafts kept: 7 tokens, the last at position 6
+    s.set_drafts({0: (9, 9, 9)})
+    step = s.schedule()
+    assert step is not None and step.items[0].tokens == (4, 9)  # position 7 is the last one
+    assert step.items[0].drafts == 1
+
+
+def test_paging_needs_room_for_one_full_sequence() -> None:
+    with pytest.raises(SchedulerError, match="less than one sequence of max_seq_len 32"):
+        Scheduler(2, 32, 64, paging=Paging(page_size=4, pages=7))
+
+
+def test_paged_pages_are_never_shared_under_random_traffic() -> None:
+    import random
+
+    rng = random.Random(7)
+    paging = Paging(page_size=4, pages=12, dp=2)
+    s = Scheduler(4, 24, 16, drafts=2, paging=paging)
+    owner: dict[tuple[int, int], int] = {}  # (group, page) -> seq_id
+    for i in range(60):
+        s.add(Sequence(i, [1] * rng.randint(1, 12), rng.randint(1, 10)))
+    while s.has_work:
+        step = s.schedule()
+        assert step is not None
+        for it in step.items:
+            for page in it.pages:
+                key = (it.slot % 2, page)
+                assert key not in owner, f"page {key} given to {it.seq_id} and {owner[key]}"
+                owner[key] = it.seq_id
+            assert it.start + len(it.tokens) <= s.running[it.seq_id].capacity
+        s.update(step, {it.seq_id: [3] for it in step.sampled})
+        for key, seq_id in list(owner.items()):
+            if seq_id not in s.running:
+                del owner[key]
+        used = sum(len(q.pages) for q in s.running.values())
+        assert used + sum(len(pool) for pool in s.free_pages) == 2 * 12

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,103 +16,15 @@ import pytest
 import torch
 from engine_helpers import NEW_TOKENS, PROMPTS, Reference, hf_penalized_greedy, hf_reference
 from safetensors.torch import load_file, save_file
+from serving_helpers import MAX_LEN, counter, engine_config, generate
 
 from dsworker.control import DistChannel
 from dsworker.dist import spawn_local
 from dsworker.engine_config import EngineConfig
-from dsworker.engine_loop import EngineLoop, GenRequest, Output, follow
-from dsworker.metrics import Metrics
+from dsworker.engine_loop import follow
 from dsworker.model.decode_graphs import DecodeGraphs
 from dsworker.runner import build_runner
 from dsworker.sampling import SamplingParams
-from dsworker.scheduler import Scheduler
-from dsworker.step_wire import STOP, Message
-
-MAX_LEN = 64
-
-
-def engine_config(**kw: object) -> EngineConfig:
-    base = {"dtype": "float32", "device": "cpu", "maxBatchSize": 4}
-    base |= {"maxSeqLen": MAX_LEN, "maxInputTokenLen": MAX_LEN // 2}
-    return EngineConfig.model_validate({**base, **kw})
-
-
-def generate(
-    ckpt: Path,
-    cfg: EngineConfig,
-    params: SamplingParams | None = None,
-    rank: int = 0,
-    world: int = 1,
-    fixed: str | None = None,
-    calls: dict[str, int] | None = None,
-    logprobs: dict[int, list[float]] | None = None,
-) -> tuple[list[list[int]], Metrics, int]:
-    """Every prompt through one rank-0 engine loop: tokens per prompt, metrics, steps taken.
-    `logprobs`, when given, receives each prompt's token logprobs.
-
-    fixed: run decode and draft passes as fixed-shape steps, eagerly ("eager-step"), traced by
-    dynamo with fullgraph ("eager", the backend) or captured ("capture", cuda); `calls` counts them.
-    """
-    loaded = build_runner(ckpt, cfg, rank=rank, world_size=world, local_rank=rank)
-    if fixed is not None:
-        runner = loaded.runner
-        backend = None if fixed in ("eager-step", "capture") else fixed
-        graphs = DecodeGraphs(
-            runner.model,
-            runner.cache,
-            4,
-            capture=fixed == "capture",
-            compile_backend=backend,
-            draft_tokens=cfg.num_speculative_tokens,
-        )
-        count(graphs, calls if calls is not None else {})
-        runner.graphs = graphs
-    metrics = Metrics()
-    loop = EngineLoop(
-        loaded.runner,
-        Scheduler(
-            loaded.max_batch_size,
-            cfg.maxSeqLen,
-            cfg.maxPrefillTokens,
-            drafts=loaded.runner.draft_tokens,
-        ),
-        lambda ids: "",
-        loaded.channel,
-        metrics,
-    )
-    got: dict[int, list[int]] = {}
-    lock = threading.Lock()
-    for i, p in enumerate(PROMPTS):
-
-        def sink(out: Output, i: int = i) -> None:
-            assert out.error is None, out.error
-            with lock:
-                got.setdefault(i, []).extend(out.token_ids)
-                if logprobs is not None:
-                    logprobs.setdefault(i, []).extend(e.logprob for e in out.logprobs)
-
-        req = GenRequest(
-            p,
-            params or SamplingParams(temperature=0.0),
-            NEW_TOKENS,
-            ignore_eos=True,
-            logprobs=0 if logprobs is not None else None,
-        )
-        loop.submit(req, sink)
-    steps = loop.run_until_idle()
-    loaded.channel.send(Message(STOP))
-    return [got[i] for i in range(len(PROMPTS))], metrics, steps
-
-
-def count(graphs: DecodeGraphs, calls: dict[str, int]) -> None:
-    for name in ("run", "draft"):
-        fn = getattr(graphs, name)
-
-        def counted(*a: object, fn: Any = fn, name: str = name) -> Any:
-            calls[name] = calls.get(name, 0) + 1
-            return fn(*a)
-
-        setattr(graphs, name, counted)
 
 
 @torch.no_grad()
@@ -125,12 +36,6 @@ def assert_transformers_logprobs(
         logits = model(torch.tensor([prompt + toks[:-1]])).logits[0, len(prompt) - 1 :]
         want = torch.log_softmax(logits.float(), -1)[torch.arange(len(toks)), toks]
         torch.testing.assert_close(torch.tensor(lps[i]), want, atol=1e-4, rtol=0)
-
-
-def counter(metrics: Metrics, name: str) -> float:
-    value = metrics.registry.get_sample_value(name)
-    assert value is not None, name
-    return value
 
 
 @pytest.fixture(scope="module")
@@ -309,7 +214,11 @@ def test_fixed_shape_decode_and_draft_steps(
 
 def test_draft_step_refuses_rows_it_cannot_hold(tiny_v3: Path) -> None:
     loaded = build_runner(tiny_v3, engine_config(mtp=True), rank=0, world_size=1, local_rank=0)
-    graphs = DecodeGraphs(loaded.runner.model, loaded.runner.cache, 4, capture=False)
+    cache = loaded.runner.cache
+    for slot in (0, 1):  # what the scheduler does for a new sequence: a full run of 8 pages
+        cache.assign(slot, range(slot * 8, slot * 8 + 8))
+    assert cache.capacity[:2] == [MAX_LEN, MAX_LEN]
+    graphs = DecodeGraphs(loaded.runner.model, cache, 4, capture=False)
     assert graphs.width == 2
     with pytest.raises(ValueError, match="2 tokens per sequence"):
         graphs.run([0], [3], [[5]])

@@ -44,6 +44,12 @@ class EngineConfig(BaseModel):
         ge=1,
         description="Tokens per engine step (prompt chunks, one per decode plus its MTP drafts).",
     )
+    cacheBlockSize: int = Field(
+        128,
+        ge=1,
+        description="KV cache page size in positions: each sequence reserves pages for its "
+        "prompt plus max_tokens when it starts.",
+    )
     maxRequestBytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
     maxNewTokens: int = Field(1024, ge=1, description="Upper bound on a request's max_tokens.")
     port: int = Field(1025, ge=1, le=65535, description="HTTP port of rank 0.")
@@ -51,7 +57,7 @@ class EngineConfig(BaseModel):
     npuMemSize: int = Field(
         -1,
         ge=-1,
-        description="KV-cache GiB per rank, caps the batch; -1 = free memory less a reserve.",
+        description="KV-cache GiB per rank (its pages); -1 = free memory less a reserve.",
     )
     worldSize: int = Field(1, ge=1, description="Ranks in the model instance.")
     dp: int = Field(1, ge=1, description="Attention data-parallel groups.")

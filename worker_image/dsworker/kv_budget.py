@@ -1,7 +1,9 @@
-"""How many KV-cache slots one rank allocates, from the engine config's npuMemSize.
+"""How much KV cache one rank allocates, from the engine config's npuMemSize.
 
-Pure (no torch) so the arithmetic and its error messages are unit-tested without a device. A slot
-holds one sequence of maxSeqLen positions; the scheduler's maxBatchSize is cut to what fits.
+Pure (no torch) so the arithmetic and its error messages are unit-tested without a device. The
+budget holds some number of pages of cacheBlockSize positions, at least one maxSeqLen sequence's
+worth; sequences reserve pages as they start (see dsworker.scheduler), so many short requests
+fit where few long ones would.
 """
 
 from __future__ import annotations
@@ -19,31 +21,9 @@ class KVBudgetError(ValueError):
     """The memory budget cannot hold even one sequence; the message names the key and the fix."""
 
 
-@dataclass(frozen=True)
-class KVBudget:
-    """The slots to allocate (per dp group), their bytes, and why that many."""
-
-    slots: int
-    wanted: int
-    bytes_per_slot: int
-    budget_bytes: int | None  # None = no limit (cpu with npuMemSize -1)
-    reason: str
-
-    @property
-    def bytes(self) -> int:
-        return self.slots * self.bytes_per_slot
-
-    @property
-    def capped(self) -> bool:
-        """True when the budget, not maxBatchSize, set the slot count."""
-        return self.slots < self.wanted
-
-
-def bytes_per_slot(
-    num_layers: int, max_seq_len: int, kv_rank: int, rope_dim: int, dtype_bytes: int
-) -> int:
-    """Bytes of one sequence's cache: every layer (MTP included) x positions x latent + rope key."""
-    return num_layers * max_seq_len * (kv_rank + rope_dim) * dtype_bytes
+def kv_bytes(num_layers: int, positions: int, kv_rank: int, rope_dim: int, dtype_bytes: int) -> int:
+    """Bytes of `positions` cached positions: every layer (MTP included) x latent + rope key."""
+    return num_layers * positions * (kv_rank + rope_dim) * dtype_bytes
 
 
 def wanted_slots(max_batch_size: int, dp: int) -> int:
@@ -60,42 +40,59 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
-def plan_kv_cache(
-    slot_bytes: int, wanted: int, npu_mem_size: int, free_bytes: int | None
-) -> KVBudget:
-    """slots = min(wanted, budget // slot_bytes); budget = npuMemSize GiB, or for -1 the free
-    device memory less auto_reserve (free_bytes None = cpu: no limit). Raises KVBudgetError,
-    also when an explicit budget's slots exceed the free memory (an OOM later, said now)."""
-    if slot_bytes <= 0 or wanted <= 0:
-        raise ValueError(f"slot_bytes ({slot_bytes}) and wanted ({wanted}) must be positive")
+def _budget(npu_mem_size: int, free_bytes: int | None) -> tuple[int | None, str, str]:
+    """(budget bytes or None for no limit, where it comes from, how to get more)."""
     fix = "raise npuMemSize, lower maxSeqLen, or spread the model over more ranks (tp/moe_ep)"
     if npu_mem_size >= 0:
-        budget: int | None = npu_mem_size * GIB
-        source = f"npuMemSize {npu_mem_size} GiB"
-    elif free_bytes is None:
-        budget, source = None, "npuMemSize -1 on cpu (no limit)"
-    else:
-        budget = max(0, free_bytes - auto_reserve(free_bytes))
-        source = (
-            f"npuMemSize -1 (auto): {_gib(free_bytes)} free after the weights less "
-            f"{_gib(auto_reserve(free_bytes))} kept for activations"
-        )
-        fix = "free device memory, lower maxSeqLen, or spread the model over more ranks (tp/moe_ep)"
-    fits = wanted if budget is None else budget // slot_bytes
-    if fits < 1:
+        return npu_mem_size * GIB, f"npuMemSize {npu_mem_size} GiB", fix
+    if free_bytes is None:
+        return None, "npuMemSize -1 on cpu (no limit)", fix
+    source = (
+        f"npuMemSize -1 (auto): {_gib(free_bytes)} free after the weights less "
+        f"{_gib(auto_reserve(free_bytes))} kept for activations"
+    )
+    fix = "free device memory, lower maxSeqLen, or spread the model over more ranks (tp/moe_ep)"
+    return max(0, free_bytes - auto_reserve(free_bytes)), source, fix
+
+
+@dataclass(frozen=True)
+class KVPages:
+    """The pages to allocate (per dp group) and why that many."""
+
+    pages: int
+    wanted: int
+    bytes_per_page: int
+    reason: str
+
+
+def plan_kv_pages(
+    page_bytes: int,
+    pages_per_sequence: int,
+    wanted_sequences: int,
+    npu_mem_size: int,
+    free_bytes: int | None,
+) -> KVPages:
+    """pages = min(what wanted_sequences of maxSeqLen need, budget // page_bytes), and at least
+    one maxSeqLen sequence's pages (else KVBudgetError). The budget is npuMemSize GiB, or for -1
+    the free device memory less auto_reserve (free_bytes None = cpu: no limit); an explicit
+    budget above the free memory is refused now rather than failing at allocation."""
+    if page_bytes <= 0 or pages_per_sequence <= 0 or wanted_sequences <= 0:
+        raise ValueError("page_bytes, pages_per_sequence and wanted_sequences must be positive")
+    budget, source, fix = _budget(npu_mem_size, free_bytes)
+    wanted = pages_per_sequence * wanted_sequences
+    fits = wanted if budget is None else budget // page_bytes
+    seq_bytes = pages_per_sequence * page_bytes
+    if fits < pages_per_sequence:
         raise KVBudgetError(
-            f"KV cache: {source} holds no sequence; one sequence of maxSeqLen positions needs "
-            f"{_gib(slot_bytes)} ({slot_bytes} bytes); {fix}"
+            f"KV cache: {source} holds {fits} pages, less than one sequence of maxSeqLen "
+            f"positions ({pages_per_sequence} pages, {_gib(seq_bytes)}); {fix}"
         )
-    slots = min(wanted, fits)
-    if npu_mem_size >= 0 and free_bytes is not None and slots * slot_bytes > free_bytes:
+    pages = min(wanted, fits)
+    if npu_mem_size >= 0 and free_bytes is not None and pages * page_bytes > free_bytes:
         raise KVBudgetError(
-            f"KV cache: {source} gives {slots} sequences ({_gib(slots * slot_bytes)}) but only "
+            f"KV cache: {source} gives {pages} pages ({_gib(pages * page_bytes)}) but only "
             f"{_gib(free_bytes)} of device memory is free after the weights; lower npuMemSize, "
             "or set it to -1 (auto) to use what is free"
         )
-    if slots < wanted:
-        reason = f"{source} holds {slots} of the {wanted} slots maxBatchSize asks for"
-    else:
-        reason = f"{source} holds all {wanted} slots maxBatchSize asks for"
-    return KVBudget(slots, wanted, slot_bytes, budget, reason)
+    share = f"{pages} of the {wanted} pages that maxBatchSize sequences of maxSeqLen could use"
+    return KVPages(pages, wanted, page_bytes, f"{source} holds {share}")

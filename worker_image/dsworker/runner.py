@@ -25,7 +25,7 @@ from dsworker.device import Device
 from dsworker.dist import ParallelGroups, build_groups, init_process_group
 from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import StepError
-from dsworker.kv_budget import KVBudgetError, bytes_per_slot, plan_kv_cache, wanted_slots
+from dsworker.kv_budget import KVBudgetError, kv_bytes, plan_kv_pages, wanted_slots
 from dsworker.layout import ParallelPlan
 from dsworker.loader import load_weights
 from dsworker.model import (
@@ -38,7 +38,7 @@ from dsworker.model import (
     MoEOptions,
 )
 from dsworker.model.decode_graphs import DecodeGraphs
-from dsworker.scheduler import DraftInput, Step, StepItem
+from dsworker.scheduler import DraftInput, Paging, Scheduler, Step, StepItem
 
 log = logging.getLogger("dsworker.runner")
 
@@ -85,6 +85,9 @@ class ModelRunner:
     def run(self, step: Step) -> torch.Tensor | None:
         """Logits of every sampled item's verify rows, in step order (rank 0; others None)."""
         mine = self._mine(step)
+        for it in mine:  # a new sequence's first item brings its KV pages
+            if it.pages:
+                self.cache.assign(it.slot // self.dp, it.pages)
         self._graphed = self._fixed_shape(mine)
         if self._graphed:
             assert self.graphs is not None
@@ -178,7 +181,7 @@ class ModelRunner:
             last = [int(p) for p in batch.positions[batch.last].tolist()] if where else []
             for j in range(1, self.draft_tokens):
                 # Draft j sits at position last + j + 1; the MTP reads it at last + j.
-                live = [b for b, p in enumerate(last) if p + j < self.cache.max_len]
+                live = [b for b, p in enumerate(last) if p + j < self.cache.capacity[where[b][0]]]
                 chain = Batch.build(
                     [(where[b][0], last[b] + j, (int(out[b, j - 1]),)) for b in live], self.device
                 )
@@ -243,7 +246,18 @@ class Loaded:
     channel: Channel
     load_seconds: float
     load_bytes: int
-    max_batch_size: int  # the scheduler's slots: maxBatchSize, or less when the KV budget cut it
+    max_batch_size: int  # the scheduler's slots (maxBatchSize)
+    paging: Paging  # the KV pages each dp group has, which the scheduler hands out
+
+    def scheduler(self, cfg: EngineConfig) -> Scheduler:
+        """Rank 0's scheduler for this rank's cache: its slots, pages and MTP drafts."""
+        return Scheduler(
+            self.max_batch_size,
+            cfg.maxSeqLen,
+            cfg.maxPrefillTokens,
+            drafts=self.runner.draft_tokens,
+            paging=self.paging,
+        )
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -304,73 +318,80 @@ def build_runner(
     stats = load_weights(model.targets(), model_dir, plan, rank, device, mtp=cfg.mtp)
     device.synchronize()
     seconds = time.perf_counter() - t0
-    slots = _kv_slots(model, cfg, device, groups)
-    cache = model.new_cache(slots, cfg.maxSeqLen)
-    max_batch = min(cfg.maxBatchSize, slots * cfg.dp)
+    page_size = min(cfg.cacheBlockSize, cfg.maxSeqLen)
+    slots = wanted_slots(cfg.maxBatchSize, cfg.dp)
+    pages = _kv_pages(model, cfg, page_size, device, groups)
+    cache = model.new_cache(slots, cfg.maxSeqLen, page_size, pages)
     channel: Channel = DistChannel(groups.cpu.pg) if world_size > 1 else LocalChannel()
     log.info(
-        "rank %d on %s: %s; KV cache %d slots x %d positions; max batch %d",
+        "rank %d on %s: %s; KV cache %d pages x %d positions for %d slots",
         rank,
         device.torch,
         stats,
+        pages,
+        page_size,
         slots,
-        cfg.maxSeqLen,
-        max_batch,
     )
     runner = ModelRunner(
         model,
         cache,
         groups,
         device,
-        fixed_shape_decode(model, cache, cfg, max_batch),
+        fixed_shape_decode(model, cache, cfg, cfg.maxBatchSize),
         cfg.num_speculative_tokens,
     )
-    return Loaded(runner, channel, seconds, stats.bytes, max_batch)
+    paging = Paging(page_size, pages, cfg.dp)
+    return Loaded(runner, channel, seconds, stats.bytes, cfg.maxBatchSize, paging)
 
 
-def _kv_slots(
-    model: DeepseekModel, cfg: EngineConfig, device: Device, groups: ParallelGroups
+def _kv_pages(
+    model: DeepseekModel, cfg: EngineConfig, page_size: int, device: Device, groups: ParallelGroups
 ) -> int:
-    """KV slots per dp group within npuMemSize, the minimum over all ranks (they must agree).
+    """KV pages per dp group within npuMemSize, the minimum over all ranks (they must agree).
 
     Every rank reaches the all-reduce (a rank whose budget holds nothing offers 0), so a refusal
     is raised on every rank instead of leaving the others waiting in the collective.
     """
     a = model.args
-    slot_bytes = bytes_per_slot(
+    page_bytes = kv_bytes(
         a.num_layers + len(model.mtp),
-        cfg.maxSeqLen,
+        page_size,
         a.kv_lora_rank,
         a.qk_rope_dim,
         model.dtype.itemsize,
     )
+    per_sequence = -(-cfg.maxSeqLen // page_size)
     free: int | None = None
     if device.is_accelerator:
         device.module.empty_cache()  # the loader's freed staging blocks count as free
         free = int(device.module.mem_get_info(device.torch)[0])
     error: KVBudgetError | None = None
     try:
-        budget = plan_kv_cache(
-            slot_bytes, wanted_slots(cfg.maxBatchSize, cfg.dp), cfg.npuMemSize, free
+        budget = plan_kv_pages(
+            page_bytes,
+            per_sequence,
+            wanted_slots(cfg.maxBatchSize, cfg.dp),
+            cfg.npuMemSize,
+            free,
         )
-        mine = budget.slots
+        mine = budget.pages
     except KVBudgetError as exc:
         error, mine = exc, 0
     agreed = int(groups.cpu.all_min(torch.tensor([mine], dtype=torch.int64)).item())
     if error is not None:
         raise error
-    if agreed < 1:
+    if agreed < per_sequence:
         raise KVBudgetError(
-            "KV cache: another rank's npuMemSize budget holds no sequence; see its log"
+            "KV cache: another rank's npuMemSize budget holds no maxSeqLen sequence; see its log"
         )
     if agreed < budget.wanted:
         log.warning(
-            "KV cache: %s; %d slots agreed over the ranks, so the effective maxBatchSize is %d "
-            "(not %d)",
+            "KV cache: %s; %d pages agreed over the ranks: %d sequences of maxSeqLen (%d) fit "
+            "at once per dp group, more when shorter (each reserves its prompt plus max_tokens)",
             budget.reason,
             agreed,
-            min(cfg.maxBatchSize, agreed * cfg.dp),
-            cfg.maxBatchSize,
+            agreed // per_sequence,
+            cfg.maxSeqLen,
         )
     else:
         log.info("KV cache: %s", budget.reason)

@@ -1,8 +1,11 @@
 """Continuous batching as pure bookkeeping: which sequences run in the next forward step.
 
 No torch, no I/O, no clock: the engine loop feeds it requests and sampled tokens, it answers with
-steps and finish events, so every policy decision is unit-testable. The KV cache is one slot per
-sequence (capacity maxSeqLen), so admission is "is a slot free" and nothing is ever preempted.
+steps and finish events, so every policy decision is unit-testable. Each sequence holds one slot.
+With paging, the KV cache is pages of a fixed size per dp group, and a sequence takes the pages for
+its prompt plus max_tokens (up to maxSeqLen) when it takes its slot, keeping them to the end: so a
+short request reserves little, and nothing is ever preempted. Without paging a slot holds
+maxSeqLen positions. Admission is "is a slot free (and are its pages)".
 
 Policy per step: every decoding sequence contributes its one new token (plus its MTP drafts);
 the rest of the step's token budget (maxPrefillTokens) goes to prompts in arrival order, in chunks,
@@ -46,6 +49,8 @@ class Sequence:
     num_cached: int = 0  # tokens whose KV entries are in the cache
     finish_reason: FinishReason | None = None
     drafts: tuple[int, ...] = ()  # the MTP layer's guesses at the tokens after the last output
+    pages: tuple[int, ...] = ()  # KV pages in position order (paging only)
+    capacity: int = 0  # positions its cache holds (set at admission)
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +75,7 @@ class StepItem:
     tokens: tuple[int, ...]
     sample: bool  # the last token's logits yield the next token (False: a mid-prompt chunk)
     drafts: int = 0  # trailing tokens that are MTP drafts for the main model to verify
+    pages: tuple[int, ...] = ()  # the slot's KV pages, on a new sequence's first item (paging)
 
     @property
     def verify_rows(self) -> int:
@@ -110,6 +116,18 @@ class TokenEvent:
     finish_reason: FinishReason | None
 
 
+@dataclass(frozen=True)
+class Paging:
+    """The KV cache in pages: `pages` of `page_size` positions in each of the dp groups."""
+
+    page_size: int
+    pages: int
+    dp: int = 1
+
+    def needed(self, positions: int) -> int:
+        return -(-positions // self.page_size)
+
+
 class SchedulerError(ValueError):
     """A request the scheduler cannot hold (caller bug: validation should have caught it)."""
 
@@ -118,12 +136,26 @@ class Scheduler:
     """FIFO continuous batching over a fixed set of KV slots."""
 
     def __init__(
-        self, max_batch_size: int, max_seq_len: int, max_step_tokens: int, drafts: int = 0
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        max_step_tokens: int,
+        drafts: int = 0,
+        paging: Paging | None = None,
     ) -> None:
         """drafts: MTP draft tokens per decode item; a full batch of decodes must fit a step, so
         the token budget is at least max_batch_size * (1 + drafts)."""
         if max_batch_size < 1 or max_seq_len < 2 or max_step_tokens < 1:
             raise SchedulerError("max_batch_size, max_seq_len >= 2 and max_step_tokens must be > 0")
+        if paging is not None and paging.pages < paging.needed(max_seq_len):
+            raise SchedulerError(
+                f"{paging.pages} KV pages of {paging.page_size} positions per dp group hold "
+                f"less than one sequence of max_seq_len {max_seq_len}"
+            )
+        self.paging = paging
+        self.free_pages: list[deque[int]] = (
+            [deque(range(paging.pages)) for _ in range(paging.dp)] if paging else []
+        )
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.max_step_tokens = max(max_step_tokens, max_batch_size * (1 + drafts))
@@ -154,6 +186,9 @@ class Scheduler:
         if seq is not None:
             assert seq.slot is not None
             self.free_slots.append(seq.slot)
+            if self.paging is not None:
+                self.free_pages[seq.slot % self.paging.dp].extend(seq.pages)
+                seq.pages = ()
         else:
             for s in self.waiting:
                 if s.seq_id == seq_id:
@@ -187,14 +222,13 @@ class Scheduler:
             # drafts after it, as many as the cache has positions for.
             assert seq.slot is not None
             pos = seq.num_cached
-            room = self.max_seq_len - seq.num_tokens
+            room = seq.capacity - seq.num_tokens
             toks = (seq.token_at(pos), *seq.drafts[:room])
             items.append(StepItem(seq.seq_id, seq.slot, pos, toks, True, len(toks) - 1))
             budget -= len(toks)
         # Prompts already holding a slot continue before new ones are admitted.
-        while budget > 0 and self.waiting and self.free_slots:
+        while budget > 0 and self.waiting and self._admit(self.waiting[0]):
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.popleft()
             self.running[seq.seq_id] = seq
             prefilling.append(seq)
             if sum(len(s.prompt) - s.num_cached for s in prefilling) >= budget:
@@ -206,9 +240,30 @@ class Scheduler:
             n = min(len(seq.prompt) - seq.num_cached, budget)
             chunk = tuple(seq.prompt[seq.num_cached : seq.num_cached + n])
             last = seq.num_cached + n == len(seq.prompt)
-            items.append(StepItem(seq.seq_id, seq.slot, seq.num_cached, chunk, last))
+            pages = seq.pages if seq.num_cached == 0 else ()
+            items.append(StepItem(seq.seq_id, seq.slot, seq.num_cached, chunk, last, 0, pages))
             budget -= n
         return Step(tuple(items)) if items else None
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Give the sequence a free slot (and, with paging, the pages for its prompt plus
+        max_tokens in that slot's dp group); False leaves it waiting, first in line."""
+        if not self.free_slots:
+            return False
+        positions = min(len(seq.prompt) + seq.max_tokens, self.max_seq_len)
+        if self.paging is None:
+            seq.slot, seq.capacity = self.free_slots.popleft(), self.max_seq_len
+            return True
+        need = self.paging.needed(positions)
+        for slot in self.free_slots:
+            pool = self.free_pages[slot % self.paging.dp]
+            if len(pool) >= need:
+                self.free_slots.remove(slot)
+                seq.slot = slot
+                seq.pages = tuple(pool.popleft() for _ in range(need))
+                seq.capacity = min(need * self.paging.page_size, self.max_seq_len)
+                return True
+        return False
 
     def update(self, step: Step, sampled: Mapping[int, Seq[int]]) -> list[TokenEvent]:
         """Record a finished step: cached counts advance, sampled tokens append, limits apply.

@@ -134,7 +134,6 @@ def _load_and_start(
     from dsworker.engine_loop import EngineLoop, GenRequest
     from dsworker.metrics import Metrics
     from dsworker.sampling import SamplingParams
-    from dsworker.scheduler import Scheduler
     from dsworker.server import ServerState
     from dsworker.tokenizer import TextTokenizer
 
@@ -154,12 +153,7 @@ def _load_and_start(
         # Warm-up traffic goes to a throwaway registry; the real one counts only requests.
         engine = EngineLoop(
             loaded.runner,
-            Scheduler(
-                loaded.max_batch_size,
-                cfg.maxSeqLen,
-                cfg.maxPrefillTokens,
-                drafts=loaded.runner.draft_tokens,
-            ),
+            loaded.scheduler(cfg),
             tokenizer.decode,
             loaded.channel,
             Metrics(),

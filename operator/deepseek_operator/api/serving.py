@@ -49,11 +49,19 @@ class Serving(ApiModel):
         "Accepted for MindIE compatibility and unused: the worker keeps no KV cache in host "
         "memory.",
     )
+    cache_block_size: int = Field(
+        128,
+        ge=1,
+        le=65536,
+        description="KV cache page size in positions (cacheBlockSize): each sequence reserves "
+        "pages for its prompt plus max_tokens when it starts, so npuMemSize holds many short "
+        "requests or fewer long ones.",
+    )
     npu_mem_size: int = Field(
         -1,
         ge=-1,
-        description="Device memory in GiB for the KV cache per device (npuMemSize): caps the "
-        "sequences decoded together; -1 = the memory left after the weights, less a reserve.",
+        description="Device memory in GiB for the KV cache per device (npuMemSize): the pages "
+        "the sequences reserve; -1 = the memory left after the weights, less a reserve.",
     )
     cuda_graphs: bool = Field(
         True,

@@ -123,6 +123,7 @@ def engine_config(spec: DeepSeekDeploymentSpec) -> EngineConfig:
         port=serving.port,
         cpuMemSize=serving.cpu_mem_size,
         npuMemSize=serving.npu_mem_size,
+        cacheBlockSize=serving.cache_block_size,
         cudaGraphs=serving.cuda_graphs,
         torchCompile=serving.torch_compile,
         worldSize=plan.world_size,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dsworker.dist import Group
-from dsworker.model.batch import Batch
+from dsworker.model.batch import Batch, LayerKV
 from dsworker.model.config import ModelArgs
 from dsworker.model.layers import Linear, RMSNorm
 from dsworker.model.rope import Rope
@@ -52,7 +52,7 @@ class MLA(nn.Module):
         self,
         x: torch.Tensor,
         batch: Batch,
-        cache: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerKV,
         rope: Rope,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
@@ -71,11 +71,8 @@ class MLA(nn.Module):
         q_pe = rope.apply(q_pe, cos, sin)
         k_pe = rope.apply(k_pe, cos, sin)
 
-        kv_cache, pe_cache = cache
-        kv_cache[batch.token_slots, batch.positions] = latent
-        pe_cache[batch.token_slots, batch.positions] = k_pe
-        keys = kv_cache[batch.slots, : batch.max_k]  # [B, K, rank]
-        keys_pe = pe_cache[batch.slots, : batch.max_k]  # [B, K, dr]
+        cache.store(latent, k_pe)
+        keys, keys_pe = cache.keys()  # [B, K, rank], [B, K, dr]
 
         w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.rank)
         q_lat = torch.einsum("thd,hdc->thc", q_nope, w[:, : self.dn])

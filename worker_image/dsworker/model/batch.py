@@ -8,7 +8,7 @@ that slot. The same shape serves prefill, decode and mixed continuous batches.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,11 +111,39 @@ class Batch:
         return dataclasses.replace(self, input_ids=input_ids)
 
 
-class KVCache:
-    """Per layer, slot and position: the normalised KV latent and the rotated shared rope key.
+@dataclass(frozen=True)
+class LayerKV:
+    """One layer's cache as one step sees it: where its new tokens go, which pages it reads."""
 
-    576 values per token per layer for V3 (512 + 64), the compressed form absorbed MLA reads.
-    One slot past `num_slots` is scratch: padding rows of a fixed-shape step write there.
+    kv: torch.Tensor  # [pages + 1, page_size, kv_rank]
+    pe: torch.Tensor  # [pages + 1, page_size, rope_dim]
+    write: torch.Tensor  # [T] row of each new token in the flattened pages
+    read: torch.Tensor  # [B, n] pages holding each sequence's first n * page_size positions
+    max_k: int
+
+    def store(self, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
+        self.kv.view(-1, self.kv.shape[-1])[self.write] = latent
+        self.pe.view(-1, self.pe.shape[-1])[self.write] = k_pe
+
+    def keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's first max_k latents and rope keys: [B, max_k, .] each."""
+        b, n = self.read.shape
+        if n == 1:  # all within the first page: read max_k positions, not the whole page
+            page = self.read[:, 0]
+            return self.kv[page, : self.max_k], self.pe[page, : self.max_k]
+        kv = self.kv[self.read].reshape(b, n * self.kv.shape[1], -1)[:, : self.max_k]
+        pe = self.pe[self.read].reshape(b, n * self.pe.shape[1], -1)[:, : self.max_k]
+        return kv, pe
+
+
+class KVCache:
+    """Per layer, in pages of `page_size` positions: the normalised KV latent and the rotated
+    shared rope key (576 values per token per layer for V3, the form absorbed MLA reads).
+
+    A sequence owns a slot; `table[slot]` lists the pages that hold its positions, in order
+    (assigned by the scheduler through `assign`). By default every slot owns one page of
+    `max_len` positions. The page and slot past the last are scratch: padding rows of a
+    fixed-shape step write there.
     """
 
     def __init__(
@@ -127,16 +155,44 @@ class KVCache:
         rope_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        page_size: int | None = None,
+        num_pages: int | None = None,
     ) -> None:
         self.num_slots = num_slots
         self.scratch_slot = num_slots
         self.max_len = max_len
-        shape = (num_layers, num_slots + 1, max_len)
+        self.page_size = page_size or max_len
+        per_slot = -(-max_len // self.page_size)
+        self.num_pages = num_pages if num_pages is not None else num_slots * per_slot
+        self.scratch_page = self.num_pages
+        shape = (num_layers, self.num_pages + 1, self.page_size)
         self.kv = torch.zeros(*shape, kv_rank, dtype=dtype, device=device)
         self.pe = torch.zeros(*shape, rope_dim, dtype=dtype, device=device)
+        self.table = torch.full(
+            (num_slots + 1, per_slot), self.scratch_page, dtype=torch.long, device=device
+        )
+        if num_pages is None:  # one run of pages per slot, fixed
+            self.table[:num_slots] = torch.arange(self.num_pages, device=device).view(
+                num_slots, per_slot
+            )
+        # Positions each slot's pages hold (host side: bounds the chained MTP drafts).
+        self.capacity = [per_slot * self.page_size if num_pages is None else 0] * num_slots
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[i], self.pe[i]
+    def assign(self, slot: int, pages: Sequence[int]) -> None:
+        """Give `slot` these pages, in position order (a new sequence takes the slot)."""
+        if len(pages) > self.table.shape[1] or any(not 0 <= p < self.num_pages for p in pages):
+            raise ValueError(f"slot {slot}: pages {list(pages)[:4]}... do not fit this cache")
+        row = torch.tensor(list(pages), dtype=torch.long)
+        self.table[slot, : len(pages)].copy_(row, non_blocking=True)
+        self.capacity[slot] = len(pages) * self.page_size
+
+    def bind(self, batch: Batch) -> Callable[[int], LayerKV]:
+        """Layer index -> its LayerKV for this step (the page lookups are done once)."""
+        p = self.page_size
+        pages = self.table[batch.token_slots, batch.positions // p]
+        write = pages * p + batch.positions % p
+        read = self.table[batch.slots, : -(-batch.max_k // p)]
+        return lambda i: LayerKV(self.kv[i], self.pe[i], write, read, batch.max_k)
 
     def check(self, batch: Batch) -> None:
         """Refuse a step that would write outside the cache (a scheduler bug, never silent)."""

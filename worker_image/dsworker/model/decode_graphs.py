@@ -57,6 +57,7 @@ class DecodeGraphs:
         }
         self.hidden: torch.Tensor | None = None  # the decode step's hidden states, MTP input
         self.last_row = torch.zeros(rows, dtype=torch.long, device=dev)  # each draft row's end
+        self.capacity = torch.zeros(rows, dtype=torch.long, device=dev)  # each row's positions
         if self.width > 1:
             h = model.args.hidden_size
             self.hidden = torch.zeros(rows * self.width, h, dtype=model.dtype, device=dev)
@@ -91,7 +92,8 @@ class DecodeGraphs:
     def _draft_step(self, b: int, k: int) -> torch.Tensor:
         """Drafts [b, draft_tokens]: the MTP pass over the rows, read at each sequence's last
         valid row, then the layer chained on its own draft and hidden state, one position on;
-        a chained position past the cache goes to the scratch slot (its draft is dropped)."""
+        a chained position past the sequence's pages goes to the scratch slot (its draft is
+        dropped)."""
         assert self.hidden is not None
         w, cache = self.width, self.cache
         batch = self._batch(DRAFT, b, k)
@@ -103,7 +105,7 @@ class DecodeGraphs:
         pos = batch.q_pos[rows, last]
         drafts = [draft]
         for j in range(1, self.draft_tokens):
-            inside = pos + j < cache.max_len
+            inside = pos + j < self.capacity[:b]
             at = torch.where(inside, pos + j, 0)
             slots = torch.where(inside, batch.slots, cache.scratch_slot)
             chain = Batch.decode(draft[:, None], at[:, None], slots, k)
@@ -164,6 +166,7 @@ class DecodeGraphs:
         ids: list[int] = []
         where: list[int] = []
         ends: list[int] = []
+        caps: list[int] = []
         for row, slot in zip(rows, slots, strict=True):
             toks = list(row or ())
             if len(toks) > self.width:
@@ -171,8 +174,11 @@ class DecodeGraphs:
             ids += toks + [0] * (self.width - len(toks))
             where += [slot if toks else self.cache.scratch_slot] * self.width
             ends.append(max(0, len(toks) - 1))
+            caps.append(self.cache.capacity[slot] if toks else 0)
         self._load(DRAFT, b, ids, where)
-        self.last_row[:b].copy_(torch.tensor(ends + [0] * (b - n)), non_blocking=True)
+        pad = [0] * (b - n)
+        self.last_row[:b].copy_(torch.tensor(ends + pad), non_blocking=True)
+        self.capacity[:b].copy_(torch.tensor(caps + pad), non_blocking=True)
         # Keys up to the last chained position: the furthest row end plus the chain.
         reach = max(positions[: n * self.width]) + self.draft_tokens
         k = pick(self.key_lens, min(reach, self.cache.max_len))
@@ -183,7 +189,7 @@ class DecodeGraphs:
                 out.append(())
                 continue
             end = positions[i * self.width] + len(row) - 1  # the last position the pass read
-            fits = max(0, min(self.draft_tokens, self.cache.max_len - end))
+            fits = max(0, min(self.draft_tokens, caps[i] - end))
             out.append(tuple(best[i][:fits]))
         return out
 

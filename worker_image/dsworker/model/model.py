@@ -16,7 +16,7 @@ from torch import nn
 from dsworker.dist import ParallelGroups
 from dsworker.errors import CheckpointError
 from dsworker.model.attention import MLA
-from dsworker.model.batch import Batch, KVCache
+from dsworker.model.batch import Batch, KVCache, LayerKV
 from dsworker.model.config import ModelArgs
 from dsworker.model.layers import MLP, Linear, RMSNorm, VocabEmbedding, VocabHead
 from dsworker.model.moe import MoE, MoEOptions, MoEStats
@@ -90,7 +90,7 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         batch: Batch,
-        cache: tuple[torch.Tensor, torch.Tensor],
+        cache: LayerKV,
         rope: Rope,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
@@ -181,11 +181,26 @@ class DeepseekModel(nn.Module):
             out.update(m.targets(f"model.layers.{m.index}"))
         return out
 
-    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+    def new_cache(
+        self,
+        num_slots: int,
+        max_len: int,
+        page_size: int | None = None,
+        num_pages: int | None = None,
+    ) -> KVCache:
+        """One slot per sequence; without pages given, each slot holds max_len positions."""
         a = self.args
         n = a.num_layers + len(self.mtp)
         return KVCache(
-            n, num_slots, max_len, a.kv_lora_rank, a.qk_rope_dim, self.dtype, self.device
+            n,
+            num_slots,
+            max_len,
+            a.kv_lora_rank,
+            a.qk_rope_dim,
+            self.dtype,
+            self.device,
+            page_size,
+            num_pages,
         )
 
     def _logits(
@@ -211,8 +226,9 @@ class DeepseekModel(nn.Module):
         cache.check(batch)
         cos_sin = self.rope.cos_sin(batch.positions)
         x = self.embed(batch.input_ids)
+        layer_kv = cache.bind(batch)
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, cache.layer(i), self.rope, cos_sin)
+            x = layer(x, batch, layer_kv(i), self.rope, cos_sin)
         h = self.norm(x)
         return StepOutput(self._logits(self.head, h, batch, all_logits, rows), h)
 
@@ -233,6 +249,6 @@ class DeepseekModel(nn.Module):
         cos_sin = self.rope.cos_sin(batch.positions)
         e = m.enorm(m.embed_tokens(batch.input_ids))
         x = m.eh_proj(torch.cat([e, m.hnorm(hidden)], dim=-1))
-        x = m.block(x, batch, cache.layer(self.args.num_layers + depth), self.rope, cos_sin)
+        x = m.block(x, batch, cache.bind(batch)(self.args.num_layers + depth), self.rope, cos_sin)
         logits = self._logits(m.shared_head, m.shared_norm(x), batch, all_logits, None)
         return StepOutput(logits, x)

@@ -1,0 +1,108 @@
+"""Helpers of the serving-loop tests: an engine config on CPU, and every prompt through a real
+rank-0 engine loop (build_runner, the scheduler it implies, the sampler), optionally through the
+fixed-shape steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from engine_helpers import NEW_TOKENS, PROMPTS
+
+from dsworker.engine_config import EngineConfig
+from dsworker.engine_loop import EngineLoop, GenRequest, Output
+from dsworker.metrics import Metrics
+from dsworker.model.decode_graphs import DecodeGraphs
+from dsworker.runner import build_runner
+from dsworker.sampling import SamplingParams
+from dsworker.step_wire import STOP, Message
+
+MAX_LEN = 64
+
+
+def engine_config(**kw: object) -> EngineConfig:
+    # Pages of 8 positions: a sequence's keys span several pages.
+    base = {"dtype": "float32", "device": "cpu", "maxBatchSize": 4, "cacheBlockSize": 8}
+    base |= {"maxSeqLen": MAX_LEN, "maxInputTokenLen": MAX_LEN // 2}
+    return EngineConfig.model_validate({**base, **kw})
+
+
+def generate(
+    ckpt: Path,
+    cfg: EngineConfig,
+    params: SamplingParams | None = None,
+    rank: int = 0,
+    world: int = 1,
+    fixed: str | None = None,
+    calls: dict[str, int] | None = None,
+    logprobs: dict[int, list[float]] | None = None,
+) -> tuple[list[list[int]], Metrics, int]:
+    """Every prompt through one rank-0 engine loop: tokens per prompt, metrics, steps taken.
+    `logprobs`, when given, receives each prompt's token logprobs.
+
+    fixed: run decode and draft passes as fixed-shape steps, eagerly ("eager-step"), traced by
+    dynamo with fullgraph ("eager", the backend) or captured ("capture", cuda); `calls` counts them.
+    """
+    loaded = build_runner(ckpt, cfg, rank=rank, world_size=world, local_rank=rank)
+    if fixed is not None:
+        runner = loaded.runner
+        backend = None if fixed in ("eager-step", "capture") else fixed
+        graphs = DecodeGraphs(
+            runner.model,
+            runner.cache,
+            4,
+            capture=fixed == "capture",
+            compile_backend=backend,
+            draft_tokens=cfg.num_speculative_tokens,
+        )
+        count(graphs, calls if calls is not None else {})
+        runner.graphs = graphs
+    metrics = Metrics()
+    loop = EngineLoop(
+        loaded.runner,
+        loaded.scheduler(cfg),
+        lambda ids: "",
+        loaded.channel,
+        metrics,
+    )
+    got: dict[int, list[int]] = {}
+    lock = threading.Lock()
+    for i, p in enumerate(PROMPTS):
+
+        def sink(out: Output, i: int = i) -> None:
+            assert out.error is None, out.error
+            with lock:
+                got.setdefault(i, []).extend(out.token_ids)
+                if logprobs is not None:
+                    logprobs.setdefault(i, []).extend(e.logprob for e in out.logprobs)
+
+        req = GenRequest(
+            p,
+            params or SamplingParams(temperature=0.0),
+            NEW_TOKENS,
+            ignore_eos=True,
+            logprobs=0 if logprobs is not None else None,
+        )
+        loop.submit(req, sink)
+    steps = loop.run_until_idle()
+    loaded.channel.send(Message(STOP))
+    return [got[i] for i in range(len(PROMPTS))], metrics, steps
+
+
+def count(graphs: DecodeGraphs, calls: dict[str, int]) -> None:
+    for name in ("run", "draft"):
+        fn = getattr(graphs, name)
+
+        def counted(*a: object, fn: Any = fn, name: str = name) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*a)
+
+        setattr(graphs, name, counted)
+
+
+def counter(metrics: Metrics, name: str) -> float:
+    value = metrics.registry.get_sample_value(name)
+    assert value is not None, name
+    return value
