@@ -325,6 +325,8 @@ def test_warnings() -> None:
         assert any(fragment in w for w in result.warnings), (fragment, result.warnings)
         assert spec_warnings(result.deployment.spec) == result.warnings
     assert parse({"sharding": HOST_STORE, "worker": PIN}).warnings == []
+    # The API server writes the default 1 into every object: that is no setting to warn about.
+    assert parse({"serving": {"speculativeTokens": 1}}).warnings == []
 
 
 @pytest.mark.parametrize("garbage", [None, 3, "spec", [], {"spec": []}, {"spec": {"model": 1}}])

@@ -32,7 +32,7 @@ def spec_warnings(spec: DeepSeekDeploymentSpec) -> list[str]:
             f"spec.model.dequantizeFp8 has no effect: spec.model.quantization is "
             f"{model.quantization}, not fp8"
         )
-    if "speculative_tokens" in spec.serving.model_fields_set and not model.mtp:
+    if spec.serving.speculative_tokens > 1 and not model.mtp:  # the API server fills in 1
         out.append(
             "spec.serving.speculativeTokens has no effect while spec.model.mtp is false: the "
             "MTP layer drafts the tokens"
