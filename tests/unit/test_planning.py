@@ -699,6 +699,9 @@ def test_engine_config_map_carries_the_decode_step_switches() -> None:
     assert config(body).cacheBlockSize == 128
     body["spec"]["serving"]["cacheBlockSize"] = 64
     assert config(body).cacheBlockSize == 64
+    assert config(body).prefixCaching
+    body["spec"]["serving"]["prefixCaching"] = False
+    assert not config(body).prefixCaching
 
 
 def test_services() -> None:

@@ -339,27 +339,85 @@ def test_paging_needs_room_for_one_full_sequence() -> None:
         Scheduler(2, 32, 64, paging=Paging(page_size=4, pages=7))
 
 
-def test_paged_pages_are_never_shared_under_random_traffic() -> None:
+@pytest.mark.parametrize("caching", [False, True], ids=["no-prefix-cache", "prefix-cache"])
+def test_pages_are_written_by_one_sequence_only_under_random_traffic(caching: bool) -> None:
+    """Without prefix caching no page is ever shared; with it, only registered (full, final)
+    pages are, and no step writes into a registered page."""
     import random
 
     rng = random.Random(7)
-    paging = Paging(page_size=4, pages=12, dp=2)
+    paging = Paging(page_size=4, pages=12, dp=2, prefix_caching=caching)
     s = Scheduler(4, 24, 16, drafts=2, paging=paging)
-    owner: dict[tuple[int, int], int] = {}  # (group, page) -> seq_id
-    for i in range(60):
-        s.add(Sequence(i, [1] * rng.randint(1, 12), rng.randint(1, 10)))
+    for i in range(60):  # few distinct prompts, so prefixes repeat
+        s.add(Sequence(i, [1, 2, 3, 4, 5][: rng.randint(1, 5)] * rng.randint(1, 3), 6))
     while s.has_work:
         step = s.schedule()
         assert step is not None
         for it in step.items:
-            for page in it.pages:
-                key = (it.slot % 2, page)
-                assert key not in owner, f"page {key} given to {it.seq_id} and {owner[key]}"
-                owner[key] = it.seq_id
-            assert it.start + len(it.tokens) <= s.running[it.seq_id].capacity
-        s.update(step, {it.seq_id: [3] for it in step.sampled})
-        for key, seq_id in list(owner.items()):
-            if seq_id not in s.running:
-                del owner[key]
-        used = sum(len(q.pages) for q in s.running.values())
-        assert used + sum(len(pool) for pool in s.free_pages) == 2 * 12
+            q = s.running[it.seq_id]
+            pool = s.pools[it.slot % 2]
+            end = it.start + len(it.tokens)
+            assert end <= q.capacity
+            for index in range(it.start // 4, (end - 1) // 4 + 1):
+                assert q.pages[index] not in pool.hash_of, "a step writes into a registered page"
+        users: dict[tuple[int, int], int] = {}
+        for q in s.running.values():
+            for pg in q.pages:
+                users[(q.slot % 2, pg)] = users.get((q.slot % 2, pg), 0) + 1
+        for (group, pg), n in users.items():
+            assert n == 1 or (caching and pg in s.pools[group].hash_of)
+        s.update(  # some drafts kept, then the model's own token
+            step,
+            {
+                it.seq_id: [
+                    *it.tokens[len(it.tokens) - it.drafts :][: rng.randint(0, it.drafts)],
+                    3,
+                ]
+                for it in step.sampled
+            },
+        )
+        s.set_drafts({q.seq_id: (rng.randint(1, 5), 4) for q in s.running.values()})
+        for g, pool in enumerate(s.pools):
+            held = {pg for q in s.running.values() if q.slot % 2 == g for pg in q.pages}
+            assert len(pool.free) + len(pool.idle) + len(pool.refs) == 12
+            assert held == set(pool.refs) and not held & (set(pool.free) | set(pool.idle))
+    assert (s.reused_tokens > 0) == caching
+
+
+def test_prefix_caching_reuses_the_full_pages_of_an_earlier_prompt() -> None:
+    s = Scheduler(2, 32, 64, paging=Paging(page_size=4, pages=16))
+    first = Sequence(0, list(range(10)), 2)
+    s.add(first)
+    run_step(s, token=50)  # prompt positions 0..9: pages 0 and 1 are full and registered
+    pool = s.pools[0]
+    assert [pool.hash_of.get(pg) is not None for pg in first.pages] == [True, True, False]
+    s.add(Sequence(1, [*range(9), 77, 78], 2))  # the same first 9 tokens: 2 pages reused
+    step = s.schedule()
+    assert step is not None
+    [item] = [it for it in step.items if it.seq_id == 1]
+    assert item.start == 8 and item.tokens == (8, 77, 78)
+    shared = first.pages[:2]
+    assert item.pages[:2] == shared and item.pages[2] not in first.pages
+    assert s.reused_tokens == 8
+    s.update(step, {it.seq_id: [5] for it in step.sampled})
+    s.finish(0, FinishReason.ABORT)
+    assert not set(shared) & set(pool.idle)  # still in use by sequence 1
+    s.finish(1, FinishReason.ABORT)
+    assert set(pool.idle) >= set(shared)  # kept for later prompts
+    s.add(Sequence(2, list(range(8)), 2))  # exactly two pages: the last token is computed again
+    step = s.schedule()
+    assert step is not None and step.items[0].start == 4  # one page reused, one recomputed
+
+
+def test_idle_pages_are_taken_last_and_forgotten_when_reused() -> None:
+    s = Scheduler(1, 16, 64, paging=Paging(page_size=4, pages=4))
+    s.add(Sequence(0, list(range(9)), 1))
+    run_step(s)  # pages 0, 1 registered; the sequence ends (max_tokens 1)
+    pool = s.pools[0]
+    assert len(pool.idle) == 2 and len(pool.by_hash) == 2
+    s.add(Sequence(1, [40 + i for i in range(13)], 1))  # 14 positions: 4 pages, idle ones too
+    run_step(s)
+    assert len(pool.by_hash) == 3  # the two idle pages went back to work: new content
+    s.add(Sequence(2, list(range(9)), 1))
+    step = s.schedule()
+    assert step is not None and step.items[0].start == 0  # the old prompt is gone

@@ -1,18 +1,25 @@
 """The KV cache in pages: sequences reserve their prompt plus max_tokens as they start, so a budget
 of one maxSeqLen sequence still runs several short ones, and a request that does not fit waits
-for pages instead of failing; tokens stay transformers'."""
+for pages instead of failing; a prompt that starts like an ended one reuses its full pages
+(prefix caching). Tokens stay transformers'."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
-from engine_helpers import NEW_TOKENS, PROMPTS, hf_reference
+import torch
+from engine_helpers import NEW_TOKENS, PROMPTS, hf_reference, load_hf
 from serving_helpers import MAX_LEN, engine_config, generate
 
 from dsworker import kv_budget
+from dsworker.engine_loop import EngineLoop, GenRequest, Output
 from dsworker.kv_budget import kv_bytes
+from dsworker.metrics import Metrics
 from dsworker.model import ModelArgs
+from dsworker.runner import build_runner
+from dsworker.sampling import SamplingParams
 
 
 def test_a_tight_page_budget_makes_requests_wait_not_fail(
@@ -30,3 +37,35 @@ def test_a_tight_page_budget_makes_requests_wait_not_fail(
     _, _, free_steps = generate(tiny_v3, engine_config(mtp=True))
     assert steps > free_steps  # the third sequence ran after the others, not beside them
     assert [len(p) for p in PROMPTS] == [5, 2, 11] and NEW_TOKENS == 16
+
+
+@pytest.mark.parametrize("mtp", [False, True], ids=["plain", "mtp"])
+def test_a_prompt_sharing_a_finished_prompts_pages_reuses_them(tiny_v3: Path, mtp: bool) -> None:
+    """Pages of 8: the second prompt starts with the first one's 9 tokens, so it reuses one page
+    (8 positions) and computes from position 8; both give transformers' greedy tokens."""
+    model = load_hf(tiny_v3)
+    first = [250, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    second = [*first[:9], 99, 98, 97]
+    cfg = engine_config(mtp=mtp)
+    loaded = build_runner(tiny_v3, cfg, rank=0, world_size=1, local_rank=0)
+    metrics = Metrics()
+    loop = EngineLoop(loaded.runner, loaded.scheduler(cfg), lambda ids: "", loaded.channel, metrics)
+    got: dict[int, list[int]] = {}
+    lock = threading.Lock()
+    for i, prompt in enumerate((first, second)):  # one after the other: the first must end first
+
+        def sink(out: Output, i: int = i) -> None:
+            assert out.error is None, out.error
+            with lock:
+                got.setdefault(i, []).extend(out.token_ids)
+
+        greedy = SamplingParams(temperature=0.0)
+        loop.submit(GenRequest(prompt, greedy, NEW_TOKENS, ignore_eos=True), sink)
+        loop.run_until_idle()
+    hits = metrics.registry.get_sample_value("dsworker_prefix_cache_hit_tokens_total")
+    assert hits == 8
+    with torch.no_grad():
+        for i, prompt in enumerate((first, second)):
+            ids = torch.tensor([prompt])
+            want = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt) :]
+            assert got[i] == want.tolist(), i

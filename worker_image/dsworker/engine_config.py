@@ -50,6 +50,11 @@ class EngineConfig(BaseModel):
         description="KV cache page size in positions: each sequence reserves pages for its "
         "prompt plus max_tokens when it starts.",
     )
+    prefixCaching: bool = Field(
+        True,
+        description="Keep the full KV pages of ended sequences for later prompts that start "
+        "with the same tokens.",
+    )
     maxRequestBytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
     maxNewTokens: int = Field(1024, ge=1, description="Upper bound on a request's max_tokens.")
     port: int = Field(1025, ge=1, le=65535, description="HTTP port of rank 0.")

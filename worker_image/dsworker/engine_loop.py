@@ -220,7 +220,10 @@ class EngineLoop:
     def step_once(self) -> bool:
         """Run one step if there is work; False when idle."""
         self._drain_inbox()
+        reused = self.scheduler.reused_tokens
         step = self.scheduler.schedule()
+        if self.scheduler.reused_tokens > reused:
+            self.metrics.prefix_cache_hits.inc(self.scheduler.reused_tokens - reused)
         self.metrics.running.set(self.scheduler.num_running)
         self.metrics.waiting.set(len(self.scheduler.waiting))
         if step is None:

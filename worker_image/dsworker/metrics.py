@@ -99,6 +99,11 @@ class Metrics:
             "Engine steps every rank refused (e.g. a full AllToAll buffer); their requests failed.",
             registry=r,
         )
+        self.prefix_cache_hits = Counter(
+            "dsworker_prefix_cache_hit_tokens",
+            "Prompt tokens whose KV cache came from an earlier sequence's pages.",
+            registry=r,
+        )
         self.draft_tokens = Counter(
             "dsworker_spec_draft_tokens",
             "MTP draft tokens the main model verified (speculative decoding).",

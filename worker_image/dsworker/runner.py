@@ -340,7 +340,7 @@ def build_runner(
         fixed_shape_decode(model, cache, cfg, cfg.maxBatchSize),
         cfg.num_speculative_tokens,
     )
-    paging = Paging(page_size, pages, cfg.dp)
+    paging = Paging(page_size, pages, cfg.dp, cfg.prefixCaching)
     return Loaded(runner, channel, seconds, stats.bytes, cfg.maxBatchSize, paging)
 
 

@@ -26,6 +26,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from dsworker.kv_pages import PagePool
+
 
 class FinishReason(StrEnum):
     """OpenAI's finish_reason values (plus abort for a vanished client)."""
@@ -51,6 +53,9 @@ class Sequence:
     drafts: tuple[int, ...] = ()  # the MTP layer's guesses at the tokens after the last output
     pages: tuple[int, ...] = ()  # KV pages in position order (paging only)
     capacity: int = 0  # positions its cache holds (set at admission)
+    announced: bool = False  # its pages went out with a step item
+    hashed: int = 0  # leading pages registered for prefix caching (or reused)
+    chain: int = 0  # the hash of the last of them
 
     @property
     def num_tokens(self) -> int:
@@ -123,6 +128,7 @@ class Paging:
     page_size: int
     pages: int
     dp: int = 1
+    prefix_caching: bool = True  # keep full pages for later prompts with the same tokens
 
     def needed(self, positions: int) -> int:
         return -(-positions // self.page_size)
@@ -153,9 +159,15 @@ class Scheduler:
                 f"less than one sequence of max_seq_len {max_seq_len}"
             )
         self.paging = paging
-        self.free_pages: list[deque[int]] = (
-            [deque(range(paging.pages)) for _ in range(paging.dp)] if paging else []
+        self.pools: list[PagePool] = (
+            [
+                PagePool(paging.pages, paging.page_size, paging.prefix_caching)
+                for _ in range(paging.dp)
+            ]
+            if paging
+            else []
         )
+        self.reused_tokens = 0  # prompt tokens whose cache came from earlier sequences
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.max_step_tokens = max(max_step_tokens, max_batch_size * (1 + drafts))
@@ -187,7 +199,7 @@ class Scheduler:
             assert seq.slot is not None
             self.free_slots.append(seq.slot)
             if self.paging is not None:
-                self.free_pages[seq.slot % self.paging.dp].extend(seq.pages)
+                self.pools[seq.slot % self.paging.dp].release(seq.pages)
                 seq.pages = ()
         else:
             for s in self.waiting:
@@ -240,7 +252,8 @@ class Scheduler:
             n = min(len(seq.prompt) - seq.num_cached, budget)
             chunk = tuple(seq.prompt[seq.num_cached : seq.num_cached + n])
             last = seq.num_cached + n == len(seq.prompt)
-            pages = seq.pages if seq.num_cached == 0 else ()
+            pages = () if seq.announced else seq.pages
+            seq.announced = True
             items.append(StepItem(seq.seq_id, seq.slot, seq.num_cached, chunk, last, 0, pages))
             budget -= n
         return Step(tuple(items)) if items else None
@@ -255,15 +268,38 @@ class Scheduler:
             seq.slot, seq.capacity = self.free_slots.popleft(), self.max_seq_len
             return True
         need = self.paging.needed(positions)
-        for slot in self.free_slots:
-            pool = self.free_pages[slot % self.paging.dp]
-            if len(pool) >= need:
-                self.free_slots.remove(slot)
-                seq.slot = slot
-                seq.pages = tuple(pool.popleft() for _ in range(need))
-                seq.capacity = min(need * self.paging.page_size, self.max_seq_len)
-                return True
-        return False
+        best: tuple[int, list[int], int] | None = None  # slot, reused pages, their hash
+        for slot in self.free_slots:  # the dp group that reuses the most, else the first
+            pool = self.pools[slot % self.paging.dp]
+            matched, h = pool.match(seq.prompt)
+            fits = pool.available(matched) >= need - len(matched)
+            if fits and (best is None or len(matched) > len(best[1])):
+                best = (slot, matched, h)
+        if best is None:
+            return False
+        slot, matched, h = best
+        self.free_slots.remove(slot)
+        seq.slot = slot
+        pool = self.pools[slot % self.paging.dp]
+        seq.pages = tuple(pool.take(matched, need - len(matched)))
+        seq.capacity = min(need * self.paging.page_size, self.max_seq_len)
+        seq.num_cached = len(matched) * self.paging.page_size
+        seq.hashed, seq.chain = len(matched), h
+        self.reused_tokens += seq.num_cached
+        return True
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        """Pages whose every position is cached (prompt and accepted output alike) become
+        reusable under the hash of the tokens up to their end."""
+        if self.paging is None or not self.paging.prefix_caching:
+            return
+        p, pool = self.paging.page_size, self.pools[(seq.slot or 0) % self.paging.dp]
+        # Positions past the output (drafts kept beyond a finish) hold no token to hash.
+        while (seq.hashed + 1) * p <= min(seq.num_cached, seq.num_tokens):
+            lo = seq.hashed * p
+            seq.chain = pool.chain(seq.chain, [seq.token_at(i) for i in range(lo, lo + p)])
+            pool.register(seq.pages[seq.hashed], seq.chain)
+            seq.hashed += 1
 
     def update(self, step: Step, sampled: Mapping[int, Seq[int]]) -> list[TokenEvent]:
         """Record a finished step: cached counts advance, sampled tokens append, limits apply.
@@ -280,6 +316,7 @@ class Scheduler:
             seq.drafts = ()
             seq.num_cached = item.start + len(item.tokens)
             if not item.sample:
+                self._register_full_pages(seq)
                 continue
             tokens = sampled[item.seq_id]
             if not 1 <= len(tokens) <= 1 + item.drafts:
@@ -289,18 +326,19 @@ class Scheduler:
                 )
             # Drafts the main model rejected left cache entries that the next step overwrites.
             seq.num_cached -= item.drafts - (len(tokens) - 1)
+            reason: FinishReason | None = None
             for token in tokens:
                 seq.output.append(token)
-                reason: FinishReason | None = None
                 if token in seq.stop_token_ids and not seq.ignore_eos:
                     reason = FinishReason.STOP
                 elif len(seq.output) >= seq.max_tokens or seq.num_tokens >= self.max_seq_len:
                     reason = FinishReason.LENGTH
-                if reason is not None:
-                    self.finish(seq.seq_id, reason)
                 events.append(TokenEvent(seq.seq_id, token, reason))
                 if reason is not None:
                     break
+            self._register_full_pages(seq)  # before a finish hands the pages back
+            if reason is not None:
+                self.finish(seq.seq_id, reason)
         return events
 
     def draft_inputs(self, step: Step) -> tuple[DraftInput, ...]:

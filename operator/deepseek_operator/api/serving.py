@@ -57,6 +57,11 @@ class Serving(ApiModel):
         "pages for its prompt plus max_tokens when it starts, so npuMemSize holds many short "
         "requests or fewer long ones.",
     )
+    prefix_caching: bool = Field(
+        True,
+        description="Keep the full KV pages of ended requests for later prompts that start with "
+        "the same tokens (a shared system prompt is computed once).",
+    )
     npu_mem_size: int = Field(
         -1,
         ge=-1,

@@ -124,6 +124,7 @@ def engine_config(spec: DeepSeekDeploymentSpec) -> EngineConfig:
         cpuMemSize=serving.cpu_mem_size,
         npuMemSize=serving.npu_mem_size,
         cacheBlockSize=serving.cache_block_size,
+        prefixCaching=serving.prefix_caching,
         cudaGraphs=serving.cuda_graphs,
         torchCompile=serving.torch_compile,
         worldSize=plan.world_size,
