@@ -269,8 +269,13 @@ class Scheduler:
             return True
         need = self.paging.needed(positions)
         best: tuple[int, list[int], int] | None = None  # slot, reused pages, their hash
+        seen: set[int] = set()
         for slot in self.free_slots:  # the dp group that reuses the most, else the first
-            pool = self.pools[slot % self.paging.dp]
+            group = slot % self.paging.dp
+            if group in seen:
+                continue
+            seen.add(group)
+            pool = self.pools[group]
             matched, h = pool.match(seq.prompt)
             fits = pool.available(matched) >= need - len(matched)
             if fits and (best is None or len(matched) > len(best[1])):
