@@ -36,6 +36,7 @@ from dsworker.control import LocalChannel
 from dsworker.device import Device
 from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import EngineLoop, GenRequest, Output
+from dsworker.kv_pages import pages_for
 from dsworker.layout import ParallelPlan
 from dsworker.loader import load_weights
 from dsworker.metrics import Metrics
@@ -141,7 +142,7 @@ class Engine:
         self.metrics = Metrics()
         # Paged like `dsworker serve`: every slot's maxSeqLen fits, so no request ever waits.
         page = min(cfg.cacheBlockSize, cfg.maxSeqLen)
-        pages = cfg.maxBatchSize * -(-cfg.maxSeqLen // page)
+        pages = cfg.maxBatchSize * pages_for(cfg.maxSeqLen, page)
         self.paging = Paging(page, pages)
         cache = model.new_cache(cfg.maxBatchSize, cfg.maxSeqLen, page, pages)
         graphs = fixed_shape_decode(model, cache, cfg, cfg.maxBatchSize)

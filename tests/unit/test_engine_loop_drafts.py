@@ -7,13 +7,14 @@ and wire messages run, so steps, drafts, acceptance and failures are known exact
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from dsworker.engine_loop import EngineLoop, GenRequest, Output, StepError
+from dsworker.engine_loop import EngineLoop, GenRequest, Output, StepError, follow
 from dsworker.metrics import Metrics
 from dsworker.sampling import SamplingParams
-from dsworker.scheduler import DraftInput, Scheduler, Step
-from dsworker.step_wire import DRAFT, STEP, Message
+from dsworker.scheduler import DraftInput, Scheduler, Step, StepItem
+from dsworker.step_wire import DRAFT, HEARTBEAT, STEP, STOP, Message
 
 VOCAB = 64
 
@@ -38,6 +39,7 @@ class CountingDrafter:
     def __init__(self, draft_offset: int = 1, refuse: bool = False, drafts: int = 1) -> None:
         self.draft_offset, self.refuse, self.drafts = draft_offset, refuse, drafts
         self.steps: list[Step] = []
+        self.draft_calls: list[tuple[DraftInput, ...]] = []
 
     def run(self, step: Step) -> torch.Tensor:
         self.steps.append(step)
@@ -50,6 +52,7 @@ class CountingDrafter:
         return torch.stack(rows) if rows else torch.zeros(0, VOCAB)
 
     def run_drafts(self, step: Step, inputs: tuple[DraftInput, ...]) -> dict[int, tuple[int, ...]]:
+        self.draft_calls.append(inputs)
         if self.refuse:
             raise StepError("AllToAll buffer full")
         out = {}
@@ -118,3 +121,26 @@ def test_three_right_drafts_bring_four_tokens_a_step() -> None:
         (9, 10, 11, 12),
     ]
     assert sample(metrics, "dsworker_spec_accepted_tokens_total") == 6
+
+
+class Script:
+    """A control channel a follower reads: the messages rank 0 would have sent."""
+
+    def __init__(self, *msgs: Message) -> None:
+        self.msgs = list(msgs)
+
+    def send(self, msg: Message) -> None:  # pragma: no cover - followers never send
+        raise AssertionError("a follower does not send")
+
+    def recv(self) -> Message:
+        return self.msgs.pop(0)
+
+
+def test_a_follower_runs_each_step_and_its_draft_pass_and_refuses_a_missing_one() -> None:
+    step = Step((StepItem(0, 0, 0, (3, 4), True),))
+    runner = CountingDrafter()
+    inputs = (DraftInput(0, (4, 5)),)
+    follow(runner, Script(Message(STEP, step), Message(DRAFT, drafts=inputs), Message(STOP)))
+    assert runner.steps == [step] and runner.draft_calls == [inputs]
+    with pytest.raises(RuntimeError, match="expected the draft message, got kind 2"):
+        follow(runner, Script(Message(STEP, step), Message(HEARTBEAT)))

@@ -12,6 +12,11 @@ from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 
+def pages_for(positions: int, page_size: int) -> int:
+    """Pages that hold `positions` positions."""
+    return -(-positions // page_size)
+
+
 class PagePool:
     def __init__(self, pages: int, page_size: int, prefix_caching: bool = True) -> None:
         self.page_size = page_size

@@ -26,6 +26,7 @@ from dsworker.dist import ParallelGroups, build_groups, init_process_group
 from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import StepError
 from dsworker.kv_budget import KVBudgetError, kv_bytes, plan_kv_pages, wanted_slots
+from dsworker.kv_pages import pages_for
 from dsworker.layout import ParallelPlan
 from dsworker.loader import load_weights
 from dsworker.model import (
@@ -66,9 +67,8 @@ class ModelRunner:
         self.dp = groups.plan.dp
         self.dp_rank = groups.coords.dp_rank
         self.vocab = model.args.vocab_size
-        self.drafting = len(model.mtp) > 0
         # Drafts per sequence and step: the MTP layer's own, then it again on each draft.
-        self.draft_tokens = draft_tokens if self.drafting else 0
+        self.draft_tokens = draft_tokens if len(model.mtp) else 0
         self._count_drops = model.opts.moe.routing_cutoff is not None
         self._dropped_total = 0
         # The last step's hidden states and where each of its items starts in them (MTP input).
@@ -76,15 +76,20 @@ class ModelRunner:
         self._offsets: dict[int, int] = {}
         self._graphed = False  # the last step ran through the graphs (so does its draft pass)
 
-    def _mine(self, step: Step) -> list[StepItem]:
-        if self.dp == 1:
-            return list(step.items)
-        return [it for it in step.items if it.slot % self.dp == self.dp_rank]
+    @property
+    def drafting(self) -> bool:
+        """The MTP layer is loaded: every step is followed by run_drafts."""
+        return self.draft_tokens > 0
+
+    def _mine(self, step: Step) -> list[tuple[int, StepItem]]:
+        """This dp group's items with their index in the step."""
+        return [(i, it) for i, it in enumerate(step.items) if it.slot % self.dp == self.dp_rank]
 
     @torch.inference_mode()
     def run(self, step: Step) -> torch.Tensor | None:
         """Logits of every sampled item's verify rows, in step order (rank 0; others None)."""
-        mine = self._mine(step)
+        indexed = self._mine(step)
+        mine = [it for _, it in indexed]
         for it in mine:  # a new sequence's first item brings its KV pages
             if it.pages:
                 self.cache.assign(it.slot // self.dp, it.pages)
@@ -98,21 +103,19 @@ class ModelRunner:
             picked = [i * w + j for i, it in enumerate(mine) if it.sample for j in range(w)]
             logits = logits[picked] if len(picked) != logits.shape[0] else logits
         else:
-            logits = self._forward(step)
+            logits = self._forward(indexed)
         if self._count_drops:
             self._sum_drops()
         if self.dp == 1:
             return logits
         return self._gather(step, logits)
 
-    def _forward(self, step: Step) -> torch.Tensor:
+    def _forward(self, indexed: list[tuple[int, StepItem]]) -> torch.Tensor:
         seqs: list[tuple[int, int, tuple[int, ...]]] = []
         offsets: dict[int, int] = {}  # step item index -> its first row in this rank's batch
         rows: list[int] = []
         at = 0
-        for i, it in enumerate(step.items):
-            if it.slot % self.dp != self.dp_rank:
-                continue
+        for i, it in indexed:
             seqs.append((it.slot // self.dp, it.start, it.tokens))
             offsets[i] = at
             at += len(it.tokens)
@@ -360,7 +363,7 @@ def _kv_pages(
         a.qk_rope_dim,
         model.dtype.itemsize,
     )
-    per_sequence = -(-cfg.maxSeqLen // page_size)
+    per_sequence = pages_for(cfg.maxSeqLen, page_size)
     free: int | None = None
     if device.is_accelerator:
         device.module.empty_cache()  # the loader's freed staging blocks count as free

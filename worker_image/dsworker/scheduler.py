@@ -26,7 +26,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from dsworker.kv_pages import PagePool
+from dsworker.kv_pages import PagePool, pages_for
 
 
 class FinishReason(StrEnum):
@@ -131,7 +131,7 @@ class Paging:
     prefix_caching: bool = True  # keep full pages for later prompts with the same tokens
 
     def needed(self, positions: int) -> int:
-        return -(-positions // self.page_size)
+        return pages_for(positions, self.page_size)
 
 
 class SchedulerError(ValueError):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dsworker.kv_pages import pages_for
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -162,7 +164,7 @@ class KVCache:
         self.scratch_slot = num_slots
         self.max_len = max_len
         self.page_size = page_size or max_len
-        per_slot = -(-max_len // self.page_size)
+        per_slot = pages_for(max_len, self.page_size)
         self.num_pages = num_pages if num_pages is not None else num_slots * per_slot
         self.scratch_page = self.num_pages
         shape = (num_layers, self.num_pages + 1, self.page_size)

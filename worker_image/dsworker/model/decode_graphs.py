@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,15 @@ from dsworker.model.model import DeepseekModel
 log = logging.getLogger("dsworker.model")
 
 VERIFY, DRAFT = "decode", "draft"
+
+
+class _Run(NamedTuple):
+    """The last decode step's layout, which its draft step reuses."""
+
+    n: int  # sequences
+    b: int  # their batch bucket
+    slots: list[int]
+    positions: list[int]  # per row, padded to b * width
 
 
 class DecodeGraphs:
@@ -63,7 +73,7 @@ class DecodeGraphs:
             self.hidden = torch.zeros(rows * self.width, h, dtype=model.dtype, device=dev)
         self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: tuple[int, int] | None = None
-        self._last: tuple[int, int, int, list[int], list[int]] | None = None
+        self._last: _Run | None = None
         self._steps: dict[str, Callable[[int, int], torch.Tensor]] = {
             VERIFY: self._verify_step,
             DRAFT: self._draft_step,
@@ -121,7 +131,7 @@ class DecodeGraphs:
         host = torch.tensor(
             [
                 [*ids, *[0] * pad],
-                self._last[4][: b * self.width],
+                self._last.positions[: b * self.width],
                 [*slots, *[self.cache.scratch_slot] * pad],
             ],
             dtype=torch.long,
@@ -142,7 +152,7 @@ class DecodeGraphs:
         pos = [p + j for p in positions for j in range(w)] + [
             j for _ in range(b - n) for j in range(w)
         ]
-        self._last = (n, b, k, list(slots), pos)
+        self._last = _Run(n, b, list(slots), pos)
         self._load(
             VERIFY, b, [t for row in tokens for t in row], [s for s in slots for _ in range(w)]
         )
@@ -160,9 +170,9 @@ class DecodeGraphs:
         """
         if self.width == 1:
             raise ValueError("draft needs a model with an MTP layer")
-        if self._last is None or len(rows) != self._last[0]:
+        if self._last is None or len(rows) != self._last.n:
             raise ValueError("draft follows a run over the same sequences")
-        n, b, _, slots, positions = self._last
+        n, b, slots, positions = self._last
         ids: list[int] = []
         where: list[int] = []
         ends: list[int] = []
