@@ -57,7 +57,7 @@ class CountingDrafter:
             raise StepError("AllToAll buffer full")
         out = {}
         for d in inputs:
-            first = d.tokens[-1] + self.draft_offset
+            first = d.last + self.draft_offset
             out[step.items[d.index].seq_id] = tuple((first + j) % VOCAB for j in range(self.drafts))
         return out
 
@@ -90,7 +90,7 @@ def test_right_drafts_bring_two_tokens_a_step() -> None:
     assert sample(metrics, "dsworker_spec_accepted_tokens_total") == 3
     kinds = [m.kind for m in channel.sent]
     assert kinds[:2] == [STEP, DRAFT] and kinds.count(DRAFT) == kinds.count(STEP)
-    assert channel.sent[1].drafts == (DraftInput(0, (4, 5)),)  # prompt position 0 -> 4, 1 -> 5
+    assert channel.sent[1].drafts == (DraftInput(0, 2, 5),)  # prompt positions 0, 1 -> 4, 5
 
 
 def test_wrong_drafts_cost_nothing_but_the_step() -> None:
@@ -139,7 +139,7 @@ class Script:
 def test_a_follower_runs_each_step_and_its_draft_pass_and_refuses_a_missing_one() -> None:
     step = Step((StepItem(0, 0, 0, (3, 4), True),))
     runner = CountingDrafter()
-    inputs = (DraftInput(0, (4, 5)),)
+    inputs = (DraftInput(0, 2, 5),)
     follow(runner, Script(Message(STEP, step), Message(DRAFT, drafts=inputs), Message(STOP)))
     assert runner.steps == [step] and runner.draft_calls == [inputs]
     with pytest.raises(RuntimeError, match="expected the draft message, got kind 2"):

@@ -29,6 +29,19 @@ def run_step(s: Scheduler, token: int = 7) -> tuple[Step, list]:
     return step, events
 
 
+def mtp_reads(s: Scheduler, step: Step) -> list[tuple[int, tuple[int, ...]]]:
+    """Per draft input: its step item and the tokens the MTP layer reads after its positions."""
+    return [(d.index, d.tokens(step.items[d.index])) for d in s.draft_inputs(step)]
+
+
+def test_a_draft_input_reads_no_more_positions_than_its_item_holds() -> None:
+    item = StepItem(0, 0, 4, (5, 6), True, 1)
+    assert DraftInput(0, 2, 9).tokens(item) == (6, 9)
+    assert DraftInput(0, 1, 9).tokens(item) == (9,)
+    with pytest.raises(ValueError, match="reads 1 to 2 positions of item 0, not 3"):
+        DraftInput(0, 3, 9).tokens(item)
+
+
 def test_prefill_then_decode_positions_and_slots() -> None:
     s = Scheduler(max_batch_size=2, max_seq_len=32, max_step_tokens=64)
     s.add(seq(0, 3))
@@ -140,17 +153,15 @@ def test_step_wire_round_trip() -> None:
     )
     msg = step_wire.Message(step_wire.STEP, step)
     assert step_wire.decode(step_wire.encode(msg)) == msg
-    drafts = step_wire.Message(
-        step_wire.DRAFT, drafts=(DraftInput(0, (6, 7, 9)), DraftInput(1, (8,)))
-    )
+    drafts = step_wire.Message(step_wire.DRAFT, drafts=(DraftInput(0, 3, 9), DraftInput(1, 1, 8)))
     assert step_wire.decode(step_wire.encode(drafts)) == drafts
     assert step_wire.decode(step_wire.encode(step_wire.Message(step_wire.DRAFT))).drafts == ()
     with pytest.raises(step_wire.WireError, match="drafts among"):
         step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 1, 1, 1, 0, 5])
-    with pytest.raises(step_wire.WireError, match="truncated draft"):
+    with pytest.raises(step_wire.WireError, match="4 values for 1 draft inputs"):
         step_wire.decode([step_wire.DRAFT, 1, 0, 3, 5, 6])
-    with pytest.raises(step_wire.WireError, match="trailing"):
-        step_wire.decode([step_wire.DRAFT, 1, 0, 1, 5, 6])
+    with pytest.raises(step_wire.WireError, match="no positions"):
+        step_wire.decode([step_wire.DRAFT, 1, 0, 0, 5])
     for kind in (step_wire.HEARTBEAT, step_wire.STOP):
         assert step_wire.decode(step_wire.encode(step_wire.Message(kind))).kind == kind
     with pytest.raises(step_wire.WireError):
@@ -165,7 +176,7 @@ def test_drafts_ride_behind_the_last_token_and_verification_sets_the_cache() -> 
     s.add(seq(0, 3, max_tokens=10))
     step, _ = run_step(s, token=5)
     # The last chunk: the MTP reads positions 0..2 with the token after each (the sampled 5 last).
-    assert s.draft_inputs(step) == (DraftInput(0, (11, 12, 5)),)
+    assert mtp_reads(s, step) == [(0, (11, 12, 5))]
     s.set_drafts({0: (6,)})
     step = s.schedule()
     assert step is not None and step.items == (StepItem(0, 0, 3, (5, 6), True, 1),)
@@ -173,13 +184,13 @@ def test_drafts_ride_behind_the_last_token_and_verification_sets_the_cache() -> 
     events = s.update(step, {0: [6, 9]})  # draft 6 accepted, 9 is the main model's next
     assert [e.token for e in events] == [6, 9]
     assert s.running[0].num_cached == 5 and s.running[0].drafts == ()
-    assert s.draft_inputs(step) == (DraftInput(0, (6, 9)),)
+    assert mtp_reads(s, step) == [(0, (6, 9))]
     s.set_drafts({0: (4,)})
     step = s.schedule()
     assert step is not None and step.items == (StepItem(0, 0, 5, (9, 4), True, 1),)
     s.update(step, {0: [2]})  # draft 4 rejected: the main model said 2
     assert s.running[0].num_cached == 6 and s.running[0].output == [5, 6, 9, 2]
-    assert s.draft_inputs(step) == (DraftInput(0, (2,)),)
+    assert mtp_reads(s, step) == [(0, (2,))]
     step = s.schedule()  # no draft set: a plain decode step
     assert step is not None and step.items == (StepItem(0, 0, 6, (2,), True, 0),)
     with pytest.raises(SchedulerError, match="2 tokens for an item with 0 drafts"):
@@ -192,7 +203,7 @@ def test_draft_inputs_of_prompt_chunks_and_finished_sequences() -> None:
     step, _ = run_step(s)
     # A mid-prompt chunk pairs its last position with the next chunk's first prompt token.
     assert step.items[0].tokens == (10, 11, 12, 13)
-    assert s.draft_inputs(step) == (DraftInput(0, (11, 12, 13, 14)),)
+    assert mtp_reads(s, step) == [(0, (11, 12, 13, 14))]
     s.set_drafts({0: (3,)})  # still prefilling: a draft now would be a guess at a prompt token
     assert s.running[0].drafts == ()
     step, events = run_step(s)
@@ -279,9 +290,9 @@ def test_invariants_under_random_traffic_with_drafts(seed: int) -> None:
         for d in inputs:
             it = step.items[d.index]
             seq_ = s.running[it.seq_id]
-            assert it.start + len(d.tokens) <= seq_.num_cached
-            assert list(d.tokens) == [
-                seq_.token_at(p + 1) for p in range(it.start, it.start + len(d.tokens))
+            assert it.start + d.count <= seq_.num_cached
+            assert list(d.tokens(it)) == [
+                seq_.token_at(p + 1) for p in range(it.start, it.start + d.count)
             ]
         s.set_drafts(
             {step.items[d.index].seq_id: tuple(rng.randrange(50) for _ in range(3)) for d in inputs}

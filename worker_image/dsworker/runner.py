@@ -147,14 +147,15 @@ class ModelRunner:
             return {} if self.groups.rank == 0 else None
         if self._graphed:  # world 1: every item is this rank's, in step order
             assert self.graphs is not None
-            given = {d.index: d.tokens for d in inputs}
+            given = {d.index: d.tokens(step.items[d.index]) for d in inputs}
             drafts = self.graphs.draft([given.get(i) for i in range(len(step.items))])
             return {it.seq_id: d for it, d in zip(step.items, drafts, strict=True) if d}
         assert hidden is not None, "run_drafts follows a step of this runner"
         mine = [d for d in inputs if d.index in offsets]
-        rows = [offsets[d.index] + j for d in mine for j in range(len(d.tokens))]
+        rows = [offsets[d.index] + j for d in mine for j in range(d.count)]
+        items = [step.items[d.index] for d in mine]
         seqs = [
-            (step.items[d.index].slot // self.dp, step.items[d.index].start, d.tokens) for d in mine
+            (it.slot // self.dp, it.start, d.tokens(it)) for d, it in zip(mine, items, strict=True)
         ]
         picked = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         tokens = self._mtp(Batch.build(seqs, self.device), hidden[picked], [s[:2] for s in seqs])

@@ -105,11 +105,25 @@ class Step:
 
 @dataclass(frozen=True)
 class DraftInput:
-    """What the MTP layer reads for step item `index` after sampling: its first len(tokens)
-    positions, each with the token that followed it; the draft comes from the last one."""
+    """What the MTP layer reads for step item `index` after sampling: its first `count`
+    positions, each with the token that followed it; the draft comes from the last one.
+
+    Only the token after the last position (`last`: a sampled token or the next prompt chunk's
+    first) is new; the others are the item's own tokens one on, which every rank already has.
+    """
 
     index: int
-    tokens: tuple[int, ...]
+    count: int
+    last: int
+
+    def tokens(self, item: StepItem) -> tuple[int, ...]:
+        """The `count` tokens that followed the item's first `count` positions."""
+        if not 1 <= self.count <= len(item.tokens):
+            raise ValueError(
+                f"a draft input reads 1 to {len(item.tokens)} positions of item {self.index}, "
+                f"not {self.count}"
+            )
+        return (*item.tokens[1 : self.count], self.last)
 
 
 @dataclass(frozen=True)
@@ -359,8 +373,7 @@ class Scheduler:
                 continue
             end = min(seq.num_cached, seq.num_tokens - 1)
             if end > item.start:
-                toks = tuple(seq.token_at(p + 1) for p in range(item.start, end))
-                out.append(DraftInput(index, toks))
+                out.append(DraftInput(index, end - item.start, seq.token_at(end)))
         return tuple(out)
 
     def set_drafts(self, drafts: Mapping[int, Seq[int]]) -> None:

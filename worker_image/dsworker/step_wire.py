@@ -34,13 +34,13 @@ class WireError(ValueError):
 
 def encode(msg: Message) -> list[int]:
     """[kind, n_items, per item: seq_id, slot, start, n_tokens, sample, drafts, n_pages,
-    tokens..., pages...]; DRAFT: [kind, n_inputs, per input: index, n_tokens, tokens...]."""
+    tokens..., pages...]; DRAFT: [kind, n_inputs, per input: index, count, last]."""
     if msg.kind not in _KINDS:
         raise WireError(f"unknown message kind {msg.kind}")
     if msg.kind == DRAFT:
         out = [DRAFT, len(msg.drafts)]
         for d in msg.drafts:
-            out += [d.index, len(d.tokens), *d.tokens]
+            out += [d.index, d.count, d.last]
         return out
     if msg.kind != STEP:
         return [msg.kind, 0]
@@ -53,16 +53,11 @@ def encode(msg: Message) -> list[int]:
 
 
 def _decode_drafts(data: list[int], n: int) -> Message:
-    inputs: list[DraftInput] = []
-    i = 2
-    for _ in range(n):
-        if i + 2 > len(data) or data[i + 1] < 1 or i + 2 + data[i + 1] > len(data):
-            raise WireError("truncated draft input")
-        index, n_tok = data[i], data[i + 1]
-        inputs.append(DraftInput(index, tuple(data[i + 2 : i + 2 + n_tok])))
-        i += 2 + n_tok
-    if i != len(data):
-        raise WireError(f"{len(data) - i} trailing values after {n} draft inputs")
+    if len(data) != 2 + 3 * n:
+        raise WireError(f"{len(data) - 2} values for {n} draft inputs of 3")
+    inputs = [DraftInput(*data[i : i + 3]) for i in range(2, len(data), 3)]
+    if any(d.index < 0 or d.count < 1 for d in inputs):
+        raise WireError("a draft input with a negative index or no positions")
     return Message(DRAFT, drafts=tuple(inputs))
 
 
