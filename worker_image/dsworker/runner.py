@@ -183,9 +183,13 @@ class ModelRunner:
             h = step.hidden[batch.last]
             out[:, 0] = draft.cpu()
             last = [int(p) for p in batch.positions[batch.last].tolist()] if where else []
+            room = [
+                self.cache.chain_room(w[0], p, self.draft_tokens)
+                for w, p in zip(where, last, strict=True)
+            ]
             for j in range(1, self.draft_tokens):
                 # Draft j sits at position last + j + 1; the MTP reads it at last + j.
-                live = [b for b, p in enumerate(last) if p + j < self.cache.capacity[where[b][0]]]
+                live = [b for b, r in enumerate(room) if r > j]
                 chain = Batch.build(
                     [(where[b][0], last[b] + j, (int(out[b, j - 1]),)) for b in live], self.device
                 )

@@ -188,6 +188,11 @@ class KVCache:
         self.table[slot, : len(pages)].copy_(row, non_blocking=True)
         self.capacity[slot] = len(pages) * self.page_size
 
+    def chain_room(self, slot: int, last: int, drafts: int) -> int:
+        """How many of `drafts` chained MTP drafts fit when the first reads position `last`:
+        draft j is read (and its MTP entry written) at last + j, inside the slot's capacity."""
+        return max(0, min(drafts, self.capacity[slot] - last))
+
     def bind(self, batch: Batch) -> Callable[[int], LayerKV]:
         """Layer index -> its LayerKV for this step (the page lookups are done once)."""
         p = self.page_size

@@ -199,8 +199,7 @@ class DecodeGraphs:
                 out.append(())
                 continue
             end = positions[i * self.width] + len(row) - 1  # the last position the pass read
-            fits = max(0, min(self.draft_tokens, caps[i] - end))
-            out.append(tuple(best[i][:fits]))
+            out.append(tuple(best[i][: self.cache.chain_room(slots[i], end, self.draft_tokens)]))
         return out
 
     def _launch(self, kind: str, b: int, k: int) -> torch.Tensor:
