@@ -14,13 +14,14 @@ from dsworker.engine_config import EngineConfig
 from dsworker.kv_budget import (
     GIB,
     KVBudgetError,
+    KVPages,
     auto_reserve,
     kv_bytes,
     plan_kv_pages,
     wanted_slots,
 )
 from dsworker.model import ModelArgs
-from dsworker.runner import build_runner
+from dsworker.runner import agree_kv_pages, build_runner
 
 V3_PAGE = kv_bytes(61, 128, 512, 64, 2)  # 8.6 MiB: 128 bf16 V3 positions over 61 layers
 PER_SEQ = 20  # pages of one 2560-position sequence
@@ -132,3 +133,31 @@ def test_build_runner_caps_the_pages_to_npumemsize_not_the_batch(
         loaded.close()
     unlimited = _build(ckpt, _config(npuMemSize=-1, maxBatchSize=8, cacheBlockSize=16))
     assert (unlimited.runner.cache.num_pages, unlimited.max_batch_size) == (8 * 4, 8)
+
+
+def _agree_with_less_free_memory_on_rank_1(rank: int, nproc: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=nproc)
+    group = Group(list(range(nproc)), rank, dist.group.WORLD)
+
+    def offer(free: int) -> KVPages | KVBudgetError:
+        try:
+            return plan_kv_pages(V3_PAGE, PER_SEQ, 200, -1, free)
+        except KVBudgetError as exc:
+            return exc
+
+    # Both fit: each allocates what the smaller one can.
+    agreed = agree_kv_pages(offer((40 - 20 * rank) * GIB), group)
+    assert agreed == offer(20 * GIB).pages < offer(40 * GIB).pages
+    # Rank 1's free memory holds no sequence: it raises its own reason, rank 0 points at it.
+    with pytest.raises(KVBudgetError) as err:
+        agree_kv_pages(offer(GIB if rank else 40 * GIB), group)
+    if rank:
+        assert "1.00 GiB free" in str(err.value)
+    else:
+        assert "another rank's npuMemSize budget holds no maxSeqLen sequence" in str(err.value)
+
+
+def test_ranks_agree_on_the_smallest_budget_and_all_refuse_together() -> None:
+    spawn_local(2, _agree_with_less_free_memory_on_rank_1)

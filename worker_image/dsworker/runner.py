@@ -22,10 +22,10 @@ import torch.distributed as dist
 
 from dsworker.control import Channel, DistChannel, LocalChannel
 from dsworker.device import Device
-from dsworker.dist import ParallelGroups, build_groups, init_process_group
+from dsworker.dist import Group, ParallelGroups, build_groups, init_process_group
 from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import StepError
-from dsworker.kv_budget import KVBudgetError, kv_bytes, plan_kv_pages, wanted_slots
+from dsworker.kv_budget import KVBudgetError, KVPages, kv_bytes, plan_kv_pages, wanted_slots
 from dsworker.kv_pages import pages_for
 from dsworker.layout import ParallelPlan
 from dsworker.loader import load_weights
@@ -352,14 +352,27 @@ def build_runner(
     return Loaded(runner, channel, seconds, stats.bytes, cfg.maxBatchSize, paging)
 
 
+def agree_kv_pages(offer: KVPages | KVBudgetError, group: Group) -> int:
+    """The smallest offer over the group's ranks, which must all allocate alike.
+
+    Every rank reaches the all-reduce (a refusing rank offers 0 pages), so a refusal is raised on
+    every rank instead of leaving the others waiting in the collective.
+    """
+    mine = offer.pages if isinstance(offer, KVPages) else 0
+    agreed = int(group.all_min(torch.tensor([mine], dtype=torch.int64)).item())
+    if isinstance(offer, KVBudgetError):
+        raise offer
+    if agreed == 0:
+        raise KVBudgetError(
+            "KV cache: another rank's npuMemSize budget holds no maxSeqLen sequence; see its log"
+        )
+    return agreed
+
+
 def _kv_pages(
     model: DeepseekModel, cfg: EngineConfig, page_size: int, device: Device, groups: ParallelGroups
 ) -> int:
-    """KV pages per dp group within npuMemSize, the minimum over all ranks (they must agree).
-
-    Every rank reaches the all-reduce (a rank whose budget holds nothing offers 0), so a refusal
-    is raised on every rank instead of leaving the others waiting in the collective.
-    """
+    """KV pages per dp group within npuMemSize, the minimum over all ranks (they must agree)."""
     a = model.args
     page_bytes = kv_bytes(
         a.num_layers + len(model.mtp),
@@ -373,34 +386,28 @@ def _kv_pages(
     if device.is_accelerator:
         device.module.empty_cache()  # the loader's freed staging blocks count as free
         free = int(device.module.mem_get_info(device.torch)[0])
-    error: KVBudgetError | None = None
+    offer: KVPages | KVBudgetError
     try:
-        budget = plan_kv_pages(
+        offer = plan_kv_pages(
             page_bytes,
             per_sequence,
             wanted_slots(cfg.maxBatchSize, cfg.dp),
             cfg.npuMemSize,
             free,
         )
-        mine = budget.pages
     except KVBudgetError as exc:
-        error, mine = exc, 0
-    agreed = int(groups.cpu.all_min(torch.tensor([mine], dtype=torch.int64)).item())
-    if error is not None:
-        raise error
-    if agreed < per_sequence:
-        raise KVBudgetError(
-            "KV cache: another rank's npuMemSize budget holds no maxSeqLen sequence; see its log"
-        )
-    if agreed < budget.wanted:
+        offer = exc
+    agreed = agree_kv_pages(offer, groups.cpu)
+    assert isinstance(offer, KVPages)  # a refusal was raised on every rank
+    if agreed < offer.wanted:
         log.warning(
             "KV cache: %s; %d pages agreed over the ranks: %d sequences of maxSeqLen (%d) fit "
             "at once per dp group, more when shorter (each reserves its prompt plus max_tokens)",
-            budget.reason,
+            offer.reason,
             agreed,
             agreed // per_sequence,
             cfg.maxSeqLen,
         )
     else:
-        log.info("KV cache: %s", budget.reason)
+        log.info("KV cache: %s", offer.reason)
     return agreed
