@@ -45,13 +45,12 @@ class CountingRunner:
         if self.fail is not None:
             raise self.fail
         rows = []
-        for it in step.sampled:
-            nxt = (it.tokens[-1] + 1) % self.vocab
-            if it.tokens[-1] == WORDS.index("w9"):
-                nxt = EOS_ID
-            row = torch.zeros(self.vocab)
-            row[nxt] = 10.0
-            rows.append(row)
+        for it in step.with_rows:
+            for tok in it.tokens[len(it.tokens) - it.rows :]:
+                nxt = EOS_ID if tok == WORDS.index("w9") else (tok + 1) % self.vocab
+                row = torch.zeros(self.vocab)
+                row[nxt] = 10.0
+                rows.append(row)
         return torch.stack(rows) if rows else torch.zeros(0, self.vocab)
 
     def dropped_rows(self) -> int:
@@ -206,6 +205,40 @@ def test_logprobs_of_completions_and_streamed_chat(served) -> None:
     assert [e["bytes"] for e in entries] == [list(b"w0"), list(b"w1")]
     assert [e["logprob"] for e in entries] == pytest.approx([want, want], abs=1e-6)
     assert [[t["token"] for t in e["top_logprobs"]] for e in entries] == [["w0"], ["w1"]]
+
+
+def test_echo_prefixes_the_prompt_and_its_logprobs(served) -> None:
+    """lm-evaluation-harness scores a text this way: echo, logprobs, one new token."""
+    client, _, _ = served
+    v = len(WORDS)
+    want = 10.0 - math.log(math.exp(10.0) + v - 1)
+    other = -math.log(math.exp(10.0) + v - 1)
+    body = {"prompt": "w1 w2 w7", "max_tokens": 1, "temperature": 0, "echo": True}
+    r = client.post("/v1/completions", json=body | {"logprobs": 1})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["text"] == "w1 w2 w7 w8"
+    lp = choice["logprobs"]
+    assert lp["tokens"] == ["<s>", "w1", "w2", "w7", "w8"]
+    # Nothing predicts BOS; the counting model expects </s> after it, w2 after w1, w3 after w2.
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([other, want, other, want], abs=1e-6)
+    assert [sorted(t) for t in lp["top_logprobs"][1:]] == [
+        ["</s>", "w1"], ["w2"], ["w3", "w7"], ["w8"]
+    ]  # fmt: skip
+    assert lp["text_offset"] == [0, 3, 5, 7, 9]
+    assert r.json()["usage"]["prompt_tokens"] == 4
+
+    plain = client.post("/v1/completions", json=body | {"prompt": [5, 6], "n": 2}).json()
+    assert [c["text"] for c in plain["choices"]] == ["w1 w2 w3"] * 2
+    assert plain["choices"][0]["logprobs"] is None
+
+    with client.stream("POST", "/v1/completions", json=body | {"stream": True, "logprobs": 0}) as s:
+        chunks = [json.loads(ln[6:]) for ln in s.iter_lines() if ln.startswith("data: {")]
+    texts = [c["choices"][0]["text"] for c in chunks]
+    assert "".join(texts) == "w1 w2 w7 w8" and texts[0].startswith("w1 w2 w7")
+    streamed = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert streamed == lp["tokens"]
 
 
 @pytest.mark.parametrize(

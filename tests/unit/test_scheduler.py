@@ -149,15 +149,21 @@ def test_idle_scheduler_has_no_step() -> None:
 
 def test_step_wire_round_trip() -> None:
     step = Step(
-        (StepItem(3, 1, 0, (5, 6, 7), False, 0, (4, 9)), StepItem(9, 0, 12, (2, 8), True, 1))
+        (
+            StepItem(3, 1, 0, (5, 6, 7), False, 0, (4, 9), 3),
+            StepItem(9, 0, 12, (2, 8), True, 1),
+            StepItem(4, 2, 0, (1, 2), True, 0, (), 1),
+        )
     )
     msg = step_wire.Message(step_wire.STEP, step)
     assert step_wire.decode(step_wire.encode(msg)) == msg
     drafts = step_wire.Message(step_wire.DRAFT, drafts=(DraftInput(0, 3, 9), DraftInput(1, 1, 8)))
     assert step_wire.decode(step_wire.encode(drafts)) == drafts
     assert step_wire.decode(step_wire.encode(step_wire.Message(step_wire.DRAFT))).drafts == ()
-    with pytest.raises(step_wire.WireError, match="drafts among"):
-        step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 1, 1, 1, 0, 5])
+    with pytest.raises(step_wire.WireError, match="1 drafts, 0 prompt rows, 1 tokens"):
+        step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 1, 1, 1, 0, 0, 5])
+    with pytest.raises(step_wire.WireError, match="0 drafts, 2 prompt rows, 2 tokens"):
+        step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 2, 1, 0, 2, 0, 5, 6])
     with pytest.raises(step_wire.WireError, match="4 values for 1 draft inputs"):
         step_wire.decode([step_wire.DRAFT, 1, 0, 3, 5, 6])
     with pytest.raises(step_wire.WireError, match="no positions"):

@@ -38,9 +38,11 @@ def generate(
     fixed: str | None = None,
     calls: dict[str, int] | None = None,
     logprobs: dict[int, list[float]] | None = None,
+    prompt_logprobs: dict[int, list[float]] | None = None,
 ) -> tuple[list[list[int]], Metrics, int]:
     """Every prompt through one rank-0 engine loop: tokens per prompt, metrics, steps taken.
-    `logprobs`, when given, receives each prompt's token logprobs.
+    `logprobs`, when given, receives each prompt's token logprobs; `prompt_logprobs` those of
+    its prompt tokens after the first.
 
     fixed: run decode and draft passes as fixed-shape steps, eagerly ("eager-step"), traced by
     dynamo with fullgraph ("eager", the backend) or captured ("capture", cuda); `calls` counts them.
@@ -77,6 +79,8 @@ def generate(
                 got.setdefault(i, []).extend(out.token_ids)
                 if logprobs is not None:
                     logprobs.setdefault(i, []).extend(e.logprob for e in out.logprobs)
+                if prompt_logprobs is not None:
+                    prompt_logprobs.setdefault(i, []).extend(e.logprob for e in out.prompt_logprobs)
 
         req = GenRequest(
             p,
@@ -84,6 +88,7 @@ def generate(
             NEW_TOKENS,
             ignore_eos=True,
             logprobs=0 if logprobs is not None else None,
+            prompt_logprobs=0 if prompt_logprobs is not None else None,
         )
         loop.submit(req, sink)
     steps = loop.run_until_idle()

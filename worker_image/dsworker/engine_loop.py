@@ -46,7 +46,7 @@ class Runner(Protocol):
     drafting: bool  # the MTP layer is loaded: each step is followed by run_drafts
 
     def run(self, step: Step) -> torch.Tensor | None:
-        """Logits [sum of verify_rows of step.sampled, V] on rank 0 (others may return None)."""
+        """Logits [sum of rows of step.with_rows, V] on rank 0 (others may return None)."""
         ...
 
     def run_drafts(
@@ -71,19 +71,22 @@ class GenRequest:
     stop_token_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: each token's logprob and its k likeliest
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
 
 
 @dataclass(frozen=True)
 class Output:
     """New text and tokens of one request since the last Output; final when finish_reason set.
 
-    `logprobs` holds one entry per token of token_ids when the request asked for them."""
+    `logprobs` holds one entry per token of token_ids when the request asked for them;
+    `prompt_logprobs` one per prompt token after the first, on the first Output only."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     error: str | None = None
     logprobs: tuple[sampling.TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[sampling.TokenLogprob, ...] = ()
 
 
 Sink = Callable[[Output], None]
@@ -97,6 +100,7 @@ class _Live:
     generator: torch.Generator | None
     arrived: float
     last_token_at: float | None = None
+    prompt_logprobs: list[sampling.TokenLogprob] = field(default_factory=list)
 
 
 class EngineLoop:
@@ -203,6 +207,7 @@ class EngineLoop:
             req.max_tokens,
             stop_token_ids=req.stop_token_ids,
             ignore_eos=req.ignore_eos,
+            score_prompt=req.prompt_logprobs is not None,
         )
         try:
             self.scheduler.add(seq)
@@ -235,6 +240,7 @@ class EngineLoop:
         except StepError as exc:
             self._reject(step, exc)
             return True
+        logits = self._score_prompts(step, logits)
         sampled_items = step.sampled
         sampled: dict[int, list[int]] = {}
         if sampled_items:
@@ -262,6 +268,26 @@ class EngineLoop:
             self.metrics.dropped_rows.inc(dropped - self._dropped_seen)
             self._dropped_seen = dropped
         return True
+
+    def _score_prompts(self, step: Step, logits: torch.Tensor | None) -> torch.Tensor | None:
+        """Take the prompt rows out of the runner's logits into their requests' prompt logprobs;
+        what remains are the sampled items' verify rows."""
+        if logits is None or not any(it.prompt_rows for it in step.items):
+            return logits
+        keep: list[int] = []
+        at = 0
+        for it in step.with_rows:
+            if it.prompt_rows:
+                live = self._live[it.seq_id]
+                top = live.req.prompt_logprobs
+                assert top is not None, "only a scoring sequence has prompt rows"
+                first = it.start + len(it.tokens) - it.rows + 1  # the prompt token row 0 scores
+                targets = live.req.prompt[first : first + it.prompt_rows]
+                rows = logits[at : at + it.prompt_rows]
+                live.prompt_logprobs += sampling.token_logprobs(rows, targets, top)
+            keep += range(at + it.prompt_rows, at + it.rows)
+            at += it.rows
+        return logits[keep]
 
     def _logprobs(
         self,
@@ -332,7 +358,16 @@ class EngineLoop:
             live.text.finish()
         text = live.text.take(final=reason is not None)
         lps = (logprob,) if logprob is not None else ()
-        live.sink(Output(text, [token], reason.value if reason else None, logprobs=lps))
+        prompt_lps, live.prompt_logprobs = tuple(live.prompt_logprobs), []
+        live.sink(
+            Output(
+                text,
+                [token],
+                reason.value if reason else None,
+                logprobs=lps,
+                prompt_logprobs=prompt_lps,
+            )
+        )
         if reason is not None:
             del self._live[seq_id]
             self.metrics.finished.labels(reason.value).inc()

@@ -22,20 +22,22 @@ def _finite(x: float) -> float:
 
 
 def completion_logprobs(
-    entries: Sequence[TokenLogprob], text: TokenText, offset: int = 0
+    entries: Sequence[TokenLogprob], text: TokenText, offset: int = 0, first: int | None = None
 ) -> dict[str, Any]:
-    """Legacy completions logprobs; text_offset counts characters from `offset`."""
-    tokens = [text(e.token) for e in entries]
+    """Legacy completions logprobs; text_offset counts characters from `offset`. `first` is a
+    token listed before the entries with null logprobs (echo: the prompt's first token, which
+    nothing before it predicts)."""
+    head = [] if first is None else [text(first)]
+    tokens = head + [text(e.token) for e in entries]
     offsets: list[int] = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
     return {
         "tokens": tokens,
-        "token_logprobs": [_finite(e.logprob) for e in entries],
-        "top_logprobs": [
-            {text(t): _finite(lp) for t, lp in (*e.top, (e.token, e.logprob))} for e in entries
-        ],
+        "token_logprobs": [None] * len(head) + [_finite(e.logprob) for e in entries],
+        "top_logprobs": [None] * len(head)
+        + [{text(t): _finite(lp) for t, lp in (*e.top, (e.token, e.logprob))} for e in entries],
         "text_offset": offsets,
     }
 

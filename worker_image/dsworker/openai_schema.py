@@ -119,16 +119,11 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="Each token's logprob and this many likeliest."
     )
-    echo: bool = False
+    echo: bool = Field(
+        False, description="Prefix each choice with its prompt (and the prompt's logprobs)."
+    )
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=1)
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
 
     @field_validator("suffix")
     @classmethod

@@ -87,7 +87,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, step: Step) -> torch.Tensor | None:
-        """Logits of every sampled item's verify rows, in step order (rank 0; others None)."""
+        """Logits of every item's rows (`StepItem.rows`), in step order (rank 0; others None)."""
         indexed = self._mine(step)
         mine = [it for _, it in indexed]
         for it in mine:  # a new sequence's first item brings its KV pages
@@ -119,7 +119,7 @@ class ModelRunner:
             seqs.append((it.slot // self.dp, it.start, it.tokens))
             offsets[i] = at
             at += len(it.tokens)
-            rows += range(at - it.verify_rows, at)
+            rows += range(at - it.rows, at)
         batch = Batch.build(seqs, self.device)
         picked = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
         try:
@@ -208,13 +208,17 @@ class ModelRunner:
         return (
             g is not None
             and 0 < len(mine) <= g.max_batch
-            and all(len(it.tokens) == g.width and it.drafts == g.width - 1 for it in mine)
+            and all(
+                len(it.tokens) == g.width and it.drafts == g.width - 1 and not it.prompt_rows
+                for it in mine
+            )
         )
 
     def _gather(self, step: Step, logits: torch.Tensor) -> torch.Tensor | None:
-        """Collect each dp group's verify rows on rank 0, in the step's sampled order."""
-        per_group = [[it for it in step.sampled if it.slot % self.dp == d] for d in range(self.dp)]
-        width = max(1, max(sum(it.verify_rows for it in g) for g in per_group))
+        """Collect each dp group's logit rows on rank 0, in step order."""
+        scored = step.with_rows
+        per_group = [[it for it in scored if it.slot % self.dp == d] for d in range(self.dp)]
+        width = max(1, max(sum(it.rows for it in g) for g in per_group))
         padded = logits.new_zeros(width, logits.shape[1])
         padded[: logits.shape[0]] = logits
         world = self.groups.world
@@ -229,10 +233,10 @@ class ModelRunner:
             at = 0
             for it in group:
                 where[it.seq_id] = (d * tp, at)
-                at += it.verify_rows
+                at += it.rows
         rows = [
-            bucket[where[it.seq_id][0]][where[it.seq_id][1] : where[it.seq_id][1] + it.verify_rows]
-            for it in step.sampled
+            bucket[where[it.seq_id][0]][where[it.seq_id][1] : where[it.seq_id][1] + it.rows]
+            for it in scored
         ]
         return torch.cat(rows) if rows else padded[:0]
 

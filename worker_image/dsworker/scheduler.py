@@ -9,7 +9,9 @@ maxSeqLen positions. Admission is "is a slot free (and are its pages)".
 
 Policy per step: every decoding sequence contributes its one new token (plus its MTP drafts);
 the rest of the step's token budget (maxPrefillTokens) goes to prompts in arrival order, in chunks,
-so a long prompt never stalls running decodes for more than one chunk.
+so a long prompt never stalls running decodes for more than one chunk. A sequence that scores its
+prompt (echo with logprobs) wants the logits of every prompt position: it reuses no cached pages,
+and its chunks yield a row per prompt position (`prompt_rows`), at most MAX_PROMPT_ROWS a step.
 
 Speculative decoding (MTP): after a step, `draft_inputs` says which positions the MTP layer reads
 (each position's hidden state and the token after it); the drafts it proposes ride in the next
@@ -56,6 +58,7 @@ class Sequence:
     announced: bool = False  # its pages went out with a step item
     hashed: int = 0  # leading pages registered for prefix caching (or reused)
     chain: int = 0  # the hash of the last of them
+    score_prompt: bool = False  # logits at every prompt position wanted: none reused from cache
 
     @property
     def num_tokens(self) -> int:
@@ -81,11 +84,17 @@ class StepItem:
     sample: bool  # the last token's logits yield the next token (False: a mid-prompt chunk)
     drafts: int = 0  # trailing tokens that are MTP drafts for the main model to verify
     pages: tuple[int, ...] = ()  # the slot's KV pages, on a new sequence's first item (paging)
+    prompt_rows: int = 0  # leading positions whose logits score the prompt token after each
 
     @property
     def verify_rows(self) -> int:
         """Logit rows this item yields when sampled: the last real token and each draft."""
         return 1 + self.drafts if self.sample else 0
+
+    @property
+    def rows(self) -> int:
+        """Logit rows the item yields, for its last `rows` positions: prompt rows, verify rows."""
+        return self.prompt_rows + self.verify_rows
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,11 @@ class Step:
     @property
     def sampled(self) -> list[StepItem]:
         return [i for i in self.items if i.sample]
+
+    @property
+    def with_rows(self) -> list[StepItem]:
+        """Items that yield logit rows, in step order: the runner's output holds theirs."""
+        return [i for i in self.items if i.rows]
 
 
 @dataclass(frozen=True)
@@ -146,6 +160,10 @@ class Paging:
 
     def needed(self, positions: int) -> int:
         return pages_for(positions, self.page_size)
+
+
+# Prompt positions scored per step: each is a row of vocabulary logits (~0.5 MiB in fp32 for V3).
+MAX_PROMPT_ROWS = 512
 
 
 class SchedulerError(ValueError):
@@ -259,17 +277,25 @@ class Scheduler:
             prefilling.append(seq)
             if sum(len(s.prompt) - s.num_cached for s in prefilling) >= budget:
                 break
+        scoring = MAX_PROMPT_ROWS
         for seq in prefilling:
             if budget <= 0:
                 break
             assert seq.slot is not None
-            n = min(len(seq.prompt) - seq.num_cached, budget)
-            chunk = tuple(seq.prompt[seq.num_cached : seq.num_cached + n])
-            last = seq.num_cached + n == len(seq.prompt)
+            start = seq.num_cached
+            n = min(len(seq.prompt) - start, budget)
+            if seq.score_prompt:
+                if scoring <= 0:
+                    continue
+                n = min(n, scoring)
+            chunk = tuple(seq.prompt[start : start + n])
+            last = start + n == len(seq.prompt)
+            scored = min(start + n, len(seq.prompt) - 1) - start if seq.score_prompt else 0
             pages = () if seq.announced else seq.pages
             seq.announced = True
-            items.append(StepItem(seq.seq_id, seq.slot, seq.num_cached, chunk, last, 0, pages))
+            items.append(StepItem(seq.seq_id, seq.slot, start, chunk, last, 0, pages, scored))
             budget -= n
+            scoring -= scored
         return Step(tuple(items)) if items else None
 
     def _admit(self, seq: Sequence) -> bool:
@@ -290,7 +316,7 @@ class Scheduler:
                 continue
             seen.add(group)
             pool = self.pools[group]
-            matched, h = pool.match(seq.prompt)
+            matched, h = ([], 0) if seq.score_prompt else pool.match(seq.prompt)
             fits = pool.available(matched) >= need - len(matched)
             if fits and (best is None or len(matched) > len(best[1])):
                 best = (slot, matched, h)

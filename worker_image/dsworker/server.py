@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -107,6 +107,16 @@ class _Stream:
             self._loop.call_soon_threadsafe(self.queue.put_nowait, (index, out))
 
         return put
+
+
+class Answer(NamedTuple):
+    """One choice's whole answer, as the non-streaming endpoints return it."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: tuple[TokenLogprob, ...]  # when asked: one per token id
+    first: Output  # the first output (with echo, it carries the prompt's logprobs)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -204,6 +214,7 @@ def create_app(state: ServerState) -> FastAPI:
             stop_token_ids=state.tokenizer.eos_token_ids,
             ignore_eos=body.ignore_eos,
             logprobs=body.logprob_count(),
+            prompt_logprobs=body.logprob_count() if getattr(body, "echo", False) else None,
         )
         if params.seed is None:
             return [gen] * body.n
@@ -220,40 +231,55 @@ def create_app(state: ServerState) -> FastAPI:
         assert state.tokenizer is not None
         body = oa.parse_request(oa.CompletionRequest, raw)
         _check_model(body.model)
-        gens = [
-            gen
-            for prompt in body.prompts()
-            for gen in _gen_requests(
-                body,
-                state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt,
-                COMPLETION_DEFAULT_MAX_TOKENS,
-            )
-        ]  # choice i * n + j: prompt i's choice j, as OpenAI orders a batch
+        gens: list[GenRequest] = []  # choice i * n + j: prompt i's choice j, as OpenAI orders
+        echoes: list[str] = []  # with echo, each choice's prompt text
+        for prompt in body.prompts():
+            ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            choices_of = _gen_requests(body, ids, COMPLETION_DEFAULT_MAX_TOKENS)
+            gens += choices_of
+            kept = choices_of[0].prompt  # the prompt after truncation
+            as_sent = isinstance(prompt, str) and len(kept) == len(ids)
+            echoes += [prompt if as_sent else state.tokenizer.decode(kept)] * len(choices_of)
         rid, model, obj = oa.new_id("cmpl"), state.config.modelName, "text_completion"
         n_prompt = sum(len(g.prompt) for g in gens[:: body.n])
         want_ids = body.return_token_ids
         want_lps = gens[0].logprobs is not None
+
+        def echoed(
+            index: int, text: str, entries: tuple[TokenLogprob, ...], first: Output
+        ) -> tuple[str, tuple[TokenLogprob, ...], int | None]:
+            """Text and logprobs with the prompt's in front (echo), from the choice's first output."""
+            if not body.echo:
+                return text, entries, None
+            return echoes[index] + text, (*first.prompt_logprobs, *entries), gens[index].prompt[0]
+
         if body.stream:
             offsets = [0] * len(gens)
+            started = [False] * len(gens)
 
             def chunk(index: int, out: Output) -> list[dict[str, Any]]:
-                if not (out.text or out.finish_reason or want_ids or want_lps):
+                text, entries, head = out.text, out.logprobs, None
+                if not started[index]:
+                    started[index] = True
+                    text, entries, head = echoed(index, text, entries, out)
+                if not (text or out.finish_reason or want_ids or want_lps):
                     return []  # a token that completes no character yet
                 lps = None
                 if want_lps:
-                    lps = completion_logprobs(out.logprobs, _token_text, offsets[index])
+                    lps = completion_logprobs(entries, _token_text, offsets[index], head)
                     offsets[index] += sum(len(t) for t in lps["tokens"])
                 ids = out.token_ids if want_ids else None
-                c = oa.choice(index, "text", out.text, out.finish_reason, ids, lps)
+                c = oa.choice(index, "text", text, out.finish_reason, ids, lps)
                 return [oa.response(rid, obj, model, [c])]
 
             return _streaming(gens, chunk, obj, model, rid, _usage(body, n_prompt))
         choices, used = [], 0
-        for index, (text, ids_out, reason, entries) in enumerate(await _collect_all(gens)):
-            lps = completion_logprobs(entries, _token_text) if want_lps else None
-            ids = ids_out if want_ids else None
-            choices.append(oa.choice(index, "text", text, reason, ids, lps))
-            used += len(ids_out)
+        for index, answer in enumerate(await _collect_all(gens)):
+            text, entries, head = echoed(index, answer.text, answer.logprobs, answer.first)
+            lps = completion_logprobs(entries, _token_text, 0, head) if want_lps else None
+            ids = answer.token_ids if want_ids else None
+            choices.append(oa.choice(index, "text", text, answer.finish_reason, ids, lps))
+            used += len(answer.token_ids)
         return JSONResponse(oa.response(rid, obj, model, choices, (n_prompt, used)))
 
     async def _chat(raw: bytes) -> Response:
@@ -298,12 +324,12 @@ def create_app(state: ServerState) -> FastAPI:
 
             return _streaming(gens, chunk, obj, model, rid, _usage(body, n_prompt))
         choices, used = [], 0
-        for index, (text, ids_out, reason, entries) in enumerate(await _collect_all(gens)):
-            message = {"role": "assistant", "content": text}
-            lps = chat_logprobs(entries, _token_text) if want_lps else None
-            ids = ids_out if want_ids else None
-            choices.append(oa.choice(index, "message", message, reason, ids, lps))
-            used += len(ids_out)
+        for index, answer in enumerate(await _collect_all(gens)):
+            message = {"role": "assistant", "content": answer.text}
+            lps = chat_logprobs(answer.logprobs, _token_text) if want_lps else None
+            ids = answer.token_ids if want_ids else None
+            choices.append(oa.choice(index, "message", message, answer.finish_reason, ids, lps))
+            used += len(answer.token_ids)
         return JSONResponse(oa.response(rid, "chat.completion", model, choices, (n_prompt, used)))
 
     def _usage(body: oa._Common, prompt_tokens: int) -> int | None:
@@ -318,34 +344,32 @@ def create_app(state: ServerState) -> FastAPI:
         except RuntimeError as exc:
             raise oa.ApiError(str(exc), status=500, type="server_error") from None
 
-    async def _collect(
-        gen: GenRequest,
-    ) -> tuple[str, list[int], str | None, list[TokenLogprob]]:
-        """The whole answer: text, token ids, finish reason and (when asked) token logprobs."""
+    async def _collect(gen: GenRequest) -> Answer:
+        """The whole answer of one choice."""
         engine = state.engine
         assert engine is not None
         stream = _Stream(asyncio.get_running_loop())
         seq_id = _submit(gen, stream.sink(0))
-        parts: list[str] = []
-        ids: list[int] = []
-        entries: list[TokenLogprob] = []
+        outs: list[Output] = []
         try:
             while True:
                 _, out = await stream.queue.get()
                 if out.error:
                     raise oa.ApiError(out.error, status=500, type="server_error")
-                parts.append(out.text)
-                ids += out.token_ids
-                entries += out.logprobs
+                outs.append(out)
                 if out.finish_reason is not None:
-                    return "".join(parts), ids, out.finish_reason, entries
+                    return Answer(
+                        "".join(o.text for o in outs),
+                        [t for o in outs for t in o.token_ids],
+                        out.finish_reason,
+                        tuple(e for o in outs for e in o.logprobs),
+                        outs[0],
+                    )
         except (asyncio.CancelledError, oa.ApiError):
             engine.abort(seq_id)
             raise
 
-    async def _collect_all(
-        gens: list[GenRequest],
-    ) -> list[tuple[str, list[int], str | None, list[TokenLogprob]]]:
+    async def _collect_all(gens: list[GenRequest]) -> list[Answer]:
         """Every choice's answer; one failing cancels (and so aborts) the others."""
         tasks = [asyncio.ensure_future(_collect(g)) for g in gens]
         try:

@@ -16,7 +16,7 @@ HEARTBEAT = 2
 STOP = 3
 DRAFT = 4
 _KINDS = (STEP, HEARTBEAT, STOP, DRAFT)
-_ITEM_HEADER = 7  # seq_id, slot, start, n_tokens, sample, drafts, n_pages
+_ITEM_HEADER = 8  # seq_id, slot, start, n_tokens, sample, drafts, prompt_rows, n_pages
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class WireError(ValueError):
 
 
 def encode(msg: Message) -> list[int]:
-    """[kind, n_items, per item: seq_id, slot, start, n_tokens, sample, drafts, n_pages,
-    tokens..., pages...]; DRAFT: [kind, n_inputs, per input: index, count, last]."""
+    """[kind, n_items, per item: seq_id, slot, start, n_tokens, sample, drafts, prompt_rows,
+    n_pages, tokens..., pages...]; DRAFT: [kind, n_inputs, per input: index, count, last]."""
     if msg.kind not in _KINDS:
         raise WireError(f"unknown message kind {msg.kind}")
     if msg.kind == DRAFT:
@@ -48,7 +48,7 @@ def encode(msg: Message) -> list[int]:
     out = [STEP, len(msg.step.items)]
     for it in msg.step.items:
         out += [it.seq_id, it.slot, it.start, len(it.tokens), int(it.sample), it.drafts]
-        out += [len(it.pages), *it.tokens, *it.pages]
+        out += [it.prompt_rows, len(it.pages), *it.tokens, *it.pages]
     return out
 
 
@@ -74,15 +74,15 @@ def decode(data: list[int]) -> Message:
     for _ in range(n):
         if i + _ITEM_HEADER > len(data):
             raise WireError("truncated step item header")
-        seq_id, slot, start, n_tok, sample, drafts, n_pages = data[i : i + _ITEM_HEADER]
+        seq_id, slot, start, n_tok, sample, drafts, scored, n_pages = data[i : i + _ITEM_HEADER]
         i += _ITEM_HEADER
         if n_tok < 1 or n_pages < 0 or i + n_tok + n_pages > len(data):
             raise WireError("truncated step item tokens")
-        if not 0 <= drafts < n_tok:
-            raise WireError(f"step item with {drafts} drafts among {n_tok} tokens")
+        if not 0 <= drafts < n_tok or not 0 <= scored <= n_tok - int(bool(sample)) - drafts:
+            raise WireError(f"step item with {drafts} drafts, {scored} prompt rows, {n_tok} tokens")
         toks = tuple(data[i : i + n_tok])
         pages = tuple(data[i + n_tok : i + n_tok + n_pages])
-        items.append(StepItem(seq_id, slot, start, toks, bool(sample), drafts, pages))
+        items.append(StepItem(seq_id, slot, start, toks, bool(sample), drafts, pages, scored))
         i += n_tok + n_pages
     if i != len(data):
         raise WireError(f"{len(data) - i} trailing values after {n} items")
