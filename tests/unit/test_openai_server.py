@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,6 +138,18 @@ def test_eos_and_stop_strings_finish_with_stop(served) -> None:
     choice = r.json()["choices"][0]
     assert choice["finish_reason"] == "stop" and "w8" not in choice["text"]
     assert choice["text"] == " w2 w3 w4 w5 w6 w7 "
+    # The last allowed token completes the stop string: the text was cut, so "stop", not "length".
+    body = {"prompt": [4, 5], "max_tokens": 3, "temperature": 0, "stop": ["w4"]}
+    for stream in (False, True):
+        with client.stream("POST", "/v1/completions", json=body | {"stream": stream}) as r:
+            lines = [ln for ln in r.iter_lines() if ln.strip()]
+        if stream:
+            chunks = [json.loads(ln[6:])["choices"][0] for ln in lines if ln.startswith("data: {")]
+            text, reason = "".join(c["text"] for c in chunks), chunks[-1]["finish_reason"]
+        else:
+            choice = json.loads("".join(lines))["choices"][0]
+            text, reason = choice["text"], choice["finish_reason"]
+        assert (text, reason) == (" w2 w3 ", "stop"), stream
 
 
 def test_streamed_chat_uses_template_and_ends_with_done(tmp_path: Path, served) -> None:
@@ -410,3 +423,64 @@ def test_a_batch_of_prompts_gets_n_choices_each_in_order(served) -> None:
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3
     r = client.post("/v1/completions", json={"prompt": ["w1"] * 9, "n": 2})
     assert r.status_code == 400 and "more than 16 choices" in r.json()["error"]["message"]
+
+
+FATAL_SERVER = """
+import sys, tempfile
+from pathlib import Path
+import uvicorn
+from test_openai_server import WORDS, CountingRunner, write_model_dir
+from dsworker.control import LocalChannel
+from dsworker.engine_config import EngineConfig
+from dsworker.engine_loop import EngineLoop
+from dsworker.metrics import Metrics
+from dsworker.scheduler import Scheduler
+from dsworker.server import ServerState, create_app
+from dsworker.tokenizer import TextTokenizer
+
+cfg = EngineConfig(modelName="tiny", maxSeqLen=40, maxInputTokenLen=20, maxBatchSize=2)
+tok = TextTokenizer(write_model_dir(Path(tempfile.mkdtemp())))
+state = ServerState(config=cfg, metrics=Metrics())
+runner = CountingRunner(len(WORDS))
+runner.fail = RuntimeError("device lost")
+loop = EngineLoop(runner, Scheduler(2, 40, 64), tok.decode, LocalChannel(), state.metrics)
+loop.start()
+state.tokenizer, state.engine, state.ready = tok, loop, True
+uvicorn.run(create_app(state), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def test_a_fatal_step_answers_500_before_the_process_exits_70(tmp_path: Path) -> None:
+    """The default fatal handler (os._exit) must not cut the in-flight response off."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
+    proc = subprocess.Popen([sys.executable, "-c", FATAL_SERVER, str(port)], env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.05)
+        req = urllib.request.Request(
+            f"{url}/v1/completions",
+            data=json.dumps({"prompt": "w1", "max_tokens": 2}).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 500
+        assert json.loads(err.value.read())["error"]["message"] == "engine failed: device lost"
+        assert proc.wait(10) == 70
+    finally:
+        proc.kill()

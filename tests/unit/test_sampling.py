@@ -176,3 +176,24 @@ def test_greedy_with_penalties_moves_off_repeated_tokens() -> None:
     got = sampling.verify(logits, [(1,)], [pen], [None], [[1]])
     assert got == [[2]]
     assert sampling.verify(logits, [(1,)], [plain], [None], [[1]]) == [[1, 1]]
+
+
+def test_special_tokens_stay_out_of_the_decode_window() -> None:
+    """EOS after EOS (ignore_eos) decodes to nothing; kept in the window, each would make every
+    later decode longer."""
+    widths: list[int] = []
+
+    def decode(ids: list[int]) -> str:
+        widths.append(len(ids))
+        return byte_decode([i for i in ids if i != EOS])
+
+    EOS = 300
+    out = OutputText(decode, silent=frozenset({EOS}))
+    for _ in range(1000):
+        assert not out.add(EOS)
+    pieces, _ = feed(out, "ok")
+    assert "".join(pieces) == "ok" and max(widths) <= 3
+    plain = OutputText(decode)
+    for _ in range(1000):
+        plain.add(EOS)
+    assert max(widths) > 900  # the window the silent set avoids

@@ -32,6 +32,7 @@ from dsworker.textstream import OutputText
 log = logging.getLogger("dsworker.engine_loop")
 
 HEARTBEAT_S = 10.0
+FATAL_GRACE_S = 1.0  # after a fatal step, before exiting: in-flight requests get their 500
 
 
 class StepError(RuntimeError):
@@ -114,7 +115,10 @@ class EngineLoop:
         channel: Channel,
         metrics: Metrics,
         on_fatal: Callable[[BaseException], None] | None = None,
+        silent: frozenset[int] = frozenset(),
     ) -> None:
+        """silent: token ids `decode` leaves out of the text (the tokenizer's special tokens)."""
+        self.silent = silent
         self.runner = runner
         self.scheduler = scheduler
         self.decode = decode
@@ -218,7 +222,7 @@ class EngineLoop:
         if not req.params.greedy:
             gen = sampling.make_generator(req.params, self.runner.device)
         self._live[seq_id] = _Live(
-            req, sink, OutputText(self.decode, req.stop, req.prompt), gen, submitted
+            req, sink, OutputText(self.decode, req.stop, req.prompt, self.silent), gen, submitted
         )
         self.metrics.prompt_tokens.inc(len(req.prompt))
 
@@ -351,9 +355,10 @@ class EngineLoop:
         else:
             self.metrics.itl.observe(now - live.last_token_at)
         live.last_token_at = now
-        if live.text.add(token) and reason is None:
+        if live.text.add(token):  # a stop string ended the text, even on the last allowed token
+            if reason is None:
+                self.scheduler.finish(seq_id, FinishReason.STOP)
             reason = FinishReason.STOP
-            self.scheduler.finish(seq_id, reason)
         if reason is not None:
             live.text.finish()
         text = live.text.take(final=reason is not None)
@@ -402,6 +407,8 @@ def follow(runner: Runner, channel: Channel) -> None:
 
 
 def _exit_process(exc: BaseException) -> None:
-    """Default fatal handler: exit non-zero; the launcher stops the group, Kubernetes restarts."""
+    """Default fatal handler: exit non-zero; the launcher stops the group, Kubernetes restarts.
+    The pause first lets the server's event loop write the 500s the sinks were just given."""
+    time.sleep(FATAL_GRACE_S)
     logging.shutdown()
     os._exit(70)

@@ -157,6 +157,7 @@ def _load_and_start(
             tokenizer.decode,
             loaded.channel,
             Metrics(),
+            silent=tokenizer.special_ids,
         )
         t0 = time.monotonic()
         n = min(WARMUP_PROMPT_TOKENS, cfg.maxInputTokenLen)

@@ -22,8 +22,12 @@ class OutputText:
         decode: Callable[[list[int]], str],
         stop: Sequence[str] = (),
         prompt_tail: Sequence[int] = (),
+        silent: frozenset[int] = frozenset(),
     ) -> None:
+        """silent: tokens `decode` drops (special tokens), kept out of the window so a run of
+        them (EOS after EOS under ignore_eos) cannot grow it."""
         self._decode = decode
+        self._silent = silent
         self.stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self.stop), default=1) - 1
         self._tokens: list[int] = list(prompt_tail[-CONTEXT_TOKENS:])
@@ -37,6 +41,8 @@ class OutputText:
         """Append a token; True when a stop string now appears (the text is cut before it)."""
         if self.stopped:
             return True
+        if token in self._silent:
+            return False
         self._tokens.append(token)
         self._advance(final=False)
         return self._check_stop()

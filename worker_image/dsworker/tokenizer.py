@@ -71,6 +71,10 @@ class TextTokenizer:
         if eos_id is not None:
             eos.add(eos_id)
         self.eos_token_ids: frozenset[int] = frozenset(eos)
+        # Tokens `decode` leaves out of the text (skip_special_tokens).
+        self.special_ids: frozenset[int] = frozenset(
+            i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
+        )
         template = pick_template(cfg.get("chat_template"))
         jinja_file = d / "chat_template.jinja"
         if template is None and jinja_file.exists():
