@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from dsworker import openai_schema as oa
 from dsworker.control import LocalChannel
 from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import EngineLoop, GenRequest, StepError
@@ -171,6 +173,7 @@ def test_streamed_chat_uses_template_and_ends_with_done(tmp_path: Path, served) 
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(ln[len("data: ") :]) for ln in lines[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert len({(c["id"], c["created"], c["object"]) for c in chunks}) == 1
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
     finals = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
     assert finals[-1] == "length"
@@ -266,6 +269,9 @@ def test_echo_prefixes_the_prompt_and_its_logprobs(served) -> None:
         ({"prompt": "w1", "model": "other"}, "model"),
         ({"max_tokens": 3}, "prompt"),
         ({"prompt": "w1", "logprobs": 21}, "logprobs"),
+        ({"prompt": ["w1", 5]}, "prompt"),
+        ({"prompt": "w1", "stream_options": {"include_usage": True}}, None),
+        ({"prompt": "w1", "logit_bias": {"6": -100}}, None),
     ],
 )
 def test_bad_requests_are_openai_shaped(served, body: dict, param: str) -> None:
@@ -277,12 +283,49 @@ def test_bad_requests_are_openai_shaped(served, body: dict, param: str) -> None:
     assert err["param"] == param and err["message"]
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tools": [{"type": "function", "function": {"name": "f"}}]},
+        {"tool_choice": "auto"},
+        {"response_format": {"type": "json_object"}},
+    ],
+)
+def test_chat_features_that_would_be_ignored_are_refused(served, extra: dict) -> None:
+    client, _, _ = served
+    body = {"messages": [{"role": "user", "content": "w1"}], "max_tokens": 1} | extra
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and "not supported" in r.json()["error"]["message"]
+
+
+def test_nulls_are_defaults_and_vllm_values_are_taken(served) -> None:
+    """SDKs send null for "not set"; vLLM clients send top_k -1 for "off" and any int64 seed."""
+    client, _, _ = served
+    body = {"prompt": "w1", "max_tokens": 2, "temperature": 0, "top_p": None, "n": None,
+            "stream": None, "echo": None, "presence_penalty": None, "logit_bias": {},
+            "top_k": -1, "seed": -5}  # fmt: skip
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == " w2 w3"
+    chat = {"messages": [{"role": "user", "content": "w1"}], "max_tokens": 1, "logprobs": None,
+            "tools": None, "tool_choice": "none", "response_format": {"type": "text"}}  # fmt: skip
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+
+
 def test_malformed_json_and_oversized_bodies(served) -> None:
     client, state, _ = served
     r = client.post(
         "/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"}
     )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    # Valid JSON that is no request text: nesting past the parser's depth, a lone surrogate.
+    for raw in (b'{"prompt": "w1", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+                b'{"prompt": "w1 \\ud800"}'):  # fmt: skip
+        r = client.post("/v1/completions", content=raw)
+        assert r.status_code == 400, (raw[:40], r.text)
+        assert "not valid JSON text" in r.json()["error"]["message"]
+    with pytest.raises(oa.ApiError, match="not valid JSON text"):  # past int's 4300 digits
+        oa.parse_request(oa.CompletionRequest, b'{"max_tokens": ' + b"1" * 5000 + b"}")
     r = client.post("/v1/completions", content=b"x" * 5000)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = client.get("/nowhere")
@@ -364,7 +407,11 @@ def test_engine_failure_is_fatal_and_answers_500(served) -> None:
         "POST", "/v1/completions", json={"prompt": "w1", "max_tokens": 2, "stream": True}
     ) as r:
         body = "".join(r.iter_lines())
-    assert "device lost" in body and "server_error" in body
+    assert "device lost" in body and "server_error" in body and body.endswith("data: [DONE]")
+    for _ in range(200):  # the loop tells the sinks first, then calls on_fatal
+        if state.fatal:
+            break
+        time.sleep(0.01)
     assert len(state.fatal) == 1
     r = client.post("/v1/completions", json={"prompt": "w1"})
     assert r.status_code == 500 and "engine failed" in r.json()["error"]["message"]
@@ -455,7 +502,6 @@ def test_a_fatal_step_answers_500_before_the_process_exits_70(tmp_path: Path) ->
     import socket
     import subprocess
     import sys
-    import time
     import urllib.error
     import urllib.request
 
@@ -484,3 +530,58 @@ def test_a_fatal_step_answers_500_before_the_process_exits_70(tmp_path: Path) ->
         assert proc.wait(10) == 70
     finally:
         proc.kill()
+
+
+class SlowRunner(CountingRunner):
+    """A step takes 20 ms, so a 30-token request lasts well over half a second."""
+
+    def run(self, step: Step) -> torch.Tensor:
+        time.sleep(0.02)
+        return super().run(step)
+
+
+def test_a_client_leaving_a_non_streamed_request_frees_its_sequence(tmp_path: Path) -> None:
+    """Through a real uvicorn: closing the socket mid-request aborts the sequence at once."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    cfg = EngineConfig(modelName="tiny", maxSeqLen=40, maxInputTokenLen=20, maxBatchSize=2)
+    state = ServerState(config=cfg, metrics=Metrics())
+    runner = SlowRunner(len(WORDS))
+    loop = EngineLoop(runner, Scheduler(2, 40, 64), str, LocalChannel(), state.metrics)
+    loop.start()
+    state.tokenizer = TextTokenizer(write_model_dir(tmp_path))
+    state.engine, state.ready = loop, True
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        body = json.dumps({"prompt": "w1", "max_tokens": 30, "ignore_eos": True}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            sock.sendall(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.2)  # a few steps in
+
+        def aborted() -> float | None:
+            return state.metrics.registry.get_sample_value(
+                "dsworker_finished_sequences_total", {"reason": "abort"}
+            )
+
+        for _ in range(100):
+            if aborted():
+                break
+            time.sleep(0.01)
+        assert aborted() == 1
+        assert loop.scheduler.num_running == 0
+        assert len(runner.steps) < 25  # not run to max_tokens
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        loop.stop()

@@ -138,7 +138,9 @@ class Launcher:
         first = min(alive)
         if first == 0:
             _signal(alive[0], signal.SIGTERM)
-            _wait_all(alive.values(), min(deadline, time.monotonic() + self.grace_s / 2))
+            # Rank 0 drains HTTP for up to half the grace, then tells the others to stop: leave
+            # it room to do so before they are signalled too.
+            _wait_all(alive.values(), min(deadline, time.monotonic() + self.grace_s * 0.8))
         for p in alive.values():
             if p.poll() is None:
                 _signal(p, signal.SIGTERM)

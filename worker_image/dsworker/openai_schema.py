@@ -75,8 +75,10 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="Extension: keep the k most likely tokens; 0 = off.")
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    top_k: int = Field(
+        0, ge=-1, description="Extension: keep the k most likely tokens; 0 or -1 (vLLM's) = off."
+    )
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -86,6 +88,23 @@ class _Common(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """OpenAI's fields are nullable and SDKs send null for "not set": use the default."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _Common:
+        if self.logit_bias:
+            raise ValueError("logit_bias is not supported; leave it out or empty")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options needs stream: true")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -105,7 +124,7 @@ class _Common(BaseModel):
         return SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
-            top_k=self.top_k,
+            top_k=max(self.top_k, 0),
             seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
@@ -187,11 +206,19 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        # Ignoring these would answer 200 with output the client did not ask for.
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools and tool_choice are not supported")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise ValueError('response_format other than {"type": "text"} is not supported')
         return self
 
     def logprob_count(self) -> int | None:
@@ -209,17 +236,19 @@ def parse_request(model: type[T], raw: bytes) -> T:
     """Bytes -> validated request, or an ApiError naming the first bad field."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(f"request body is not valid JSON: {exc}") from None
+        # A \ud800 escape is valid JSON but no text: the tokenizer could not take it.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as exc:  # JSON, UTF-8, digit-limit and nesting errors
+        raise ApiError(f"request body is not valid JSON text: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError("request body must be a JSON object")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or None
         loc = ".".join(str(p) for p in err["loc"])
-        raise ApiError(f"{loc}: {err['msg']}", param=param) from None
+        param = str(err["loc"][0]) if err["loc"] else None
+        raise ApiError(f"{loc}: {err['msg']}" if loc else err["msg"], param=param) from None
 
 
 @dataclass(frozen=True)
@@ -266,10 +295,6 @@ def resolve_max_tokens(requested: int | None, default: int, prompt_len: int, lim
     return max(1, min(want, limits.max_seq_len - prompt_len))
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
         "prompt_tokens": prompt_tokens,
@@ -298,28 +323,35 @@ def choice(
     return out
 
 
-def response(
-    rid: str,
-    obj: str,
-    model: str,
-    choices: list[dict[str, Any]],
-    tokens: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """An OpenAI response or stream chunk; `tokens` (prompt, completion) adds usage."""
-    body: dict[str, Any] = {
-        "id": rid,
-        "object": obj,
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    if tokens is not None:
-        body["usage"] = usage(*tokens)
-    return body
+@dataclass(frozen=True)
+class Reply:
+    """What every body of one response shares (a stream's chunks alike): id, object, model,
+    and one creation time."""
 
+    id: str
+    object: str
+    model: str
+    created: int
 
-def usage_chunk(
-    rid: str, obj: str, model: str, prompt_tokens: int, completion_tokens: int
-) -> dict[str, Any]:
-    """The last stream chunk when stream_options.include_usage asks for it: no choices."""
-    return response(rid, obj, model, [], (prompt_tokens, completion_tokens))
+    @classmethod
+    def new(cls, prefix: str, obj: str, model: str) -> Reply:
+        return cls(f"{prefix}-{uuid.uuid4().hex[:24]}", obj, model, int(time.time()))
+
+    def body(
+        self, choices: list[dict[str, Any]], tokens: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
+        """A response or stream chunk; `tokens` (prompt, completion) adds usage."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if tokens is not None:
+            out["usage"] = usage(*tokens)
+        return out
+
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+        """The last stream chunk when stream_options.include_usage asks for it: no choices."""
+        return self.body([], (prompt_tokens, completion_tokens))

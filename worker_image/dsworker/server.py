@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from dsworker.engine_loop import GenRequest, Output, Sink
 from dsworker.metrics import Metrics
 from dsworker.openai_logprobs import chat_logprobs, completion_logprobs
 from dsworker.sampling import TokenLogprob
+
+log = logging.getLogger("dsworker.server")
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -87,6 +90,12 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise too_big
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body is already read, so only that can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(data: dict[str, Any] | str) -> bytes:
@@ -165,7 +174,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def handle(
         request: Request,
         endpoint: str,
-        run: Callable[[bytes], Any],
+        run: Callable[[bytes, Request], Any],
     ) -> Response:
         try:
             if not state.ready or state.engine is None or state.tokenizer is None:
@@ -175,10 +184,14 @@ def create_app(state: ServerState) -> FastAPI:
                     type="service_unavailable",
                 )
             raw = await _read_body(request, state.config.maxRequestBytes)
-            resp = await run(raw)
+            resp = await run(raw, request)
         except oa.ApiError as exc:
             m.requests.labels(endpoint, str(exc.status)).inc()
             return _error(exc)
+        except Exception:  # a bug, not the client's fault: still OpenAI's shape, still counted
+            log.exception("%s failed", endpoint)
+            m.requests.labels(endpoint, "500").inc()
+            return _error(oa.ApiError("internal server error", status=500, type="server_error"))
         m.requests.labels(endpoint, str(resp.status_code)).inc()
         return resp
 
@@ -227,20 +240,20 @@ def create_app(state: ServerState) -> FastAPI:
         assert state.tokenizer is not None
         return state.tokenizer.decode([token], skip_special_tokens=False)
 
-    async def _completions(raw: bytes) -> Response:
+    async def _completions(raw: bytes, request: Request) -> Response:
         assert state.tokenizer is not None
         body = oa.parse_request(oa.CompletionRequest, raw)
         _check_model(body.model)
         gens: list[GenRequest] = []  # choice i * n + j: prompt i's choice j, as OpenAI orders
         echoes: list[str] = []  # with echo, each choice's prompt text
         for prompt in body.prompts():
-            ids = state.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            ids = await _encode(prompt) if isinstance(prompt, str) else prompt
             choices_of = _gen_requests(body, ids, COMPLETION_DEFAULT_MAX_TOKENS)
             gens += choices_of
             kept = choices_of[0].prompt  # the prompt after truncation
             as_sent = isinstance(prompt, str) and len(kept) == len(ids)
             echoes += [prompt if as_sent else state.tokenizer.decode(kept)] * len(choices_of)
-        rid, model, obj = oa.new_id("cmpl"), state.config.modelName, "text_completion"
+        reply = oa.Reply.new("cmpl", "text_completion", state.config.modelName)
         n_prompt = sum(len(g.prompt) for g in gens[:: body.n])
         want_ids = body.return_token_ids
         want_lps = gens[0].logprobs is not None
@@ -270,25 +283,26 @@ def create_app(state: ServerState) -> FastAPI:
                     offsets[index] += sum(len(t) for t in lps["tokens"])
                 ids = out.token_ids if want_ids else None
                 c = oa.choice(index, "text", text, out.finish_reason, ids, lps)
-                return [oa.response(rid, obj, model, [c])]
+                return [reply.body([c])]
 
-            return _streaming(gens, chunk, obj, model, rid, _usage(body, n_prompt))
+            return _streaming(gens, chunk, reply, _usage(body, n_prompt))
         choices, used = [], 0
-        for index, answer in enumerate(await _collect_all(gens)):
+        for index, answer in enumerate(await _collect_all(gens, request)):
             text, entries, head = echoed(index, answer.text, answer.logprobs, answer.first)
             lps = completion_logprobs(entries, _token_text, 0, head) if want_lps else None
             ids = answer.token_ids if want_ids else None
             choices.append(oa.choice(index, "text", text, answer.finish_reason, ids, lps))
             used += len(answer.token_ids)
-        return JSONResponse(oa.response(rid, obj, model, choices, (n_prompt, used)))
+        return JSONResponse(reply.body(choices, (n_prompt, used)))
 
-    async def _chat(raw: bytes) -> Response:
+    async def _chat(raw: bytes, request: Request) -> Response:
         tok = state.tokenizer
         assert tok is not None
         body = oa.parse_request(oa.ChatCompletionRequest, raw)
         _check_model(body.model)
         try:
-            text = render_chat(
+            text = await asyncio.to_thread(
+                render_chat,
                 body.template_messages(),
                 tok.chat_template,
                 bos_token=tok.bos_token,
@@ -297,13 +311,14 @@ def create_app(state: ServerState) -> FastAPI:
             )
         except ChatTemplateError as exc:
             raise oa.ApiError(str(exc), param="messages") from None
-        gens = _gen_requests(body, tok.encode(text, add_bos=False), state.config.maxNewTokens)
-        rid, model = oa.new_id("chatcmpl"), state.config.modelName
+        prompt = await _encode(text, add_bos=False)
+        gens = _gen_requests(body, prompt, state.config.maxNewTokens)
+        model = state.config.modelName
         n_prompt = len(gens[0].prompt)
         want_ids = body.return_token_ids
         want_lps = gens[0].logprobs is not None
         if body.stream:
-            obj = "chat.completion.chunk"
+            reply = oa.Reply.new("chatcmpl", "chat.completion.chunk", model)
             started = [False] * len(gens)
 
             def chunk(index: int, out: Output) -> list[dict[str, Any]]:
@@ -311,26 +326,25 @@ def create_app(state: ServerState) -> FastAPI:
                 if not started[index]:
                     started[index] = True
                     role = {"role": "assistant", "content": ""}
-                    chunks.append(
-                        oa.response(rid, obj, model, [oa.choice(index, "delta", role, None)])
-                    )
+                    chunks.append(reply.body([oa.choice(index, "delta", role, None)]))
                 if out.text or out.finish_reason or want_ids or want_lps:
                     delta = {"content": out.text} if out.text else {}
                     ids = out.token_ids if want_ids else None
                     lps = chat_logprobs(out.logprobs, _token_text) if want_lps else None
                     c = oa.choice(index, "delta", delta, out.finish_reason, ids, lps)
-                    chunks.append(oa.response(rid, obj, model, [c]))
+                    chunks.append(reply.body([c]))
                 return chunks
 
-            return _streaming(gens, chunk, obj, model, rid, _usage(body, n_prompt))
+            return _streaming(gens, chunk, reply, _usage(body, n_prompt))
         choices, used = [], 0
-        for index, answer in enumerate(await _collect_all(gens)):
+        for index, answer in enumerate(await _collect_all(gens, request)):
             message = {"role": "assistant", "content": answer.text}
             lps = chat_logprobs(answer.logprobs, _token_text) if want_lps else None
             ids = answer.token_ids if want_ids else None
             choices.append(oa.choice(index, "message", message, answer.finish_reason, ids, lps))
             used += len(answer.token_ids)
-        return JSONResponse(oa.response(rid, "chat.completion", model, choices, (n_prompt, used)))
+        reply = oa.Reply.new("chatcmpl", "chat.completion", model)
+        return JSONResponse(reply.body(choices, (n_prompt, used)))
 
     def _usage(body: oa._Common, prompt_tokens: int) -> int | None:
         """The prompt tokens a stream's final usage chunk reports; None: no usage chunk."""
@@ -369,22 +383,33 @@ def create_app(state: ServerState) -> FastAPI:
             engine.abort(seq_id)
             raise
 
-    async def _collect_all(gens: list[GenRequest]) -> list[Answer]:
-        """Every choice's answer; one failing cancels (and so aborts) the others."""
+    async def _encode(text: str, add_bos: bool = True) -> list[int]:
+        """Tokenize off the event loop, so a long prompt does not stall every stream."""
+        assert state.tokenizer is not None
+        return await asyncio.to_thread(state.tokenizer.encode, text, add_bos)
+
+    async def _collect_all(gens: list[GenRequest], request: Request) -> list[Answer]:
+        """Every choice's answer; one failing, or the client leaving, cancels (and so aborts)
+        them all: a gone client's sequences must not keep their slots."""
         tasks = [asyncio.ensure_future(_collect(g)) for g in gens]
+        answers = asyncio.gather(*tasks)
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return list(await asyncio.gather(*tasks))
+            await asyncio.wait((answers, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not answers.done():
+                raise oa.ApiError("client closed the request", status=499, code="client_closed")
+            return list(answers.result())
         except BaseException:
             for task in tasks:
                 task.cancel()
             raise
+        finally:
+            gone.cancel()
 
     def _streaming(
         gens: list[GenRequest],
         chunk: Callable[[int, Output], list[dict[str, Any]]],
-        obj: str,
-        model: str,
-        rid: str,
+        reply: oa.Reply,
         usage_prompt_tokens: int | None,
     ) -> StreamingResponse:
         """Server-sent events of every choice as its tokens come; [DONE] once all have ended."""
@@ -409,6 +434,7 @@ def create_app(state: ServerState) -> FastAPI:
                     if out.error:
                         err = oa.ApiError(out.error, status=500, type="server_error")
                         yield _sse(err.body())
+                        yield _sse("[DONE]")
                         return
                     used += len(out.token_ids)
                     for c in chunk(index, out):
@@ -416,7 +442,7 @@ def create_app(state: ServerState) -> FastAPI:
                     if out.finish_reason is not None:
                         running.discard(index)
                 if usage_prompt_tokens is not None:
-                    yield _sse(oa.usage_chunk(rid, obj, model, usage_prompt_tokens, used))
+                    yield _sse(reply.usage_chunk(usage_prompt_tokens, used))
                 yield _sse("[DONE]")
             finally:
                 for index in running:

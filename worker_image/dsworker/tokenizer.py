@@ -86,8 +86,11 @@ class TextTokenizer:
         )
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`; BOS first when the model wants it and `add_bos` (plain prompts)."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`; BOS first when the model wants it and `add_bos` (plain prompts).
+
+        encode_batch releases the GIL while it works (encode does not), so a long prompt
+        tokenized on a worker thread does not stall the server's event loop."""
+        ids = self._tok.encode_batch([text], add_special_tokens=False)[0].ids
         if (
             add_bos
             and self.add_bos_token
