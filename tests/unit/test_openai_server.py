@@ -271,7 +271,9 @@ def test_echo_prefixes_the_prompt_and_its_logprobs(served) -> None:
         ({"prompt": "w1", "logprobs": 21}, "logprobs"),
         ({"prompt": ["w1", 5]}, "prompt"),
         ({"prompt": "w1", "stream_options": {"include_usage": True}}, None),
-        ({"prompt": "w1", "logit_bias": {"6": -100}}, None),
+        ({"prompt": "w1", "logit_bias": {"6": -101}}, "logit_bias"),
+        ({"prompt": "w1", "logit_bias": {"w2": 1}}, "logit_bias"),
+        ({"prompt": "w1", "logit_bias": {"999": 1}}, "logit_bias"),
     ],
 )
 def test_bad_requests_are_openai_shaped(served, body: dict, param: str) -> None:
@@ -281,6 +283,16 @@ def test_bad_requests_are_openai_shaped(served, body: dict, param: str) -> None:
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     assert err["param"] == param and err["message"]
+
+
+def test_logit_bias_moves_the_choice(served) -> None:
+    """The counting model's next token has logit 10; +20 on w3 beats it at every step."""
+    client, _, _ = served
+    body = {"prompt": "w1", "max_tokens": 2, "temperature": 0, "logit_bias": {"7": 20}}
+    assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == " w3 w3"
+    body["logit_bias"] = {"6": -100}  # w2, the model's choice, ruled out: the first 0-logit wins
+    r = client.post("/v1/completions", json=body | {"return_token_ids": True})
+    assert r.json()["choices"][0]["token_ids"][0] == 0
 
 
 @pytest.mark.parametrize(

@@ -159,7 +159,7 @@ def test_speculative_sampling_keeps_the_model_distribution(draft: int) -> None:
 def test_penalties_follow_the_generated_tokens_and_the_drafts_before_each_row() -> None:
     rows = torch.zeros(3, 6)
     p = SamplingParams(temperature=0.0, presence_penalty=0.5, frequency_penalty=1.0)
-    got = sampling.apply_penalties(rows, [1, 1, 2], [4, 4], p)
+    got = sampling.adjust_logits(rows, [1, 1, 2], [4, 4], p)
     # row 0: token 1 twice, 2 once; row 1 adds draft 4 once; row 2 adds it again
     assert got[0].tolist() == [0, -2.5, -1.5, 0, 0, 0]
     assert got[1].tolist() == [0, -2.5, -1.5, 0, -1.5, 0]
@@ -176,6 +176,17 @@ def test_greedy_with_penalties_moves_off_repeated_tokens() -> None:
     got = sampling.verify(logits, [(1,)], [pen], [None], [[1]])
     assert got == [[2]]
     assert sampling.verify(logits, [(1,)], [plain], [None], [[1]]) == [[1, 1]]
+
+
+def test_logit_bias_applies_to_every_row_of_an_item() -> None:
+    logits = torch.tensor([[0.0, 3.0, 2.5, 0.0], [0.0, 3.0, 2.5, 0.0]])
+    bias = SamplingParams(temperature=0.0, logit_bias=((2, 1.0), (1, -0.1)))
+    assert bias.adjusted and not SamplingParams().adjusted
+    assert sampling.verify(logits[:1], [()], [bias], [None]) == [[2]]
+    # Draft 2 is what the biased row 0 picks, so it is kept and row 1 adds its own pick.
+    assert sampling.verify(logits, [(2,)], [bias], [None]) == [[2, 2]]
+    got = sampling.adjust_logits(logits, [], [2], bias)
+    assert got[0].tolist() == pytest.approx([0.0, 2.9, 3.5, 0.0]) and torch.equal(got[0], got[1])
 
 
 def test_special_tokens_stay_out_of_the_decode_window() -> None:

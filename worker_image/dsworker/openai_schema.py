@@ -30,6 +30,7 @@ MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16  # n: each choice is a sequence of its own, holding a KV slot
 MAX_LOGPROBS = 20  # likeliest alternatives a request may ask for per token (vLLM's default cap)
 MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 300  # OpenAI's cap on logit_bias entries
 
 
 class ApiError(Exception):
@@ -88,7 +89,9 @@ class _Common(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> -100..100 added to its logit before sampling."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -98,10 +101,22 @@ class _Common(BaseModel):
             return {k: v for k, v in data.items() if v is not None}
         return data
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is None:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"key {key[:20]!r} is not a token id")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias {bias} of token {key} is outside -100..100")
+        return v
+
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Common:
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported; leave it out or empty")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options needs stream: true")
         return self
@@ -128,6 +143,7 @@ class _Common(BaseModel):
             seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
+            logit_bias=tuple((int(k), b) for k, b in (self.logit_bias or {}).items()),
         )
 
 

@@ -27,14 +27,16 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0  # subtracted once from each token already generated
     frequency_penalty: float = 0.0  # subtracted per time a token was already generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_EPS or self.top_k == 1
 
     @property
-    def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty)
+    def adjusted(self) -> bool:
+        """Logits change before sampling: penalties or a logit bias."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
@@ -140,13 +142,19 @@ def _accept_sampled(
     return out
 
 
-def apply_penalties(
+def adjust_logits(
     rows: torch.Tensor, generated: Sequence[int], drafts: Sequence[int], params: SamplingParams
 ) -> torch.Tensor:
-    """OpenAI's presence and frequency penalties on one item's rows (fp32 copy): row j follows
-    the tokens generated so far plus the item's first j drafts."""
+    """OpenAI's logit bias, presence and frequency penalties on one item's rows (fp32 copy): row
+    j follows the tokens generated so far plus the item's first j drafts."""
     out = rows.float().clone()
     vocab = out.shape[-1]
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=out.device)
+        bias = torch.tensor([b for _, b in params.logit_bias], dtype=out.dtype, device=out.device)
+        out[:, ids] += bias
+    if not (params.presence_penalty or params.frequency_penalty):
+        return out
     seen = list(generated)
     for j in range(out.shape[0]):
         if j:
@@ -170,7 +178,7 @@ def verify(
 
     Row j of an item holds the logits after its j-th input (the last real token, then each
     draft). `generated` (each item's tokens so far) feeds the penalties of requests that set
-    them. Without drafts or penalties this is `sample`: one token per item.
+    them. Without drafts, penalties or logit bias this is `sample`: one token per item.
     """
     n_rows = sum(1 + len(d) for d in drafts)
     if (
@@ -181,7 +189,7 @@ def verify(
         raise ValueError(
             f"logits {tuple(logits.shape)} do not match {len(drafts)} items with {n_rows} rows"
         )
-    if not any(drafts) and not any(p.penalized for p in params):
+    if not any(drafts) and not any(p.adjusted for p in params):
         return [[t] for t in sample(logits, params, generators)]
     best = torch.argmax(logits, dim=-1).tolist()
     out: list[list[int]] = []
@@ -189,10 +197,10 @@ def verify(
     for i, (d, p, g) in enumerate(zip(drafts, params, generators, strict=True)):
         span = slice(at, at + 1 + len(d))
         rows = logits[span]
-        if p.penalized:
-            rows = apply_penalties(rows, generated[i] if generated else (), d, p)
+        if p.adjusted:
+            rows = adjust_logits(rows, generated[i] if generated else (), d, p)
         if p.greedy:
-            out.append(_accept_greedy(rows.argmax(-1).tolist() if p.penalized else best[span], d))
+            out.append(_accept_greedy(rows.argmax(-1).tolist() if p.adjusted else best[span], d))
         else:
             out.append(_accept_sampled(rows, d, p, g))
         at += 1 + len(d)

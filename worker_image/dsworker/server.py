@@ -219,6 +219,13 @@ def create_app(state: ServerState) -> FastAPI:
         prompt = oa.check_prompt_ids(prompt, limits)
         requested = getattr(body, "max_completion_tokens", None) or body.max_tokens
         params = body.sampling()
+        outside = [t for t, _ in params.logit_bias if t >= limits.vocab_size]
+        if outside:
+            raise oa.ApiError(
+                f"logit_bias tokens {outside[:5]} are outside the vocabulary "
+                f"[0, {limits.vocab_size})",
+                param="logit_bias",
+            )
         gen = GenRequest(
             prompt=prompt,
             params=params,
