@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dsworker import step_wire
+from dsworker.kv_pages import PagePool
 from dsworker.scheduler import (
     DraftInput,
     FinishReason,
@@ -393,6 +394,7 @@ def test_pages_are_written_by_one_sequence_only_under_random_traffic(caching: bo
                 for it in step.sampled
             },
         )
+        s.drafted(step, s.draft_inputs(step))  # as the engine does after the MTP pass
         s.set_drafts({q.seq_id: (rng.randint(1, 5), 4) for q in s.running.values()})
         for g, pool in enumerate(s.pools):
             held = {pg for q in s.running.values() if q.slot % 2 == g for pg in q.pages}
@@ -438,3 +440,49 @@ def test_idle_pages_are_taken_last_and_forgotten_when_reused() -> None:
     s.add(Sequence(2, list(range(9)), 1))
     step = s.schedule()
     assert step is not None and step.items[0].start == 0  # the old prompt is gone
+
+
+def test_idle_chains_lose_their_last_pages_first() -> None:
+    """A page is only reachable through the ones before it: evicting a chain's head would
+    strand the rest, so the tail goes first and the shared head stays matchable."""
+    pool = PagePool(5, 4)
+    pages = pool.take([], 4)
+    h = 0
+    for pg in pages:
+        h = pool.chain(h, [pg] * 4)
+        pool.register(pg, h)
+    pool.release(pages)
+    assert list(pool.idle) == pages[::-1]
+    taken = pool.take([], 2)  # the free page, then the oldest idle one: the chain's last
+    assert taken == [4, pages[-1]]
+    matched, _ = pool.match([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4 + [9])
+    assert matched == pages[:3]
+
+
+def test_page_keys_are_keyed_digests_of_the_whole_prefix() -> None:
+    a = PagePool.chain(0, [1, 2, 3])
+    assert a == PagePool.chain(0, [1, 2, 3]) and a != PagePool.chain(0, [1, 2, 4])
+    assert PagePool.chain(a, [5]) != PagePool.chain(PagePool.chain(0, [1, 2, 4]), [5])
+    assert a != hash((0, (1, 2, 3))) and a.bit_length() > 64
+
+
+def test_with_mtp_a_page_is_shared_once_the_mtp_pass_covered_it_and_the_token_after() -> None:
+    """The MTP layer's entry at position p read token p + 1: a page is registered only after
+    the draft pass wrote its entries, under a key that covers the token after it."""
+    s = Scheduler(2, 32, 64, drafts=1, paging=Paging(page_size=4, pages=16))
+    pool = s.pools[0]
+    s.add(Sequence(0, list(range(9)), 1))  # ends at its first token: no draft pass follows
+    run_step(s, token=50)
+    assert pool.by_hash == {}
+    s.add(Sequence(1, list(range(9)), 3))
+    step, _ = run_step(s, token=50)
+    assert pool.by_hash == {}  # main entries written, MTP ones not yet
+    s.drafted(step, s.draft_inputs(step))  # positions 0..8 read, with tokens 1..8 and 50
+    assert len(pool.by_hash) == 2
+    # Same 8 tokens but a different 9th: page 1's last MTP entry read token 8, so only page 0
+    # (whose lookahead token 4 agrees) is reused.
+    s.add(Sequence(2, [*range(8), 77, 78], 2))
+    step = s.schedule()
+    assert step is not None
+    [item] = [it for it in step.items if it.seq_id == 2]
+    assert item.start == 4 and s.running[2].mtp_cached == 4

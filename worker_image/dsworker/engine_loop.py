@@ -326,6 +326,7 @@ class EngineLoop:
             self._reject(Step(tuple(step.items[d.index] for d in inputs)), exc)
             return
         assert drafts is not None
+        self.scheduler.drafted(step, inputs)
         self.scheduler.set_drafts(drafts)
 
     def _reject(self, step: Step, exc: StepError) -> None:

@@ -3,13 +3,23 @@
 A page is free, in use by one or more sequences (counted), or idle: full, registered under the
 hash of every token up to its end, and kept after its sequences ended, so a later prompt that
 starts with the same tokens takes it instead of computing it again (prefix caching). Idle pages
-are reused least recently released first when no free page is left.
+are reused least recently released first when no free page is left (a sequence's last pages
+before its first, since a later page is only reachable through the ones before it).
+
+With an MTP layer, a page's last MTP entry read the token after the page, so its key covers that
+token too (`lookahead`). Keys are keyed BLAKE2b digests: a prompt cannot be crafted to collide
+with another's pages and read their cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+
+_KEY = os.urandom(16)  # per process: keys are never shared between processes
 
 
 def pages_for(positions: int, page_size: int) -> int:
@@ -18,9 +28,13 @@ def pages_for(positions: int, page_size: int) -> int:
 
 
 class PagePool:
-    def __init__(self, pages: int, page_size: int, prefix_caching: bool = True) -> None:
+    def __init__(
+        self, pages: int, page_size: int, prefix_caching: bool = True, lookahead: int = 0
+    ) -> None:
+        """lookahead: tokens after a page that its content depends on (1 with MTP)."""
         self.page_size = page_size
         self.prefix_caching = prefix_caching
+        self.lookahead = lookahead
         self.free: deque[int] = deque(range(pages))
         self.refs: dict[int, int] = {}
         self.by_hash: dict[int, int] = {}
@@ -29,8 +43,10 @@ class PagePool:
 
     @staticmethod
     def chain(previous: int, tokens: Sequence[int]) -> int:
-        """The hash of a page's tokens and of every page before it."""
-        return hash((previous, tuple(tokens)))
+        """The key of a page's tokens (and lookahead) and of every page before it."""
+        h = hashlib.blake2b(previous.to_bytes(16, "little"), digest_size=16, key=_KEY)
+        h.update(array("q", tokens).tobytes())
+        return int.from_bytes(h.digest(), "little")
 
     def match(self, tokens: Sequence[int]) -> tuple[list[int], int]:
         """Registered pages holding the longest run of full pages `tokens` starts with (at least
@@ -41,8 +57,8 @@ class PagePool:
         if not self.prefix_caching:
             return pages, h
         p = self.page_size
-        for i in range((len(tokens) - 1) // p):
-            nxt = self.chain(h, tokens[i * p : (i + 1) * p])
+        for i in range((len(tokens) - 1) // p):  # the lookahead token is always there
+            nxt = self.chain(h, tokens[i * p : (i + 1) * p + self.lookahead])
             page = self.by_hash.get(nxt)
             if page is None:
                 break
@@ -79,8 +95,9 @@ class PagePool:
             self.hash_of[page] = h
 
     def release(self, pages: Sequence[int]) -> None:
-        """A sequence ended: its registered pages idle, the others are free again."""
-        for page in pages:
+        """A sequence ended: its registered pages idle (last page first, so first evicted), the
+        others are free again."""
+        for page in reversed(pages):
             self.refs[page] -= 1
             if self.refs[page]:
                 continue

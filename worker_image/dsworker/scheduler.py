@@ -58,6 +58,7 @@ class Sequence:
     announced: bool = False  # its pages went out with a step item
     hashed: int = 0  # leading pages registered for prefix caching (or reused)
     chain: int = 0  # the hash of the last of them
+    mtp_cached: int = 0  # positions whose MTP-layer entries are written (MTP only)
     score_prompt: bool = False  # logits at every prompt position wanted: none reused from cache
 
     @property
@@ -191,9 +192,10 @@ class Scheduler:
                 f"less than one sequence of max_seq_len {max_seq_len}"
             )
         self.paging = paging
+        self.mtp = drafts > 0  # pages hold MTP-layer entries too, written by the draft pass
         self.pools: list[PagePool] = (
             [
-                PagePool(paging.pages, paging.page_size, paging.prefix_caching)
+                PagePool(paging.pages, paging.page_size, paging.prefix_caching, int(drafts > 0))
                 for _ in range(paging.dp)
             ]
             if paging
@@ -330,19 +332,24 @@ class Scheduler:
         seq.capacity = min(need * self.paging.page_size, self.max_seq_len)
         seq.num_cached = len(matched) * self.paging.page_size
         seq.hashed, seq.chain = len(matched), h
+        seq.mtp_cached = seq.num_cached
         self.reused_tokens += seq.num_cached
         return True
 
     def _register_full_pages(self, seq: Sequence) -> None:
-        """Pages whose every position is cached (prompt and accepted output alike) become
-        reusable under the hash of the tokens up to their end."""
+        """Pages whose every position is cached (prompt and accepted output alike; with MTP,
+        in the MTP layer too) become reusable under the hash of the tokens up to their end."""
         if self.paging is None or not self.paging.prefix_caching:
             return
         p, pool = self.paging.page_size, self.pools[(seq.slot or 0) % self.paging.dp]
         # Positions past the output (drafts kept beyond a finish) hold no token to hash.
-        while (seq.hashed + 1) * p <= min(seq.num_cached, seq.num_tokens):
+        end = min(seq.num_cached, seq.num_tokens)
+        if self.mtp:  # mtp_cached < num_tokens: the lookahead token is there
+            end = min(end, seq.mtp_cached)
+        while (seq.hashed + 1) * p <= end:
             lo = seq.hashed * p
-            seq.chain = pool.chain(seq.chain, [seq.token_at(i) for i in range(lo, lo + p)])
+            span = range(lo, lo + p + pool.lookahead)
+            seq.chain = pool.chain(seq.chain, [seq.token_at(i) for i in span])
             pool.register(seq.pages[seq.hashed], seq.chain)
             seq.hashed += 1
 
@@ -401,6 +408,16 @@ class Scheduler:
             if end > item.start:
                 out.append(DraftInput(index, end - item.start, seq.token_at(end)))
         return tuple(out)
+
+    def drafted(self, step: Step, inputs: Seq[DraftInput]) -> None:
+        """The MTP pass over `inputs` ran: their positions' MTP entries are written, so pages
+        they complete may be shared (a finished sequence's last step never gets that far)."""
+        for d in inputs:
+            item = step.items[d.index]
+            seq = self.running.get(item.seq_id)
+            if seq is not None:
+                seq.mtp_cached = max(seq.mtp_cached, item.start + d.count)
+                self._register_full_pages(seq)
 
     def set_drafts(self, drafts: Mapping[int, Seq[int]]) -> None:
         """seq_id -> the MTP layer's draft tokens for its next decode step."""
