@@ -13,6 +13,7 @@ from typing import Any
 from dsworker.sampling import TokenLogprob
 
 TokenText = Callable[[int], str]
+TokenBytes = Callable[[int], bytes]
 # JSON has no -inf; a token the model rules out entirely is reported this low (as vLLM does).
 FLOOR = -9999.0
 
@@ -42,18 +43,20 @@ def completion_logprobs(
     }
 
 
-def _chat_entry(token: int, logprob: float, text: TokenText) -> dict[str, Any]:
-    s = text(token)
-    return {"token": s, "logprob": _finite(logprob), "bytes": list(s.encode("utf-8"))}
+def _chat_entry(token: int, logprob: float, text: TokenText, raw: TokenBytes) -> dict[str, Any]:
+    return {"token": text(token), "logprob": _finite(logprob), "bytes": list(raw(token))}
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob], text: TokenText) -> dict[str, Any]:
-    """Chat completions logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+def chat_logprobs(
+    entries: Sequence[TokenLogprob], text: TokenText, raw: TokenBytes
+) -> dict[str, Any]:
+    """Chat completions logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}; `raw`
+    gives a token's own bytes (part of a character, for some byte-level tokens)."""
     return {
         "content": [
             {
-                **_chat_entry(e.token, e.logprob, text),
-                "top_logprobs": [_chat_entry(t, lp, text) for t, lp in e.top],
+                **_chat_entry(e.token, e.logprob, text, raw),
+                "top_logprobs": [_chat_entry(t, lp, text, raw) for t, lp in e.top],
             }
             for e in entries
         ]

@@ -47,6 +47,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
+    def token_bytes(self, token: int) -> bytes: ...
 
 
 @dataclass
@@ -243,6 +244,10 @@ def create_app(state: ServerState) -> FastAPI:
             for i in range(body.n)
         ]
 
+    def _bytes(token: int) -> bytes:
+        assert state.tokenizer is not None
+        return state.tokenizer.token_bytes(token)
+
     def _token_text(token: int) -> str:
         assert state.tokenizer is not None
         return state.tokenizer.decode([token], skip_special_tokens=False)
@@ -337,7 +342,7 @@ def create_app(state: ServerState) -> FastAPI:
                 if out.text or out.finish_reason or want_ids or want_lps:
                     delta = {"content": out.text} if out.text else {}
                     ids = out.token_ids if want_ids else None
-                    lps = chat_logprobs(out.logprobs, _token_text) if want_lps else None
+                    lps = chat_logprobs(out.logprobs, _token_text, _bytes) if want_lps else None
                     c = oa.choice(index, "delta", delta, out.finish_reason, ids, lps)
                     chunks.append(reply.body([c]))
                 return chunks
@@ -346,7 +351,7 @@ def create_app(state: ServerState) -> FastAPI:
         choices, used = [], 0
         for index, answer in enumerate(await _collect_all(gens, request)):
             message = {"role": "assistant", "content": answer.text}
-            lps = chat_logprobs(answer.logprobs, _token_text) if want_lps else None
+            lps = chat_logprobs(answer.logprobs, _token_text, _bytes) if want_lps else None
             ids = answer.token_ids if want_ids else None
             choices.append(oa.choice(index, "message", message, answer.finish_reason, ids, lps))
             used += len(answer.token_ids)

@@ -8,12 +8,16 @@ generation_config.json and config.json supply the end-of-sequence ids.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from dsworker.chat_template import pick_template
+from dsworker.tokenizer_files import byte_alphabet
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
 
 class TokenizerError(RuntimeError):
@@ -37,6 +41,15 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict) and isinstance(value.get("content"), str):
         return value["content"]
     return None
+
+
+def _byte_level(decoder: dict[str, Any]) -> bool:
+    """The decoder maps GPT-2's printable alphabet back to bytes (byte-level BPE)."""
+    if decoder.get("type") == "ByteLevel":
+        return True
+    return decoder.get("type") == "Sequence" and any(
+        _byte_level(d) for d in decoder.get("decoders", []) if isinstance(d, dict)
+    )
 
 
 def _ids(value: Any) -> set[int]:
@@ -75,6 +88,9 @@ class TextTokenizer:
         self.special_ids: frozenset[int] = frozenset(
             i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         )
+        decoder = self._tok.decoder
+        byte_level = decoder is not None and _byte_level(json.loads(decoder.__getstate__()))
+        self._unbyte = {c: b for b, c in enumerate(byte_alphabet())} if byte_level else {}
         template = pick_template(cfg.get("chat_template"))
         jinja_file = d / "chat_template.jinja"
         if template is None and jinja_file.exists():
@@ -99,6 +115,19 @@ class TextTokenizer:
         ):
             ids = [self.bos_token_id, *ids]
         return ids
+
+    def token_bytes(self, token: int) -> bytes:
+        """The token's own bytes (logprobs' `bytes`): a byte-level piece may be part of a UTF-8
+        character, which decoding it alone can only show as U+FFFD."""
+        piece = self._tok.id_to_token(token)
+        if piece is None:
+            return b""
+        if token not in self.special_ids:
+            if self._unbyte and all(c in self._unbyte for c in piece):
+                return bytes(self._unbyte[c] for c in piece)
+            if m := _BYTE_FALLBACK.fullmatch(piece):
+                return bytes([int(m.group(1), 16)])
+        return self.decode([token], skip_special_tokens=False).encode()
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
