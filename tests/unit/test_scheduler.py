@@ -486,3 +486,25 @@ def test_with_mtp_a_page_is_shared_once_the_mtp_pass_covered_it_and_the_token_af
     assert step is not None
     [item] = [it for it in step.items if it.seq_id == 2]
     assert item.start == 4 and s.running[2].mtp_cached == 4
+
+
+@pytest.mark.parametrize("caching", [False, True], ids=["no-prefix-cache", "prefix-cache"])
+def test_identical_prompts_arriving_together_compute_their_pages_once(caching: bool) -> None:
+    """n > 1 choices: the second waits one step for the first's pages instead of computing
+    them beside it (without prefix caching there is nothing to wait for)."""
+    s = Scheduler(4, 32, 64, paging=Paging(page_size=4, pages=16, prefix_caching=caching))
+    prompt = list(range(9))
+    s.add(Sequence(0, prompt, 3))
+    s.add(Sequence(1, prompt, 3))
+    s.add(Sequence(2, [50, *prompt[1:]], 3))  # another first page: not held
+    step, _ = run_step(s, token=60)
+    assert [(it.seq_id, it.start) for it in step.items] == (
+        [(0, 0), (2, 0)] if caching else [(0, 0), (1, 0), (2, 0)]
+    )
+    if caching:
+        step = s.schedule()
+        assert step is not None
+        assert [(it.seq_id, it.start, len(it.tokens)) for it in step.items if it.seq_id == 1] == [
+            (1, 8, 1)
+        ]
+        assert s.reused_tokens == 8

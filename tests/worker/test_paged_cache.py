@@ -69,3 +69,29 @@ def test_a_prompt_sharing_a_finished_prompts_pages_reuses_them(tiny_v3: Path, mt
             ids = torch.tensor([prompt])
             want = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt) :]
             assert got[i] == want.tolist(), i
+
+
+@pytest.mark.parametrize("mtp", [False, True], ids=["plain", "mtp"])
+def test_choices_of_one_prompt_compute_it_once(tiny_v3: Path, mtp: bool) -> None:
+    """Three sequences of one 11-token prompt submitted together (n = 3): the first computes
+    it, the others wait a step and reuse its full page; all give transformers' tokens."""
+    ref = hf_reference(tiny_v3)
+    prompt = PROMPTS[2]
+    cfg = engine_config(mtp=mtp)
+    loaded = build_runner(tiny_v3, cfg, rank=0, world_size=1, local_rank=0)
+    metrics = Metrics()
+    loop = EngineLoop(loaded.runner, loaded.scheduler(cfg), lambda ids: "", loaded.channel, metrics)
+    got: dict[int, list[int]] = {}
+    lock = threading.Lock()
+    for i in range(3):
+
+        def sink(out: Output, i: int = i) -> None:
+            assert out.error is None, out.error
+            with lock:
+                got.setdefault(i, []).extend(out.token_ids)
+
+        greedy = SamplingParams(temperature=0.0)
+        loop.submit(GenRequest(prompt, greedy, NEW_TOKENS, ignore_eos=True), sink)
+    loop.run_until_idle()
+    assert metrics.registry.get_sample_value("dsworker_prefix_cache_hit_tokens_total") == 16
+    assert [got[i] for i in range(3)] == [ref.tokens[2]] * 3

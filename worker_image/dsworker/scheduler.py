@@ -9,7 +9,10 @@ maxSeqLen positions. Admission is "is a slot free (and are its pages)".
 
 Policy per step: every decoding sequence contributes its one new token (plus its MTP drafts);
 the rest of the step's token budget (maxPrefillTokens) goes to prompts in arrival order, in chunks,
-so a long prompt never stalls running decodes for more than one chunk. A sequence that scores its
+so a long prompt never stalls running decodes for more than one chunk. With prefix caching, a
+prompt that starts with full pages another prompt is computing right now waits (letting later
+ones pass) until those pages are registered, then reuses them: n > 1 choices compute their
+prompt once. A sequence that scores its
 prompt (echo with logprobs) wants the logits of every prompt position: it reuses no cached pages,
 and its chunks yield a row per prompt position (`prompt_rows`), at most MAX_PROMPT_ROWS a step.
 
@@ -273,12 +276,20 @@ class Scheduler:
             items.append(StepItem(seq.seq_id, seq.slot, pos, toks, True, len(toks) - 1))
             budget -= len(toks)
         # Prompts already holding a slot continue before new ones are admitted.
-        while budget > 0 and self.waiting and self._admit(self.waiting[0]):
+        # Arrival order, except that a prompt waiting for another's pages lets later ones pass.
+        held: list[Sequence] = []
+        while budget > 0 and self.waiting:
+            if self._follows(self.waiting[0]):
+                held.append(self.waiting.popleft())
+                continue
+            if not self._admit(self.waiting[0]):
+                break
             seq = self.waiting.popleft()
             self.running[seq.seq_id] = seq
             prefilling.append(seq)
             if sum(len(s.prompt) - s.num_cached for s in prefilling) >= budget:
                 break
+        self.waiting.extendleft(reversed(held))
         scoring = MAX_PROMPT_ROWS
         for seq in prefilling:
             if budget <= 0:
@@ -299,6 +310,28 @@ class Scheduler:
             budget -= n
             scoring -= scored
         return Step(tuple(items)) if items else None
+
+    def _follows(self, seq: Sequence) -> bool:
+        """A prompt being computed now starts with full pages that `seq` could reuse once they
+        are registered: it waits for them rather than computing them twice (n > 1 choices, a
+        burst of requests with one system prompt)."""
+        if self.paging is None or not self.paging.prefix_caching or seq.score_prompt:
+            return False
+        p = self.paging.page_size
+        most = (len(seq.prompt) - 1) // p  # pages a match can cover
+        if most == 0:
+            return False
+        for r in self.running.values():
+            if not r.prefilling or r.prompt[:p] != seq.prompt[:p]:
+                continue
+            common = 0
+            for a, b in zip(r.prompt, seq.prompt, strict=False):
+                if a != b:
+                    break
+                common += 1
+            if min(common // p, most) > r.hashed:
+                return True
+        return False
 
     def _admit(self, seq: Sequence) -> bool:
         """Give the sequence a free slot (and, with paging, the pages for its prompt plus
