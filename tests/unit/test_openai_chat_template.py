@@ -109,6 +109,7 @@ def test_chat_messages_flatten_text_parts_and_refuse_images() -> None:
 
 def test_docs_hold_the_generated_engine_config_table() -> None:
     docs = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
-    assert config_table() in docs.read_text(), (
-        "docs/serving.md is out of date: paste `python -m dsworker.docgen` between the markers"
+    text = docs.read_text()
+    assert config_table() in text and text.count("engine-config-table:") == 2, (
+        "docs/serving.md is out of date: run `python -m dsworker.docgen --write docs/serving.md`"
     )

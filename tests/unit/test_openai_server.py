@@ -29,7 +29,16 @@ from dsworker.scheduler import Scheduler, Step
 from dsworker.server import ServerState, create_app
 from dsworker.tokenizer import TextTokenizer
 
-WORDS = ["<s>", "</s>", "User:", "Assistant:", *[f"w{i}" for i in range(60)]]
+WORDS = [
+    "<s>",
+    "</s>",
+    "User:",
+    "Assistant:",
+    *[f"w{i}" for i in range(60)],
+    "</think>",
+    "a1",
+    "a2",
+]
 EOS_ID = 1
 
 
@@ -428,6 +437,37 @@ def test_engine_failure_is_fatal_and_answers_500(served) -> None:
     assert len(state.fatal) == 1
     r = client.post("/v1/completions", json={"prompt": "w1"})
     assert r.status_code == 500 and "engine failed" in r.json()["error"]["message"]
+
+
+def test_r1_reasoning_apart_from_the_answer(tmp_path: Path, served) -> None:
+    """reasoningParser deepseek_r1: chat text up to </think> is reasoning_content, streamed or
+    not; the counting model says w58 w59 </think> a1 a2 after w57."""
+    client, state, _ = served
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    state.tokenizer = TextTokenizer(write_model_dir(bare, chat_template=template))
+    state.config = state.config.model_copy(update={"reasoningParser": "deepseek_r1"})
+    body = {"messages": [{"role": "user", "content": "w57"}], "max_tokens": 5, "temperature": 0}
+    r = client.post("/v1/completions", json={"prompt": "w57", "max_tokens": 5, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == " w58 w59 </think> a1 a2"  # completions: untouched
+    message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert message == {
+        "role": "assistant", "reasoning_content": " w58 w59 ", "content": " a1 a2"
+    }  # fmt: skip
+    with client.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as stream:
+        deltas = [
+            json.loads(ln[6:])["choices"][0]["delta"]
+            for ln in stream.iter_lines()
+            if ln.startswith("data: {")
+        ]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+    assert "".join(d.get("content", "") for d in deltas) == message["content"]
+    assert not any(
+        "think>" in d.get("content", "") + d.get("reasoning_content", "") for d in deltas
+    )
+    thinking = client.post("/v1/chat/completions", json=body | {"max_tokens": 2}).json()
+    assert thinking["choices"][0]["message"]["content"] == ""  # still thinking at the limit
 
 
 def test_chat_top_logprobs_need_logprobs(served) -> None:

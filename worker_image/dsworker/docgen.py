@@ -1,13 +1,16 @@
 """The engine-config table of docs/serving.md, generated from EngineConfig's field descriptions.
 
-`python -m dsworker.docgen` prints it; a unit test checks the committed page holds exactly this
-text, so a new key cannot ship undocumented.
+`python -m dsworker.docgen` prints it (`--write docs/serving.md` puts it in the page); a unit test
+checks the committed page holds exactly this text once, so a new key cannot ship undocumented.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Literal, get_args, get_origin
+import sys
+from pathlib import Path
+from types import UnionType
+from typing import Literal, Union, get_args, get_origin
 
 from dsworker.engine_config import EngineConfig
 
@@ -23,6 +26,8 @@ def _default(name: str) -> str:
 
 def _type(annotation: object) -> str:
     origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, UnionType):
+        return " \\| ".join("null" if a is type(None) else _type(a) for a in args)
     if origin is Literal:
         return " \\| ".join(json.dumps(a) for a in args)
     if origin is list and args:
@@ -40,5 +45,17 @@ def config_table() -> str:
     return "\n".join([BEGIN, *rows, END])
 
 
+def write_table(path: Path) -> None:
+    """Replace the page's table (first begin marker to last end marker) with the current one."""
+    text = path.read_text()
+    start, end = text.find(BEGIN), text.rfind(END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers")
+    path.write_text(text[:start] + config_table() + text[end + len(END) :])
+
+
 if __name__ == "__main__":
-    print(config_table())
+    if sys.argv[1:2] == ["--write"] and len(sys.argv) == 3:
+        write_table(Path(sys.argv[2]))
+    else:
+        print(config_table())

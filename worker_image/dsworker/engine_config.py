@@ -55,6 +55,11 @@ class EngineConfig(BaseModel):
         description="Keep the full KV pages of ended sequences for later prompts that start "
         "with the same tokens.",
     )
+    reasoningParser: Literal["deepseek_r1"] | None = Field(
+        None,
+        description="deepseek_r1: chat answers carry the text up to `</think>` as "
+        "reasoning_content, the rest as content (R1's thinking apart from its answer).",
+    )
     maxRequestBytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
     maxNewTokens: int = Field(1024, ge=1, description="Upper bound on a request's max_tokens.")
     port: int = Field(1025, ge=1, le=65535, description="HTTP port of rank 0.")

@@ -26,6 +26,7 @@ from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import GenRequest, Output, Sink
 from dsworker.metrics import Metrics
 from dsworker.openai_logprobs import chat_logprobs, completion_logprobs
+from dsworker.reasoning import ReasoningSplitter, split_reasoning
 from dsworker.sampling import TokenLogprob
 
 log = logging.getLogger("dsworker.server")
@@ -329,9 +330,11 @@ def create_app(state: ServerState) -> FastAPI:
         n_prompt = len(gens[0].prompt)
         want_ids = body.return_token_ids
         want_lps = gens[0].logprobs is not None
+        reasoning = state.config.reasoningParser is not None
         if body.stream:
             reply = oa.Reply.new("chatcmpl", "chat.completion.chunk", model)
             started = [False] * len(gens)
+            splitters = [ReasoningSplitter() for _ in gens]
 
             def chunk(index: int, out: Output) -> list[dict[str, Any]]:
                 chunks = []
@@ -339,8 +342,14 @@ def create_app(state: ServerState) -> FastAPI:
                     started[index] = True
                     role = {"role": "assistant", "content": ""}
                     chunks.append(reply.body([oa.choice(index, "delta", role, None)]))
-                if out.text or out.finish_reason or want_ids or want_lps:
-                    delta = {"content": out.text} if out.text else {}
+                final = out.finish_reason is not None
+                thought, said = (
+                    splitters[index].feed(out.text, final) if reasoning else ("", out.text)
+                )
+                delta = {"reasoning_content": thought} if thought else {}
+                if said:
+                    delta["content"] = said
+                if delta or final or want_ids or want_lps:
                     ids = out.token_ids if want_ids else None
                     lps = chat_logprobs(out.logprobs, _token_text, _bytes) if want_lps else None
                     c = oa.choice(index, "delta", delta, out.finish_reason, ids, lps)
@@ -351,6 +360,9 @@ def create_app(state: ServerState) -> FastAPI:
         choices, used = [], 0
         for index, answer in enumerate(await _collect_all(gens, request)):
             message = {"role": "assistant", "content": answer.text}
+            if reasoning:
+                thought, message["content"] = split_reasoning(answer.text)
+                message["reasoning_content"] = thought
             lps = chat_logprobs(answer.logprobs, _token_text, _bytes) if want_lps else None
             ids = answer.token_ids if want_ids else None
             choices.append(oa.choice(index, "message", message, answer.finish_reason, ids, lps))
