@@ -164,6 +164,19 @@ def test_eos_and_stop_strings_finish_with_stop(served) -> None:
         assert (text, reason) == (" w2 w3 ", "stop"), stream
 
 
+def test_stop_token_ids_end_without_text_and_outlive_ignore_eos(served) -> None:
+    client, _, _ = served
+    body = {"prompt": "w1", "max_tokens": 10, "temperature": 0, "return_token_ids": True}
+    choice = client.post("/v1/completions", json=body | {"stop_token_ids": [8]}).json()["choices"]
+    assert choice[0]["text"] == " w2 w3" and choice[0]["finish_reason"] == "stop"
+    assert choice[0]["token_ids"] == ids("w2", "w3", "w4")
+    # w9 is followed by EOS; ignore_eos goes on through it, to the request's own stop token.
+    body |= {"prompt": "w7", "ignore_eos": True, "stop_token_ids": [WORDS.index("Assistant:")]}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert choice["token_ids"] == ids("w8", "w9", "</s>", "User:", "Assistant:")
+    assert choice["finish_reason"] == "stop" and "Assistant:" not in choice["text"]
+
+
 def test_streamed_chat_uses_template_and_ends_with_done(tmp_path: Path, served) -> None:
     client, state, runner = served
     with client.stream(

@@ -356,7 +356,9 @@ class EngineLoop:
         else:
             self.metrics.itl.observe(now - live.last_token_at)
         live.last_token_at = now
-        if live.text.add(token):  # a stop string ended the text, even on the last allowed token
+        if reason is FinishReason.STOP and token in live.req.stop_token_ids:
+            pass  # a stop token ends the sequence without being part of its text
+        elif live.text.add(token):  # a stop string ended the text, even on the last allowed token
             if reason is None:
                 self.scheduler.finish(seq_id, FinishReason.STOP)
             reason = FinishReason.STOP

@@ -31,6 +31,7 @@ MAX_CHOICES = 16  # n: each choice is a sequence of its own, holding a KV slot
 MAX_LOGPROBS = 20  # likeliest alternatives a request may ask for per token (vLLM's default cap)
 MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300  # OpenAI's cap on logit_bias entries
+MAX_STOP_TOKEN_IDS = 64
 
 
 class ApiError(Exception):
@@ -85,6 +86,12 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices, each its own sequence.")
     ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence.")
+    stop_token_ids: list[int] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_TOKEN_IDS,
+        description="Extension (vLLM's): token ids that end the sequence like EOS, kept out of "
+        "the text.",
+    )
     return_token_ids: bool = Field(False, description="Extension: add token_ids to choices.")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)

@@ -233,8 +233,9 @@ def create_app(state: ServerState) -> FastAPI:
             params=params,
             max_tokens=oa.resolve_max_tokens(requested, default_max, len(prompt), limits),
             stop=body.stop_list,
-            stop_token_ids=state.tokenizer.eos_token_ids,
-            ignore_eos=body.ignore_eos,
+            # ignore_eos lets EOS through, not the request's own stop tokens
+            stop_token_ids=frozenset(body.stop_token_ids)
+            | (frozenset() if body.ignore_eos else state.tokenizer.eos_token_ids),
             logprobs=body.logprob_count(),
             prompt_logprobs=body.logprob_count() if getattr(body, "echo", False) else None,
         )
