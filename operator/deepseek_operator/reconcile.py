@@ -237,8 +237,17 @@ class Reconciler:
                 result = plan(body, observed)
 
         for obj in result.apply:
-            kube.apply(obj)
+            # A child the API server refuses (4xx: a field of the spec it passes through that the
+            # API server rejects, an admission policy) fails the same way on every retry: it is
+            # reported in the status instead, and tried again at the next event or resync.
+            refused = kube.apply_or_refusal(obj)
             metrics.APPLIES.labels(obj["kind"]).inc()
+            if refused is not None:
+                child = f"{obj['kind']} {obj['metadata']['name']}"
+                observed.rejected[child] = refused
+                log.warning("%s/%s: the API server refused %s: %s", namespace, name, child, refused)
+        if observed.rejected:
+            result = plan(body, observed)  # the same children, and the status that says so
         # Status first: a group restart is counted before its pods go, so a crash in between
         # can only over-count, never restart without counting.
         if result.status_changed:

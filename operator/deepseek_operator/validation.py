@@ -92,16 +92,20 @@ def _blame(message: str) -> str:
     return f"spec.parallelism.{m.group(1) if m else 'tp'}: {message}"
 
 
-def _fp8_extra(dims: ModelDims, plan: ParallelPlan, config: Mapping[str, Any]) -> list[str]:
-    """FP8 block checks check_plan leaves out: attention projections and shared experts."""
+def _fp8_extra(dims: ModelDims, plan: ParallelPlan) -> list[str]:
+    """The FP8 block checks of the attention projections when config.json leaves out the MLA
+    head dims (DeepSeek's defaults then apply). With them, check_plan checks the projections
+    itself (and always the shared experts): each problem is reported once."""
     if not dims.fp8_block or plan.tp == 1:
+        return []
+    if dims.qk_nope_head_dim and dims.qk_rope_head_dim and dims.v_head_dim:
         return []
     block = dims.fp8_block[0]
     errs: list[str] = []
     heads = dims.num_attention_heads
-    dn = int(config.get("qk_nope_head_dim") or 128)
-    dr = int(config.get("qk_rope_head_dim") or 64)
-    dv = int(config.get("v_head_dim") or 128)
+    dn = dims.qk_nope_head_dim or 128
+    dr = dims.qk_rope_head_dim or 64
+    dv = dims.v_head_dim or 128
     sizes: list[tuple[str, int]] = []
     if heads % plan.tp == 0:  # otherwise check_plan already reports the heads
         sizes += [
@@ -109,8 +113,6 @@ def _fp8_extra(dims: ModelDims, plan: ParallelPlan, config: Mapping[str, Any]) -
             ("kv_b_proj rows (heads*(qk_nope_head_dim+v_head_dim))", heads * (dn + dv)),
             ("o_proj columns (heads*v_head_dim)", heads * dv),
         ]
-    if dims.n_shared_experts:
-        sizes.append(("shared experts", dims.n_shared_experts * dims.moe_intermediate_size))
     for what, size in sizes:
         if size % plan.tp == 0 and (size // plan.tp) % block:
             errs.append(
@@ -189,7 +191,7 @@ def review_config(
     plan = spec.parallelism.to_plan()
     split_dims = replace(dims, fp8_block=None) if model.dequantize_fp8 else dims
     errs.extend(_blame(m) for m in check_plan(split_dims, plan))
-    errs.extend(_fp8_extra(split_dims, plan, config))
+    errs.extend(_fp8_extra(split_dims, plan))
     return review
 
 

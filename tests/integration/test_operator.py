@@ -273,6 +273,39 @@ def test_sharding_disabled_starts_the_workers_directly(
     assert engine.args[engine.args.index("--model") + 1] == "/source/DeepSeek-V3"
 
 
+def test_a_refused_statefulset_is_reported_then_the_fixed_spec_serves(
+    running_operator: OperatorProcess, dsd: Dsd
+) -> None:
+    """A toleration the API server refuses: ChildRejected in the status and an Event, not a
+    reconcile retried in silence; the user's env replaces the operator's variable of that name."""
+    dsd.create(
+        deployment(
+            "refused",
+            model={"architecture": "DeepseekV2"},
+            sharding={"enabled": False, "store": None},
+            worker={
+                "image": "dsworker:test",
+                "accelerator": {"type": "cpu"},
+                "env": [{"name": "MASTER_ADDR", "value": "10.0.0.9"}],
+                "tolerations": [{"key": "k", "operator": "Sometimes"}],
+            },
+        )
+    )
+    status = dsd.wait_phase("refused", "Failed")
+    validated = dsd.condition("refused", "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "ChildRejected")
+    assert "StatefulSet refused-worker" in validated["message"]
+    assert "tolerations[0].operator" in validated["message"], validated["message"]
+    assert "tolerations[0].operator" in status["message"]
+    dsd.wait("ChildRejected Event", lambda: "ChildRejected" in dsd.event_reasons("refused"))
+
+    dsd.patch_spec("refused", {"worker": {"tolerations": [{"key": "k", "operator": "Exists"}]}})
+    dsd.wait_phase("refused", "Ready")
+    assert dsd.condition("refused", "Validated")["status"] == "True"
+    env = sts_of(dsd, "refused").spec.template.spec.containers[0].env
+    assert [e.value for e in env if e.name == "MASTER_ADDR"] == ["10.0.0.9"]
+
+
 def test_children_deleted_by_hand_are_put_back(running_operator: OperatorProcess, dsd: Dsd) -> None:
     """The child watches: Services removed by hand are re-applied by the operator.
 
@@ -551,7 +584,8 @@ def test_spec_warning_becomes_an_event_and_a_condition_message(
 def test_sharder_failure_is_reported_and_a_spec_change_retries(
     running_operator: OperatorProcess, dsd: Dsd
 ) -> None:
-    dsd.create(deployment("bad", sharding={"backoffLimit": 0, "resources": UNSCHEDULABLE}))
+    # Retries left, but bad input (exit code 2) fails the Job at once (its podFailurePolicy).
+    dsd.create(deployment("bad", sharding={"backoffLimit": 3, "resources": UNSCHEDULABLE}))
     job = shard_job(dsd, "bad")
     pod = job_pod(dsd, job.metadata.name)
     msg = (
@@ -560,6 +594,9 @@ def test_sharder_failure_is_reported_and_a_spec_change_retries(
     )
     finish_pending_pod(dsd, pod, 2, json.dumps({"error": msg}))
     status = dsd.wait_phase("bad", "Failed")
+    failed = dsd.batch.read_namespaced_job(job.metadata.name, dsd.namespace).status
+    assert [c.reason for c in failed.conditions if c.type == "Failed"] == ["PodFailurePolicy"]
+    assert len(dsd.pods(f"batch.kubernetes.io/job-name={job.metadata.name}")) == 1
     assert status["message"] == msg
     validated = dsd.condition("bad", "Validated")
     assert (validated["status"], validated["reason"], validated["message"]) == (

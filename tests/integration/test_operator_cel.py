@@ -78,3 +78,28 @@ def test_valid_example_is_accepted(
     # The server filled the defaults the CEL rules rely on.
     assert created["spec"]["serving"]["maxSeqLen"] >= 2
     assert created["spec"]["expertParallel"]["level"] in (1, 2)
+
+
+def test_a_name_ending_in_ranks_is_refused(served: client.ApiClient) -> None:
+    """Its API Service would be the rank-discovery Service of the deployment named without it."""
+    valid = load_valid()[0][1]
+    with pytest.raises(ApiException) as err:
+        _create(served, {**valid, "metadata": {"name": "r1-ranks"}}, strict=True)
+    assert err.value.status == 422, err.value.body
+    assert "metadata.name: a name ending in -ranks" in json.loads(err.value.body)["message"]
+    _create(served, {**valid, "metadata": {"name": "r1-rank"}}, strict=True)
+
+
+def test_env_names_are_a_list_map(served: client.ApiClient) -> None:
+    """A repeated env name is refused at admission (the StatefulSet could never be applied)."""
+    valid = load_valid()[0][1]
+    obj = json.loads(json.dumps(valid))
+    obj["metadata"] = {"name": "twice"}
+    obj["spec"].setdefault("worker", {})["env"] = [
+        {"name": "A", "value": "1"},
+        {"name": "A", "value": "2"},
+    ]
+    with pytest.raises(ApiException) as err:
+        _create(served, obj, strict=True)
+    assert err.value.status == 422, err.value.body
+    assert "Duplicate value" in json.loads(err.value.body)["message"]

@@ -67,7 +67,7 @@ def test_bad_spec_is_rejected_with_message(case: dict[str, Any]) -> None:
     assert not result.ok
     assert any(case["expect"] in e for e in result.errors), result.errors
     # Every message names the field to fix by its JSON path.
-    assert all(e.startswith("spec") for e in result.errors), result.errors
+    assert all(e.startswith(("spec", "metadata")) for e in result.errors), result.errors
 
 
 def test_merge_patch_semantics() -> None:

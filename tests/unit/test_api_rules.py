@@ -142,29 +142,50 @@ RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         },
         {"sharding": {"store": {"pvc": {"storageClassName": "x"}}}},
     ),
+    "env-value-or-value-from": (
+        {"worker": {"env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "x"}}}]}},
+        {"worker": {"env": [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {}}}]}},
+    ),
+    "env-names-unique": (
+        {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "1"}]}},
+        {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}},
+    ),
+}
+# Rules of the object itself: rule name -> (an object patch it accepts, one it rejects).
+OBJECT_RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "name-not-ranks": (
+        {"metadata": {"name": "r1-rank"}},
+        {"metadata": {"name": "r1-ranks"}},
+    ),
 }
 
 
+def parse_case(name: str, which: int):
+    if name in OBJECT_RULE_CASES:
+        return parse_deployment(merge_patch(BASE, OBJECT_RULE_CASES[name][which]))
+    return parse(RULE_CASES[name][which])
+
+
 def test_every_rule_has_cases() -> None:
-    assert set(RULE_CASES) == set(all_rules())
+    assert set(RULE_CASES) | set(OBJECT_RULE_CASES) == set(all_rules())
 
 
-@pytest.mark.parametrize("name", sorted(RULE_CASES))
+@pytest.mark.parametrize("name", sorted([*RULE_CASES, *OBJECT_RULE_CASES]))
 def test_rule_accepts(name: str) -> None:
-    result = parse(RULE_CASES[name][0])
+    result = parse_case(name, 0)
     assert result.ok, result.errors
 
 
-@pytest.mark.parametrize("name", sorted(RULE_CASES))
+@pytest.mark.parametrize("name", sorted([*RULE_CASES, *OBJECT_RULE_CASES]))
 def test_rule_rejects_with_its_message(name: str) -> None:
-    result = parse(RULE_CASES[name][1])
+    result = parse_case(name, 1)
     assert not result.ok
     assert all_rules()[name].message in result.errors, result.errors
 
 
 def test_rule_messages_name_a_field_and_a_fix() -> None:
     for rule in all_rules().values():
-        assert rule.message.startswith("spec."), rule.name
+        assert rule.message.startswith(("spec.", "metadata.")), rule.name
         assert any(
             w in rule.message for w in ("set ", "remove", "use ", "lower", "choose", "e.g.")
         ), rule.name

@@ -314,3 +314,13 @@ def test_admission_rejects_bad_spec(schema: dict[str, Any], case: dict[str, Any]
     assert messages, f"{case['name']} passed the CRD"
     fragment = case.get("celExpect") or case["expect"]
     assert any(fragment in m for m in messages), messages
+
+
+def test_admission_rejects_a_name_ending_in_ranks(schema: dict[str, Any]) -> None:
+    """The client Service <name> must not be another deployment's <name>-ranks."""
+    obj = copy.deepcopy(VALID[0][1])
+    obj["metadata"] = {"name": "r1-ranks"}
+    messages = admit(schema, obj, cel=True)
+    assert any("metadata.name: a name ending in -ranks" in m for m in messages), messages
+    obj["metadata"] = {"name": "r1-rank"}
+    assert admit(schema, obj, cel=True) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -561,6 +562,29 @@ def test_host_path_store_pins_the_job_and_loads_in_place() -> None:
     assert cluster.body["status"]["phase"] == "Ready"
 
 
+def test_host_path_checkpoint_places_the_job_like_the_workers() -> None:
+    """The checkpoint is on the workers' nodes, perhaps on no other: a pvc store does not matter."""
+    body = copy.deepcopy(TWO_NODES)
+    body["spec"]["model"]["source"] = {"hostPath": {"path": "/models/r1"}}
+    body["spec"]["worker"].update(
+        nodeSelector={"dsop.io/accelerator": "npu"},
+        tolerations=[{"key": "npu", "operator": "Exists"}],
+        affinity={"nodeAffinity": {"x": 1}},
+    )
+    cluster = FakeCluster(body)
+    cluster.step()
+    pod = cluster.job()["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"dsop.io/accelerator": "npu"}
+    assert pod["tolerations"] == [{"key": "npu", "operator": "Exists"}]
+    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    source = next(v for v in pod["volumes"] if v["name"] == "source")
+    assert source["hostPath"]["path"] == "/models/r1"
+    # A pvc checkpoint and a pvc store: the Job may run anywhere.
+    plain = FakeCluster(TWO_NODES)
+    plain.step()
+    assert "nodeSelector" not in plain.job()["spec"]["template"]["spec"]
+
+
 # ---------------------------------------------------------------------------- the workers
 
 
@@ -638,8 +662,11 @@ def test_statefulset_shape() -> None:
         "--port",
         "1025",
     ]
+    # The staged shards live in memory too: added to the memory request (no limit is set).
+    staged = objects.staged_bytes(parse_deployment(TWO_NODES).deployment.spec, SUMMARY["bytes"])
+    memory = f"{math.ceil((900 * (1 << 30) + staged) / (1 << 20))}Mi"
     assert engine["resources"] == {
-        "requests": {"memory": "900Gi", NPU: "8"},
+        "requests": {"memory": memory, NPU: "8"},
         "limits": {NPU: "8"},
     }
     for c in (stage, engine):
@@ -658,6 +685,7 @@ def test_statefulset_shape() -> None:
         assert command[4:] == ["r1-worker-0.r1-ranks.llm.svc", "1025"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["tmp"] == {"name": "tmp", "emptyDir": {}}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
     model = volumes["model"]["emptyDir"]
     assert model["medium"] == "Memory"
     # dp 2 x tp 8 on two 8-device pods: each pod holds a whole copy of attention (+5%, +1 GiB)
@@ -668,6 +696,21 @@ def test_statefulset_shape() -> None:
     assert mounts["tmp"]["mountPath"] == "/tmp" and "store" not in mounts
     annotations = spec["template"]["metadata"]["annotations"]
     assert annotations[names.FINGERPRINT_ANNOTATION] == fp
+
+
+def test_staged_bytes_raise_the_memory_limit_the_user_set() -> None:
+    body = copy.deepcopy(TWO_NODES)
+    body["spec"]["worker"]["resources"] = {"limits": {"memory": "1Ti"}}
+    cluster = FakeCluster(body)
+    cluster.until_ready()
+    staged = objects.staged_bytes(parse_deployment(body).deployment.spec, SUMMARY["bytes"])
+    size = container(cluster.sts(), "engine")["resources"]
+    model = next(
+        v for v in cluster.sts()["spec"]["template"]["spec"]["volumes"] if v["name"] == "model"
+    )
+    assert model["emptyDir"]["sizeLimit"] == f"{math.ceil(staged / (1 << 20))}Mi"
+    assert size["limits"]["memory"] == f"{math.ceil(((1 << 40) + staged) / (1 << 20))}Mi"
+    assert size["requests"]["memory"] == f"{math.ceil(staged / (1 << 20))}Mi"
 
 
 def test_engine_config_map_holds_the_plan() -> None:
@@ -713,6 +756,14 @@ def test_services() -> None:
     assert client["spec"]["ports"] == [
         {"name": "http", "port": 1025, "targetPort": "http", "protocol": "TCP"}
     ]
+
+
+def test_disruption_budget_blocks_drains_of_a_healthy_group_only() -> None:
+    cluster = FakeCluster(TWO_NODES)
+    cluster.until_ready()
+    pdb = cluster.objects[("PodDisruptionBudget", names.disruption_budget("r1"))]["spec"]
+    assert pdb["minAvailable"] == 2
+    assert pdb["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
 
 
 def test_ready_then_degraded_then_ready() -> None:
@@ -864,6 +915,13 @@ def test_spec_warning_is_posted_once() -> None:
 def test_sharder_rejecting_the_checkpoint_is_a_validation_failure() -> None:
     cluster = FakeCluster(TWO_NODES)
     cluster.step()
+    # Bad input is not retried backoffLimit times: the Job fails on the first exit code 2.
+    assert cluster.job()["spec"]["podFailurePolicy"]["rules"] == [
+        {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "shard", "operator": "In", "values": [2]},
+        }
+    ]
     msg = "the plan does not divide the model: n_routed_experts 6 % moe_ep 4 != 0"
     cluster.finish_job(cluster.job(), ok=False, message=json.dumps({"error": msg}), code=2)
     result = cluster.step()
@@ -901,6 +959,119 @@ def test_sharding_failure_past_backoff_then_retry_on_spec_change() -> None:
     assert new["metadata"]["annotations"][names.GENERATION_ANNOTATION] == "2"
 
 
+# ----------------------------------------------------------------- containers that cannot start
+
+
+def _waiting(name: str, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "restartCount": 0,
+        "state": {"waiting": {"reason": reason, "message": message}},
+    }
+
+
+@pytest.mark.parametrize(
+    "reason,condition",
+    [
+        ("ErrImagePull", "ImagePullFailed"),
+        ("ImagePullBackOff", "ImagePullFailed"),
+        ("InvalidImageName", "ImagePullFailed"),
+        ("CreateContainerConfigError", "ContainerConfigError"),
+        ("CreateContainerError", "ContainerConfigError"),
+    ],
+)
+def test_a_sharder_that_cannot_start_says_why(reason: str, condition: str) -> None:
+    cluster = FakeCluster(TWO_NODES)
+    cluster.step()
+    job = cluster.job()
+    name = job["metadata"]["name"]
+    cluster.pods["shard-pod"] = {
+        "metadata": {
+            "name": "shard-pod",
+            "uid": "shard-pod",
+            "labels": {**job["spec"]["template"]["metadata"]["labels"], names.JOB_NAME_LABEL: name},
+        },
+        "status": {
+            "phase": "Pending",
+            "containerStatuses": [_waiting("shard", reason, 'pull "reg/dsworker:1": not found')],
+        },
+    }
+    result = cluster.step()
+    sharded = cond(result, "Sharded")
+    assert (sharded["status"], sharded["reason"]) == ("False", condition)
+    assert f"container shard: {reason}" in sharded["message"]
+    assert 'pull "reg/dsworker:1": not found' in sharded["message"]
+    assert result.phase == "Pending" and reason in result.status.message
+
+
+@pytest.mark.parametrize(
+    "container_name,reason,condition",
+    [
+        ("engine", "ImagePullBackOff", "ImagePullFailed"),
+        ("stage", "ErrImagePull", "ImagePullFailed"),
+        ("engine", "CreateContainerConfigError", "ContainerConfigError"),
+    ],
+)
+def test_a_worker_that_cannot_start_says_why(
+    container_name: str, reason: str, condition: str
+) -> None:
+    cluster = FakeCluster(TWO_NODES)
+    cluster.step()
+    cluster.finish_job(cluster.job(), message=json.dumps(SUMMARY))
+    cluster.step()
+    cluster.run_workers(ready=False)
+    message = 'secret "hf-token" not found'
+    status = cluster.pods["r1-worker-1"]["status"]
+    status["containerStatuses"] = []
+    key = "initContainerStatuses" if container_name == "stage" else "containerStatuses"
+    status[key] = [_waiting(container_name, reason, message)]
+    result = cluster.step()
+    workers = cond(result, "WorkersReady")
+    assert (workers["status"], workers["reason"]) == ("False", condition)
+    assert f"pod r1-worker-1 container {container_name}: {reason}: {message}" in workers["message"]
+    assert result.phase == "Pending"
+
+
+# ------------------------------------------------------------------------ refused children
+
+
+def test_a_child_the_api_server_refuses_is_reported_once() -> None:
+    cluster = FakeCluster(TWO_NODES)
+    cluster.step()
+    cluster.finish_job(cluster.job(), message=json.dumps(SUMMARY))
+    why = 'StatefulSet.apps "r1-worker" is invalid: spec.template.spec.tolerations[0].operator'
+    refused = {"StatefulSet r1-worker": why}
+    result = cluster.step(rejected=refused)
+    assert result.phase == "Failed"
+    validated = cond(result, "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "ChildRejected")
+    assert "the API server refused StatefulSet r1-worker (fix spec.worker" in validated["message"]
+    assert why in validated["message"] and why in result.status.message
+    assert cond(result, "Ready")["status"] == "False"
+    assert [e.type for e in result.events if e.reason == "ChildRejected"] == ["Warning"]
+    again = cluster.step(rejected=refused)
+    assert again.phase == "Failed" and not again.events  # reported once, not at every resync
+    # The refusal gone (spec fixed, policy relaxed): the planner moves on.
+    cluster.run_workers()
+    assert cluster.step().phase == "Ready"
+    assert cond(cluster.plans[-1], "Validated")["status"] == "True"
+
+
+def test_user_env_replaces_the_operators_by_name() -> None:
+    body = copy.deepcopy(TWO_NODES)
+    body["spec"]["worker"]["env"] = [
+        {"name": "EXTRA", "value": "1"},
+        {"name": "MASTER_ADDR", "value": "10.0.0.9"},
+    ]
+    cluster = FakeCluster(body)
+    cluster.until_ready()
+    env = container(cluster.sts(), "engine")["env"]
+    names_ = [e["name"] for e in env]
+    assert len(names_) == len(set(names_))
+    assert {"name": "MASTER_ADDR", "value": "10.0.0.9"} in env
+    assert names_[-1] == "EXTRA" and names_.index("MASTER_ADDR") < names_.index("NNODES")
+
+
 # ------------------------------------------------------------------------ group restarts
 
 
@@ -931,6 +1102,65 @@ def test_a_restarted_worker_restarts_the_whole_group_within_the_budget() -> None
     cluster.pods["r1-worker-0"]["status"] = {"phase": "Failed", "reason": "Evicted"}
     result = cluster.step()
     assert result.status.group_restarts == 1 and len(result.delete) == 2
+
+
+def test_a_worker_that_exits_with_bad_input_fails_at_once_without_restarts() -> None:
+    cluster = FakeCluster(TWO_NODES)
+    cluster.until_ready()
+    msg = "layer 3 expert 7: shard shape (64, 7168) does not match the plan"
+    status = _pod_status(ready=False, restarts=1)
+    status["containerStatuses"][0]["lastState"] = {
+        "terminated": {"exitCode": 2, "reason": "Error", "message": json.dumps({"error": msg})}
+    }
+    cluster.pods["r1-worker-1"]["status"] = status
+    result = cluster.step()
+    assert result.phase == "Failed" and not result.delete
+    assert result.status.group_restarts == 0
+    validated = cond(result, "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "ConfigMismatch")
+    assert msg in validated["message"] and "r1-worker-1" in validated["message"]
+    assert cond(result, "WorkersReady")["reason"] == "ConfigMismatch"
+    assert "GroupRestart" not in [e.reason for e in result.events]
+    # It holds (the crash-looping pod may even look fine for a moment) until the spec changes.
+    cluster.pods["r1-worker-1"]["status"] = _pod_status(ready=True)
+    again = cluster.step()
+    assert again.phase == "Failed" and not again.delete and not again.events
+    assert cond(again, "Validated")["reason"] == "ConfigMismatch"
+    # A spec change tries again: the group restarts with fresh pods.
+    cluster.pods["r1-worker-1"]["status"] = status
+    cluster.change_spec({"worker": {"restartBudget": 3}})
+    result = cluster.step()
+    assert sorted(d.name for d in result.delete) == ["r1-worker-0", "r1-worker-1"]
+    assert result.status.group_restarts == 1
+    for name in ("r1-worker-0", "r1-worker-1"):
+        cluster.pods.pop(name, None)
+    cluster.run_workers()
+    assert cluster.step().phase == "Ready"
+
+
+def test_the_restart_budget_comes_back_after_ten_minutes_of_serving() -> None:
+    cluster = FakeCluster(TWO_NODES)  # restartBudget 2
+    cluster.until_ready()
+    for _ in range(2):
+        cluster.pods["r1-worker-1"]["status"] = _pod_status(ready=False, restarts=1)
+        assert cluster.step().phase == "Degraded"
+        cluster.run_workers()
+        assert cluster.step().phase == "Ready"
+    assert cluster.body["status"]["groupRestarts"] == 2
+    cluster.now += timedelta(minutes=9)
+    result = cluster.step()
+    assert result.status.group_restarts == 2 and not result.events
+    cluster.now += timedelta(minutes=1)
+    result = cluster.step()
+    assert result.status.group_restarts == 0
+    assert [e.reason for e in result.events] == ["RestartBudgetReset"]
+    assert cluster.step().events == []
+    # The whole budget again: two more group restarts before Failed.
+    for n in (1, 2):
+        cluster.pods["r1-worker-0"]["status"] = _pod_status(ready=False, restarts=1)
+        assert cluster.step().status.group_restarts == n
+        cluster.run_workers()
+        assert cluster.step().phase == "Ready"
 
 
 def test_a_failed_pod_seen_only_in_an_event_still_counts() -> None:
@@ -1057,6 +1287,21 @@ def test_staged_bytes_is_the_pods_largest_share() -> None:
     body["spec"]["parallelism"].update(dp=1, tp=16)
     spec = parse_deployment(body).deployment.spec
     assert objects.staged_bytes(spec, 100 * 10**9) == int(100 * 10**9 * 0.5 * 1.05) + (1 << 30)
+
+
+def test_sharder_pod_gone_keeps_the_staged_size_and_the_serving_group() -> None:
+    cluster = FakeCluster(TWO_NODES)
+    assert cluster.until_ready().phase == "Ready"
+    before = copy.deepcopy(cluster.sts())
+    # PodGC (or a node scaled away) removes the completed sharder's pod and its termination message.
+    for name in [n for n, p in cluster.pods.items() if _job_of(p)]:
+        del cluster.pods[name]
+    for _ in range(2):
+        result = cluster.step()
+        assert result.phase == "Ready" and not result.delete
+    assert cluster.sts()["spec"] == before["spec"]
+    assert cluster.sts()["metadata"]["generation"] == before["metadata"]["generation"]
+    assert result.status.shards is not None and result.status.shards.bytes == SUMMARY["bytes"]
 
 
 def test_fingerprint_is_what_the_job_is_named_after() -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from deepseek_operator import metrics, peering
 from deepseek_operator.__main__ import parse_args
-from deepseek_operator.planning import Observed
+from deepseek_operator.planning import Observed, plan
 from deepseek_operator.reconcile import Reconciler
 
 BODY: dict[str, Any] = {
@@ -51,6 +51,17 @@ class FakeKube:
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("apply", f"{obj['kind']}/{obj['metadata']['name']}"))
         return obj
+
+    # "Kind/name" -> the message of the API server refusing that child (HTTP 4xx).
+    refuse: dict[str, str] = {}
+
+    def apply_or_refusal(self, obj: dict[str, Any]) -> str | None:
+        key = f"{obj['kind']}/{obj['metadata']['name']}"
+        if key in self.refuse:
+            self.calls.append(("refused", key))
+            return self.refuse[key]
+        self.apply(obj)
+        return None
 
     def apply_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("status", status["phase"]))
@@ -217,6 +228,28 @@ def test_resync_delay_is_the_period_up_to_a_tenth_early() -> None:
     reconciler.close()
 
 
+def test_a_refused_child_is_reported_in_the_status_not_retried_in_silence() -> None:
+    kube = FakeKube()
+    job = next(o for o in plan(BODY, Observed()).apply if o["kind"] == "Job")["metadata"]["name"]
+    why = f'Job.batch "{job}" is invalid: spec.template.spec.tolerations[0].operator'
+    kube.refuse = {f"Job/{job}": why}
+    reconciler = Reconciler(kube, workers=1)  # type: ignore[arg-type]
+    result = reconciler.reconcile("llm", "r1")  # does not raise: nothing to retry faster
+    assert result is not None and result.phase == "Failed"
+    assert ("refused", f"Job/{job}") in kube.calls
+    assert [k for op, k in kube.calls if op == "apply"] == ["Service/r1-ranks", "Service/r1"]
+    assert kube.body is not None and kube.body["status"]["phase"] == "Failed"
+    validated = next(c for c in kube.body["status"]["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "ChildRejected")
+    assert why in validated["message"]
+    assert "ChildRejected" in [w for op, w in kube.calls if op == "event"]
+    # Refused again at the resync: the same status, no new Event.
+    kube.calls.clear()
+    reconciler.reconcile("llm", "r1")
+    assert not [c for c in kube.calls if c[0] in ("status", "event")]
+    reconciler.close()
+
+
 class StoreKube(FakeKube):
     """A deployment whose spec asks 2Gi of the store claim the operator created at 1Gi, on a
     storage class that does not allow expansion."""
@@ -242,6 +275,8 @@ class StoreKube(FakeKube):
         return Observed(claims=[claim])
 
     def apply_or_refusal(self, obj: dict[str, Any]) -> str | None:
+        if obj["kind"] != "PersistentVolumeClaim":
+            return super().apply_or_refusal(obj)
         self.calls.append(("resize", obj["spec"]["resources"]["requests"]["storage"]))
         return self.refusal
 

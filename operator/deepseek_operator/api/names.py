@@ -16,3 +16,7 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 
 # The worker image used when spec.worker.image is unset: the one released with this operator.
 DEFAULT_WORKER_IMAGE = f"dsworker:{__version__}"
+
+# The suffix of the rank-discovery (headless) Service; the API Service carries no suffix, so a
+# deployment's name must not end in this one.
+HEADLESS_SUFFIX = "-ranks"

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .base import ApiModel, Rule
 from .model import ABSOLUTE_PATH, DNS_SUBDOMAIN
-
-# The Kubernetes resource.Quantity syntax, e.g. 2Ti, 500Gi, 1e12.
-QUANTITY = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|"
-    r"([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
-)
+from .resources import QUANTITY, check_resources
 
 
 def _no_server_default(schema: dict[str, Any]) -> None:
@@ -135,8 +130,8 @@ class Sharding(ApiModel):
     )
     resources: dict[str, Any] | None = Field(
         None,
-        description="Compute resources of the sharder container (core/v1 ResourceRequirements). "
-        "Default: none set.",
+        description="Compute resources of the sharder container (core/v1 ResourceRequirements), "
+        "checked like spec.worker.resources. Default: none set.",
     )
     image: str | None = Field(
         None,
@@ -144,3 +139,5 @@ class Sharding(ApiModel):
         max_length=1024,
         description="Image of the sharding Job. Default: spec.worker.image.",
     )
+
+    _check_resources = field_validator("resources")(check_resources)

@@ -10,7 +10,7 @@ from .base import ApiModel, Rule, section
 from .expert_parallel import ExpertParallel
 from .features import Features
 from .model import ModelSpec
-from .names import API_VERSION, KIND
+from .names import API_VERSION, HEADLESS_SUFFIX, KIND
 from .parallelism import Parallelism
 from .serving import Serving
 from .sharding import Sharding
@@ -114,6 +114,20 @@ class DeepSeekDeploymentSpec(ApiModel):
 
 class DeepSeekDeployment(ApiModel):
     """A DeepSeek MoE model served with expert parallelism from offline-sharded weights."""
+
+    __rules__ = (
+        # The API Service is named <name> and the rank-discovery Service <name>-ranks: a
+        # deployment named "a-ranks" would fight "a" over one Service.
+        Rule(
+            "name-not-ranks",
+            f"metadata.name: a name ending in {HEADLESS_SUFFIX} would take the name of the "
+            f"rank-discovery Service of the deployment named without {HEADLESS_SUFFIX}; choose a "
+            f"name that does not end in {HEADLESS_SUFFIX}",
+            lambda d: not str(d.metadata.get("name") or "").endswith(HEADLESS_SUFFIX),
+            "!has(self.metadata) || !has(self.metadata.name) || "
+            f"!self.metadata.name.endsWith('{HEADLESS_SUFFIX}')",
+        ),
+    )
 
     api_version: Literal["llm.dsop.io/v1alpha1"] = Field(
         API_VERSION, description="API version of this object: llm.dsop.io/v1alpha1."

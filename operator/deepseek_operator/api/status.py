@@ -104,7 +104,10 @@ class DeepSeekDeploymentStatus(StatusModel):
         None, pattern=r"^[0-9]+/[0-9]+$", description="Ready worker pods, as n/m."
     )
     group_restarts: int | None = Field(
-        None, ge=0, description="Group restarts spent of spec.worker.restartBudget."
+        None,
+        ge=0,
+        description="Group restarts spent of spec.worker.restartBudget (back to 0 once the group "
+        "has been Ready for 10 minutes without interruption).",
     )
     endpoint: str | None = Field(None, description="In-cluster URL of the OpenAI-compatible API.")
     message: str | None = Field(None, description="What is happening, or what to fix.")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from .base import ApiModel, section
+from .base import ApiModel, Rule, section
 from .names import DEFAULT_WORKER_IMAGE
+from .resources import EnvVar, check_resources
 
 AcceleratorType = Literal["npu", "gpu", "cpu"]
 
@@ -41,6 +42,16 @@ class Accelerator(ApiModel):
 class Worker(ApiModel):
     """The worker pods: one per node, devicesPerNode ranks each."""
 
+    __rules__ = (
+        # The CRD declares env a list map keyed by name: the API server refuses duplicates itself.
+        Rule(
+            "env-names-unique",
+            "spec.worker.env: each name may appear only once; remove the repeated entries",
+            lambda w: len({e.name for e in w.env or ()}) == len(w.env or ()),
+            None,
+        ),
+    )
+
     image: str | None = Field(
         None,
         min_length=1,
@@ -54,7 +65,8 @@ class Worker(ApiModel):
     resources: dict[str, Any] | None = Field(
         None,
         description="Extra compute resources of the worker container (core/v1 "
-        "ResourceRequirements); the accelerator request is added by the operator.",
+        "ResourceRequirements); the accelerator request is added by the operator. The operator "
+        "checks the quantities (and that no request exceeds its limit) before it creates pods.",
     )
     node_selector: dict[str, str] | None = Field(
         None, description="Node labels the worker pods must match (core/v1 nodeSelector)."
@@ -65,8 +77,12 @@ class Worker(ApiModel):
     affinity: dict[str, Any] | None = Field(
         None, description="Affinity of the worker pods (core/v1 Affinity)."
     )
-    env: list[dict[str, Any]] | None = Field(
-        None, description="Extra environment variables of the engine (core/v1 EnvVar list)."
+    env: list[EnvVar] | None = Field(
+        None,
+        max_length=256,
+        description="Extra environment variables of the engine (core/v1 EnvVar list). An entry "
+        "named like one the operator sets replaces it.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     pod_annotations: dict[str, str] | None = Field(
         None, description="Annotations added to the worker pods."
@@ -84,8 +100,11 @@ class Worker(ApiModel):
         ge=0,
         le=1000,
         description="Group restarts (all worker pods restarted together when one fails) before "
-        "the deployment is marked Failed.",
+        "the deployment is marked Failed. The count starts again once the group has been Ready "
+        "for 10 minutes without interruption.",
     )
+
+    _check_resources = field_validator("resources")(check_resources)
 
     def _resolve(self) -> None:
         if self.image is None:

@@ -11,6 +11,7 @@ import hashlib
 import re
 
 from ..api import GROUP
+from ..api.names import HEADLESS_SUFFIX
 
 MANAGER = "deepseek-operator"
 """Field manager of every server-side apply and the managed-by label value."""
@@ -109,10 +110,13 @@ def statefulset(name: str) -> str:
 
 
 def headless_service(name: str) -> str:
-    return f"{base_name(name)}-ranks"
+    return f"{base_name(name)}{HEADLESS_SUFFIX}"
 
 
 def client_service(name: str) -> str:
+    """The API Service: the name itself, so the endpoint reads well. It cannot take another
+    deployment's headless Service name: the API refuses names ending in HEADLESS_SUFFIX, and a
+    rewritten base name ends in a hash."""
     return base_name(name)
 
 

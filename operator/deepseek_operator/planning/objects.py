@@ -16,6 +16,8 @@ from dsworker.engine_config import EngineConfig
 
 from ..api import API_VERSION, KIND, DeepSeekDeployment, DeepSeekDeploymentSpec
 from . import names
+from .observed import EXIT_BAD_INPUT
+from .quantity import parse_quantity
 
 Obj = dict[str, Any]
 
@@ -27,6 +29,9 @@ ENGINE_CONFIG_FILE = "engine.json"
 MASTER_PORT = 29500
 RUN_AS = 10001  # the uid of the dsworker images
 GIB = 1 << 30
+# /dev/shm of the engine (torch.distributed and NCCL/HCCL buffers): memory-backed, so bounded. An
+# emptyDir of medium Memory counts against the pod's memory; past the limit the pod is evicted.
+DSHM_SIZE = "16Gi"
 CLEANUP_TTL_SECONDS = 3600
 
 # Only rank 0 serves HTTP, but every pod of the group needs probes: readiness and start-up ask
@@ -299,6 +304,15 @@ def _env_pod_name() -> list[Obj]:
     ]
 
 
+def merge_env(own: list[Obj], user: list[Obj]) -> list[Obj]:
+    """The operator's variables with spec.worker.env merged in by name: a user's entry replaces
+    the operator's of the same name in place, the others follow. The API server keys env by name
+    and refuses a list that names a variable twice."""
+    by_name = {e["name"]: e for e in user}
+    merged = [by_name.pop(e["name"], e) for e in own]
+    return merged + [e for e in user if e["name"] in by_name]
+
+
 def _placement(spec: DeepSeekDeploymentSpec) -> Obj:
     worker = spec.worker
     out: Obj = {}
@@ -378,8 +392,10 @@ def shard_job(ctx: Context) -> Obj:
             {"name": "tmp", "emptyDir": {}},
         ],
     }
-    if host_path_store(spec):
-        pod_spec.update(_placement(spec))  # the shards must land on the workers' node
+    if host_path_store(spec) or spec.model.source.host_path is not None:
+        # A hostPath store: the shards must land on the workers' node. A hostPath checkpoint: it
+        # is on the nodes the workers are placed on, not necessarily on any other.
+        pod_spec.update(_placement(spec))
     labels = names.labels(ctx.name, names.SHARDER)
     labels[names.FINGERPRINT_LABEL] = names.short_fingerprint(ctx.fingerprint)
     return {
@@ -397,6 +413,20 @@ def shard_job(ctx: Context) -> Obj:
         "spec": {
             "backoffLimit": sharding.backoff_limit,
             "activeDeadlineSeconds": sharding.active_deadline_seconds,
+            # Bad input (exit code 2: the checkpoint or plan cannot work) fails the Job at once;
+            # the retries of backoffLimit are for what may pass (a node lost, out of memory).
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": "shard",
+                            "operator": "In",
+                            "values": [EXIT_BAD_INPUT],
+                        },
+                    }
+                ]
+            },
             "template": {
                 "metadata": {
                     "labels": labels,
@@ -509,7 +539,9 @@ def endpoint(ctx: Context) -> str:
 
 
 def disruption_budget(ctx: Context) -> Obj:
-    """Every worker is needed: a voluntary eviction of one would take the whole group down."""
+    """Every worker is needed: a voluntary eviction of one would take the whole group down, so a
+    drain waits while the group is healthy. A group that is not serving anyway (a pod not Ready)
+    must not block a drain: its pods may always be evicted."""
     return {
         "apiVersion": "policy/v1",
         "kind": "PodDisruptionBudget",
@@ -517,6 +549,7 @@ def disruption_budget(ctx: Context) -> Obj:
         "spec": {
             "minAvailable": ctx.spec.parallelism.nodes,
             "selector": {"matchLabels": names.selector_labels(ctx.name, names.WORKER)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
 
@@ -544,7 +577,10 @@ def _quantity(n: int) -> str:
     return f"{math.ceil(n / (1 << 20))}Mi"
 
 
-def _resources(spec: DeepSeekDeploymentSpec) -> Obj:
+def _resources(spec: DeepSeekDeploymentSpec, staged: int | None = None) -> Obj:
+    """spec.worker.resources with the devices added and, when the pod stages its shards into
+    memory, the staged bytes added to the memory request (and to the limit, if one is set): the
+    tmpfs is memory the pod uses on top of what the engine needs."""
     worker = spec.worker
     res: Obj = {k: dict(v) for k, v in (worker.resources or {}).items() if isinstance(v, Mapping)}
     resource = worker.accelerator.resource_name
@@ -552,7 +588,19 @@ def _resources(spec: DeepSeekDeploymentSpec) -> Obj:
         count = str(spec.parallelism.devices_per_node)
         res.setdefault("limits", {})[resource] = count
         res.setdefault("requests", {})[resource] = count
+    if staged:
+        requests = res.setdefault("requests", {})
+        requests["memory"] = _quantity(_bytes(requests.get("memory")) + staged)
+        limits = res.get("limits") or {}
+        if "memory" in limits:
+            limits["memory"] = _quantity(_bytes(limits["memory"]) + staged)
     return res
+
+
+def _bytes(quantity: Any) -> int:
+    """A memory quantity of the spec in bytes (validated already; absent is 0)."""
+    value = parse_quantity(quantity) if quantity is not None else None
+    return math.ceil(value) if value is not None else 0
 
 
 def _probe(kind: str, ctx: Context) -> Obj:
@@ -597,9 +645,10 @@ def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Ob
     volumes: list[Obj] = [
         {"name": "engine-config", "configMap": {"name": names.config_map(ctx.name)}},
         {"name": "tmp", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": DSHM_SIZE}},
     ]
     init: list[Obj] = []
+    staged_size: int | None = None
     if not spec.sharding.enabled:
         volumes.append(source_volume(spec))
         mounts.append({"name": "source", "mountPath": SOURCE_MOUNT, "readOnly": True})
@@ -608,7 +657,8 @@ def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Ob
         if stages(spec):
             staged: Obj = {"medium": "Memory"}
             if shard_bytes:
-                staged["sizeLimit"] = _quantity(staged_bytes(spec, shard_bytes))
+                staged_size = staged_bytes(spec, shard_bytes)
+                staged["sizeLimit"] = _quantity(staged_size)
             volumes.append({"name": "model", "emptyDir": staged})
             mounts.append({"name": "model", "mountPath": STAGED_MOUNT, "readOnly": True})
             init.append(
@@ -647,7 +697,7 @@ def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Ob
     ]
     if spec.model.mtp:
         env.append({"name": "DEEPSEEK_MTP", "value": "1"})
-    env += [dict(e) for e in worker.env or ()]  # the user's last, so they may override
+    env = merge_env(env, [e.to_dict() for e in worker.env or ()])
     engine: Obj = {
         "name": "engine",
         "image": worker.image,
@@ -680,7 +730,7 @@ def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Ob
         "volumeMounts": mounts,
         **worker_probes(ctx),
     }
-    resources = _resources(spec)
+    resources = _resources(spec, staged_size)
     if resources:
         engine["resources"] = resources
         if init:

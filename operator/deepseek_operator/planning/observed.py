@@ -35,6 +35,10 @@ class Observed:
     # The API server's answer when it refused the store claim resize this reconcile planned (a
     # storage class without allowVolumeExpansion, ...): the planner reports it and plans again.
     store_resize_refused: str | None = None
+    # Children the API server refused to store in this reconcile ("StatefulSet r1-worker" -> its
+    # message): a 4xx for something in the spec it passes through (resources, env, tolerations,
+    # affinity) or an admission policy. The planner reports them; nothing retries faster.
+    rejected: dict[str, str] = field(default_factory=dict)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def component_pods(self, component: str) -> list[Obj]:
@@ -193,7 +197,50 @@ def failure(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
-PodStage = Literal["unschedulable", "pending", "staging", "loading", "ready"]
+def bad_input(pod: Mapping[str, Any]) -> str | None:
+    """What a worker pod's container said when it exited with dsworker's bad-input code (the
+    checkpoint or plan cannot work: restarting cannot help), else None."""
+    status = pod.get("status") or {}
+    for cs in [
+        *(status.get("initContainerStatuses") or ()),
+        *(status.get("containerStatuses") or ()),
+    ]:
+        single = {"status": {"containerStatuses": [cs]}}
+        term = termination([single], succeeded=False)
+        if term is not None and term.bad_input:
+            detail = term.error or term.message or f"exit code {EXIT_BAD_INPUT}"
+            return f"worker pod {meta(pod).get('name', '?')} ({cs.get('name')}): {detail}"
+    return None
+
+
+# Waiting reasons of a container that will not start until something is fixed (the kubelet
+# retries, but only a fixed image name, registry credential, ConfigMap or Secret helps).
+IMAGE_PROBLEMS = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+)
+CONFIG_PROBLEMS = frozenset({"CreateContainerConfigError", "CreateContainerError"})
+
+
+def container_problem(pod: Mapping[str, Any]) -> tuple[Literal["image", "config"], str] | None:
+    """("image" or "config", detail) when a container of the pod cannot start: its image cannot be
+    pulled, or the kubelet cannot create it (a missing Secret or ConfigMap key, ...)."""
+    status = pod.get("status") or {}
+    for cs in [
+        *(status.get("initContainerStatuses") or ()),
+        *(status.get("containerStatuses") or ()),
+    ]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in IMAGE_PROBLEMS or reason in CONFIG_PROBLEMS:
+            message = str(waiting.get("message") or "").strip()
+            detail = f"pod {meta(pod).get('name', '?')} container {cs.get('name')}: {reason}" + (
+                f": {message[-MAX_MESSAGE // 2 :]}" if message else ""
+            )
+            return ("image" if reason in IMAGE_PROBLEMS else "config"), detail
+    return None
+
+
+PodStage = Literal["unschedulable", "image", "config", "pending", "staging", "loading", "ready"]
 
 
 def pod_stage(pod: Mapping[str, Any]) -> tuple[PodStage, str]:
@@ -204,6 +251,9 @@ def pod_stage(pod: Mapping[str, Any]) -> tuple[PodStage, str]:
     why = unschedulable(pod)
     if why:
         return "unschedulable", f"pod {name} cannot be scheduled: {why}"
+    problem = container_problem(pod)
+    if problem:
+        return problem
     status = pod.get("status") or {}
     for cs in status.get("initContainerStatuses") or ():
         state = cs.get("state") or {}

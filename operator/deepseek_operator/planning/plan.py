@@ -27,6 +27,8 @@ from .observed import (
     Obj,
     Observed,
     annotation,
+    bad_input,
+    container_problem,
     failure,
     job_failure_reason,
     job_state,
@@ -150,10 +152,12 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
     fp = fingerprint(spec, model_config, owner=f"{dep.namespace}/{dep.name}")
     ctx = objects.Context(dep, str(md.get("uid") or ""), fp, generation)
     retry = previous.phase == "Failed" and previous.observed_generation not in (None, generation)
+    # Failed for the workers holds until the spec changes: the budget is spent, or a worker said
+    # its input cannot work.
     sticky = (
         previous.phase == "Failed"
         and previous.observed_generation == generation
-        and _reason(previous, WORKERS_READY) == st.RESTART_BUDGET_EXHAUSTED
+        and _reason(previous, WORKERS_READY) in (st.RESTART_BUDGET_EXHAUSTED, st.CONFIG_MISMATCH)
     )
     return _Planner(ctx, observed, previous, warnings, retry, sticky).run()
 
@@ -283,6 +287,23 @@ def expansion_failure(status: Mapping[str, Any]) -> str:
     return state if state in RESIZE_INFEASIBLE else ""
 
 
+# A group that has served this long without interruption gets its whole restart budget back:
+# the budget stops crash loops, not the rare failure of a group that runs for months.
+RESTART_BUDGET_RESET_SECONDS = 600
+
+# The spec fields each kind of child passes through to the API server: where to look when one is
+# refused.
+CHILD_FIELDS = {
+    "StatefulSet": "fix spec.worker: resources, env, nodeSelector, tolerations, affinity, "
+    "podAnnotations, priorityClassName, schedulerName",
+    "Job": "fix spec.sharding.resources, or spec.worker placement and imagePullPolicy",
+    "PersistentVolumeClaim": "fix spec.sharding.store.pvc",
+    "Service": "fix spec.serving.port",
+    "PodDisruptionBudget": "fix spec.parallelism.nodes",
+    "ConfigMap": "fix spec.serving",
+}
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
@@ -307,6 +328,7 @@ class _Workers:
     stage: str = "none"
     message: str = ""
     budget_exhausted: bool = False
+    bad_input: bool = False  # a worker exited with dsworker's bad-input code
 
     @classmethod
     def not_ready(cls, reason: str, text: str, **kw: Any) -> _Workers:
@@ -335,6 +357,24 @@ class _Planner:
         self.counted: list[str] = []
         self.resize: Obj | None = None
         self.restarts = 0 if retry else (previous.group_restarts or 0)
+        if self.restarts and self._served_since_budget_window():
+            self.events.append(
+                EventSpec(
+                    "Normal",
+                    "RestartBudgetReset",
+                    f"the group has served for {RESTART_BUDGET_RESET_SECONDS // 60} minutes "
+                    f"without interruption: {self.restarts} spent group restart(s) forgotten",
+                )
+            )
+            self.restarts = 0
+
+    def _served_since_budget_window(self) -> bool:
+        """Whether Ready has been True (as last written) for the whole reset window."""
+        ready = st.condition(self.previous, READY)
+        if ready is None or ready.status != "True":
+            return False
+        held = (self.observed.now - ready.last_transition_time).total_seconds()
+        return held >= RESTART_BUDGET_RESET_SECONDS
 
     # ------------------------------------------------------------------------------ run
 
@@ -352,7 +392,7 @@ class _Planner:
         if shards.complete and not shards.failed:
             config_map = objects.engine_config_map(ctx)
             digest = config_map["metadata"]["annotations"][names.ENGINE_CONFIG_ANNOTATION]
-            desired_sts = objects.statefulset(ctx, digest, (shards.summary or {}).get("bytes"))
+            desired_sts = objects.statefulset(ctx, digest, self._shard_bytes(shards))
             desired_sts["metadata"]["annotations"][names.TEMPLATE_ANNOTATION] = _digest(
                 desired_sts["spec"]
             )
@@ -365,7 +405,13 @@ class _Planner:
         )
         if shards.bad_input:
             validated = Cond(VALIDATED, "False", st.CONFIG_MISMATCH, shards.message)
+        if workers.bad_input:
+            validated = Cond(VALIDATED, "False", st.CONFIG_MISMATCH, workers.message)
         phase, message = self._phase(shards, workers, serving_previous)
+        rejected = self._rejected()
+        if rejected:
+            validated = Cond(VALIDATED, "False", st.CHILD_REJECTED, rejected)
+            phase, message = "Failed", rejected
         if phase == "Ready":
             self._remove_old_shards()
         world = ctx.spec.parallelism.world()
@@ -421,6 +467,21 @@ class _Planner:
             self.events.append(EventSpec("Warning", "SpecWarning", st.truncate(spec_text)))
         reason = st.STORE_SPEC_NOT_APPLIED if store_warning else st.VALID_WITH_WARNINGS
         return Cond(VALIDATED, "True", reason, text)
+
+    def _rejected(self) -> str:
+        """What the API server refused to store, with the spec fields the child is built from;
+        a Warning Event when the message is new."""
+        texts = [
+            f"the API server refused {child} ({CHILD_FIELDS.get(child.split()[0], 'the spec')}): "
+            f"{why}"
+            for child, why in sorted(self.observed.rejected.items())
+        ]
+        text = "; ".join(texts)
+        if text:
+            old = st.condition(self.previous, VALIDATED)
+            if old is None or old.reason != st.CHILD_REJECTED or old.message != text:
+                self.events.append(EventSpec("Warning", "ChildRejected", st.truncate(text)))
+        return text
 
     # ----------------------------------------------------------------------------- store
 
@@ -542,6 +603,12 @@ class _Planner:
             return _Shards(
                 Cond(SHARDED, "True", st.SHARDS_COMPLETE, text), complete=True, summary=summary
             )
+        problem = next((found for p in pods if (found := container_problem(p))), None)
+        if problem and not claim_pending:
+            kind, detail = problem
+            reason = st.IMAGE_PULL_FAILED if kind == "image" else st.CONTAINER_CONFIG_ERROR
+            text = f"sharding Job {job_name} cannot start: {detail}"
+            return _Shards(Cond(SHARDED, "False", reason, text), waiting=True, message=text)
         waiting = claim_pending or next(
             (
                 f"sharding pod {meta(p).get('name')} cannot be scheduled: {why}"
@@ -565,6 +632,22 @@ class _Planner:
             f"sharding Job {job_name} is writing {plan_text} to {names.shard_dir(ctx.fingerprint)}"
         )
         return _Shards(Cond(SHARDED, "False", st.SHARDING_IN_PROGRESS, text), message=text)
+
+    def _shard_bytes(self, shards: _Shards) -> int | None:
+        """The bytes of the current shards: from the sharder's termination message, else as
+        recorded in the status for the same fingerprint. The sharder's pod may be garbage-collected
+        long after the Job completed; a fact that went missing must not change the worker template
+        (that would restart a serving group)."""
+        if shards.summary and shards.summary.get("bytes") is not None:
+            return int(shards.summary["bytes"])
+        old = self.previous.shards
+        if (
+            old is not None
+            and old.bytes is not None
+            and (self.previous.fingerprint == self.ctx.fingerprint)
+        ):
+            return old.bytes
+        return None
 
     def _plan_text(self) -> str:
         p = self.spec.parallelism.to_plan()
@@ -606,13 +689,15 @@ class _Planner:
         replicas = int((sts.get("spec") or {}).get("replicas") or 0)
         if self.sticky:
             old = st.condition(self.previous, WORKERS_READY)
+            reason = old.reason if old else st.RESTART_BUDGET_EXHAUSTED
             text = old.message if old else "the restart budget is spent"
             return _Workers.not_ready(
-                st.RESTART_BUDGET_EXHAUSTED,
+                reason,
                 text,
                 ready=ready,
                 replicas=replicas,
-                budget_exhausted=True,
+                budget_exhausted=reason == st.RESTART_BUDGET_EXHAUSTED,
+                bad_input=reason == st.CONFIG_MISMATCH,
             )
         status = sts.get("status") or {}
         settled = int(status.get("observedGeneration") or 0) >= int(
@@ -636,6 +721,11 @@ class _Planner:
             text = "replacing the worker group with the new template"
             return _Workers.not_ready(st.ROLLING_OUT, text, replicas=replicas, stage="rolling")
 
+        rejected = self._bad_input(pods)
+        if rejected:
+            return _Workers.not_ready(
+                st.CONFIG_MISMATCH, rejected, ready=ready, replicas=replicas, bad_input=True
+            )
         failures = self._failures(pods)
         if failures:
             return self._restart_group(pods, failures, ready, replicas)
@@ -660,6 +750,8 @@ class _Planner:
             )
         stages = [pod_stage(p) for p in pods]
         for kind, reason in (
+            ("image", st.IMAGE_PULL_FAILED),
+            ("config", st.CONTAINER_CONFIG_ERROR),
             ("unschedulable", st.UNSCHEDULABLE),
             ("staging", st.STAGING),
             ("pending", st.STARTING),
@@ -708,6 +800,22 @@ class _Planner:
         self.events.append(EventSpec("Warning", "GroupRestart", st.truncate(text)))
         return _Workers.not_ready(st.GROUP_RESTARTING, text, replicas=replicas, stage="restarting")
 
+    def _bad_input(self, pods: list[Obj]) -> str:
+        """A worker that exited with the bad-input code, as the sharder does: the plan or the
+        checkpoint cannot work, so the group is not restarted (no budget spent) and the
+        deployment fails at once, until the spec changes. Right after a spec change the pod that
+        said so is an ordinary failure: the group restarts to try the new spec."""
+        if self.retry:
+            return ""
+        seen = {uid(p) for p in pods}
+        hints = [h for h in self.observed.failed_pods if uid(h) not in seen and not terminating(h)]
+        for pod in [*pods, *hints]:
+            why = bad_input(pod)
+            if why:
+                self.counted.append(uid(pod))
+                return why
+        return ""
+
     def _failures(self, pods: list[Obj]) -> list[tuple[str, str]]:
         out = [(uid(p), why) for p in pods if (why := failure(p))]
         known = {uid(p) for p in self.observed.component_pods(names.WORKER)}
@@ -734,7 +842,7 @@ class _Planner:
         self, shards: _Shards, workers: _Workers, serving_previous: bool
     ) -> tuple[Phase, str]:
         prev = self.previous
-        if workers.budget_exhausted:
+        if workers.budget_exhausted or workers.bad_input:
             return "Failed", workers.message
         if shards.failed:
             return "Failed", shards.message
@@ -748,7 +856,7 @@ class _Planner:
         was_ready = prev.phase in ("Ready", "Degraded") and prev.fingerprint == self.ctx.fingerprint
         if was_ready:
             return "Degraded", workers.message or "a worker was lost"
-        if workers.stage == "unschedulable":
+        if workers.stage in ("unschedulable", "image", "config"):
             return "Pending", workers.message
         if workers.stage in ("staging", "starting", "pending", "rolling", "waiting"):
             return "Staging", workers.message or "creating the workers"

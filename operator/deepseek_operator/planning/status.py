@@ -38,6 +38,9 @@ CONFIG_MISMATCH = "ConfigMismatch"
 # smaller size, another storage class, a resize the API server refused).
 STORE_SPEC_NOT_APPLIED = "StoreSpecNotApplied"
 NOT_VALIDATED = "NotValidated"
+# Valid to the CRD, but the API server refused a child built from it (a field passed through to
+# pods that it rejects, an admission policy): the message is the API server's.
+CHILD_REJECTED = "ChildRejected"
 
 SHARDS_COMPLETE = "ShardsComplete"
 SHARDING_DISABLED = "ShardingDisabled"
@@ -45,6 +48,10 @@ STORE_NOT_BOUND = "StoreNotBound"
 SHARDING_PENDING = "ShardingPending"
 SHARDING_IN_PROGRESS = "ShardingInProgress"
 SHARDING_FAILED = "ShardingFailed"
+
+# A container (the sharder's or a worker's) cannot start: Sharded or WorkersReady False.
+IMAGE_PULL_FAILED = "ImagePullFailed"
+CONTAINER_CONFIG_ERROR = "ContainerConfigError"
 
 WAITING_FOR_SHARDS = "WaitingForShards"
 UNSCHEDULABLE = "Unschedulable"
