@@ -745,6 +745,9 @@ def test_engine_config_map_carries_the_decode_step_switches() -> None:
     assert config(body).prefixCaching
     body["spec"]["serving"]["prefixCaching"] = False
     assert not config(body).prefixCaching
+    assert config(body).reasoningParser is None
+    body["spec"]["serving"]["reasoningParser"] = "deepseek_r1"
+    assert config(body).reasoningParser == "deepseek_r1"
 
 
 def test_services() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from .base import ApiModel, Rule
@@ -85,4 +87,10 @@ class Serving(ApiModel):
         description="Draft tokens per sequence and decode step when spec.model.mtp is true "
         "(num_speculative_tokens): the MTP layer's own draft, then the layer again on each "
         "draft; the main model verifies them all in one step.",
+    )
+    reasoning_parser: Literal["deepseek_r1"] | None = Field(
+        None,
+        description="deepseek_r1: chat answers carry DeepSeek-R1's thinking (the text up to "
+        "`</think>`) as reasoning_content and the rest as content, as DeepSeek's API does "
+        "(reasoningParser); unset returns the raw text.",
     )

@@ -130,6 +130,7 @@ def engine_config(spec: DeepSeekDeploymentSpec) -> EngineConfig:
         npuMemSize=serving.npu_mem_size,
         cacheBlockSize=serving.cache_block_size,
         prefixCaching=serving.prefix_caching,
+        reasoningParser=serving.reasoning_parser,
         cudaGraphs=serving.cuda_graphs,
         torchCompile=serving.torch_compile,
         worldSize=plan.world_size,
