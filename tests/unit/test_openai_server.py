@@ -391,6 +391,8 @@ def test_metrics_count_requests_and_tokens(served) -> None:
     assert "dsworker_prompt_tokens_total 2.0" in text
     assert "dsworker_time_to_first_token_seconds_count 1.0" in text
     assert "dsworker_inter_token_latency_seconds_count 1.0" in text
+    assert "dsworker_request_queue_seconds_count 1.0" in text
+    assert "dsworker_kv_cache_usage_ratio 0.0" in text  # both ended: nothing held
     for name in ("dsworker_running_batch_size", "dsworker_load_gigabytes_per_second",
                  "dsworker_dropped_routed_rows_total"):  # fmt: skip
         assert name in text

@@ -508,3 +508,17 @@ def test_identical_prompts_arriving_together_compute_their_pages_once(caching: b
             (1, 8, 1)
         ]
         assert s.reused_tokens == 8
+
+
+def test_kv_usage_counts_held_pages_not_idle_prefix_pages() -> None:
+    s = Scheduler(2, 32, 64, paging=Paging(page_size=4, pages=8, dp=2))
+    s.add(Sequence(0, list(range(9)), 2))  # 11 positions: 3 pages of group 0's 8
+    assert s.kv_usage == 0.0
+    run_step(s)
+    assert s.kv_usage == 3 / 16
+    s.finish(0, FinishReason.STOP)  # two full pages stay idle for prefix caching
+    assert s.kv_usage == 0.0 and len(s.pools[0].idle) == 2
+    slots = Scheduler(4, 32, 64)
+    slots.add(Sequence(0, [1, 2], 2))
+    run_step(slots)
+    assert slots.kv_usage == 0.25

@@ -101,6 +101,7 @@ class _Live:
     generator: torch.Generator | None
     arrived: float
     last_token_at: float | None = None
+    started: bool = False  # in a step yet (the queue time is observed then)
     prompt_logprobs: list[sampling.TokenLogprob] = field(default_factory=list)
 
 
@@ -235,9 +236,15 @@ class EngineLoop:
             self.metrics.prefix_cache_hits.inc(self.scheduler.reused_tokens - reused)
         self.metrics.running.set(self.scheduler.num_running)
         self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_usage.set(self.scheduler.kv_usage)
         if step is None:
             return False
         t0 = time.monotonic()
+        for item in step.items:
+            live = self._live.get(item.seq_id)
+            if live is not None and not live.started:
+                live.started = True
+                self.metrics.queue_seconds.observe(t0 - live.arrived)
         self.channel.send(Message(STEP, step))
         try:
             logits = self.runner.run(step)

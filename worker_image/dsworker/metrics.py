@@ -71,6 +71,18 @@ class Metrics:
             buckets=_ITL_BUCKETS,
             registry=r,
         )
+        self.queue_seconds = Histogram(
+            "dsworker_request_queue_seconds",
+            "From request arrival to its first step (waiting for a KV slot and pages).",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.kv_usage = Gauge(
+            "dsworker_kv_cache_usage_ratio",
+            "Share of the KV cache (pages, or slots without paging) running sequences hold; "
+            "pages kept only for prefix caching count as free.",
+            registry=r,
+        )
         self.running = Gauge(
             "dsworker_running_batch_size", "Sequences holding a KV slot.", registry=r
         )

@@ -258,6 +258,14 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def kv_usage(self) -> float:
+        """Share of the KV cache running sequences hold (idle prefix pages count as free)."""
+        if self.paging is None:
+            return len(self.running) / self.max_batch_size
+        held = sum(len(pool.refs) for pool in self.pools)
+        return held / (self.paging.pages * self.paging.dp)
+
     def schedule(self) -> Step | None:
         """The next step, or None when nothing can run."""
         items: list[StepItem] = []
