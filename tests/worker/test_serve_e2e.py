@@ -208,6 +208,25 @@ def test_logprobs_match_transformers(server: Server, reference) -> None:
         assert {tok.decode([t]) for t in best.indices.tolist()} <= set(top)
 
 
+def test_echo_scores_the_prompt_like_transformers(server: Server, reference) -> None:
+    """lm-evaluation-harness's loglikelihood request: echo, logprobs, one new token; the 2-rank
+    EP level 2 server's prompt logprobs are transformers' log-softmax at each position."""
+    model, tok = reference
+    prompt = [5, 17, 42, 99, 7, 250, 3, 11, 12]
+    body = {"prompt": prompt, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    r = server.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    assert lp["tokens"][:-1] == [tok.decode([t]) for t in prompt]
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:-1] == pytest.approx(
+        [want[i, t].item() for i, t in enumerate(prompt[1:])], abs=1e-4
+    )
+    assert lp["token_logprobs"][-1] == pytest.approx(want[-1].max().item(), abs=1e-4)
+
+
 def test_penalties_match_transformers(server: Server, reference) -> None:
     model, _ = reference
     prompt = [5, 17, 42, 99, 7, 250, 3]
