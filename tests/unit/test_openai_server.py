@@ -29,16 +29,9 @@ from dsworker.scheduler import Scheduler, Step
 from dsworker.server import ServerState, create_app
 from dsworker.tokenizer import TextTokenizer
 
-WORDS = [
-    "<s>",
-    "</s>",
-    "User:",
-    "Assistant:",
-    *[f"w{i}" for i in range(60)],
-    "</think>",
-    "a1",
-    "a2",
-]
+FIM = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
+WORDS = ["<s>", "</s>", "User:", "Assistant:", *[f"w{i}" for i in range(60)], "</think>", "a1", "a2",
+         *FIM]  # fmt: skip
 EOS_ID = 1
 
 
@@ -73,7 +66,7 @@ class CountingRunner:
 def write_model_dir(d: Path, chat_template: str | None = None) -> Path:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="</s>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<s>", "</s>"])
+    tok.add_special_tokens(["<s>", "</s>", *FIM])
     tok.save(str(d / "tokenizer.json"))
     cfg = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
     if chat_template:
@@ -244,6 +237,20 @@ def test_logprobs_of_completions_and_streamed_chat(served) -> None:
     assert [e["bytes"] for e in entries] == [list(b"w0"), list(b"w1")]
     assert [e["logprob"] for e in entries] == pytest.approx([want, want], abs=1e-6)
     assert [[t["token"] for t in e["top_logprobs"]] for e in entries] == [["w0"], ["w1"]]
+
+
+def test_suffix_asks_for_the_middle_in_deepseeks_fim_format(served) -> None:
+    client, state, runner = served
+    body = {"prompt": "w1 w2", "suffix": "w8", "max_tokens": 1, "temperature": 0}
+    assert client.post("/v1/completions", json=body).status_code == 200
+    first = [s for s in runner.steps if s.items and s.items[0].start == 0][-1]
+    assert list(first.items[0].tokens) == ids("<s>", FIM[0], "w1", "w2", FIM[1], "w8", FIM[2])
+    for bad in ({"prompt": [5, 6]}, {"echo": True}):
+        r = client.post("/v1/completions", json=body | bad)
+        assert r.status_code == 400 and "suffix" in r.json()["error"]["message"]
+    state.tokenizer.fim_tokens = None  # a tokenizer without the markers
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
 
 
 def test_echo_prefixes_the_prompt_and_its_logprobs(served) -> None:

@@ -164,15 +164,17 @@ class CompletionRequest(_Common):
     echo: bool = Field(
         False, description="Prefix each choice with its prompt (and the prompt's logprobs)."
     )
-    suffix: str | None = None
+    suffix: str | None = Field(
+        None,
+        description="Fill in the middle: the text after the completion (models with FIM tokens).",
+    )
     best_of: int | None = Field(None, ge=1, le=1)
 
-    @field_validator("suffix")
-    @classmethod
-    def _suffix(cls, v: str | None) -> str | None:
-        if v:
-            raise ValueError("suffix is not supported")
-        return v
+    @model_validator(mode="after")
+    def _suffix_with_text(self) -> CompletionRequest:
+        if self.suffix is not None and self.echo:
+            raise ValueError("suffix and echo cannot be combined")
+        return self
 
     def logprob_count(self) -> int | None:
         return self.logprobs

@@ -45,6 +45,7 @@ class Tokenizer(Protocol):
     eos_token_ids: frozenset[int]
     chat_template: str | None
     vocab_size: int
+    fim_tokens: tuple[str, ...] | None
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
@@ -246,6 +247,21 @@ def create_app(state: ServerState) -> FastAPI:
             for i in range(body.n)
         ]
 
+    def _fill_in_the_middle(prompt: str | list[int], suffix: str) -> str:
+        """DeepSeek's FIM prompt: the model writes what goes between `prompt` and `suffix`."""
+        assert state.tokenizer is not None
+        fim = state.tokenizer.fim_tokens
+        if fim is None:
+            raise oa.ApiError(
+                "suffix needs a model whose tokenizer has DeepSeek's fill-in-the-middle tokens "
+                "(<｜fim▁begin｜>, <｜fim▁hole｜>, <｜fim▁end｜>); this one has none",
+                param="suffix",
+            )
+        if not isinstance(prompt, str):
+            raise oa.ApiError("suffix needs a text prompt, not token ids", param="suffix")
+        begin, hole, end = fim
+        return f"{begin}{prompt}{hole}{suffix}{end}"
+
     def _bytes(token: int) -> bytes:
         assert state.tokenizer is not None
         return state.tokenizer.token_bytes(token)
@@ -261,6 +277,8 @@ def create_app(state: ServerState) -> FastAPI:
         gens: list[GenRequest] = []  # choice i * n + j: prompt i's choice j, as OpenAI orders
         echoes: list[str] = []  # with echo, each choice's prompt text
         for prompt in body.prompts():
+            if body.suffix is not None:
+                prompt = _fill_in_the_middle(prompt, body.suffix)
             ids = await _encode(prompt) if isinstance(prompt, str) else prompt
             choices_of = _gen_requests(body, ids, COMPLETION_DEFAULT_MAX_TOKENS)
             gens += choices_of

@@ -88,6 +88,11 @@ class TextTokenizer:
         self.special_ids: frozenset[int] = frozenset(
             i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         )
+        # DeepSeek's fill-in-the-middle markers: <begin>prefix<hole>suffix<end>, then the middle.
+        fim = tuple(f"<｜fim▁{part}｜>" for part in ("begin", "hole", "end"))
+        self.fim_tokens: tuple[str, ...] | None = (
+            fim if all(self._tok.token_to_id(t) is not None for t in fim) else None
+        )
         decoder = self._tok.decoder
         byte_level = decoder is not None and _byte_level(json.loads(decoder.__getstate__()))
         self._unbyte = {c: b for b, c in enumerate(byte_alphabet())} if byte_level else {}
