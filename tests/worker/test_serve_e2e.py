@@ -294,6 +294,73 @@ def test_killing_a_rank_stops_the_server_non_zero(server: Server) -> None:
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks)
 
 
+def test_two_pods_serve_as_one_group_and_losing_one_stops_the_other(
+    checkpoints, reference, tmp_path: Path
+) -> None:
+    """Two launchers of one rank each (`--nodes 2`, as two pods of the StatefulSet): rank 0
+    serves the group's tokens; when the other pod goes away, rank 0's next broadcast (a request
+    or the idle heartbeat) fails and its pod exits non-zero, so the operator restarts the group."""
+    model, _ = reference
+    cfg = tmp_path / "engine.json"
+    cfg.write_text(json.dumps(ENGINE_CONFIG))
+    port, master = free_port(), str(free_port())
+    procs: list[subprocess.Popen[bytes]] = []
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for node in range(2):
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "dsworker.cli",
+                    "serve",
+                    "--model",
+                    str(checkpoints[1]),
+                    "--config",
+                    str(cfg),
+                    "--nproc-per-node",
+                    "1",
+                    "--nodes",
+                    "2",
+                    "--node-rank",
+                    str(node),
+                    "--master-addr",
+                    "127.0.0.1",
+                    "--master-port",
+                    master,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--grace-seconds",
+                    "10",
+                ],
+                stdout=logs[node].open("wb"),
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        )
+    srv = Server(procs[0], f"http://127.0.0.1:{port}", logs[0], tmp_path / "unused")
+    try:
+        srv.wait_health(200)
+        prompt = [5, 17, 42, 99, 7]
+        body = {"prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True,
+                "return_token_ids": True}  # fmt: skip
+        r = srv.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["token_ids"] == greedy(model, prompt, NEW_TOKENS)
+        os.killpg(procs[1].pid, signal.SIGKILL)  # the pod is gone, launcher and rank alike
+        rc = procs[0].wait(60)
+        assert rc != 0, srv.logs()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(30)
+
+
 def test_sigterm_stops_all_ranks_cleanly(checkpoints, tmp_path: Path) -> None:
     srv = start_server(checkpoints[1], tmp_path)
     srv.hold.touch()
