@@ -365,7 +365,9 @@ def agree_kv_pages(offer: KVPages | KVBudgetError, group: Group) -> int:
     mine = offer.pages if isinstance(offer, KVPages) else 0
     agreed = int(group.all_min(torch.tensor([mine], dtype=torch.int64)).item())
     if isinstance(offer, KVBudgetError):
-        raise offer
+        # A new exception: re-raising `offer` would tie it, through its traceback, to this frame
+        # and so to the process group (a cycle freed late, after the group is destroyed).
+        raise KVBudgetError(str(offer)) from None
     if agreed == 0:
         raise KVBudgetError(
             "KV cache: another rank's npuMemSize budget holds no maxSeqLen sequence; see its log"
