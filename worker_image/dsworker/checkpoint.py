@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,26 @@ from .safetensors_io import SafetensorsReader
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 QUANTIZATIONS = ("bf16", "fp8", "w8a8", "w8a16")
-# Files copied next to the shards besides config.json: tokenizer, generation settings, quant
-# descriptions, remote code. Anything else at the top level is copied too unless listed here.
-SKIP_AUX = {INDEX_FILE}
+# dtypes an FP8 weight_scale_inv may have (DeepSeek ships F32); decoded by quant.float_to_f32
+FLOAT_SCALE_DTYPES = ("F32", "BF16", "F16")
+# The small files copied next to the weights (SHARDED_FORMAT.md): config, generation settings,
+# tokenizer, chat template, MindIE quant descriptions. An allow-list: pickled weights
+# (pytorch_model.bin), remote code and READMEs stay behind.
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+_AUX_PATTERN = re.compile(r"^quant_model_description[A-Za-z0-9_.\-]*\.json$")
+
+
+def is_aux_file(name: str) -> bool:
+    """Whether a top-level file of a checkpoint travels with the weights."""
+    return name in AUX_FILES or bool(_AUX_PATTERN.match(name))
 
 
 def sha256_file(path: Path) -> str:
@@ -150,14 +168,8 @@ def open_checkpoint(path: str | Path) -> HFCheckpoint:
             with SafetensorsReader(t.parts[0].path) as r:
                 t.value = [int(v) for v in r.array(t.name).tolist()]
     check_shapes(config, dims, tensors, cfg_path)
-    aux = sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_file()
-        and not p.name.startswith(".")
-        and not p.name.endswith(".safetensors")
-        and p.name not in SKIP_AUX
-    )
+    check_complete(config, dims, tensors, cfg_path, "re-download the files that hold them")
+    aux = sorted(p.name for p in root.iterdir() if is_aux_file(p.name) and p.is_file())
     return HFCheckpoint(
         root=root,
         config=config,
@@ -302,6 +314,11 @@ def check_shapes(
         if suffix == "weight_packed" and len(shape) == 2:
             shape, probe = (shape[0], shape[1] * 4), module + ".weight"
         if suffix == "weight_scale_inv":
+            if t.dtype not in FLOAT_SCALE_DTYPES:
+                raise CheckpointError(
+                    f"{t.source_file}: {name} is {t.dtype}; FP8 block scales must be F32 "
+                    "(BF16/F16 are read as such) - re-download or re-export the checkpoint"
+                )
             w = tensors.get(module + ".weight")
             if w is not None and len(w.shape) == 2:
                 blk = dims.fp8_block or (128, 128)
@@ -320,3 +337,105 @@ def check_shapes(
                 f"{list(exp[0])} = {exp[1]} for {probe}; the config does not belong to these "
                 "weights - fix those config.json fields or use the matching config"
             )
+
+
+# Stored names under which a linear layer's weight may appear (plain/FP8/W8A8, W8A16, GPTQ-style).
+_WEIGHT_NAMES = ("weight", "weight_packed", "qweight")
+_MTP_ONLY = ("embed_tokens", "enorm", "hnorm", "shared_head.norm")
+_MTP_LINEAR = ("eh_proj", "shared_head.head")
+
+
+def expected_modules(
+    config: dict[str, Any], dims: ModelDims, layers: list[int]
+) -> list[tuple[str, bool]]:
+    """(name, is_linear) for every module config.json implies, main model plus extra (MTP) layers.
+
+    A non-linear name (norms, router, its bias, embeddings) must be stored exactly so; a linear
+    module's weight may be stored quantised under any of `_WEIGHT_NAMES`. Mirrors DeepseekV2/V3:
+    dense MLP below first_k_dense_replace (and off the moe_layer_freq grid), router + routed experts
+    + optional shared experts elsewhere, e_score_correction_bias with noaux_tc routing, q_a/q_b with
+    q_lora_rank else q_proj, and for MTP layers their embed/enorm/hnorm/eh_proj/shared_head.
+    """
+    exact: list[str] = ["model.embed_tokens.weight", "model.norm.weight"]
+    linear: list[str] = [] if config.get("tie_word_embeddings") else ["lm_head"]
+    out = [(n, False) for n in exact] + [(n, True) for n in linear]
+    freq = config.get("moe_layer_freq")
+    freq = freq if isinstance(freq, int) and freq > 0 else 1
+    projs = ("gate_proj", "up_proj", "down_proj")
+    for i in [*range(dims.num_hidden_layers), *layers]:
+        p, a = f"model.layers.{i}", f"model.layers.{i}.self_attn"
+        exact = [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
+        exact.append(f"{a}.kv_a_layernorm.weight")
+        linear = [f"{a}.kv_a_proj_with_mqa", f"{a}.kv_b_proj", f"{a}.o_proj"]
+        if config.get("q_lora_rank"):
+            exact.append(f"{a}.q_a_layernorm.weight")
+            linear += [f"{a}.q_a_proj", f"{a}.q_b_proj"]
+        else:
+            linear.append(f"{a}.q_proj")
+        if i >= dims.first_k_dense_replace and i % freq == 0:
+            exact.append(f"{p}.mlp.gate.weight")
+            if config.get("topk_method") == "noaux_tc":
+                exact.append(f"{p}.mlp.gate.e_score_correction_bias")
+            for e in range(dims.n_routed_experts):
+                linear += [f"{p}.mlp.experts.{e}.{x}" for x in projs]
+            if dims.n_shared_experts:
+                linear += [f"{p}.mlp.shared_experts.{x}" for x in projs]
+        else:
+            linear += [f"{p}.mlp.{x}" for x in projs]
+        if i >= dims.num_hidden_layers:
+            exact += [f"{p}.{x}.weight" for x in _MTP_ONLY]
+            linear += [f"{p}.{x}" for x in _MTP_LINEAR]
+        out += [(n, False) for n in exact] + [(n, True) for n in linear]
+    return out
+
+
+def missing_tensors(
+    config: dict[str, Any], dims: ModelDims, tensors: Mapping[str, Any]
+) -> list[str]:
+    """Names config.json implies that `tensors` lacks, plus quantisation companions that are missing.
+
+    An MTP layer may be absent as a whole (many re-saved checkpoints drop it; sharding with --mtp
+    then says so), but a present one must be complete.
+    """
+    first_mtp = dims.num_hidden_layers
+    present = {layer_index(n) for n in tensors}
+    mtp_layers = [
+        i for i in range(first_mtp, first_mtp + dims.num_nextn_predict_layers) if i in present
+    ]
+    missing = []
+    for m, is_linear in expected_modules(config, dims, mtp_layers):
+        if not is_linear:
+            if m not in tensors:
+                missing.append(m)
+        elif not any(f"{m}.{w}" in tensors for w in _WEIGHT_NAMES):
+            missing.append(f"{m}.weight")
+    for name, t in tensors.items():
+        module, suffix = split_name(name)
+        has_weight = any(f"{module}.{w}" in tensors for w in _WEIGHT_NAMES)
+        if suffix in ("weight_scale_inv", "weight_scale", "weight_offset") and not has_weight:
+            missing.append(f"{module}.weight")  # a companion without its weight
+        int_weight = (suffix == "weight" and getattr(t, "dtype", None) == "I8") or (
+            suffix == "weight_packed"
+        )
+        if int_weight and f"{module}.weight_scale" not in tensors:
+            missing.append(f"{module}.weight_scale")
+    return list(dict.fromkeys(missing))
+
+
+def check_complete(
+    config: dict[str, Any],
+    dims: ModelDims,
+    tensors: Mapping[str, Any],
+    where: Path | str,
+    fix: str,
+) -> None:
+    """Refuse a checkpoint that lacks tensors config.json implies, naming them (not at load time)."""
+    missing = missing_tensors(config, dims, tensors)
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""
+        )
+        raise CheckpointError(
+            f"{where}: config.json implies {len(missing)} tensor(s) that are missing: {shown}; "
+            f"{fix}, or fix config.json if it does not belong to these weights"
+        )

@@ -3,7 +3,8 @@
 Each subcommand module exposes `add_parser(subparsers)`, which registers its parser and sets
 `func(args) -> int`. Only the module of the command being run is imported, so `dsworker shard`
 never loads torch and adding a command (engine `generate`, server `serve`, stager `stage`) is one
-line in COMMANDS. Expected failures (`CheckpointError`, `PlanError`) print one line and exit 2.
+line in COMMANDS. Expected failures (`CheckpointError`, `PlanError`) print one line and exit 2
+(75 when another writer holds the output directory: retry later).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hook = getattr(args, "on_error", None)
         if hook is not None:
             hook(str(e))
-        return EXIT_BAD_INPUT
+        return int(getattr(e, "exit_code", EXIT_BAD_INPUT))
     except KeyboardInterrupt:
         return 130
 

@@ -12,3 +12,13 @@ EXIT_BAD_INPUT = 2
 
 class CheckpointError(Exception):
     """Bad input or environment (missing file, corrupt header, plan that does not fit, full disk)."""
+
+
+# EX_TEMPFAIL: not bad input, the same command can succeed later (the sharding Job retries it).
+EXIT_BUSY = 75
+
+
+class OutputBusyError(CheckpointError):
+    """Another writer holds the output directory's lock; retrying later is the fix, not new input."""
+
+    exit_code = EXIT_BUSY

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
-from .fsutil import disk_error, fsync_dir, tmp_name
+from .fsutil import disk_error, fsync_dir, safe_join, tmp_name
 from .layout import PlanError
 from .progress import Progress
 from .regions import (
@@ -115,7 +115,7 @@ def replicate(path: Path, root: Path, copies: list[str], sync_dir: bool = True) 
     """Give the committed file `path` its other names: a hard link, or a full copy where the file
     system refuses links. Each appears atomically (tmp name, rename)."""
     for rel in copies:
-        dst = root / rel
+        dst = safe_join(root, rel, "output file")
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = tmp_name(dst)
         with contextlib.suppress(FileNotFoundError):
@@ -147,7 +147,7 @@ class _Aborted(Exception):
 
 
 def _new_writer(job: OutFile, root: Path, checksum: bool) -> SafetensorsWriter:
-    path = root / job.relpath
+    path = safe_join(root, job.relpath, "output file")  # backstop: never write outside `root`
     path.parent.mkdir(parents=True, exist_ok=True)
     specs = [TensorSpec(e.name, e.dtype, e.shape) for e in job.entries]
     return SafetensorsWriter(path, specs, checksum=checksum)
@@ -258,7 +258,7 @@ def write_outfile(
 
     With `one_pass` (job number `index` of its jobs), dim-1 bands are cut in one pass for all files.
     """
-    path = root / job.relpath
+    path = safe_join(root, job.relpath, "output file")
     w = one_pass.take(index) if one_pass is not None else None
     if w is None:
         w = _new_writer(job, root, checksum)
@@ -353,12 +353,10 @@ def _write_dequant(
     e: OutEntry, w: SafetensorsWriter, readers: ReaderCache, advance: Callable[[int], None]
 ) -> None:
     """BF16 = fp8 * scale_inv[row // 128, col // 128], chunk by chunk of rows."""
-    import numpy as np
-
     from . import quant
 
     assert e.region is not None and e.scale is not None
-    scale = read_array(e.scale, readers).astype(np.float32)
+    scale = _read_f32(e.scale, readers)
     reg = e.region
     for a, block in iter_rows(reg, readers):
         if reg.dim == 0:
@@ -368,6 +366,17 @@ def _write_dequant(
         out = quant.dequant_fp8_block(block, scale, r0, c0, e.block)
         w.write(out.tobytes())
         advance(out.nbytes)
+
+
+def _read_f32(reg: Region, readers: ReaderCache) -> np.ndarray:
+    """A small float tensor (an FP8 weight_scale_inv) as float32 values, whatever its float dtype."""
+    from . import quant
+
+    try:
+        return quant.float_to_f32(read_array(reg, readers), reg.dtype)
+    except ValueError as e:
+        where = f"{reg.pieces[0].path}: {reg.pieces[0].name}" if reg.pieces else "scale"
+        raise CheckpointError(f"{where}: {e}; the checkpoint's scales must be float") from None
 
 
 def _to_f32(block: np.ndarray, dtype: str) -> np.ndarray:
@@ -411,7 +420,7 @@ def _write_lora(
     a_reg, b_reg, s = e.lora
     a = _to_f32(read_array(a_reg, readers).view(np.uint8), a_reg.dtype).reshape(a_reg.shape)
     b = _to_f32(read_array(b_reg, readers).view(np.uint8), b_reg.dtype).reshape(b_reg.shape)
-    scale = read_array(e.scale, readers).astype(np.float32) if e.scale is not None else None
+    scale = _read_f32(e.scale, readers) if e.scale is not None else None
     reg = e.region
     row_off, col_off = (reg.start, 0) if reg.dim == 0 else (0, reg.start)
     if reg.dim != 0:

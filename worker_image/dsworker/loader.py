@@ -27,6 +27,7 @@ import torch
 
 from dsworker.device import Device
 from dsworker.errors import CheckpointError
+from dsworker.fsutil import safe_join
 from dsworker.layout import (
     COMPLETE_MARKER,
     METADATA_FILE,
@@ -261,7 +262,7 @@ def _sharded_items(
     md = check_sharded(root, plan, mtp)
     items = []
     for rel in md.files_for_rank(rank):  # the files of exactly md.rank(rank).dirs
-        path = root / rel
+        path = _join(root, rel, f"{root / METADATA_FILE} files")
         if not path.exists():
             raise LoadError(
                 f"{path}: listed in {METADATA_FILE} but missing (staging incomplete?); "
@@ -270,6 +271,14 @@ def _sharded_items(
         for name, info in files.header(path).items():
             items.append(_Item(canonical(name), path, info))
     return items
+
+
+def _join(root: Path, rel: Any, what: str) -> Path:
+    """root/rel for a file name read from an index or the metadata; never outside the model dir."""
+    try:
+        return safe_join(root, rel, what)
+    except CheckpointError as e:
+        raise LoadError(str(e)) from None
 
 
 def _weight_map(root: Path) -> dict[str, str]:
@@ -297,7 +306,7 @@ def _unsharded_items(
         module, suffix = split_name(canon)
         if f"{module}.weight" not in wanted and canon not in wanted:
             continue  # another rank's slice, or a part this run does not use (MTP off)
-        path = root / fname
+        path = _join(root, fname, f"{root / INDEX_FILE} weight_map[{name!r}]")
         info = files.header(path).get(name)
         if info is None:
             raise LoadError(f"{path}: tensor {name} listed in the index is missing; re-download")

@@ -212,7 +212,9 @@ def _lora_merge_sharded(base: Path, adapter: Path, out: Path, processes: int) ->
     fp8_touched = sorted(n for n in touched if src.tensors[n].dtype == "F8_E4M3")
     src.lora = {n: (p.a, p.b, p.scale) for n, p in touched.items()}
     src.config = _with_not_converted(src.config, fp8_touched)
-    src.fingerprint_salt = "lora:" + _adapter_sha(adapter)
+    # Kept in the metadata (source.fingerprintSalt): merging twice or resharding keeps it.
+    salt = "lora:" + _adapter_sha(adapter)
+    src.fingerprint_salt = f"{src.fingerprint_salt}+{salt}" if src.fingerprint_salt else salt
     plan = md.parallel_plan()
     res = write_layout(
         src, out, plan, mtp=bool(md.plan.get("mtp")), processes=processes, what="lora-merge"

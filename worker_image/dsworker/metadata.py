@@ -8,11 +8,12 @@ Schema (camelCase keys, as in the operator's API):
   format, fingerprint, createdBy,
   plan {worldSize, dp, tp, moeTp, moeEp, mtp, quantization, dequantized},
   model {architecture, numHiddenLayers, numNextnPredictLayers, nRoutedExperts, fp8Block},
-  source {path, configSha256, indexSha256},
+  source {path, configSha256, indexSha256, fingerprintSalt?},
   ranks [{rank, dpRank, tpRank, moeEpRank, moeTpRank, dirs, files, bytes}],
   files {relpath: {bytes, sha256?}},
   tensors [{name, file, dtype, shape, globalShape, dim, part, parts, sourceFile?, globalValue?}]
-`_COMPLETE` (written last) holds the sha256 of the metadata file.
+`_COMPLETE` (written last) holds the sha256 of the metadata file. fingerprintSalt marks a layout
+that is not the source alone (a merged LoRA adapter); layouts derived from it keep it.
 """
 
 from __future__ import annotations
@@ -227,24 +228,28 @@ def complete_token(metadata_file_bytes: bytes) -> str:
     return hashlib.sha256(metadata_file_bytes).hexdigest() + "\n"
 
 
-def is_complete(directory: str | Path) -> bool:
-    """True when `_COMPLETE` exists and seals the metadata file next to it.
+def read_sealed(directory: str | Path) -> bytes | None:
+    """The metadata file's bytes when `_COMPLETE` seals exactly them, else None.
 
-    The sharder's marker holds the sha256 of the metadata file; the stager's copy in tmpfs holds
-    the layout's fingerprint. Either seals it.
+    Returns the bytes that were checked, so a caller that parses or copies them uses what the seal
+    covers, not a second read that may have changed in between.
     """
     d = Path(directory)
     try:
         token = (d / COMPLETE_MARKER).read_text().strip()
         raw = (d / METADATA_FILE).read_bytes()
-    except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
-        return False
-    if token == complete_token(raw).strip():
-        return True
-    try:
-        return bool(token) and token == str(json.loads(raw).get("fingerprint", ""))
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError):
+        return None
+    return raw if token == complete_token(raw).strip() else None
+
+
+def is_complete(directory: str | Path) -> bool:
+    """True when `_COMPLETE` exists and holds the sha256 of the metadata file next to it.
+
+    The sharder and the stager (for its tmpfs copy) both seal this way; nothing else counts, so a
+    metadata file changed after sealing is never taken for a complete layout.
+    """
+    return read_sealed(directory) is not None
 
 
 def plan_dict(

@@ -18,6 +18,21 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
+def float_to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A float tensor read as stored (BF16 as uint16 bits) -> float32 values; same shape.
+
+    Scales and LoRA factors come as F32, BF16 or F16; casting BF16's uint16 bits with astype
+    would take the bit pattern for the value.
+    """
+    if dtype == "BF16":
+        return bf16_to_f32(np.asarray(raw).view(np.uint16))
+    if dtype == "F16":
+        return np.asarray(raw).view(np.float16).astype(np.float32)
+    if dtype == "F32":
+        return np.asarray(raw).view(np.float32)
+    raise ValueError(f"{dtype} is not a float dtype (F32, BF16, F16)")
+
+
 def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     """float32 -> uint16 BF16 bits, round to nearest even (what torch's .to(bfloat16) does)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .checkpoint import check_complete
 from .errors import CheckpointError
 from .fsutil import check_tensor_name, load_json, safe_join
 from .layout import METADATA_FILE, ModelDims, PlanError
@@ -35,7 +36,10 @@ def open_sharded(root: str | Path) -> tuple[ShardedMetadata, LayoutSource]:
     seen: set[tuple[str, int | None, int]] = set()
     for t in md.tensors:
         check_tensor_name(t.name, str(root / METADATA_FILE))
-        path = safe_join(root, t.file, f"{METADATA_FILE} tensors[{t.name!r}]")
+        where = f"{root / METADATA_FILE} tensors[{t.name!r}]"
+        path = safe_join(root, t.file, where)
+        if t.source_file is not None:  # merge writes the tensor back to this name
+            safe_join(root, t.source_file, f"{where}.sourceFile")
         key = (t.name, t.dim, t.part)
         if key in seen:
             continue
@@ -57,6 +61,9 @@ def open_sharded(root: str | Path) -> tuple[ShardedMetadata, LayoutSource]:
             gt.parts.append(
                 SourcePart(str(path), t.name, t.dim, t.part * size, (t.part + 1) * size)
             )
+    check_complete(
+        config, dims, tensors, root / METADATA_FILE, "the layout is damaged; shard it again"
+    )
     # The metadata lists tensors in source order (the sharder keeps it): keep reading sequentially.
     for k, gt in enumerate(tensors.values()):
         gt.order = k
@@ -75,5 +82,7 @@ def open_sharded(root: str | Path) -> tuple[ShardedMetadata, LayoutSource]:
         quantization=str(md.plan.get("quantization", "bf16")),
         dequantized=bool(md.plan.get("dequantized", False)),
         aux=aux,
+        # e.g. a LoRA merge: a reshard of base+adapter must not get the base's fingerprint
+        fingerprint_salt=str(md.source.get("fingerprintSalt") or ""),
     )
     return md, src

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .checkpoint import open_checkpoint
-from .errors import CheckpointError
-from .fsutil import copy_file_atomic, fsync_dir, write_bytes_atomic, write_json_atomic
+from .errors import CheckpointError, OutputBusyError
+from .fsutil import copy_file_atomic, disk_error, fsync_dir, write_bytes_atomic, write_json_atomic
 from .jobs import FileResult, OutEntry, OutFile, run_jobs
 from .layout import (
     COMPLETE_MARKER,
@@ -58,6 +61,7 @@ from .progress import emit_summary, summary, write_termination_log
 from .regions import GlobalTensor, region
 
 IN_PROGRESS_MARKER = ".dsop-sharding"
+LOCK_SUFFIX = ".dsop-lock"
 DEFAULT_MAX_FILE_BYTES = 4 << 30
 IGNORABLE = {"lost+found"}
 
@@ -277,19 +281,67 @@ def _entries(dst: Path) -> list[str]:
 
 
 def _wipe(dst: Path) -> None:
-    for p in dst.iterdir():
+    """Empty `dst`, unsealing it first: a crash mid-wipe must never leave `_COMPLETE` over missing
+    shards. The metadata and in-progress marker go last, so a half-wiped directory still reads as
+    our partial layout (wiped again on the next run) rather than as foreign content."""
+    with contextlib.suppress(FileNotFoundError):
+        (dst / COMPLETE_MARKER).unlink()
+    fsync_dir(dst)
+    last = (METADATA_FILE, IN_PROGRESS_MARKER)
+    for p in sorted(dst.iterdir(), key=lambda p: p.name in last):
         if p.name in IGNORABLE:
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink()
+    fsync_dir(dst)
+
+
+def lock_path(dst: str | Path) -> Path:
+    """The lock file of an output directory: beside it (so wiping the directory keeps the lock)."""
+    real = Path(os.path.realpath(dst))
+    return real.parent / f".{real.name}{LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def output_lock(dst: str | Path) -> Iterator[Path]:
+    """Hold an exclusive flock on `dst`'s lock file while writing `dst`.
+
+    Two writers on one directory would wipe each other's live files and could seal `_COMPLETE`
+    over missing shards; the second one is refused (OutputBusyError, exit 75) instead. The lock
+    dies with its process (and its forked writers), so a killed run never leaves a stale lock.
+    """
+    lock = lock_path(dst)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise disk_error(e, lock) from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise disk_error(e, lock) from e
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+            raise OutputBusyError(
+                f"{dst}: another dsworker run is writing this directory (lock {lock} is held"
+                + (f" by pid {holder}" if holder else "")
+                + "); wait for it to finish and re-run (a finished layout is reused), "
+                "or choose another --save-directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)
 
 
 def prepare_output(dst: Path, fingerprint: str, plan_d: dict[str, Any]) -> bool:
     """Make `dst` ready for a fresh layout; True when it already holds this complete layout.
 
-    Complete and verified -> True (nothing to do). Ours but partial (in-progress marker or metadata
+    Call with `output_lock(dst)` held. Complete and verified -> True (nothing to do). Ours but partial (in-progress marker or metadata
     without a valid `_COMPLETE`) or complete but failing verification -> wiped. Complete for another
     plan, or not empty and not ours -> refused.
     """
@@ -335,13 +387,15 @@ def prepare_output(dst: Path, fingerprint: str, plan_d: dict[str, Any]) -> bool:
     )
 
 
-def _check_space(dst: Path, jobs: list[OutFile]) -> None:
+def _check_space(dst: Path, jobs: list[OutFile], aux_bytes: Sequence[int] = ()) -> None:
     """Refuse early when the target clearly cannot hold the layout (file systems that report no
-    size, f_blocks == 0, are trusted; ENOSPC while writing is still reported clearly)."""
+    size, f_blocks == 0, are trusted; ENOSPC while writing is still reported clearly).
+    `aux_bytes`: the sizes of the files copied beside the shards (config, tokenizer)."""
     st = os.statvfs(dst)
     free = st.f_bavail * st.f_frsize
     blk = max(st.f_frsize, 1)
     need = sum(-(-(j.nbytes + 128 * len(j.entries) + 64) // blk) * blk for j in jobs)
+    need += sum(-(-n // blk) * blk for n in aux_bytes)
     if st.f_blocks and free < need:
         raise CheckpointError(
             f"{dst}: not enough space: the layout needs {need / 1e9:.3f} GB, {free / 1e9:.3f} GB free; "
@@ -377,45 +431,57 @@ def write_layout(
     fp = fingerprint or fingerprint_of(src, plan_d)
     layout = plan_layout(src, plan, mtp, dequant, max_file_bytes)
     jobs = [f for files in layout.values() for f in files if f.copy_of is None]
-    if prepare_output(dst, fp, plan_d):
-        md = read_metadata(dst)
-        total = sum(int(v["bytes"]) for v in md.files.values())
-        out = summary(total, len(md.files), time.monotonic() - t0, fingerprint=fp, skipped=True)
+    with output_lock(dst):  # held until sealed: a second writer cannot wipe a live run
+        if prepare_output(dst, fp, plan_d):
+            md = read_metadata(dst)
+            total = sum(int(v["bytes"]) for v in md.files.values())
+            out = summary(total, len(md.files), time.monotonic() - t0, fingerprint=fp, skipped=True)
+            out["outputDir"] = str(dst)
+            return out
+        write_json_atomic(
+            dst / IN_PROGRESS_MARKER, {"format": FORMAT, "fingerprint": fp, "pid": os.getpid()}
+        )
+        if space_check:
+            _check_space(
+                dst,
+                jobs,
+                [_size(p) for _, p in src.aux] + [len(json.dumps(src.config, indent=2)) + 64],
+            )
+        for d in layout:
+            (dst / d).mkdir(exist_ok=True)
+        results = run_jobs(jobs, dst, processes, checksum, what)
+        files: dict[str, dict[str, Any]] = {}
+        for r in results:
+            for rel in (r.relpath, *r.copies):
+                files[rel] = _file_rec(r)
+        cfg = dict(src.config)
+        if dequantized:
+            cfg.pop("quantization_config", None)
+            cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
+        cfg_bytes = (json.dumps(cfg, indent=2) + "\n").encode()
+        write_bytes_atomic(dst / "config.json", cfg_bytes)
+        files["config.json"] = _aux_rec(dst / "config.json", checksum)
+        for name, path in src.aux:
+            copy_file_atomic(path, dst / name)
+            files[name] = _aux_rec(dst / name, checksum)
+        md = _metadata(src, plan, plan_d, fp, layout, dict(sorted(files.items())))
+        raw = metadata_bytes(md)
+        write_bytes_atomic(dst / METADATA_FILE, raw)
+        with contextlib.suppress(FileNotFoundError):
+            (dst / IN_PROGRESS_MARKER).unlink()
+        write_bytes_atomic(dst / COMPLETE_MARKER, complete_token(raw).encode())
+        fsync_dir(dst)
+        written = sum(int(v["bytes"]) for v in files.values())
+        out = summary(written, len(files), time.monotonic() - t0, fingerprint=fp, skipped=False)
         out["outputDir"] = str(dst)
         return out
-    write_json_atomic(
-        dst / IN_PROGRESS_MARKER, {"format": FORMAT, "fingerprint": fp, "pid": os.getpid()}
-    )
-    if space_check:
-        _check_space(dst, jobs)
-    for d in layout:
-        (dst / d).mkdir(exist_ok=True)
-    results = run_jobs(jobs, dst, processes, checksum, what)
-    files: dict[str, dict[str, Any]] = {}
-    for r in results:
-        for rel in (r.relpath, *r.copies):
-            files[rel] = _file_rec(r)
-    cfg = dict(src.config)
-    if dequantized:
-        cfg.pop("quantization_config", None)
-        cfg["torch_dtype"] = cfg["dtype"] = "bfloat16"
-    cfg_bytes = (json.dumps(cfg, indent=2) + "\n").encode()
-    write_bytes_atomic(dst / "config.json", cfg_bytes)
-    files["config.json"] = _aux_rec(dst / "config.json", checksum)
-    for name, path in src.aux:
-        copy_file_atomic(path, dst / name)
-        files[name] = _aux_rec(dst / name, checksum)
-    md = _metadata(src, plan, plan_d, fp, layout, dict(sorted(files.items())))
-    raw = metadata_bytes(md)
-    write_bytes_atomic(dst / METADATA_FILE, raw)
-    with contextlib.suppress(FileNotFoundError):
-        (dst / IN_PROGRESS_MARKER).unlink()
-    write_bytes_atomic(dst / COMPLETE_MARKER, complete_token(raw).encode())
-    fsync_dir(dst)
-    written = sum(int(v["bytes"]) for v in files.values())
-    out = summary(written, len(files), time.monotonic() - t0, fingerprint=fp, skipped=False)
-    out["outputDir"] = str(dst)
-    return out
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _file_rec(r: FileResult) -> dict[str, Any]:
@@ -486,6 +552,7 @@ def _metadata(
             "path": str(src.path),
             "configSha256": src.config_sha256,
             "indexSha256": src.index_sha256,
+            **({"fingerprintSalt": src.fingerprint_salt} if src.fingerprint_salt else {}),
         },
         ranks=ranks,
         files=files,

@@ -1,14 +1,18 @@
 """`dsworker stage`: copy one pod's ranks from the shard store into tmpfs before the engine starts.
 
 The worker pod's init container runs this: only the directories its own ranks read (plus the small
-top-level JSON files) are copied, so host memory holds ~1/nodes of the checkpoint. The destination
-is complete only when `_COMPLETE` exists; a rerun over a complete copy of the same fingerprint is a
-no-op, anything else is started clean.
+top-level files) are copied, so host memory holds ~1/nodes of the checkpoint. The store is trusted
+only when its `_COMPLETE` seals its metadata, and only what that metadata lists is copied (names
+checked against the rank arithmetic and kept inside the store and --dest, sizes checked). The copy
+is sealed the same way as the store (`_COMPLETE` = sha256 of the copied metadata file), last; a
+rerun over a sealed copy of the same metadata that holds this pod's files is a no-op, anything else
+is started clean.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -21,7 +25,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dsworker.layout import COMPLETE_MARKER, METADATA_FILE
+from dsworker.errors import CheckpointError
+from dsworker.fsutil import disk_error, fsync_dir, safe_join, tmp_name, write_bytes_atomic
+from dsworker.layout import COMPLETE_MARKER, METADATA_FILE, PlanError
+from dsworker.metadata import ShardedMetadata, complete_token, read_sealed
 
 log = logging.getLogger("dsworker.stage")
 
@@ -54,81 +61,162 @@ def pod_ordinal(explicit: int | None = None) -> int:
     return int(m.group(1))
 
 
-def _read_metadata(store: Path) -> dict:
+def _read_sealed_metadata(store: Path) -> tuple[bytes, ShardedMetadata]:
+    """The store's metadata (bytes and parsed), refusing a store whose `_COMPLETE` does not seal it."""
     if not (store / COMPLETE_MARKER).exists():
         raise StageError(
             f"{store}: no {COMPLETE_MARKER} marker, the sharding Job has not finished (or failed); "
             "wait for the Sharded condition"
         )
-    try:
-        return json.loads((store / METADATA_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    raw = read_sealed(store)
+    if raw is None:
         raise StageError(
-            f"{store / METADATA_FILE}: unreadable ({exc}); reshard the model"
-        ) from None
+            f"{store / COMPLETE_MARKER}: does not seal {METADATA_FILE} (changed after sharding, or "
+            "written by another tool); delete the directory and reshard"
+        )
+    try:
+        md = ShardedMetadata.from_json(json.loads(raw), str(store / METADATA_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise StageError(f"{store / METADATA_FILE}: not valid JSON ({exc}); reshard") from None
+    except CheckpointError as exc:
+        raise StageError(str(exc)) from None
+    return raw, md
+
+
+@dataclass(frozen=True)
+class _Job:
+    rel: str
+    src: Path
+    dst: Path
+    size: int
+
+
+def plan_copy(
+    store: Path, dest: Path, md: ShardedMetadata, ranks: range
+) -> tuple[list[str], list[_Job]]:
+    """The directories `ranks` read and the files to copy: exactly what the metadata lists.
+
+    Each rank's directories must be the ones the plan's rank arithmetic gives (a crafted or
+    damaged metadata file cannot name other paths), every name stays inside the store and `dest`,
+    and every listed file must exist in the store with its recorded size.
+    """
+    where = store / METADATA_FILE
+    try:
+        plan = md.parallel_plan()
+    except (PlanError, KeyError, TypeError) as exc:
+        raise StageError(f"{where}: bad plan ({exc}); reshard") from None
+    by_rank = {e.rank: e for e in md.ranks}
+    missing = [r for r in ranks if r not in by_rank or not 0 <= r < plan.world_size]
+    if missing:
+        raise StageError(
+            f"{where}: ranks {missing} are not in the layout "
+            f"(world {plan.world_size}); check nodes*devicesPerNode against the sharded plan"
+        )
+    dirs: list[str] = []
+    for r in ranks:
+        got, want = by_rank[r].dirs, plan.rank_dirs(r)
+        if got != want:
+            raise StageError(
+                f"{where}: rank {r} lists directories {got}, the plan's rank arithmetic gives "
+                f"{want}; the metadata is damaged - delete the directory and reshard"
+            )
+        for d in want:
+            if d not in dirs:
+                dirs.append(d)
+    jobs: list[_Job] = []
+    wanted = set(dirs)
+    for rel, rec in md.files.items():
+        top = rel.split("/", 1)[0]
+        if "/" in rel and top not in wanted:
+            continue  # another pod's directory
+        try:
+            src = safe_join(store, rel, f"{where} files")
+            dst = safe_join(dest, rel, f"{where} files")
+            size = int(rec["bytes"])
+        except CheckpointError as exc:
+            raise StageError(f"{exc}; delete the directory and reshard") from None
+        except (KeyError, TypeError, ValueError):
+            raise StageError(f"{where}: files[{rel!r}] has no byte size; reshard") from None
+        if rel in (METADATA_FILE, COMPLETE_MARKER):
+            continue  # written from the sealed bytes, then sealed, last
+        try:
+            have = src.stat().st_size if src.is_file() else None
+        except OSError:
+            have = None
+        if have is None:
+            raise StageError(
+                f"{src}: listed in {METADATA_FILE} for ranks {list(ranks)} but missing; "
+                "the store is damaged - delete the directory and reshard"
+            )
+        if have != size:
+            raise StageError(
+                f"{src}: {have} bytes but the metadata says {size}; the store is damaged, "
+                "delete it and reshard"
+            )
+        jobs.append(_Job(rel, src, dst, size))
+    jobs.sort(key=lambda j: j.rel)
+    return dirs, jobs
+
+
+def _already_staged(dest: Path, raw: bytes, jobs: list[_Job]) -> bool:
+    """A sealed copy of the same metadata that holds every file of these ranks at its size."""
+    if read_sealed(dest) != raw:
+        return False
+    try:
+        return all(j.dst.stat().st_size == j.size for j in jobs)
+    except OSError:
+        return False
+
+
+def _clear(dest: Path) -> None:
+    """Empty `dest`, unsealing it first so a crash mid-wipe never leaves a sealed partial copy."""
+    with contextlib.suppress(FileNotFoundError):
+        (dest / COMPLETE_MARKER).unlink()
+        fsync_dir(dest)
+    for child in dest.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def stage_ranks(
     store: Path, dest: Path, ranks: range, workers: int = 4, log_every: float = 5.0
 ) -> StageResult:
-    """Copy the directories `ranks` need from `store` to `dest`, marker last."""
+    """Copy the files `ranks` need from `store` to `dest`, metadata then `_COMPLETE` last."""
     t0 = time.monotonic()
-    meta = _read_metadata(store)
-    fingerprint = str(meta.get("fingerprint", ""))
-    marker = dest / COMPLETE_MARKER
-    by_rank = {int(r["rank"]): r for r in meta.get("ranks", [])}
-    missing = [r for r in ranks if r not in by_rank]
-    if missing:
-        raise StageError(
-            f"{store / METADATA_FILE}: ranks {missing} are not in the layout "
-            f"(world {len(by_rank)}); check nodes*devicesPerNode against the sharded plan"
-        )
-    dirs: list[str] = []
-    for r in ranks:
-        for d in by_rank[r]["dirs"]:
-            if d not in dirs:
-                dirs.append(d)
-    if marker.exists() and marker.read_text().strip() == fingerprint:
+    store, dest = Path(store), Path(dest)
+    raw, md = _read_sealed_metadata(store)
+    dirs, jobs = plan_copy(store, dest, md, ranks)
+    if _already_staged(dest, raw, jobs):
         return StageResult(dirs, 0, 0, time.monotonic() - t0, skipped=True)
     if dest.exists():
-        for child in dest.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
+        _clear(dest)
     dest.mkdir(parents=True, exist_ok=True)
-
-    files_meta: dict[str, dict] = meta.get("files", {})
-    jobs: list[tuple[Path, Path, int | None]] = []
-    for top in sorted(store.iterdir()):
-        if top.is_file() and top.name != COMPLETE_MARKER and top.suffix == ".json":
-            jobs.append((top, dest / top.name, None))
-    for d in dirs:
-        src_dir = store / d
-        if not src_dir.is_dir():
-            raise StageError(f"{src_dir}: listed for ranks {list(ranks)} but missing; reshard")
-        for f in sorted(src_dir.iterdir()):
-            rel = f"{d}/{f.name}"
-            if f.suffix != ".safetensors":
-                continue
-            expected = files_meta.get(rel, {}).get("bytes")
-            jobs.append((f, dest / d / f.name, expected))
-    total = sum(src.stat().st_size for src, _, _ in jobs)
+    total = sum(j.size for j in jobs)
     done = 0
     last = time.monotonic()
 
-    def copy(job: tuple[Path, Path, int | None]) -> int:
-        src, dst, expected = job
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        size = src.stat().st_size
-        if expected is not None and size != expected:
+    def copy(job: _Job) -> int:
+        job.dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_name(job.dst)
+        try:
+            with open(job.src, "rb") as fi, open(tmp, "wb") as fo:
+                shutil.copyfileobj(fi, fo, 8 << 20)
+                fo.flush()
+                os.fsync(fo.fileno())
+                size = fo.tell()
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise disk_error(exc, job.dst) from exc
+        if size != job.size:  # changed under us since the size check
+            tmp.unlink()
             raise StageError(
-                f"{src}: {size} bytes but the metadata says {expected}; the store is damaged, "
-                "delete it and reshard"
+                f"{job.src}: copied {size} bytes but the metadata says {job.size}; the store is "
+                "damaged or being rewritten - reshard"
             )
-        tmp = dst.with_name(dst.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        os.replace(tmp, job.dst)
         return size
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -145,8 +233,10 @@ def stage_ranks(
                     rate / 1e9,
                     (total - done) / max(rate, 1e-9),
                 )
-    os.sync()
-    marker.write_text(fingerprint + "\n")
+    for d in sorted({j.dst.parent for j in jobs}):
+        fsync_dir(d)
+    write_bytes_atomic(dest / METADATA_FILE, raw)
+    write_bytes_atomic(dest / COMPLETE_MARKER, complete_token(raw).encode())
     return StageResult(dirs, len(jobs), done, time.monotonic() - t0, skipped=False)
 
 
@@ -166,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
         i = pod_ordinal(args.pod_ordinal)
         d = args.devices_per_node
         res = stage_ranks(args.store, args.dest, range(i * d, (i + 1) * d), args.workers)
-    except StageError as exc:
+    except (StageError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = {
