@@ -303,6 +303,12 @@ def test_sharding_job_runs_the_plan() -> None:
         "8",
         "--fingerprint",
         fp,
+        "--expect-architecture",
+        "DeepseekV3",
+        "--expect-quantization",
+        "auto",
+        "--max-seq-len",
+        "2560",
     ]
     assert shard["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert shard["image"] == "reg/dsworker:1"

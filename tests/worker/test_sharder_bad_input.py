@@ -15,7 +15,7 @@ import pytest
 from dsworker.errors import CheckpointError
 from dsworker.layout import COMPLETE_MARKER, METADATA_FILE, ParallelPlan, PlanError
 from dsworker.merge import merge
-from dsworker.sharder import shard
+from dsworker.sharder import Expected, shard
 
 DSWORKER = str(Path(sys.executable).with_name("dsworker"))
 PLAN2 = ParallelPlan(2, 1, 2, 2, 1)
@@ -306,3 +306,23 @@ def test_cli_bad_input_exit_2_no_traceback(ckpt: Path, tmp_path: Path) -> None:
         and "dp*tp must equal world_size" in r.stderr
         and "Traceback" not in r.stderr
     )
+
+
+def test_what_the_deployment_asked_of_the_checkpoint_is_checked_before_any_output(
+    ckpt: Path, tiny_v2: Path, tmp_path: Path
+) -> None:
+    """The operator passes spec.model and spec.serving along: only the Job reads config.json."""
+    max_pos = json.loads((ckpt / "config.json").read_text())["max_position_embeddings"]
+    out = tmp_path / "out"
+    msg = _shard_err(ckpt, out, expected=Expected(quantization="w8a8", max_seq_len=max_pos + 1))
+    assert "the checkpoint is bf16, not w8a8" in msg and "spec.model.quantization" in msg
+    assert f"exceeds config.json max_position_embeddings ({max_pos})" in msg
+    assert "spec.serving.maxSeqLen" in msg and not out.exists()
+    msg = _shard_err(tiny_v2, out, expected=Expected(architecture="DeepseekV3"))
+    assert "describes DeepseekV2, not DeepseekV3" in msg and "spec.sharding.enabled" in msg
+    r = run_cli("shard", "--model-path", str(tiny_v2), "--save-directory", str(out),
+                "--world-size", "2", "--tp", "1", "--moe-tp", "1", "--moe-ep", "2",
+                "--expect-architecture", "DeepseekV3")  # fmt: skip
+    assert r.returncode == 2 and "DeepseekV2" in r.stderr and "Traceback" not in r.stderr
+    fine = Expected("DeepseekV3", "bf16", max_pos)
+    assert shard(ckpt, out, PLAN2, expected=fine)["files"] > 0

@@ -102,6 +102,42 @@ def hf_source(model_path: str | Path) -> LayoutSource:
     )
 
 
+@dataclass(frozen=True)
+class Expected:
+    """What the caller asked of the checkpoint (a DeepSeekDeployment's spec.model and
+    spec.serving, passed by the operator, which never reads config.json itself)."""
+
+    architecture: str | None = None
+    quantization: str | None = None  # None or "auto": whatever the checkpoint is
+    max_seq_len: int | None = None
+
+
+def check_expected(src: LayoutSource, want: Expected) -> None:
+    """Refuse (CheckpointError, exit 2) a checkpoint that is not what was asked, before any
+    output: each problem names the flag and the deployment field to fix."""
+    errs: list[str] = []
+    arch = src.dims.architecture
+    if want.architecture and arch != want.architecture:
+        errs.append(
+            f"config.json describes {arch}, not {want.architecture} (--expect-architecture); "
+            "a DeepSeekDeployment shards only DeepseekV3 (V3, R1) offline: for V2 set "
+            "spec.sharding.enabled: false, else point spec.model.source at a V3 checkpoint"
+        )
+    if want.quantization not in (None, "auto", src.quantization):
+        errs.append(
+            f"the checkpoint is {src.quantization}, not {want.quantization} "
+            f"(--expect-quantization); set spec.model.quantization: auto or {src.quantization}"
+        )
+    most = src.config.get("max_position_embeddings")
+    if want.max_seq_len and isinstance(most, int) and want.max_seq_len > most:
+        errs.append(
+            f"--max-seq-len {want.max_seq_len} exceeds config.json max_position_embeddings "
+            f"({most}); lower spec.serving.maxSeqLen"
+        )
+    if errs:
+        raise CheckpointError(f"{src.path}: " + "; ".join(errs))
+
+
 def _fp8_weights(tensors: dict[str, GlobalTensor]) -> set[str]:
     return {
         n
@@ -580,12 +616,14 @@ def shard(
     fingerprint: str | None = None,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     space_check: bool = True,
+    expected: Expected = Expected(),
 ) -> dict[str, Any]:
     """Shard a HF checkpoint for `plan` into `save_directory`; returns the summary record.
 
     Raises CheckpointError / PlanError (exit code 2 in the CLI) for bad input.
     """
     src = hf_source(model_path)
+    check_expected(src, expected)
     return write_layout(
         src,
         save_directory,
@@ -644,6 +682,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-path", "--model_path", required=True, dest="model_path")
     p.add_argument("--save-directory", "--save_directory", required=True, dest="save_directory")
     add_plan_args(p)
+    p.add_argument(
+        "--expect-architecture",
+        choices=("DeepseekV3", "DeepseekV2"),
+        help="refuse a checkpoint of another architecture (config.json)",
+    )
+    p.add_argument(
+        "--expect-quantization",
+        choices=("auto", "bf16", "fp8", "w8a8", "w8a16"),
+        help="refuse a checkpoint in another weight format",
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, help="refuse a checkpoint whose max_position_embeddings is lower"
+    )
     p.set_defaults(func=_run, on_error=_on_error)
 
 
@@ -663,6 +714,7 @@ def _run(args: argparse.Namespace) -> int:
         checksum=args.checksum,
         fingerprint=args.fingerprint,
         max_file_bytes=args.max_file_size,
+        expected=Expected(args.expect_architecture, args.expect_quantization, args.max_seq_len),
     )
     emit_summary(out)
     return 0

@@ -355,6 +355,10 @@ def shard_args(ctx: Context) -> list[str]:
     if spec.model.dequantize_fp8:
         args.append("--dequantize-fp8")
     args += ["--processes", str(spec.sharding.processes), "--fingerprint", ctx.fingerprint]
+    # The rules that need config.json, which only the Job reads: it exits 2 naming the field.
+    args += ["--expect-architecture", "DeepseekV3"]
+    args += ["--expect-quantization", spec.model.quantization]
+    args += ["--max-seq-len", str(spec.serving.max_seq_len)]
     return args
 
 
