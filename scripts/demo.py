@@ -6,8 +6,8 @@
    (kwok marks the chart's operator pod Ready but runs nothing, so the real one runs here),
 3. synthesizes a tiny random DeepSeek-V3 checkpoint,
 4. applies a tiny DeepSeekDeployment and follows it to Ready,
-5. because kwok pods run nothing, runs the same sharder and a 2-rank `dsworker serve` locally on
-   that model with the same plan, and prints a real completion from the OpenAI endpoint,
+5. because kwok pods run nothing, runs the sharding Job's own `dsworker shard` command and a 2-rank
+   `dsworker serve` locally on that model, and prints a real completion from the OpenAI endpoint,
 6. stops everything it started (pass --keep to leave the cluster up).
 """
 
@@ -119,16 +119,27 @@ def wait_health(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: flo
     raise SystemExit("the local server never became healthy")
 
 
-def serve_locally(model_dir: Path, py: str) -> None:
-    """Shard with the plan the cluster used, start 2 ranks, ask for a completion."""
+def job_shard_args(cluster: LocalCluster, model_dir: Path, shards: Path) -> list[str]:
+    """The sharding Job's own `dsworker` arguments, with this machine's paths."""
+    jobs = json.loads(cluster.kubectl("-n", NAMESPACE, "get", "jobs", "-o", "json").stdout)
+    [job] = [j for j in jobs["items"] if j["metadata"]["name"].startswith(f"{NAME}-shard-")]
+    [shard] = [c for c in job["spec"]["template"]["spec"]["containers"] if c["name"] == "shard"]
+    args = list(shard["args"])
+    args[args.index("--model-path") + 1] = str(model_dir)
+    args[args.index("--save-directory") + 1] = str(shards)
+    return args
+
+
+def serve_locally(cluster: LocalCluster, model_dir: Path, py: str) -> None:
+    """Shard with the Job's own arguments, start 2 ranks, ask for a completion."""
     shards = WORK / "shards"
-    say(f"Sharding {model_dir.name} locally for worldSize 2 (tp 2, moeEp 2): dsworker shard")
+    args = job_shard_args(cluster, model_dir, shards)
+    say(f"Sharding {model_dir.name} locally with the sharding Job's arguments: dsworker {args[0]}")
+    print("    " + " ".join(args[1:]))
     out = run(
-        [py, "-m", "dsworker.cli", "shard", "--model-path", str(model_dir),
-         "--save-directory", str(shards), "--world-size", "2", "--dp", "1", "--tp", "2",
-         "--moe-tp", "1", "--moe-ep", "2", "--processes", "2"],
+        [py, "-m", "dsworker.cli", *args],
         env={**os.environ, "DSOP_TERMINATION_LOG": str(WORK / "termination-log")},
-    )  # fmt: skip
+    )
     print("    " + out.strip().splitlines()[-1])
     engine = WORK / "engine.json"
     engine.write_text(
@@ -226,7 +237,7 @@ def main() -> int:
         cluster.kubectl("apply", "-f", str(manifest))
         follow_to_ready(cluster)
         print(cluster.kubectl("-n", NAMESPACE, "get", "dsd,jobs,statefulsets,pods,svc").stdout)
-        serve_locally(model_dir, py)
+        serve_locally(cluster, model_dir, py)
     finally:
         if operator is not None:
             operator.terminate()
