@@ -303,6 +303,8 @@ def test_echo_prefixes_the_prompt_and_its_logprobs(served) -> None:
         ({"prompt": "w1", "stream_options": {"include_usage": True}}, None),
         ({"prompt": "w1", "logit_bias": {"6": -101}}, "logit_bias"),
         ({"prompt": "w1", "logit_bias": {"w2": 1}}, "logit_bias"),
+        ({"prompt": "w1", "logit_bias": {"²": 1}}, "logit_bias"),
+        ({"prompt": "w1", "logit_bias": {"1" * 11: 1}}, "logit_bias"),
         ({"prompt": "w1", "logit_bias": {"999": 1}}, "logit_bias"),
     ],
 )
@@ -319,6 +321,8 @@ def test_logit_bias_moves_the_choice(served) -> None:
     """The counting model's next token has logit 10; +20 on w3 beats it at every step."""
     client, _, _ = served
     body = {"prompt": "w1", "max_tokens": 2, "temperature": 0, "logit_bias": {"7": 20}}
+    assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == " w3 w3"
+    body["logit_bias"] = {"7": 6, "07": 6}  # one token named twice: +12 beats the model's 10
     assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == " w3 w3"
     body["logit_bias"] = {"6": -100}  # w2, the model's choice, ruled out: the first 0-logit wins
     r = client.post("/v1/completions", json=body | {"return_token_ids": True})

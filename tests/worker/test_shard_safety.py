@@ -125,6 +125,21 @@ def test_lock_is_released_after_a_failed_run(tiny_v3: Path, tmp_path: Path) -> N
     assert is_complete(out) and lock_path(out).parent == tmp_path
 
 
+def test_a_store_without_locks_still_shards_with_a_warning(
+    tiny_v3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """NFS mounted nolock and some FUSE/CSI stores answer ENOLCK: no lock, but no refusal."""
+    import errno
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(sharder_mod.fcntl, "flock", no_locks)
+    out = tmp_path / "out"
+    shard(tiny_v3, out, PLAN2)
+    assert is_complete(out) and "cannot lock (No locks available)" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ 7. unseal before wiping
 
 

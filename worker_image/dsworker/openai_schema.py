@@ -116,7 +116,7 @@ class _Common(BaseModel):
         if len(v) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
         for key, bias in v.items():
-            if not key.isdigit():
+            if not (key.isascii() and key.isdigit() and len(key) <= 10):
                 raise ValueError(f"key {key[:20]!r} is not a token id")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias {bias} of token {key} is outside -100..100")
@@ -142,6 +142,13 @@ class _Common(BaseModel):
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
+    def _bias_by_token(self) -> dict[int, float]:
+        """logit_bias by token id; keys naming one id ("9", "09") add up."""
+        out: dict[int, float] = {}
+        for key, bias in (self.logit_bias or {}).items():
+            out[int(key)] = out.get(int(key), 0.0) + bias
+        return out
+
     def sampling(self) -> SamplingParams:
         return SamplingParams(
             temperature=self.temperature,
@@ -150,7 +157,7 @@ class _Common(BaseModel):
             seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            logit_bias=tuple((int(k), b) for k, b in (self.logit_bias or {}).items()),
+            logit_bias=tuple(self._bias_by_token().items()),
         )
 
 

@@ -286,9 +286,11 @@ class Scheduler:
         # Prompts already holding a slot continue before new ones are admitted.
         # Arrival order, except that a prompt waiting for another's pages lets later ones pass.
         held: list[Sequence] = []
-        while budget > 0 and self.waiting:
+        while budget > 0 and self.waiting and self.free_slots:
             if self._follows(self.waiting[0]):
                 held.append(self.waiting.popleft())
+                if len(held) >= self.max_batch_size:  # enough looking past them for one step
+                    break
                 continue
             if not self._admit(self.waiting[0]):
                 break
@@ -330,14 +332,9 @@ class Scheduler:
         if most == 0:
             return False
         for r in self.running.values():
-            if not r.prefilling or r.prompt[:p] != seq.prompt[:p]:
-                continue
-            common = 0
-            for a, b in zip(r.prompt, seq.prompt, strict=False):
-                if a != b:
-                    break
-                common += 1
-            if min(common // p, most) > r.hashed:
+            # More pages in common than r has registered so far: one more page is enough to say.
+            need = (r.hashed + 1) * p
+            if r.prefilling and most > r.hashed and r.prompt[:need] == seq.prompt[:need]:
                 return True
         return False
 

@@ -340,6 +340,9 @@ def lock_path(dst: str | Path) -> Path:
     return real.parent / f".{real.name}{LOCK_SUFFIX}"
 
 
+NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS})  # no flock here
+
+
 @contextlib.contextmanager
 def output_lock(dst: str | Path) -> Iterator[Path]:
     """Hold an exclusive flock on `dst`'s lock file while writing `dst`.
@@ -358,6 +361,16 @@ def output_lock(dst: str | Path) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
+            if e.errno in NO_LOCKS:
+                # Some stores (NFS mounted nolock, some FUSE/CSI drivers) have no locks: the
+                # sharder still works there, one writer at a time being up to the caller.
+                print(
+                    f"warning: {lock}: the file system cannot lock ({e.strerror}); going on "
+                    "without it",
+                    file=sys.stderr,
+                )
+                yield lock
+                return
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise disk_error(e, lock) from e
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip()

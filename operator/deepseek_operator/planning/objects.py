@@ -595,8 +595,10 @@ def _resources(spec: DeepSeekDeploymentSpec, staged: int | None = None) -> Obj:
         res.setdefault("requests", {})[resource] = count
     if staged:
         requests = res.setdefault("requests", {})
-        requests["memory"] = _quantity(_bytes(requests.get("memory")) + staged)
         limits = res.get("limits") or {}
+        # A limit without a request is also the request (Kubernetes' default): keep it so.
+        base = requests.get("memory", limits.get("memory"))
+        requests["memory"] = _quantity(_bytes(base) + staged)
         if "memory" in limits:
             limits["memory"] = _quantity(_bytes(limits["memory"]) + staged)
     return res

@@ -721,7 +721,8 @@ class _Planner:
             text = "replacing the worker group with the new template"
             return _Workers.not_ready(st.ROLLING_OUT, text, replicas=replicas, stage="rolling")
 
-        rejected = self._bad_input(pods)
+        # Only a pod of the current template speaks for the current spec.
+        rejected = self._bad_input(pods, update_revision if settled else None)
         if rejected:
             return _Workers.not_ready(
                 st.CONFIG_MISMATCH, rejected, ready=ready, replicas=replicas, bad_input=True
@@ -800,16 +801,19 @@ class _Planner:
         self.events.append(EventSpec("Warning", "GroupRestart", st.truncate(text)))
         return _Workers.not_ready(st.GROUP_RESTARTING, text, replicas=replicas, stage="restarting")
 
-    def _bad_input(self, pods: list[Obj]) -> str:
-        """A worker that exited with the bad-input code, as the sharder does: the plan or the
-        checkpoint cannot work, so the group is not restarted (no budget spent) and the
-        deployment fails at once, until the spec changes. Right after a spec change the pod that
-        said so is an ordinary failure: the group restarts to try the new spec."""
-        if self.retry:
+    def _bad_input(self, pods: list[Obj], current: str | None) -> str:
+        """A worker of the `current` template revision that exited with the bad-input code, as
+        the sharder does: the plan or the checkpoint cannot work, so the group is not restarted
+        (no budget spent) and the deployment fails at once, until the spec changes. Right after a
+        spec change, and until its template is rolled out, a pod that said so is an ordinary
+        failure or a stale pod: the group restarts or rolls to try the new spec."""
+        if self.retry or not current:
             return ""
         seen = {uid(p) for p in pods}
         hints = [h for h in self.observed.failed_pods if uid(h) not in seen and not terminating(h)]
         for pod in [*pods, *hints]:
+            if revision(pod) != current:
+                continue
             why = bad_input(pod)
             if why:
                 self.counted.append(uid(pod))
