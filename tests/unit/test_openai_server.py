@@ -170,6 +170,18 @@ def test_stop_token_ids_end_without_text_and_outlive_ignore_eos(served) -> None:
     assert choice["finish_reason"] == "stop" and "Assistant:" not in choice["text"]
 
 
+def test_min_tokens_holds_eos_back(served) -> None:
+    """w9 is followed by EOS; with min_tokens 4 EOS is ruled out until 4 tokens are out."""
+    client, _, _ = served
+    body = {"prompt": "w7", "max_tokens": 10, "temperature": 0, "return_token_ids": True}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    assert plain["token_ids"] == ids("w8", "w9", "</s>")
+    held = client.post("/v1/completions", json=body | {"min_tokens": 4}).json()["choices"][0]
+    assert held["token_ids"][:2] == ids("w8", "w9") and len(held["token_ids"]) == 5
+    assert "</s>" not in [WORDS[t] for t in held["token_ids"][:4]]
+    assert held["token_ids"][4] == EOS_ID and held["finish_reason"] == "stop"
+
+
 def test_streamed_chat_uses_template_and_ends_with_done(tmp_path: Path, served) -> None:
     client, state, runner = served
     with client.stream(

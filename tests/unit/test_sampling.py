@@ -189,6 +189,16 @@ def test_logit_bias_applies_to_every_row_of_an_item() -> None:
     assert got[0].tolist() == pytest.approx([0.0, 2.9, 3.5, 0.0]) and torch.equal(got[0], got[1])
 
 
+def test_min_tokens_rules_out_the_stop_tokens_for_the_rows_that_come_too_soon() -> None:
+    rows = torch.zeros(3, 4)
+    p = SamplingParams(temperature=0.0, min_tokens=3, stops=frozenset({1, 3}))
+    assert p.adjusted and not SamplingParams(min_tokens=3).adjusted  # nothing to rule out
+    got = sampling.adjust_logits(rows, [7], [2, 2], p)  # 1 generated: rows 0, 1 are tokens 2, 3
+    inf = float("-inf")
+    assert got.tolist() == [[0, inf, 0, inf], [0, inf, 0, inf], [0, 0, 0, 0]]
+    assert sampling.adjust_logits(rows, [7, 7, 7], [2, 2], p).tolist() == rows.tolist()
+
+
 def test_special_tokens_stay_out_of_the_decode_window() -> None:
     """EOS after EOS (ignore_eos) decodes to nothing; kept in the window, each would make every
     later decode longer."""

@@ -86,6 +86,12 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices, each its own sequence.")
     ignore_eos: bool = Field(False, description="Extension: generate past end-of-sequence.")
+    min_tokens: int = Field(
+        0,
+        ge=0,
+        description="Extension (vLLM's): no end-of-sequence or stop_token_ids token before this "
+        "many tokens (stop strings still apply).",
+    )
     stop_token_ids: list[int] = Field(
         default_factory=list,
         max_length=MAX_STOP_TOKEN_IDS,

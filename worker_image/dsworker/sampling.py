@@ -28,6 +28,8 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from each token already generated
     frequency_penalty: float = 0.0  # subtracted per time a token was already generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token, added to its logit)
+    min_tokens: int = 0  # no `stops` token before this many tokens were generated
+    stops: frozenset[int] = frozenset()  # the tokens that would end the sequence (EOS, stop ids)
 
     @property
     def greedy(self) -> bool:
@@ -35,8 +37,13 @@ class SamplingParams:
 
     @property
     def adjusted(self) -> bool:
-        """Logits change before sampling: penalties or a logit bias."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        """Logits change before sampling: penalties, a logit bias or a minimum length."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.logit_bias
+            or (self.min_tokens and self.stops)
+        )
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:
@@ -145,14 +152,19 @@ def _accept_sampled(
 def adjust_logits(
     rows: torch.Tensor, generated: Sequence[int], drafts: Sequence[int], params: SamplingParams
 ) -> torch.Tensor:
-    """OpenAI's logit bias, presence and frequency penalties on one item's rows (fp32 copy): row
-    j follows the tokens generated so far plus the item's first j drafts."""
+    """OpenAI's logit bias, presence and frequency penalties and vLLM's min_tokens on one item's
+    rows (fp32 copy): row j follows the tokens generated so far plus the item's first j drafts."""
     out = rows.float().clone()
     vocab = out.shape[-1]
     if params.logit_bias:
         ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long, device=out.device)
         bias = torch.tensor([b for _, b in params.logit_bias], dtype=out.dtype, device=out.device)
         out[:, ids] += bias
+    if params.min_tokens and params.stops:
+        early = params.min_tokens - len(generated)  # rows whose token would come too soon
+        if early > 0:
+            ids = torch.tensor(sorted(params.stops), dtype=torch.long, device=out.device)
+            out[:early, ids] = float("-inf")
     if not (params.presence_penalty or params.frequency_penalty):
         return out
     seen = list(generated)

@@ -229,14 +229,18 @@ def create_app(state: ServerState) -> FastAPI:
                 f"[0, {limits.vocab_size})",
                 param="logit_bias",
             )
+        # ignore_eos lets EOS through, not the request's own stop tokens
+        stops = frozenset(body.stop_token_ids) | (
+            frozenset() if body.ignore_eos else state.tokenizer.eos_token_ids
+        )
+        if body.min_tokens:
+            params = dataclasses.replace(params, min_tokens=body.min_tokens, stops=stops)
         gen = GenRequest(
             prompt=prompt,
             params=params,
             max_tokens=oa.resolve_max_tokens(requested, default_max, len(prompt), limits),
             stop=body.stop_list,
-            # ignore_eos lets EOS through, not the request's own stop tokens
-            stop_token_ids=frozenset(body.stop_token_ids)
-            | (frozenset() if body.ignore_eos else state.tokenizer.eos_token_ids),
+            stop_token_ids=stops,
             logprobs=body.logprob_count(),
             prompt_logprobs=body.logprob_count() if getattr(body, "echo", False) else None,
         )
