@@ -174,7 +174,7 @@ class Engine:
         greedy = SamplingParams(temperature=0.0)
         t0 = time.perf_counter()
         for p in prompts:
-            loop.submit(GenRequest(p, greedy, new_tokens, ignore_eos=True), sink)
+            loop.submit(GenRequest(p, greedy, new_tokens), sink)
         loop.run_until_idle()
         sync(self.runner.device)
         return time.perf_counter() - t0, count[0]

@@ -70,12 +70,11 @@ def test_max_tokens_finishes_with_length_and_frees_slot() -> None:
     assert not s.has_work
 
 
-def test_eos_stops_unless_ignored() -> None:
+def test_a_stop_token_ends_only_the_sequences_that_have_it() -> None:
+    """ignore_eos is the server leaving EOS out of a sequence's stop tokens."""
     s = Scheduler(max_batch_size=2, max_seq_len=32, max_step_tokens=64)
     s.add(seq(0, 2, max_tokens=10, eos=1))
-    ignoring = seq(1, 2, max_tokens=2, eos=1)
-    ignoring.ignore_eos = True
-    s.add(ignoring)
+    s.add(seq(1, 2, max_tokens=2))
     _, events = run_step(s, token=1)
     reasons = {e.seq_id: e.finish_reason for e in events}
     assert reasons == {0: FinishReason.STOP, 1: None}

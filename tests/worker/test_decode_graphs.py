@@ -123,9 +123,7 @@ def test_model_runner_takes_the_fixed_shape_path(tiny_v3: Path, ref: Reference) 
             with lock:
                 got.setdefault(i, []).extend(out.token_ids)
 
-        loop.submit(
-            GenRequest(p, SamplingParams(temperature=0.0), NEW_TOKENS, ignore_eos=True), sink
-        )
+        loop.submit(GenRequest(p, SamplingParams(temperature=0.0), NEW_TOKENS), sink)
     loop.run_until_idle()
     assert [got[i] for i in range(len(PROMPTS))] == ref.tokens
     assert calls[0] >= NEW_TOKENS - 1

@@ -69,8 +69,7 @@ class GenRequest:
     params: sampling.SamplingParams
     max_tokens: int
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()  # end the sequence (ignore_eos: EOS left out)
     logprobs: int | None = None  # None: none; k: each token's logprob and its k likeliest
     prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo)
 
@@ -211,7 +210,6 @@ class EngineLoop:
             list(req.prompt),
             req.max_tokens,
             stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos,
             score_prompt=req.prompt_logprobs is not None,
         )
         try:

@@ -49,8 +49,7 @@ class Sequence:
     seq_id: int
     prompt: list[int]
     max_tokens: int
-    stop_token_ids: frozenset[int] = frozenset()
-    ignore_eos: bool = False
+    stop_token_ids: frozenset[int] = frozenset()  # EOS unless ignore_eos, and the request's
     output: list[int] = field(default_factory=list)
     slot: int | None = None
     num_cached: int = 0  # tokens whose KV entries are in the cache
@@ -419,7 +418,7 @@ class Scheduler:
             reason: FinishReason | None = None
             for token in tokens:
                 seq.output.append(token)
-                if token in seq.stop_token_ids and not seq.ignore_eos:
+                if token in seq.stop_token_ids:
                     reason = FinishReason.STOP
                 elif len(seq.output) >= seq.max_tokens or seq.num_tokens >= self.max_seq_len:
                     reason = FinishReason.LENGTH
