@@ -6,6 +6,7 @@ fixed-shape steps.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import EngineLoop, GenRequest, Output
 from dsworker.metrics import Metrics
 from dsworker.model.decode_graphs import DecodeGraphs
-from dsworker.runner import build_runner
+from dsworker.runner import Loaded, build_runner
 from dsworker.sampling import SamplingParams
 from dsworker.step_wire import STOP, Message
 
@@ -61,39 +62,49 @@ def generate(
         )
         count(graphs, calls if calls is not None else {})
         runner.graphs = graphs
+    greedy = params or SamplingParams(temperature=0.0)
+    requests = [
+        GenRequest(
+            p,
+            greedy,
+            NEW_TOKENS,
+            logprobs=0 if logprobs is not None else None,
+            prompt_logprobs=0 if prompt_logprobs is not None else None,
+        )
+        for p in PROMPTS
+    ]
+    outs, metrics, steps = serve(loaded, cfg, requests)
+    loaded.channel.send(Message(STOP))
+    for i, mine in enumerate(outs):
+        if logprobs is not None:
+            logprobs[i] = [e.logprob for o in mine for e in o.logprobs]
+        if prompt_logprobs is not None:
+            prompt_logprobs[i] = [e.logprob for o in mine for e in o.prompt_logprobs]
+    return [[t for o in mine for t in o.token_ids] for mine in outs], metrics, steps
+
+
+def serve(
+    loaded: Loaded, cfg: EngineConfig, requests: Sequence[GenRequest], one_by_one: bool = False
+) -> tuple[list[list[Output]], Metrics, int]:
+    """The requests through one rank-0 engine loop, submitted together or each after the one
+    before has ended: every request's Outputs, the metrics and the steps taken."""
     metrics = Metrics()
-    loop = EngineLoop(
-        loaded.runner,
-        loaded.scheduler(cfg),
-        lambda ids: "",
-        loaded.channel,
-        metrics,
-    )
-    got: dict[int, list[int]] = {}
+    loop = EngineLoop(loaded.runner, loaded.scheduler(cfg), lambda ids: "", loaded.channel, metrics)
+    outs: list[list[Output]] = [[] for _ in requests]
     lock = threading.Lock()
-    for i, p in enumerate(PROMPTS):
+    steps = 0
+    for i, req in enumerate(requests):
 
         def sink(out: Output, i: int = i) -> None:
             assert out.error is None, out.error
             with lock:
-                got.setdefault(i, []).extend(out.token_ids)
-                if logprobs is not None:
-                    logprobs.setdefault(i, []).extend(e.logprob for e in out.logprobs)
-                if prompt_logprobs is not None:
-                    prompt_logprobs.setdefault(i, []).extend(e.logprob for e in out.prompt_logprobs)
+                outs[i].append(out)
 
-        req = GenRequest(
-            p,
-            params or SamplingParams(temperature=0.0),
-            NEW_TOKENS,
-            ignore_eos=True,
-            logprobs=0 if logprobs is not None else None,
-            prompt_logprobs=0 if prompt_logprobs is not None else None,
-        )
         loop.submit(req, sink)
-    steps = loop.run_until_idle()
-    loaded.channel.send(Message(STOP))
-    return [got[i] for i in range(len(PROMPTS))], metrics, steps
+        if one_by_one:
+            steps += loop.run_until_idle()
+    steps += loop.run_until_idle()
+    return outs, metrics, steps
 
 
 def count(graphs: DecodeGraphs, calls: dict[str, int]) -> None:

@@ -5,16 +5,15 @@ for pages instead of failing; a prompt that starts like an ended one reuses its 
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from engine_helpers import NEW_TOKENS, PROMPTS, hf_reference, load_hf
-from serving_helpers import MAX_LEN, engine_config, generate
+from serving_helpers import MAX_LEN, engine_config, generate, serve
 
 from dsworker import kv_budget
-from dsworker.engine_loop import EngineLoop, GenRequest, Output
+from dsworker.engine_loop import GenRequest, Output
 from dsworker.kv_budget import kv_bytes
 from dsworker.metrics import Metrics
 from dsworker.model import ModelArgs
@@ -39,6 +38,14 @@ def test_a_tight_page_budget_makes_requests_wait_not_fail(
     assert [len(p) for p in PROMPTS] == [5, 2, 11] and NEW_TOKENS == 16
 
 
+def hits(metrics: Metrics) -> float:
+    return metrics.registry.get_sample_value("dsworker_prefix_cache_hit_tokens_total") or 0.0
+
+
+def tokens(outs: list[Output]) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
 @pytest.mark.parametrize("mtp", [False, True], ids=["plain", "mtp"])
 def test_a_prompt_sharing_a_finished_prompts_pages_reuses_them(tiny_v3: Path, mtp: bool) -> None:
     """Pages of 8: the second prompt starts with the first one's 9 tokens, so it reuses one page
@@ -48,27 +55,15 @@ def test_a_prompt_sharing_a_finished_prompts_pages_reuses_them(tiny_v3: Path, mt
     second = [*first[:9], 99, 98, 97]
     cfg = engine_config(mtp=mtp)
     loaded = build_runner(tiny_v3, cfg, rank=0, world_size=1, local_rank=0)
-    metrics = Metrics()
-    loop = EngineLoop(loaded.runner, loaded.scheduler(cfg), lambda ids: "", loaded.channel, metrics)
-    got: dict[int, list[int]] = {}
-    lock = threading.Lock()
-    for i, prompt in enumerate((first, second)):  # one after the other: the first must end first
-
-        def sink(out: Output, i: int = i) -> None:
-            assert out.error is None, out.error
-            with lock:
-                got.setdefault(i, []).extend(out.token_ids)
-
-        greedy = SamplingParams(temperature=0.0)
-        loop.submit(GenRequest(prompt, greedy, NEW_TOKENS, ignore_eos=True), sink)
-        loop.run_until_idle()
-    hits = metrics.registry.get_sample_value("dsworker_prefix_cache_hit_tokens_total")
-    assert hits == 8
+    greedy = SamplingParams(temperature=0.0)
+    requests = [GenRequest(p, greedy, NEW_TOKENS) for p in (first, second)]
+    outs, metrics, _ = serve(loaded, cfg, requests, one_by_one=True)  # the first must end first
+    assert hits(metrics) == 8
     with torch.no_grad():
         for i, prompt in enumerate((first, second)):
             ids = torch.tensor([prompt])
             want = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(prompt) :]
-            assert got[i] == want.tolist(), i
+            assert tokens(outs[i]) == want.tolist(), i
 
 
 @pytest.mark.parametrize("mtp", [False, True], ids=["plain", "mtp"])
@@ -76,22 +71,9 @@ def test_choices_of_one_prompt_compute_it_once(tiny_v3: Path, mtp: bool) -> None
     """Three sequences of one 11-token prompt submitted together (n = 3): the first computes
     it, the others wait a step and reuse its full page; all give transformers' tokens."""
     ref = hf_reference(tiny_v3)
-    prompt = PROMPTS[2]
     cfg = engine_config(mtp=mtp)
     loaded = build_runner(tiny_v3, cfg, rank=0, world_size=1, local_rank=0)
-    metrics = Metrics()
-    loop = EngineLoop(loaded.runner, loaded.scheduler(cfg), lambda ids: "", loaded.channel, metrics)
-    got: dict[int, list[int]] = {}
-    lock = threading.Lock()
-    for i in range(3):
-
-        def sink(out: Output, i: int = i) -> None:
-            assert out.error is None, out.error
-            with lock:
-                got.setdefault(i, []).extend(out.token_ids)
-
-        greedy = SamplingParams(temperature=0.0)
-        loop.submit(GenRequest(prompt, greedy, NEW_TOKENS, ignore_eos=True), sink)
-    loop.run_until_idle()
-    assert metrics.registry.get_sample_value("dsworker_prefix_cache_hit_tokens_total") == 16
-    assert [got[i] for i in range(3)] == [ref.tokens[2]] * 3
+    request = GenRequest(PROMPTS[2], SamplingParams(temperature=0.0), NEW_TOKENS)
+    outs, metrics, _ = serve(loaded, cfg, [request] * 3)
+    assert hits(metrics) == 16
+    assert [tokens(o) for o in outs] == [ref.tokens[2]] * 3

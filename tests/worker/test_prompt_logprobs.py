@@ -5,19 +5,17 @@ prompt left behind; the values are transformers' own, and generation is unchange
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 from engine_helpers import PROMPTS, Reference, hf_reference
-from serving_helpers import engine_config, generate
+from serving_helpers import engine_config, generate, serve
 
 from dsworker.control import DistChannel
 from dsworker.dist import spawn_local
 from dsworker.engine_config import EngineConfig
-from dsworker.engine_loop import EngineLoop, GenRequest, Output, follow
-from dsworker.metrics import Metrics
+from dsworker.engine_loop import GenRequest, follow
 from dsworker.runner import build_runner
 from dsworker.sampling import SamplingParams
 
@@ -75,30 +73,14 @@ def test_a_scored_prompt_computes_what_a_cached_prefix_would_skip(
     it, unless its prompt is scored, which needs the logits of those 8 positions too."""
     cfg = engine_config()
     loaded = build_runner(tiny_v3, cfg, rank=0, world_size=1, local_rank=0)
-    metrics = Metrics()
-    loop = EngineLoop(loaded.runner, loaded.scheduler(cfg), lambda ids: "", loaded.channel, metrics)
-    prompt, outs = PROMPTS[2], []
-    lock = threading.Lock()
-
-    def sink(out: Output) -> None:
-        assert out.error is None, out.error
-        with lock:
-            outs.append(out)
-
-    def hits() -> float:
-        return metrics.registry.get_sample_value("dsworker_prefix_cache_hit_tokens_total") or 0.0
-
-    greedy = SamplingParams(temperature=0.0)
-    loop.submit(GenRequest(prompt, greedy, 4, ignore_eos=True), sink)
-    loop.run_until_idle()
-    loop.submit(GenRequest(prompt, greedy, 4, ignore_eos=True, prompt_logprobs=2), sink)
-    loop.run_until_idle()
-    assert hits() == 0
-    scored = [e for o in outs for e in o.prompt_logprobs]
-    assert [e.logprob for e in scored] == pytest.approx(scores(ref, 2), abs=1e-4)
-    assert [e.token for e in scored] == prompt[1:] and all(len(e.top) == 2 for e in scored)
-    assert [o.prompt_logprobs != () for o in outs[4:]] == [True, False, False, False]
-    loop.submit(GenRequest(prompt, greedy, 4, ignore_eos=True), sink)
-    loop.run_until_idle()
-    assert hits() == 8  # the unscored prompt reuses the page
-    assert [t for o in outs[8:] for t in o.token_ids] == ref.tokens[2][:4]
+    prompt, greedy = PROMPTS[2], SamplingParams(temperature=0.0)
+    plain = GenRequest(prompt, greedy, 4)
+    scored = GenRequest(prompt, greedy, 4, prompt_logprobs=2)
+    outs, metrics, _ = serve(loaded, cfg, [plain, scored, plain], one_by_one=True)
+    # Only the third (unscored) prompt reuses the page the first left.
+    assert metrics.registry.get_sample_value("dsworker_prefix_cache_hit_tokens_total") == 8
+    entries = [e for o in outs[1] for e in o.prompt_logprobs]
+    assert [e.logprob for e in entries] == pytest.approx(scores(ref, 2), abs=1e-4)
+    assert [e.token for e in entries] == prompt[1:] and all(len(e.top) == 2 for e in entries)
+    assert [o.prompt_logprobs != () for o in outs[1]] == [True, False, False, False]
+    assert [t for o in outs[2] for t in o.token_ids] == ref.tokens[2][:4]
