@@ -194,7 +194,6 @@ class Scheduler:
                 f"less than one sequence of max_seq_len {max_seq_len}"
             )
         self.paging = paging
-        self.mtp = drafts > 0  # pages hold MTP-layer entries too, written by the draft pass
         self.pools: list[PagePool] = (
             [
                 PagePool(paging.pages, paging.page_size, paging.prefix_caching, int(drafts > 0))
@@ -381,7 +380,7 @@ class Scheduler:
         p, pool = self.paging.page_size, self.pools[(seq.slot or 0) % self.paging.dp]
         # Positions past the output (drafts kept beyond a finish) hold no token to hash.
         end = min(seq.num_cached, seq.num_tokens)
-        if self.mtp:  # mtp_cached < num_tokens: the lookahead token is there
+        if pool.lookahead:  # MTP entries too, written by the draft pass (lookahead token there)
             end = min(end, seq.mtp_cached)
         while (seq.hashed + 1) * p <= end:
             lo = seq.hashed * p

@@ -11,7 +11,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
@@ -128,7 +128,7 @@ class Answer(NamedTuple):
     token_ids: list[int]
     finish_reason: str | None
     logprobs: tuple[TokenLogprob, ...]  # when asked: one per token id
-    first: Output  # the first output (with echo, it carries the prompt's logprobs)
+    prompt_logprobs: tuple[TokenLogprob, ...]  # echo's, from the first output
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -295,12 +295,15 @@ def create_app(state: ServerState) -> FastAPI:
         want_lps = gens[0].logprobs is not None
 
         def echoed(
-            index: int, text: str, entries: tuple[TokenLogprob, ...], first: Output
+            index: int,
+            text: str,
+            entries: tuple[TokenLogprob, ...],
+            prompt_lps: Sequence[TokenLogprob],
         ) -> tuple[str, tuple[TokenLogprob, ...], int | None]:
-            """Text and logprobs with the prompt's in front (echo), from the choice's first output."""
+            """Text and logprobs with the prompt's in front (echo)."""
             if not body.echo:
                 return text, entries, None
-            return echoes[index] + text, (*first.prompt_logprobs, *entries), gens[index].prompt[0]
+            return echoes[index] + text, (*prompt_lps, *entries), gens[index].prompt[0]
 
         if body.stream:
             offsets = [0] * len(gens)
@@ -310,7 +313,7 @@ def create_app(state: ServerState) -> FastAPI:
                 text, entries, head = out.text, out.logprobs, None
                 if not started[index]:
                     started[index] = True
-                    text, entries, head = echoed(index, text, entries, out)
+                    text, entries, head = echoed(index, text, entries, out.prompt_logprobs)
                 if not (text or out.finish_reason or want_ids or want_lps):
                     return []  # a token that completes no character yet
                 lps = None
@@ -324,7 +327,9 @@ def create_app(state: ServerState) -> FastAPI:
             return _streaming(gens, chunk, reply, _usage(body, n_prompt))
         choices, used = [], 0
         for index, answer in enumerate(await _collect_all(gens, request)):
-            text, entries, head = echoed(index, answer.text, answer.logprobs, answer.first)
+            text, entries, head = echoed(
+                index, answer.text, answer.logprobs, answer.prompt_logprobs
+            )
             lps = completion_logprobs(entries, _token_text, 0, head) if want_lps else None
             ids = answer.token_ids if want_ids else None
             choices.append(oa.choice(index, "text", text, answer.finish_reason, ids, lps))
@@ -424,7 +429,7 @@ def create_app(state: ServerState) -> FastAPI:
                         [t for o in outs for t in o.token_ids],
                         out.finish_reason,
                         tuple(e for o in outs for e in o.logprobs),
-                        outs[0],
+                        outs[0].prompt_logprobs,
                     )
         except (asyncio.CancelledError, oa.ApiError):
             engine.abort(seq_id)
