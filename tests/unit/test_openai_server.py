@@ -370,6 +370,24 @@ def test_nulls_are_defaults_and_vllm_values_are_taken(served) -> None:
     assert client.post("/v1/chat/completions", json=chat).status_code == 200
 
 
+def test_a_handler_bug_is_an_openai_shaped_counted_500(served) -> None:
+    """What no validation foresaw (here a tokenizer that breaks) still answers in OpenAI's shape."""
+    client, state, _ = served
+
+    def broken(text: str, add_bos: bool = True) -> list[int]:
+        raise RuntimeError("tokenizer blew up")
+
+    state.tokenizer.encode = broken
+    r = client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 1})
+    assert r.status_code == 500
+    assert r.json()["error"] == {
+        "message": "internal server error", "type": "server_error", "param": None, "code": None
+    }  # fmt: skip
+    assert 'dsworker_requests_total{endpoint="/v1/completions",status="500"} 1.0' in (
+        client.get("/metrics").text
+    )
+
+
 def test_malformed_json_and_oversized_bodies(served) -> None:
     client, state, _ = served
     r = client.post(

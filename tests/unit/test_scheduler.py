@@ -500,6 +500,7 @@ def test_identical_prompts_arriving_together_compute_their_pages_once(caching: b
     assert [(it.seq_id, it.start) for it in step.items] == (
         [(0, 0), (2, 0)] if caching else [(0, 0), (1, 0), (2, 0)]
     )
+    assert [q.seq_id for q in s.waiting] == ([1] if caching else [])  # held, still first in line
     if caching:
         step = s.schedule()
         assert step is not None
