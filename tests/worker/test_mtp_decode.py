@@ -22,6 +22,7 @@ from dsworker.control import DistChannel
 from dsworker.dist import spawn_local
 from dsworker.engine_config import EngineConfig
 from dsworker.engine_loop import follow
+from dsworker.metrics import Metrics
 from dsworker.model.decode_graphs import DecodeGraphs
 from dsworker.runner import build_runner
 from dsworker.sampling import SamplingParams
@@ -38,6 +39,17 @@ def assert_transformers_logprobs(
         torch.testing.assert_close(torch.tensor(lps[i]), want, atol=1e-4, rtol=0)
 
 
+def drafted_like_transformers(ckpt: Path, ref: Reference, drafts: int) -> tuple[Metrics, int]:
+    """Greedy MTP decoding with `drafts` drafts a step; its tokens and each token's logprob are
+    transformers'. Returns the metrics and the steps taken."""
+    lps: dict[int, list[float]] = {}
+    cfg = engine_config(mtp=True, num_speculative_tokens=drafts)
+    tokens, metrics, steps = generate(ckpt, cfg, logprobs=lps)
+    assert tokens == ref.tokens
+    assert_transformers_logprobs(ref.model, tokens, lps)
+    return metrics, steps
+
+
 @pytest.fixture(scope="module")
 def ref(tiny_v3: Path) -> Reference:
     return hf_reference(tiny_v3)
@@ -47,11 +59,7 @@ def ref(tiny_v3: Path) -> Reference:
 def test_greedy_tokens_equal_transformers_whatever_the_drafts(
     tiny_v3: Path, ref: Reference, drafts: int
 ) -> None:
-    lps: dict[int, list[float]] = {}
-    cfg = engine_config(mtp=True, num_speculative_tokens=drafts)
-    tokens, metrics, steps = generate(tiny_v3, cfg, logprobs=lps)
-    assert tokens == ref.tokens
-    assert_transformers_logprobs(ref.model, tokens, lps)
+    metrics, steps = drafted_like_transformers(tiny_v3, ref, drafts)
     drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
     accepted = counter(metrics, "dsworker_spec_accepted_tokens_total")
     # Every decode step after the first token carries the drafts of each running sequence.
@@ -137,12 +145,7 @@ def test_an_agreeing_mtp_layer_has_every_draft_accepted(
 ) -> None:
     """Chained drafts too: the agreeing layer ignores its hidden input, so each draft holds."""
     ckpt = agreeing_mtp_copy(tiny_v3, tmp_path / "agreeing")
-    agreeing = hf_reference(ckpt)
-    lps: dict[int, list[float]] = {}
-    cfg = engine_config(mtp=True, num_speculative_tokens=drafts)
-    tokens, metrics, steps = generate(ckpt, cfg, logprobs=lps)
-    assert tokens == agreeing.tokens
-    assert_transformers_logprobs(agreeing.model, tokens, lps)
+    metrics, steps = drafted_like_transformers(ckpt, hf_reference(ckpt), drafts)
     drafted = counter(metrics, "dsworker_spec_draft_tokens_total")
     assert drafted > 0
     assert counter(metrics, "dsworker_spec_accepted_tokens_total") == drafted
