@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from deepseek_operator.api.quantity import compare_quantities, parse_quantity
 from deepseek_operator.planning.plan import store_change
-from deepseek_operator.planning.quantity import compare_quantities, parse_quantity
 
 GI = 1024**3
 

@@ -15,9 +15,9 @@ from typing import Any
 from dsworker.engine_config import EngineConfig
 
 from ..api import API_VERSION, KIND, DeepSeekDeployment, DeepSeekDeploymentSpec
+from ..api.quantity import parse_quantity
 from . import names
 from .observed import EXIT_BAD_INPUT
-from .quantity import parse_quantity
 
 Obj = dict[str, Any]
 

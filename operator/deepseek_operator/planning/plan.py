@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from ..api import DeepSeekDeploymentStatus, parse_deployment
+from ..api.quantity import compare_quantities
 from ..api.status import READY, SHARDED, VALIDATED, WORKERS_READY, Phase
 from ..validation import review_config
 from . import names, objects
@@ -42,7 +43,6 @@ from .observed import (
     uid,
     unschedulable,
 )
-from .quantity import compare_quantities
 from .status import Cond, EventSpec, Summary
 
 
