@@ -166,8 +166,9 @@ def test_step_wire_round_trip() -> None:
         step_wire.decode([step_wire.STEP, 1, 3, 1, 0, 2, 1, 0, 2, 0, 5, 6])
     with pytest.raises(step_wire.WireError, match="4 values for 1 draft inputs"):
         step_wire.decode([step_wire.DRAFT, 1, 0, 3, 5, 6])
-    with pytest.raises(step_wire.WireError, match="no positions"):
-        step_wire.decode([step_wire.DRAFT, 1, 0, 0, 5])
+    for bad in ([step_wire.DRAFT, 1, 0, 0, 5], [step_wire.DRAFT, 1, -1, 1, 5]):
+        with pytest.raises(step_wire.WireError, match="negative index or no positions"):
+            step_wire.decode(bad)
     for kind in (step_wire.HEARTBEAT, step_wire.STOP):
         assert step_wire.decode(step_wire.encode(step_wire.Message(kind))).kind == kind
     with pytest.raises(step_wire.WireError):

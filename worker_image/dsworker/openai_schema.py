@@ -155,6 +155,14 @@ class _Common(BaseModel):
             out[int(key)] = out.get(int(key), 0.0) + bias
         return out
 
+    def logprob_count(self) -> int | None:
+        """None: no logprobs; k: each token's logprob and its k likeliest alternatives."""
+        return None
+
+    def prompt_logprob_count(self) -> int | None:
+        """The same for the prompt's tokens (completions' echo)."""
+        return None
+
     def sampling(self) -> SamplingParams:
         return SamplingParams(
             temperature=self.temperature,
@@ -191,6 +199,9 @@ class CompletionRequest(_Common):
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprob_count(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts: one string or id list, or a batch of them (each gets n choices)."""

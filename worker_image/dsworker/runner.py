@@ -7,7 +7,8 @@ span the world) and rank 0 gathers the sampled rows' logits from each group's fi
 
 With MTP on, each step is followed by a draft pass: every rank runs the MTP layer over its items'
 positions (the hidden states the step just produced and the tokens rank 0 sampled after them) and
-rank 0 collects one greedy draft token per sequence for the next step to verify.
+rank 0 collects each sequence's greedy drafts (num_speculative_tokens, chained) for the next step
+to verify.
 """
 
 from __future__ import annotations

@@ -242,7 +242,7 @@ def create_app(state: ServerState) -> FastAPI:
             stop=body.stop_list,
             stop_token_ids=stops,
             logprobs=body.logprob_count(),
-            prompt_logprobs=body.logprob_count() if getattr(body, "echo", False) else None,
+            prompt_logprobs=body.prompt_logprob_count(),
         )
         if params.seed is None:
             return [gen] * body.n
