@@ -1,0 +1,1 @@
+"""Triton kernels behind the CUDA implementations of `dsworker.ops`; import only where triton exists."""
