@@ -32,18 +32,18 @@ from typing import Any
 
 import torch
 
-from dsworker.control import LocalChannel
-from dsworker.device import Device
-from dsworker.engine_config import EngineConfig
-from dsworker.engine_loop import EngineLoop, GenRequest, Output
-from dsworker.kv_pages import pages_for
-from dsworker.layout import ParallelPlan
-from dsworker.loader import load_weights
-from dsworker.metrics import Metrics
-from dsworker.runner import DTYPES, ModelRunner, engine_options, fixed_shape_decode
-from dsworker.sampling import SamplingParams
-from dsworker.scheduler import Paging, Scheduler
-from dsworker.tokenizer import TextTokenizer
+from dsworker.chat.tokenizer import TextTokenizer
+from dsworker.contract.engine_config import EngineConfig
+from dsworker.contract.kv_budget import pages_for
+from dsworker.contract.layout import ParallelPlan
+from dsworker.engine.control import LocalChannel
+from dsworker.engine.loader import load_weights
+from dsworker.engine.loop import EngineLoop
+from dsworker.engine.metrics import Metrics
+from dsworker.engine.requests import GenRequest, Output, SamplingParams
+from dsworker.engine.runner import DTYPES, ModelRunner, engine_options, fixed_shape_decode
+from dsworker.engine.scheduler import Paging, Scheduler
+from dsworker.parallel.device import Device
 
 
 def emit(**record: Any) -> None:
@@ -57,8 +57,8 @@ def sync(device: torch.device) -> None:
 
 def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
     """The HF checkpoint (given or synthesized) and its world-1 sharded layout."""
-    from dsworker.sharder import shard
-    from dsworker.synth import synthesize
+    from dsworker.tools.shard import shard
+    from dsworker.tools.synth import synthesize
 
     tag = f"{args.preset}{'-mtp' if args.mtp else ''}"
     full = args.model or synthesize(work / f"hf-{tag}", "v3", args.preset, "bf16", args.mtp)
@@ -74,8 +74,8 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
 def bench_load(full: Path, sharded: Path, dev: Device, cfg: EngineConfig) -> None:
     from safetensors.torch import load_file
 
-    from dsworker.dist import build_groups
     from dsworker.model import DeepseekModel, ModelArgs
+    from dsworker.parallel.groups import build_groups
 
     files = sorted(full.glob("*.safetensors"))
     nbytes = sum(f.stat().st_size for f in files)
@@ -108,7 +108,7 @@ def bench_load(full: Path, sharded: Path, dev: Device, cfg: EngineConfig) -> Non
     sync(dev.torch)
     emit(
         bench="load",
-        path="dsworker.loader (sharded)",
+        path="dsworker.engine.loader (sharded)",
         bytes=stats.bytes,
         seconds=round(stats.seconds, 4),
         gbps=round(stats.gbps, 3),
@@ -129,8 +129,8 @@ class Engine:
     """World-size-1 serving path: runner + scheduler + sampler, driven synchronously."""
 
     def __init__(self, sharded: Path, dev: Device, cfg: EngineConfig) -> None:
-        from dsworker.dist import build_groups
         from dsworker.model import DeepseekModel, ModelArgs
+        from dsworker.parallel.groups import build_groups
 
         plan = ParallelPlan(1, 1, 1, 1, 1)
         groups = build_groups(plan, 0, dev.backend)

@@ -1,7 +1,7 @@
 """What guided decoding costs on the host: reading the vocabulary, compiling grammars, and per
 step filling a sequence's mask, applying it to a logits row and accepting the token.
 
-Runs dsworker.guided (real xgrammar) on a synthetic byte-level vocabulary of DeepSeek-V3's size
+Runs dsworker.engine.grammar_masks (real xgrammar) on a synthetic byte-level vocabulary of DeepSeek-V3's size
 (129,280 ids): the 256 bytes, then words and identifiers found in the Python standard library's
 sources, with and without a leading space, as BPE pieces look. Compile and mask times depend on
 the vocabulary's size and shape, so real tokenizers give figures of this order, not these.
@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker_image"))
 
 import torch  # noqa: E402
 
-from dsworker import guided_spec as gs  # noqa: E402
-from dsworker.guided import Grammars  # noqa: E402
+from dsworker.chat import grammar_spec as gs  # noqa: E402
+from dsworker.engine.grammar_masks import Grammars  # noqa: E402
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "tests/data/pick_schema.json").read_text())
 NESTED = {

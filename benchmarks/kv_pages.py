@@ -1,6 +1,6 @@
 """How many sequences a KV page budget keeps running: the real scheduler on a simulated workload.
 
-Drives dsworker.scheduler.Scheduler (pure Python: no model, no device) through a chat-like
+Drives dsworker.engine.scheduler.Scheduler (pure Python: no model, no device) through a chat-like
 workload whose requests ask for far more max_tokens than they use (they stop on an EOS token),
 and prints what the page policy gives: the mean running batch, the steps to drain the workload
 (a memory-bound decode step costs about the same at any batch, so fewer steps is more
@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker_image"))
 
-from dsworker.scheduler import Paging, Scheduler, Sequence  # noqa: E402
+from dsworker.engine.scheduler import Paging, Scheduler, Sequence  # noqa: E402
 
 EOS = 1
 

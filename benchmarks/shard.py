@@ -119,7 +119,14 @@ def naive(src: Path, dst: Path, plan_s: str) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from dsworker.layout import ModelDims, ParallelPlan, owner_dirs, parts_for, place, tensor_slice
+    from dsworker.contract.layout import (
+        ModelDims,
+        ParallelPlan,
+        owner_dirs,
+        parts_for,
+        place,
+        tensor_slice,
+    )
 
     plan = ParallelPlan(*map(int, plan_s.split(",")))
     dims = ModelDims.from_config(json.loads((src / "config.json").read_text()))

@@ -2,7 +2,7 @@
 
 Pure functions over a validated spec and the parsed config.json (plus the names of any
 quant_model_description*.json files), so they run in unit tests and in the operator alike. The
-split rules themselves are dsworker.layout's, the same ones the sharder and the loader use.
+split rules themselves are dsworker.contract.layout's, the same ones the sharder and the loader use.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dsworker.layout import ModelDims, ParallelPlan, PlanError, check_plan
+from dsworker.contract.layout import ModelDims, ParallelPlan, PlanError, check_plan
 
 from .api import DeepSeekDeploymentSpec
 

@@ -18,7 +18,7 @@ from deepseek_operator.api import (
     parse_deployment,
     spec_warnings,
 )
-from dsworker.layout import ParallelPlan
+from dsworker.contract.layout import ParallelPlan
 
 BASE: dict[str, Any] = {
     "apiVersion": "llm.dsop.io/v1alpha1",

@@ -10,7 +10,7 @@ import pytest
 from deepseek_operator.api import parse_deployment
 from deepseek_operator.planning import fingerprint, fingerprint_inputs, names
 from deepseek_operator.planning.fingerprint import config_hash
-from dsworker.layout import FORMAT
+from dsworker.contract.layout import FORMAT
 
 BASE: dict[str, Any] = {
     "apiVersion": "llm.dsop.io/v1alpha1",

@@ -19,7 +19,7 @@ import pytest
 from deepseek_operator.api import parse_deployment
 from deepseek_operator.planning import Observed, fingerprint, names, objects, plan
 from deepseek_operator.planning.plan import Plan
-from dsworker.engine_config import EngineConfig
+from dsworker.contract.engine_config import EngineConfig
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 NPU = "huawei.com/Ascend910"

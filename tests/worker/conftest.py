@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from dsworker.synth import synthesize
+from dsworker.tools.synth import synthesize
 
 SynthFactory = Callable[..., Path]
 

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsworker import quant
-from dsworker.device import Device
-from dsworker.dist import build_groups, init_process_group, spawn_local
-from dsworker.generate import EXPECTED, GenerateJob, generate_on_rank
-from dsworker.safetensors_io import SafetensorsReader
+from dsworker.checkpoint import number_formats
+from dsworker.checkpoint.safetensors_io import SafetensorsReader
+from dsworker.launch.generate import EXPECTED, GenerateJob, generate_on_rank
+from dsworker.parallel.device import Device
+from dsworker.parallel.groups import build_groups, init_process_group, spawn_local
 
 PROMPTS = [[5, 9, 33, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 NEW_TOKENS = 16
@@ -140,9 +140,9 @@ def _tensor(reader: SafetensorsReader, name: str) -> np.ndarray:
     t = reader.info(name)
     a = reader.array(t)
     if t.dtype == "BF16":
-        return quant.bf16_to_f32(a)
+        return number_formats.bf16_to_f32(a)
     if t.dtype == "F8_E4M3":
-        return quant.fp8_e4m3_to_f32(a)
+        return number_formats.fp8_e4m3_to_f32(a)
     return a.astype(np.float32) if t.dtype in ("F32", "F16", "F64", "I8") else a
 
 
@@ -166,13 +166,17 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
                 continue
             if suffix == "weight_packed":
                 shape = [int(v) for v in r.array(f"{base}.weight_shape")]
-                q = quant.unpack_int32_to_int8(r.array(name))[:, : shape[1]].astype(np.float32)
+                q = number_formats.unpack_int32_to_int8(r.array(name))[:, : shape[1]].astype(
+                    np.float32
+                )
                 w = q * _tensor(r, f"{base}.weight_scale")
                 name = f"{base}.weight"
             elif f"{base}.weight_scale_inv" in names:
                 codes = _tensor(r, name)
                 scale = _tensor(r, f"{base}.weight_scale_inv")
-                w = codes * quant.expand_block_scale(scale, 0, codes.shape[0], 0, codes.shape[1])
+                w = codes * number_formats.expand_block_scale(
+                    scale, 0, codes.shape[0], 0, codes.shape[1]
+                )
             elif f"{base}.weight_scale" in names:
                 off = _tensor(r, f"{base}.weight_offset") if f"{base}.weight_offset" in names else 0
                 w = (_tensor(r, name) - off) * _tensor(r, f"{base}.weight_scale")

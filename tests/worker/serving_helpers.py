@@ -20,13 +20,13 @@ from typing import Any
 import httpx
 from engine_helpers import NEW_TOKENS, PROMPTS
 
-from dsworker.engine_config import EngineConfig
-from dsworker.engine_loop import EngineLoop, GenRequest, Output
-from dsworker.metrics import Metrics
+from dsworker.contract.engine_config import EngineConfig
+from dsworker.engine.loop import EngineLoop
+from dsworker.engine.metrics import Metrics
+from dsworker.engine.requests import GenRequest, Output, SamplingParams
+from dsworker.engine.runner import Loaded, build_runner
+from dsworker.engine.step_wire import STOP, Message
 from dsworker.model.decode_graphs import DecodeGraphs
-from dsworker.runner import Loaded, build_runner
-from dsworker.sampling import SamplingParams
-from dsworker.step_wire import STOP, Message
 
 MAX_LEN = 64
 

@@ -16,15 +16,18 @@ from collections.abc import Sequence
 
 # name -> (module, one-line help shown by `dsworker --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "shard": ("dsworker.sharder", "split a HF checkpoint into the per-rank layout of one plan"),
-    "merge": ("dsworker.merge", "merge a sharded layout back into a full HF checkpoint"),
-    "reshard": ("dsworker.reshard", "convert a sharded layout to another plan"),
-    "lora-merge": ("dsworker.lora", "merge a PEFT LoRA adapter into base weights"),
-    "verify": ("dsworker.verify", "check a sharded layout or a HF checkpoint"),
-    "synth": ("dsworker.synth", "write a random, well-formed DeepSeek checkpoint"),
-    "stage": ("dsworker.stage", "copy this pod's ranks from the shard store into tmpfs"),
-    "generate": ("dsworker.generate", "greedy generation from token ids on N local ranks"),
-    "serve": ("dsworker.serve", "run the engine ranks of one pod and serve the OpenAI API"),
+    "shard": ("dsworker.tools.shard", "split a HF checkpoint into the per-rank layout of one plan"),
+    "merge": ("dsworker.tools.merge", "merge a sharded layout back into a full HF checkpoint"),
+    "reshard": ("dsworker.tools.reshard", "convert a sharded layout to another plan"),
+    "lora-merge": ("dsworker.tools.lora_merge", "merge a PEFT LoRA adapter into base weights"),
+    "verify": ("dsworker.tools.verify", "check a sharded layout or a HF checkpoint"),
+    "synth": ("dsworker.tools.synth", "write a random, well-formed DeepSeek checkpoint"),
+    "stage": ("dsworker.tools.stage", "copy this pod's ranks from the shard store into tmpfs"),
+    "generate": ("dsworker.launch.generate", "greedy generation from token ids on N local ranks"),
+    "serve": (
+        "dsworker.launch.serve_command",
+        "run the engine ranks of one pod and serve the OpenAI API",
+    ),
 }
 
 
@@ -44,8 +47,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .errors import EXIT_BAD_INPUT, CheckpointError
-    from .layout import PlanError
+    from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError
+    from dsworker.contract.layout import PlanError
 
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from dsworker.layout import ParallelPlan
+from dsworker.contract.layout import ParallelPlan
 
 from .base import ApiModel, Rule
 

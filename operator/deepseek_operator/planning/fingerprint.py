@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from dsworker.layout import FORMAT
+from dsworker.contract.layout import FORMAT
 
 from ..api import DeepSeekDeploymentSpec
 

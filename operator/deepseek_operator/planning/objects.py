@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dsworker.engine_config import EngineConfig
+from dsworker.contract.engine_config import EngineConfig
 
 from ..api import API_VERSION, KIND, DeepSeekDeployment, DeepSeekDeploymentSpec
 from ..api.quantity import parse_quantity

@@ -12,11 +12,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsworker.dist import Group
 from dsworker.model.batch import Batch, LayerKV
 from dsworker.model.config import ModelArgs
 from dsworker.model.layers import Linear, RMSNorm
 from dsworker.model.rope import Rope
+from dsworker.parallel.groups import Group
 
 SCORE_BYTES = 256 << 20  # fp32 attention scores one block of query rows may hold
 

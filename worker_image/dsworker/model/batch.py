@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsworker.kv_pages import pages_for
+from dsworker.contract.kv_budget import pages_for
 
 
 @dataclass(frozen=True)

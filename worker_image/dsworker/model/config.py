@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsworker.errors import CheckpointError
-from dsworker.layout import ModelDims
+from dsworker.contract.errors import CheckpointError
+from dsworker.contract.layout import ModelDims
 
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING = ("sigmoid", "softmax")

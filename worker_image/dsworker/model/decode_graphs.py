@@ -19,8 +19,8 @@ from typing import NamedTuple
 
 import torch
 
-from dsworker.buckets import batch_buckets, key_buckets, pick
 from dsworker.model.batch import Batch, KVCache
+from dsworker.model.graph_buckets import batch_buckets, key_buckets, pick
 from dsworker.model.model import DeepseekModel
 
 log = logging.getLogger("dsworker.model")

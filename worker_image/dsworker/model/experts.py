@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsworker.device import native_grouped_mm
 from dsworker.model.layers import weight
+from dsworker.parallel.device import native_grouped_mm
 
 log = logging.getLogger("dsworker.model")
 

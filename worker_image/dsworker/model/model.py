@@ -1,7 +1,7 @@
 """The DeepSeek V2/V3 decoder for one rank of a plan: build, expose load targets, run a step.
 
 A server constructs it once per rank (`DeepseekModel(args, groups, opts, dtype, device)`), fills
-its weights with `dsworker.loader.load_weights`, allocates a `KVCache` with `new_cache`, and calls
+its weights with `dsworker.engine.loader.load_weights`, allocates a `KVCache` with `new_cache`, and calls
 `forward(Batch, cache)` for each step of its dp group's sequences. Every rank of the world must call
 forward for every step (MoE exchanges span the world), with an empty Batch when it has no work.
 """
@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dsworker.dist import ParallelGroups
-from dsworker.errors import CheckpointError
+from dsworker.contract.errors import CheckpointError
 from dsworker.model.attention import MLA
 from dsworker.model.batch import Batch, KVCache, LayerKV
 from dsworker.model.config import ModelArgs
 from dsworker.model.layers import MLP, Linear, RMSNorm, VocabEmbedding, VocabHead
 from dsworker.model.moe import MoE, MoEOptions, MoEStats
 from dsworker.model.rope import Rope
+from dsworker.parallel.groups import ParallelGroups
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsworker.device import native_grouped_mm
-from dsworker.dist import ParallelGroups
-from dsworker.engine_config import DEFAULT_BUFFER_SCALE_FACTORS
+from dsworker.contract.engine_config import DEFAULT_BUFFER_SCALE_FACTORS
 from dsworker.model.config import ModelArgs
 from dsworker.model.experts import LocalExperts
 from dsworker.model.layers import MLP, weight
 from dsworker.model.routing import route
+from dsworker.parallel.device import native_grouped_mm
+from dsworker.parallel.groups import ParallelGroups
 
 
 class ExpertBufferOverflow(RuntimeError):
