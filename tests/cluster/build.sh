@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kubectl, kwok, helm) from the Go module proxy into a cache outside the repo.
+# kubectl, kwok, helm) from the Go module proxy into a cache outside the repo, plus Volcano's
+# PodGroup CRD (crds/volcano-podgroups.yaml beside bin/) for tests that apply it.
 #
 # Why from source: the machines have no container engine and reach only package registries, so
 # the binaries come from Go modules pinned by the go.mod/go.sum files beside this script.
@@ -29,7 +30,8 @@ k8s_version="$(modver "$here/kube/go.mod" k8s.io/kubernetes)"
 etcd_version="$(modver "$here/etcd/go.mod" go.etcd.io/etcd/server/v3)"
 kwok_version="$(modver "$here/kwok/go.mod" sigs.k8s.io/kwok)"
 helm_version="$(modver "$here/helm/go.mod" helm.sh/helm/v3)"
-for v in k8s_version etcd_version kwok_version helm_version; do
+volcano_apis_version="$(modver "$here/volcano/go.mod" volcano.sh/apis)"
+for v in k8s_version etcd_version kwok_version helm_version volcano_apis_version; do
   if [[ -z "${!v}" ]]; then
     log "could not read $v from the go.mod files in $here"
     exit 1
@@ -41,9 +43,11 @@ done
 inputs_hash="$(
   cd "$here" &&
     cat build.sh kube/go.mod kube/go.sum etcd/go.mod etcd/go.sum etcd/main.go \
-      kwok/go.mod kwok/go.sum helm/go.mod helm/go.sum | sha256sum | cut -c1-12
+      kwok/go.mod kwok/go.sum helm/go.mod helm/go.sum \
+      volcano/go.mod volcano/go.sum volcano/crd.go | sha256sum | cut -c1-12
 )"
-key="k8s-${k8s_version}_etcd-${etcd_version}_kwok-${kwok_version}_helm-${helm_version}_${inputs_hash}"
+key="k8s-${k8s_version}_etcd-${etcd_version}_kwok-${kwok_version}_helm-${helm_version}"
+key+="_volcano-${volcano_apis_version}_${inputs_hash}"
 cache_root="${DSOP_CLUSTER_CACHE:-$HOME/.cache/dsop-cluster}"
 out="$cache_root/$key"
 bin="$out/bin"
@@ -73,7 +77,7 @@ export GOCACHE="${GOCACHE:-$HOME/.cache/go-build}"
 # One job per core keeps memory in check on the 2-core, 24 GiB machines.
 export GOMAXPROCS="${GOMAXPROCS:-$(nproc)}"
 
-rm -rf "$bin" "$stamp"
+rm -rf "$bin" "$stamp" "$out/crds"
 mkdir -p "$bin"
 start=$SECONDS
 
@@ -112,11 +116,36 @@ for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok
   }
 done
 
+# Volcano's PodGroup CRD (scheduling.volcano.sh/v1beta1), rendered from the published API types
+# (volcano.sh/apis) by the controller-gen version and options Volcano's Makefile pins for the
+# release. The proxy refuses volcano.sh/volcano, which holds the YAML itself, so the render is
+# checked byte for byte against the sha256 of that file at the same tag
+# (config/crd/volcano/bases/scheduling.volcano.sh_podgroups.yaml; recorded with its source in
+# tests/data/formats/volcano_podgroup.source.json).
+volcano_podgroup_sha256=c30e6eea145258a207c310fdcf1cbcdfafc48031c74413e361381b2d19eee01f
+log "fetching volcano.sh/apis@$volcano_apis_version and rendering the PodGroup CRD"
+(cd "$here/volcano" && go mod download -json "volcano.sh/apis@$volcano_apis_version" >/dev/null)
+(cd "$here/volcano" && go build -trimpath -o "$out/tools/" tool)
+crd_tmp="$(mktemp -d)"
+trap 'rm -rf "$crd_tmp"' EXIT
+(cd "$here/volcano" && "$out/tools/controller-gen" \
+  "crd:crdVersions=v1,generateEmbeddedObjectMeta=true" \
+  paths=volcano.sh/apis/pkg/apis/scheduling/v1beta1 \
+  "output:crd:artifacts:config=$crd_tmp")
+got="$(sha256sum "$crd_tmp/scheduling.volcano.sh_podgroups.yaml" | cut -d' ' -f1)"
+if [[ "$got" != "$volcano_podgroup_sha256" ]]; then
+  log "rendered PodGroup CRD has sha256 $got, expected $volcano_podgroup_sha256"
+  exit 1
+fi
+mkdir -p "$out/crds"
+mv "$crd_tmp/scheduling.volcano.sh_podgroups.yaml" "$out/crds/volcano-podgroups.yaml"
+
 cat >"$out/versions.env" <<EOF
 K8S_VERSION=$k8s_version
 ETCD_VERSION=$etcd_version
 KWOK_VERSION=$kwok_version
 HELM_VERSION=$helm_version
+VOLCANO_APIS_VERSION=$volcano_apis_version
 GO_VERSION=$(go env GOVERSION)
 EOF
 date -u +%Y-%m-%dT%H:%M:%SZ >"$stamp"

@@ -75,6 +75,22 @@ def build_binaries(log: Callable[[str], None] = print) -> Path:
     return bin_dir
 
 
+# Where build.sh leaves Volcano's PodGroup CRD, relative to the cache dir that holds bin/.
+VOLCANO_PODGROUP_CRD = Path("crds") / "volcano-podgroups.yaml"
+
+
+def volcano_podgroup_crd(bin_dir: Path) -> Path:
+    """Path of the PodGroup CRD (scheduling.volcano.sh/v1beta1) that build.sh rendered.
+
+    Tests apply it with kubectl when they need Volcano's PodGroup kind; its source and sha256
+    are recorded in tests/data/formats/volcano_podgroup.source.json.
+    """
+    path = bin_dir.parent / VOLCANO_PODGROUP_CRD
+    if not path.is_file():
+        raise ClusterError(f"{path} is missing; rerun {BUILD_SCRIPT} (DSOP_CLUSTER_FORCE=1)")
+    return path
+
+
 def free_port() -> int:
     """Ask the kernel for an unused loopback port (closed again before the component binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
