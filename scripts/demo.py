@@ -79,16 +79,38 @@ def custom_resource(model_dir: Path) -> dict:
     }
 
 
+def columns(table: str) -> list[list[str]]:
+    """`kubectl get` output as cells, cut where the header's columns start: an empty printer
+    column stays a cell ("-") instead of shifting the ones after it."""
+    lines = [line for line in table.splitlines() if line.strip()]
+    if not lines:
+        return []
+    header = lines[0]
+    starts = [i for i, c in enumerate(header) if c != " " and (i == 0 or header[i - 1] == " ")]
+    ends = [*starts[1:], None]
+    return [[line[a:b].strip() or "-" for a, b in zip(starts, ends, strict=True)] for line in lines]
+
+
 def follow_to_ready(cluster: LocalCluster, timeout: float = 240) -> None:
-    """Print every change of `kubectl get dsd` until the phase is Ready."""
-    last = ""
+    """Print every change of `kubectl get dsd` (header first) until the phase is Ready."""
+    last: list[str] = []
+    widths: list[int] = []
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        out = cluster.kubectl("-n", NAMESPACE, "get", "dsd", NAME, "--no-headers", check=False)
-        line = " ".join(out.stdout.split())
-        if line and line != last:
-            print(f"    {line}", flush=True)
-            last = line
+        out = cluster.kubectl("-n", NAMESPACE, "get", "dsd", NAME, check=False)
+        rows = [row[:-1] for row in columns(out.stdout)]  # without AGE, which always changes
+        if len(rows) == 2 and rows[1] != last:
+            if not widths:
+                widths = [max(len(h), 12) for h in rows[0]]
+                print(
+                    "    " + "  ".join(h.ljust(w) for h, w in zip(rows[0], widths, strict=True)),
+                    flush=True,
+                )
+            print(
+                "    " + "  ".join(c.ljust(w) for c, w in zip(rows[1], widths, strict=True)),
+                flush=True,
+            )
+            last = rows[1]
         phase = cluster.kubectl(
             "-n", NAMESPACE, "get", "dsd", NAME, "-o", "jsonpath={.status.phase}", check=False
         ).stdout.strip()
@@ -206,6 +228,7 @@ def main() -> int:
     print(f"    {model_dir}")
 
     say("Starting the local control plane (etcd, kube-apiserver, controllers, kwok nodes)")
+    print("    kwok nodes are simulated: pods scheduled there are marked Running, nothing executes")
     cluster = LocalCluster(state_dir=WORK / "cluster", log=lambda m: print(f"    {m}"))
     cluster.start()
     operator: subprocess.Popen[bytes] | None = None
@@ -237,6 +260,11 @@ def main() -> int:
         cluster.kubectl("apply", "-f", str(manifest))
         follow_to_ready(cluster)
         print(cluster.kubectl("-n", NAMESPACE, "get", "dsd,jobs,statefulsets,pods,svc").stdout)
+        print(
+            "    Note: kwok nodes run no containers. The sharding Job and the worker pods above were\n"
+            "    only marked Running/Succeeded by kwok; nothing was sharded or served in the cluster.\n"
+            "    The next step runs the Job's own `dsworker shard` and `dsworker serve` on this machine."
+        )
         serve_locally(cluster, model_dir, py)
     finally:
         if operator is not None:
