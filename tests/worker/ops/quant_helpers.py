@@ -68,3 +68,59 @@ def w8a8_input(x: torch.Tensor) -> torch.Tensor:
     """What a W8A8 matmul multiplies: the per-token quantised activation, in float64."""
     xq, xs = quantize_per_token(x)
     return xq.double() * xs.double()[:, None]
+
+
+def expert_stack(kind: str, e: int, n: int, k: int, halves: bool, seed: int) -> dict:
+    """A quantised [E, N, K] stack in the ops' layout; w13 (halves) quantises gate and up apart."""
+    gen = torch.Generator().manual_seed(seed)
+    mats = torch.randn(e, n, k, generator=gen)
+    parts = [mats[:, : n // 2], mats[:, n // 2 :]] if halves else [mats]
+    data, scales, dense = [], [], []
+    for p in parts:
+        qs = [
+            quant_fp8(m) if kind == "fp8" else quant_int8(m, 32 if kind == "w8a16" else 0)
+            for m in p
+        ]
+        data.append(torch.stack([q for q, _ in qs]))
+        scales.append(torch.stack([s for _, s in qs]))
+        group = 32 if kind == "w8a16" else 0
+        deq = [
+            dequant_fp8(q, s) if kind == "fp8" else dequant_int8(q, s, group=group) for q, s in qs
+        ]
+        dense.append(torch.stack(deq))
+    out = {"data": torch.cat(data, 1), "scale": torch.cat(scales, 1), "dense": torch.cat(dense, 1)}
+    out["offset"] = None
+    if kind == "w8a8":
+        off = torch.randint(-3, 4, (e, n, 1), generator=gen).float()
+        out["offset"] = off
+        out["dense"] = out["dense"] - off.double() * out["scale"].double()
+    return out
+
+
+def tail(kind: str, stack: dict) -> tuple:
+    """The op arguments after the scale for a stack from expert_stack."""
+    return {"fp8": (128, 128), "w8a16": (32,), "w8a8": (stack["offset"],)}[kind]
+
+
+def moe_truth(
+    kind: str, x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, w13: dict, w2: dict
+):
+    """(gate_up [T, k, I], out [T, H]) in float64, pair by pair, from the dense dequantised stacks."""
+    t, k = ids.shape
+    i = w13["dense"].shape[1] // 2
+    h = torch.zeros(t, k, i, dtype=torch.float64)
+    xin = w8a8_input(x) if kind == "w8a8" else x.double()
+    for a in range(t):
+        for b in range(k):
+            e = int(ids[a, b])
+            if e >= 0:
+                y = w13["dense"][e] @ xin[a]
+                h[a, b] = torch.nn.functional.silu(y[:i]) * y[i:]
+    hin = w8a8_input(h.reshape(t * k, i).to(x.dtype)).view(t, k, i) if kind == "w8a8" else h
+    out = torch.zeros(t, w2["dense"].shape[1], dtype=torch.float64)
+    for a in range(t):
+        for b in range(k):
+            e = int(ids[a, b])
+            if e >= 0:
+                out[a] += float(wts[a, b]) * (w2["dense"][e] @ hin[a, b])
+    return h, out
