@@ -12,3 +12,4 @@ Importing `dsworker.ops` registers every op under the `dsworker::` namespace.
 from __future__ import annotations
 
 from dsworker.ops import backends as backends
+from dsworker.ops import quant_moe as quant_moe  # registers quant_matmul's ops too
