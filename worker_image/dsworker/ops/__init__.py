@@ -12,4 +12,8 @@ Importing `dsworker.ops` registers every op under the `dsworker::` namespace.
 from __future__ import annotations
 
 from dsworker.ops import backends as backends
+from dsworker.ops import mla_decode as mla_decode
+from dsworker.ops import moe_experts as moe_experts
+from dsworker.ops import norm as norm
 from dsworker.ops import quant_moe as quant_moe  # registers quant_matmul's ops too
+from dsworker.ops import routing as routing

@@ -1,0 +1,48 @@
+"""Helpers of the fused-op tests (imported after conftest.py has set TRITON_INTERPRET)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+from dsworker.model.config import ModelArgs
+from dsworker.synth import make_config
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+ODD_ROWS = (1, 3, 5)
+
+
+def kernels(name: str) -> ModuleType:
+    """dsworker.ops.triton.<name>, interpreted on a CPU-only machine."""
+    module = importlib.import_module(f"dsworker.ops.triton.{name}")
+    if DEVICE == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        jitted = [v for v in vars(module).values() if hasattr(v, "fn") and hasattr(v, "src")]
+        if not all(isinstance(v, InterpretedFunction) for v in jitted):
+            os.environ["TRITON_INTERPRET"] = "1"
+            module = importlib.reload(module)
+    return module
+
+
+def preset_args(preset: str, arch: str = "v3") -> ModelArgs:
+    """The ModelArgs of a synth preset (tiny, small, bench)."""
+    return ModelArgs.from_config(make_config(arch, preset))
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float) -> None:
+    """|a - e| <= ulps * eps(dtype) * max|e| (+ a floor of one ulp of 1.0): rounding-order noise
+    of fp32 accumulators passes, a wrong term (a slot, a head, a key) does not."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    eps = torch.finfo(expected.dtype).eps
+    scale = max(1.0, float(expected.detach().float().abs().max()))
+    err = (
+        float((actual.detach().float() - expected.detach().float()).abs().max())
+        if actual.numel()
+        else 0.0
+    )
+    assert err <= ulps * eps * scale, f"max error {err:.3g} > {ulps} ulps of {scale:.3g}"

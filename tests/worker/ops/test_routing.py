@@ -1,0 +1,130 @@
+"""dsworker::moe_route against the engine's routing (model/routing.py), transformers' V3 router,
+and its Triton kernel in the interpreter."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from fused_op_helpers import DEVICE, ODD_ROWS, kernels, preset_args
+
+from dsworker.model.config import ModelArgs
+from dsworker.model.routing import route
+from dsworker.ops.routing import group_mode, moe_route
+
+# R1: 256 experts in 8 groups, the best 4 groups, 8 experts per token.
+R1 = {"n_routed_experts": 256, "n_group": 8, "topk_group": 4, "top_k": 8}
+
+
+def _cases() -> dict[str, ModelArgs]:
+    tiny = preset_args("tiny")
+    return {
+        "v3-tiny": tiny,
+        "v3-small": preset_args("small"),
+        "v3-bench": preset_args("bench"),
+        "v3-r1": dataclasses.replace(preset_args("bench"), **R1),
+        "v2-greedy": preset_args("small", "v2"),
+        "v2-group-limited": dataclasses.replace(
+            preset_args("bench", "v2"), n_group=8, topk_group=3, topk_method="group_limited_greedy"
+        ),
+        "v3-no-renorm": dataclasses.replace(tiny, norm_topk_prob=False),
+    }
+
+
+CASES = _cases()
+
+
+def _inputs(args: ModelArgs, rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, args.n_routed_experts, generator=g)
+    bias = 0.1 * torch.randn(args.n_routed_experts, generator=g)
+    return logits, bias if args.topk_method == "noaux_tc" else None
+
+
+def _op(args: ModelArgs, logits: torch.Tensor, bias: torch.Tensor | None):
+    return moe_route(
+        logits,
+        bias,
+        args.top_k,
+        args.n_group,
+        args.topk_group,
+        args.topk_method,
+        args.scoring_func,
+        args.norm_topk_prob,
+        args.routed_scaling_factor,
+    )
+
+
+def _assert_same_routing(w, ids, ref_w, ref_ids) -> None:
+    """Same expert set per row and the same weight for each expert (order is free)."""
+    ids_sorted, order = ids.long().sort(dim=-1)
+    ref_sorted, ref_order = ref_ids.long().sort(dim=-1)
+    assert torch.equal(ids_sorted, ref_sorted)
+    torch.testing.assert_close(w.gather(1, order), ref_w.gather(1, ref_order), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_reference_equals_engine_routing(case: str) -> None:
+    args = CASES[case]
+    logits, bias = _inputs(args, 64, 0)
+    w, ids = _op(args, logits, bias)
+    ref_w, ref_ids = route(logits, args, bias)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int32
+    _assert_same_routing(w, ids, ref_w, ref_ids)
+
+
+def test_reference_equals_transformers_router() -> None:
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+
+    cfg = DeepseekV3Config(
+        hidden_size=64, n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=3
+    )
+    router = DeepseekV3TopkRouter(cfg)
+    torch.manual_seed(1)
+    router.weight.data.normal_()
+    router.e_score_correction_bias.normal_(std=0.1)
+    x = torch.randn(17, 64)
+    logits, hf_w, hf_ids = router(x)
+    w, ids = moe_route(logits, router.e_score_correction_bias, 6, 8, 3, "noaux_tc", "sigmoid",
+                       cfg.norm_topk_prob, cfg.routed_scaling_factor)  # fmt: skip
+    _assert_same_routing(w, ids, hf_w, hf_ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_triton_equals_reference(case: str, dtype: torch.dtype) -> None:
+    args = CASES[case]
+    k = kernels("routing")
+    for rows in ODD_ROWS:
+        logits, bias = _inputs(args, rows, rows)
+        logits = logits.to(dtype).to(DEVICE)
+        bias = bias.to(DEVICE) if bias is not None else None
+        ref_w, ref_ids = _op(args, logits.cpu(), bias.cpu() if bias is not None else None)
+        w, ids = k.moe_route_triton(
+            logits,
+            bias,
+            args.top_k,
+            args.n_group,
+            args.topk_group,
+            group_mode(args.topk_method),
+            args.scoring_func == "softmax",
+            args.norm_topk_prob,
+            args.routed_scaling_factor,
+        )
+        _assert_same_routing(w.cpu(), ids.cpu(), ref_w, ref_ids)
+
+
+def test_bad_method_is_named() -> None:
+    with pytest.raises(ValueError, match="topk_method 'aux'"):
+        moe_route(torch.zeros(1, 8), None, 2, 1, 1, "aux", "sigmoid", True, 1.0)
+
+
+def test_opcheck() -> None:
+    args = CASES["v3-small"]
+    logits, bias = _inputs(args, 5, 0)
+    torch.library.opcheck(
+        torch.ops.dsworker.moe_route.default,
+        (logits, bias, args.top_k, args.n_group, args.topk_group, "noaux_tc", "sigmoid", True, 2.5),
+    )

@@ -1,0 +1,187 @@
+"""`dsworker::moe_route`: router logits -> (top-k weights fp32, expert ids int32) in one op.
+
+One op does what model/routing.py spreads over sigmoid/softmax, topk, scatter, gather and division:
+score, add the correction bias (noaux_tc only; it steers the choice, the weights stay unbiased),
+keep the best groups, take the top k, renormalise, scale. Every rank routing the same token gets
+the same experts, so the op needs no collective and is the same at every world size.
+"""
+
+import torch
+
+from dsworker.ops import backends
+
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+SCORE_FUNCS = ("sigmoid", "softmax")
+
+
+def _check(top_k: int, n_group: int, topk_group: int, topk_method: str, score_func: str) -> None:
+    if topk_method not in TOPK_METHODS:
+        raise ValueError(f"moe_route: topk_method {topk_method!r} is not one of {TOPK_METHODS}")
+    if score_func not in SCORE_FUNCS:
+        raise ValueError(f"moe_route: score_func {score_func!r} is not one of {SCORE_FUNCS}")
+    if n_group < 1 or not 1 <= topk_group <= n_group or top_k < 1:
+        raise ValueError(
+            f"moe_route: need top_k >= 1 and 1 <= topk_group <= n_group, got top_k={top_k}, "
+            f"n_group={n_group}, topk_group={topk_group}"
+        )
+
+
+def _keep_top_groups(choice: torch.Tensor, group_score: torch.Tensor, keep: int) -> torch.Tensor:
+    """-inf outside the `keep` best groups of each row."""
+    top = group_score.topk(keep, dim=-1).indices
+    allowed = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, top, True)
+    per = choice.shape[1] // group_score.shape[1]
+    return choice.masked_fill(~allowed.repeat_interleave(per, dim=1), float("-inf"))
+
+
+def route_reference(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    topk_method: str,
+    score_func: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch reference: model/routing.py's math in fp32, ids as int32."""
+    _check(top_k, n_group, topk_group, topk_method, score_func)
+    x = logits.float()
+    scores = x.sigmoid() if score_func == "sigmoid" else x.softmax(dim=-1)
+    choice = scores
+    if topk_method == "noaux_tc" and bias is not None:
+        choice = scores + bias.float()
+    if topk_method != "greedy" and n_group > 1:
+        per = choice.view(choice.shape[0], n_group, -1)
+        if topk_method == "noaux_tc":
+            group_score = per.topk(2, dim=-1).values.sum(-1)
+        else:
+            group_score = per.amax(-1)
+        choice = _keep_top_groups(choice, group_score, topk_group)
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if norm_topk_prob and top_k > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids.to(torch.int32)
+
+
+@torch.library.custom_op("dsworker::moe_route", mutates_args=())
+def moe_route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    topk_method: str,
+    score_func: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] (any float dtype), bias [E] or None -> (weights [T, k] fp32, ids [T, k] int32).
+
+    topk_method: noaux_tc (V3: bias, groups scored by their top-2 sum), group_limited_greedy
+    (V2: groups scored by their max), greedy (no groups). The bias is read only by noaux_tc.
+    """
+    return route_reference(
+        logits,
+        bias,
+        top_k,
+        n_group,
+        topk_group,
+        topk_method,
+        score_func,
+        norm_topk_prob,
+        routed_scaling_factor,
+    )
+
+
+@moe_route.register_fake
+def _moe_route_fake(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    topk_method: str,
+    score_func: str,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    t = logits.shape[0]
+    return (
+        logits.new_empty(t, top_k, dtype=torch.float32),
+        logits.new_empty(t, top_k, dtype=torch.int32),
+    )
+
+
+def group_mode(topk_method: str) -> int:
+    """The Triton kernel's group rule for a topk_method (0 none, 1 max, 2 top-2 sum)."""
+    return {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}[topk_method]
+
+
+if backends.triton_available():
+
+    @moe_route.register_kernel("cuda")
+    def _moe_route_cuda(
+        logits: torch.Tensor,
+        bias: torch.Tensor | None,
+        top_k: int,
+        n_group: int,
+        topk_group: int,
+        topk_method: str,
+        score_func: str,
+        norm_topk_prob: bool,
+        routed_scaling_factor: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from dsworker.ops.triton.routing import moe_route_triton
+
+        _check(top_k, n_group, topk_group, topk_method, score_func)
+        return moe_route_triton(
+            logits,
+            bias if topk_method == "noaux_tc" else None,
+            top_k,
+            n_group,
+            topk_group,
+            group_mode(topk_method),
+            score_func == "softmax",
+            norm_topk_prob,
+            routed_scaling_factor,
+        )
+
+
+if backends.npu_available():
+
+    @moe_route.register_kernel("npu")
+    def _moe_route_npu(
+        logits: torch.Tensor,
+        bias: torch.Tensor | None,
+        top_k: int,
+        n_group: int,
+        topk_group: int,
+        topk_method: str,
+        score_func: str,
+        norm_topk_prob: bool,
+        routed_scaling_factor: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """npu_moe_gating_top_k covers V3's rule (it always renormalises); others take the reference."""
+        args = (top_k, n_group, topk_group, topk_method, score_func, norm_topk_prob)
+        if topk_method != "noaux_tc" or bias is None or not norm_topk_prob:
+            return route_reference(logits, bias, *args, routed_scaling_factor)
+        import torch_npu
+
+        x = logits.float()
+        weights, ids, _ = torch_npu.npu_moe_gating_top_k(
+            x,
+            top_k,
+            bias=bias.float(),
+            k_group=topk_group,
+            group_count=n_group,
+            group_select_mode=1,  # groups ranked by the sum of their top two
+            renorm=0,
+            norm_type=1 if score_func == "sigmoid" else 0,
+            out_flag=False,
+            routed_scaling_factor=routed_scaling_factor,
+            eps=1e-20,
+        )
+        return weights.float(), ids.to(torch.int32)
