@@ -12,10 +12,10 @@ import torch
 from quant_helpers import dequant_fp8, dequant_int8, quant_fp8, quant_int8, rel_err, w8a8_input
 
 import dsworker.ops  # noqa: F401  (registers the dsworker:: ops)
+from dsworker.checkpoint.number_formats import pack_int8_to_int32
 from dsworker.ops import quant_formats as qf
 from dsworker.ops import quant_matmul
 from dsworker.ops.quant_matmul import quant_linear
-from dsworker.quant import pack_int8_to_int32
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3}
 SHAPES = [(1, 200, 300), (3, 128, 256), (17, 77, 130)]
