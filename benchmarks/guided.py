@@ -1,7 +1,7 @@
 """What guided decoding costs on the host: reading the vocabulary, compiling grammars, and per
 step filling a sequence's mask, applying it to a logits row and accepting the token.
 
-Runs dsworker.engine.grammar_masks (real xgrammar) on a synthetic byte-level vocabulary of DeepSeek-V3's size
+Runs dsworker.chat.grammars and dsworker.engine.grammar_masks (real xgrammar) on a synthetic byte-level vocabulary of DeepSeek-V3's size
 (129,280 ids): the 256 bytes, then words and identifiers found in the Python standard library's
 sources, with and without a leading space, as BPE pieces look. Compile and mask times depend on
 the vocabulary's size and shape, so real tokenizers give figures of this order, not these.
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker_image"))
 import torch  # noqa: E402
 
 from dsworker.chat import grammar_spec as gs  # noqa: E402
-from dsworker.engine.grammar_masks import Grammars  # noqa: E402
+from dsworker.chat.grammars import Grammars  # noqa: E402
+from dsworker.engine.grammar_masks import Matcher  # noqa: E402
 
 SCHEMA = json.loads((Path(__file__).parents[1] / "tests/data/pick_schema.json").read_text())
 NESTED = {
@@ -105,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compile {name}: {cold * 1e3:.1f} ms (cache hit {hit * 1e6:.0f} us)")
     row = torch.randn(1, args.vocab)
     for name, spec in specs.items():
-        m = grammars.compile(spec).matcher()
+        m = Matcher(grammars.compile(spec))
         fill, mask, accept = [], [], []
         for _ in range(args.steps):
             if m.terminated:
-                m = grammars.compile(spec).matcher()
+                m = Matcher(grammars.compile(spec))
             _, t = timed(m.fill)
             fill.append(t)
             masked, t = timed(m.mask, row + torch.randn(1, args.vocab) * 3)
@@ -133,7 +134,7 @@ def compare_masks(grammars: Grammars, spec: gs.GrammarSpec, args: argparse.Names
     (the start of a JSON object: only `{`), the case that made dsworker unpack the bits itself."""
     import xgrammar as xgr
 
-    m = grammars.compile(spec).matcher()
+    m = Matcher(grammars.compile(spec))
     m.fill()
     bitmask = xgr.allocate_token_bitmask(1, args.vocab)
     xgr.GrammarMatcher(grammars.compile(spec).compiled).fill_next_token_bitmask(bitmask)

@@ -14,10 +14,11 @@ import xgrammar as xgr
 
 from dsworker.chat import grammar_spec as gs
 from dsworker.chat.byte_level import BOS_ID, EOS_ID, SPECIALS, write_tokenizer
+from dsworker.chat.grammars import Grammars, grammars_for
 from dsworker.chat.reasoning import split_reasoning
 from dsworker.chat.tokenizer import TextTokenizer
 from dsworker.chat.tool_calls import split_tool_calls
-from dsworker.engine.grammar_masks import Grammars, Matcher, grammars_for, unpack
+from dsworker.engine.grammar_masks import Matcher, unpack
 from dsworker.engine.requests import SamplingParams
 from dsworker.engine.sampling import token_logprobs, verify
 
@@ -55,7 +56,7 @@ def test_the_vocabulary_is_token_bytes_with_specials_and_padding_never_allowed(
     never = set(range(len(SPECIALS))) - {EOS_ID} | set(range(len(SPECIALS) + 256, VOCAB))
     assert set(info.special_token_ids) == never
     assert info.decoded_vocab[len(SPECIALS) + ord("{")] == b"{"
-    m = grammars.compile(gs.json_object()).matcher()
+    m = Matcher(grammars.compile(gs.json_object()))
     brace = tok.encode("{", add_bos=False)
     assert allowed(m, VOCAB + 20) == brace  # columns past the vocabulary are masked too
     assert BOS_ID not in allowed(m)
@@ -79,7 +80,7 @@ def walk(
 ) -> list[int]:
     """Sample tokens from random logits under the grammar until it terminates (after taking
     `prefix`, which the grammar must accept)."""
-    m = grammars.compile(spec).matcher()
+    m = Matcher(grammars.compile(spec))
     assert all(m.accept(t) for t in prefix)
     g = torch.Generator().manual_seed(seed)
     out: list[int] = list(prefix)
@@ -134,7 +135,7 @@ def test_with_r1_reasoning_the_json_is_the_answer_after_the_thinking(
         (answer, False),  # JSON first is still the thinking: no end yet
         ('Hmm.</think>{"color": "pink", "count": 7}', False),
     ):
-        m = grammars.compile(spec).matcher()
+        m = Matcher(grammars.compile(spec))
         accepted = all(m.accept(t) for t in tok.encode(text, add_bos=False))
         complete = accepted and EOS_ID in allowed(m) and m.accept(EOS_ID) and m.terminated
         assert complete == ok, text
@@ -154,7 +155,7 @@ def test_a_complete_text_is_accepted_and_a_wrong_name_is_not(
             '<｜tool▁sep｜>get_weather\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜>'
             '<｜tool▁calls▁end｜>')  # fmt: skip
     for text, ok in ((call, True), (call.replace("get_weather", "get_time"), False)):
-        m = grammars.compile(spec).matcher()
+        m = Matcher(grammars.compile(spec))
         accepted = all(m.accept(t) for t in tok.encode(text, add_bos=False))
         assert accepted == ok
         if ok:
@@ -189,7 +190,7 @@ def test_a_schema_that_admits_no_output_is_refused(grammars: Grammars) -> None:
 def test_the_mask_wins_over_logit_bias_and_min_tokens_yields_to_it(
     tok: TextTokenizer, grammars: Grammars
 ) -> None:
-    m = grammars.compile(gs.json_object()).matcher()
+    m = Matcher(grammars.compile(gs.json_object()))
     for t in tok.encode("{}", add_bos=False):
         assert m.accept(t)
     m.fill()

@@ -15,11 +15,11 @@ from engine_helpers import PROMPTS
 from serving_helpers import MAX_LEN, counter, engine_config, serve
 
 from dsworker.chat import grammar_spec as gs
+from dsworker.chat.grammars import grammars_for
 from dsworker.chat.tokenizer import TextTokenizer
 from dsworker.contract import kv_budget
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.contract.kv_budget import kv_bytes
-from dsworker.engine.grammar_masks import grammars_for
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
 from dsworker.engine.runner import build_runner

@@ -1,4 +1,4 @@
-"""What a request asks its output to follow, as a grammar spec that dsworker.engine.grammar_masks compiles.
+"""What a request asks its output to follow, as a grammar spec that dsworker.chat.grammars compiles.
 
 Pure (no torch, no xgrammar), so the request side is tested without either: OpenAI's
 `response_format` (json_object, json_schema) and a forced `tool_choice` ("required" or a named

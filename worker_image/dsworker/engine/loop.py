@@ -194,13 +194,18 @@ class EngineLoop:
         gen = None
         if not req.params.greedy:
             gen = sampling.make_generator(req.params, self.runner.device)
+        matcher = None
+        if req.grammar is not None:  # xgrammar loads only when a request is guided
+            from dsworker.engine.grammar_masks import Matcher
+
+            matcher = Matcher(req.grammar)
         self._live[seq_id] = _Live(
             req,
             sink,
             OutputText(self.decode, req.stop, req.prompt, self.silent),
             gen,
             submitted,
-            matcher=req.grammar.matcher() if req.grammar is not None else None,
+            matcher=matcher,
         )
         self.metrics.prompt_tokens.inc(len(req.prompt))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # xgrammar loads only when a request is guided
-    from dsworker.engine.grammar_masks import Grammar
+    from dsworker.chat.grammars import Grammar
 
 # Below this temperature sampling is greedy (division by ~0 would overflow anyway).
 GREEDY_EPS = 1e-5

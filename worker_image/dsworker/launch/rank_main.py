@@ -152,7 +152,7 @@ def _prepare_grammars(tokenizer: TextTokenizer) -> None:
     request with a response_format does not wait for it."""
     t0 = time.monotonic()
     try:
-        from dsworker.engine.grammar_masks import grammars_for
+        from dsworker.chat.grammars import grammars_for
 
         grammars_for(tokenizer)
     except Exception:  # guided requests will fail on their own; plain serving is unaffected

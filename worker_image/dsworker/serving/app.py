@@ -32,7 +32,7 @@ from dsworker.serving import protocol as oa
 from dsworker.serving.logprobs import chat_logprobs, completion_logprobs
 
 if TYPE_CHECKING:
-    from dsworker.engine.grammar_masks import Grammar
+    from dsworker.chat.grammars import Grammar
 
 log = logging.getLogger("dsworker.serving.app")
 
@@ -290,10 +290,7 @@ def create_app(state: ServerState) -> FastAPI:
         compiled on a free grammar thread (503 when every one is busy compiling)."""
         if spec is None:
             return None
-        from dsworker.engine.grammar_masks import (  # imported at start-up
-            built_grammars,
-            grammars_for,
-        )
+        from dsworker.chat.grammars import built_grammars, grammars_for  # loaded at start-up
 
         assert state.tokenizer is not None
         built = built_grammars(state.tokenizer)
