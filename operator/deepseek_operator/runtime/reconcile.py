@@ -24,10 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..planning import Plan, plan
+from ..planning.observed import failure, meta, terminating, uid
 from . import metrics
 from .k8s import Kube
-from .planning import Plan, plan
-from .planning.observed import failure, meta, terminating, uid
 
 log = logging.getLogger("deepseek_operator.reconcile")
 

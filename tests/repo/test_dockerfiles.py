@@ -376,8 +376,9 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, Block())
 import deepseek_operator.__main__ as m
-import deepseek_operator.crd, deepseek_operator.docs, deepseek_operator.handlers
-import deepseek_operator.planning.plan, deepseek_operator.reconcile, deepseek_operator.peering
+import deepseek_operator.generators.crd, deepseek_operator.generators.docs
+import deepseek_operator.generators.peering, deepseek_operator.planning.plan
+import deepseek_operator.runtime.handlers, deepseek_operator.runtime.reconcile
 m.parse_args(["--standalone", "--namespace", "llm"])
 print("ok")
 """

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from test_crd import CRD_FILE, admit
 
+from crd_admission import admit, crd_schema
 from deepseek_operator.api import parse_deployment
 from deepseek_operator.validation import review_config
 from dsworker.tools.synth import make_config
@@ -43,8 +43,7 @@ def load(name: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def schema() -> dict[str, Any]:
-    crd = yaml.safe_load(CRD_FILE.read_text())
-    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return crd_schema()
 
 
 def test_every_example_has_a_checkpoint_here() -> None:

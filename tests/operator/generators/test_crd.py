@@ -8,16 +8,14 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from test_api_bad_specs import load_bad_specs, load_valid
-from test_api_rules import all_rules
 
-from deepseek_operator import crd as crdgen
+from crd_admission import CRD_FILE, admit, apply_defaults, cel_errors, crd_schema, schema_errors
+from deepseek_operator.generators import crd as crdgen
+from spec_cases import all_rules, load_bad_specs, load_valid
 
-CRD_FILE = Path(__file__).resolve().parents[2] / "crds" / "deepseekdeployments.llm.dsop.io.yaml"
 BAD = load_bad_specs()
 VALID = load_valid()
 
@@ -50,8 +48,8 @@ def crd() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def schema(crd: dict[str, Any]) -> dict[str, Any]:
-    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+def schema() -> dict[str, Any]:
+    return crd_schema()
 
 
 def walk(node: dict[str, Any], path: str = ""):
@@ -66,7 +64,9 @@ def walk(node: dict[str, Any], path: str = ""):
 
 
 def test_committed_crd_is_generated_output() -> None:
-    assert CRD_FILE.read_text() == crdgen.render(), "run: python -m deepseek_operator.crd"
+    assert CRD_FILE.read_text() == crdgen.render(), (
+        "run: python -m deepseek_operator.generators.crd"
+    )
     assert crdgen.render() == crdgen.render()
     assert crdgen.main(["--check"]) == 0
 
@@ -188,86 +188,6 @@ def test_cel_rules_use_has_for_optional_fields(schema: dict[str, Any]) -> None:
                     required = name in node.get("required", [])
                     assert required or f"has(self.{name})" in rule["rule"], (path, name)
     assert nodes["spec.expertParallel.alltoallBufferScaleFactors"]["maxItems"] <= 16
-
-
-# --- emulated admission --------------------------------------------------------------------
-
-
-def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
-    """The API server's structural defaulting: fill unset fields, then recurse (defaults too)."""
-    if isinstance(value, dict) and "properties" in schema:
-        for name, sub in schema["properties"].items():
-            if name not in value and "default" in sub:
-                value[name] = copy.deepcopy(sub["default"])
-            if name in value:
-                value[name] = apply_defaults(sub, value[name])
-    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
-        value = [apply_defaults(schema["items"], v) for v in value]
-    return value
-
-
-def draft4(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema as plain JSON Schema draft 4, unknown fields rejected (fieldValidation=Strict)."""
-    out = {k: draft4(v) if isinstance(v, dict) else v for k, v in schema.items()}
-    out = {k: v for k, v in out.items() if not k.startswith("x-kubernetes-")}
-    if "properties" in schema:
-        out["properties"] = {k: draft4(v) for k, v in schema["properties"].items()}
-        if not schema.get("x-kubernetes-preserve-unknown-fields"):
-            out["additionalProperties"] = False
-    return out
-
-
-def schema_errors(schema: dict[str, Any], obj: dict[str, Any]) -> list[str]:
-    validator = jsonschema.Draft4Validator(draft4(schema))
-    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(obj)]
-
-
-def typed(schema: dict[str, Any], value: Any) -> Any:
-    """Values as CEL sees them on the server: `number` fields are doubles."""
-    if schema.get("type") == "number" and isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties")
-        return {
-            k: typed(props.get(k) or (extra if isinstance(extra, dict) else {}), v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [typed(schema.get("items") or {}, v) for v in value]
-    return value
-
-
-def cel_errors(schema: dict[str, Any], value: Any) -> list[str]:
-    """Evaluate every x-kubernetes-validations rule where its object is present (cel-python)."""
-    celpy = pytest.importorskip("celpy")
-    env = celpy.Environment()
-    out: list[str] = []
-
-    def visit(node: dict[str, Any], val: Any) -> None:
-        for rule in node.get("x-kubernetes-validations", []):
-            program = env.program(env.compile(rule["rule"]))
-            result = program.evaluate({"self": celpy.json_to_cel(typed(node, val))})
-            if result is not True and not (isinstance(result, celpy.celtypes.BoolType) and result):
-                out.append(rule["message"])
-        if isinstance(val, dict):
-            for name, sub in node.get("properties", {}).items():
-                if name in val:
-                    visit(sub, val[name])
-        if isinstance(val, list) and isinstance(node.get("items"), dict):
-            for v in val:
-                visit(node["items"], v)
-
-    visit(schema, value)
-    return out
-
-
-def admit(schema: dict[str, Any], obj: dict[str, Any], cel: bool) -> list[str]:
-    obj = apply_defaults(schema, copy.deepcopy(obj))
-    errors = schema_errors(schema, obj)
-    if not errors and cel:
-        errors = cel_errors(schema, obj)
-    return errors
 
 
 @pytest.mark.parametrize("name,obj", VALID, ids=[n for n, _ in VALID])

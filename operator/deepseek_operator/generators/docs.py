@@ -1,6 +1,6 @@
 """Generates docs/api-reference.md, the DeepSeekDeployment field reference, from the API models.
 
-`python -m deepseek_operator.docs` writes the file; `--check` exits 1 when it is stale. The field
+`python -m deepseek_operator.generators.docs` writes the file; `--check` exits 1 when it is stale. The field
 tables come from the same structural schema the CRD is generated from (names, types, defaults,
 enums, bounds, descriptions), and the rules from each model's `__rules__`, so the reference can
 never disagree with what the API server and the operator enforce.
@@ -19,8 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from . import crd
-from .api import (
+from ..api import (
     API_VERSION,
     CONDITION_TYPES,
     KIND,
@@ -29,10 +28,11 @@ from .api import (
     SHORT_NAMES,
     DeepSeekDeployment,
 )
+from . import crd
 
 DEFAULT_OUTPUT = crd.REPO / "docs" / "api-reference.md"
 HEADER = (
-    "<!-- Generated from operator/deepseek_operator/api by `python -m deepseek_operator.docs`.\n"
+    "<!-- Generated from operator/deepseek_operator/api by `python -m deepseek_operator.generators.docs`.\n"
     "     Do not edit: change the models and regenerate. -->\n"
 )
 
@@ -245,7 +245,9 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deepseek_operator.docs", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m deepseek_operator.generators.docs", description=__doc__
+    )
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="file to write")
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
     args = parser.parse_args(argv)
@@ -253,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""
         if current != text:
-            print(f"{args.output} is stale: run python -m deepseek_operator.docs", file=sys.stderr)
+            print(
+                f"{args.output} is stale: run python -m deepseek_operator.generators.docs",
+                file=sys.stderr,
+            )
             return 1
         return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)

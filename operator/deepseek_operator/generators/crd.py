@@ -1,6 +1,6 @@
 """Generates the DeepSeekDeployment CustomResourceDefinition from the pydantic models.
 
-`python -m deepseek_operator.crd` writes crds/deepseekdeployments.llm.dsop.io.yaml and the Helm
+`python -m deepseek_operator.generators.crd` writes crds/deepseekdeployments.llm.dsop.io.yaml and the Helm
 chart's copy (charts/deepseek-operator/crds/); `--check` exits 1 when a committed file differs.
 The schema is structural (no $ref, every node typed), keeps defaults, enums and bounds, and
 carries each model's CEL rules as x-kubernetes-validations.
@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from .api import (
+from ..api import (
     CRD_NAME,
     GROUP,
     KIND,
@@ -28,12 +28,12 @@ from .api import (
     DeepSeekDeployment,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DEFAULT_OUTPUT = REPO / "crds" / f"{CRD_NAME}.yaml"
 # Helm installs CRDs from the chart's own crds/ folder, so the chart carries a byte-equal copy.
 CHART_OUTPUT = REPO / "charts" / "deepseek-operator" / "crds" / f"{CRD_NAME}.yaml"
 HEADER = (
-    "# Generated from operator/deepseek_operator/api by `python -m deepseek_operator.crd`.\n"
+    "# Generated from operator/deepseek_operator/api by `python -m deepseek_operator.generators.crd`.\n"
     "# Do not edit: change the models and regenerate.\n"
 )
 
@@ -185,7 +185,9 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deepseek_operator.crd", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m deepseek_operator.generators.crd", description=__doc__
+    )
     parser.add_argument(
         "--output", type=Path, help="CRD file to write (default: crds/ and the chart's crds/)"
     )
@@ -198,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = [o for o in outputs if (o.read_text() if o.exists() else "") != text]
         for output in stale:
-            print(f"{output} is stale: run python -m deepseek_operator.crd", file=sys.stderr)
+            print(
+                f"{output} is stale: run python -m deepseek_operator.generators.crd",
+                file=sys.stderr,
+            )
         return 1 if stale else 0
     for output in outputs:
         output.parent.mkdir(parents=True, exist_ok=True)

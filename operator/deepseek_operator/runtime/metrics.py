@@ -13,7 +13,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from .api import PHASES
+from ..api import PHASES
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)

@@ -5,20 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from test_api_bad_specs import load_valid, merge_patch
 
 from deepseek_operator.api import (
     DEFAULT_WORKER_IMAGE,
-    ApiModel,
     DeepSeekDeploymentSpec,
     DeepSeekDeploymentStatus,
     Parallelism,
-    Rule,
     json_path,
     parse_deployment,
     spec_warnings,
 )
 from dsworker.contract.layout import ParallelPlan
+from spec_cases import all_rules, load_valid, merge_patch
 
 BASE: dict[str, Any] = {
     "apiVersion": "llm.dsop.io/v1alpha1",
@@ -32,18 +30,6 @@ BASE: dict[str, Any] = {
 HOST_STORE = {"store": {"pvc": None, "hostPath": {"path": "/dev/shm/dsd"}}}
 PIN = {"nodeSelector": {"kubernetes.io/hostname": "n1"}}
 NO_SHARDING = {"enabled": False, "store": None}
-
-
-def all_rules() -> dict[str, Rule]:
-    found: dict[str, Rule] = {}
-    todo = list(ApiModel.__subclasses__())
-    while todo:
-        cls = todo.pop()
-        todo.extend(cls.__subclasses__())
-        for rule in cls.__dict__.get("__rules__", ()):
-            assert rule.name not in found, f"duplicate rule name {rule.name}"
-            found[rule.name] = rule
-    return found
 
 
 def parse(spec_patch: dict[str, Any]):

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_api_bad_specs import load_valid, merge_patch
 
 from deepseek_operator.api import DeepSeekDeploymentSpec, parse_deployment
 from deepseek_operator.validation import (
@@ -17,10 +16,11 @@ from deepseek_operator.validation import (
     resolve_quantization,
     review_config,
 )
+from spec_cases import load_valid, merge_patch
 
 # The public DeepSeek-V3/R1 config.json (FP8 block-quantised).
 V3: dict[str, Any] = json.loads(
-    (Path(__file__).resolve().parents[1] / "data" / "deepseek-v3-config.json").read_text()
+    (Path(__file__).resolve().parents[2] / "data" / "deepseek-v3-config.json").read_text()
 )
 V3_BF16 = {k: v for k, v in V3.items() if k != "quantization_config"}
 V2_LITE: dict[str, Any] = {

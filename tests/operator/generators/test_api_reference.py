@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from deepseek_operator import crd, docs
 from deepseek_operator.api import DeepSeekDeployment
+from deepseek_operator.generators import crd, docs
 
-REFERENCE = Path(__file__).resolve().parents[2] / "docs" / "api-reference.md"
+REFERENCE = Path(__file__).resolve().parents[3] / "docs" / "api-reference.md"
 
 
 def _fields(node: dict[str, Any], path: str) -> Iterator[tuple[str, str]]:
@@ -29,7 +29,7 @@ def _sections(text: str) -> dict[str, str]:
 
 
 def test_reference_is_current() -> None:
-    assert docs.main(["--check"]) == 0, "run: python -m deepseek_operator.docs"
+    assert docs.main(["--check"]) == 0, "run: python -m deepseek_operator.generators.docs"
     assert REFERENCE.read_text() == docs.render()
 
 

@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from deepseek_operator import metrics, peering
-from deepseek_operator.__main__ import parse_args
+from deepseek_operator.generators import peering
 from deepseek_operator.planning import Observed, plan
-from deepseek_operator.reconcile import Reconciler
+from deepseek_operator.runtime import metrics
+from deepseek_operator.runtime.cli import parse_args
+from deepseek_operator.runtime.reconcile import Reconciler
 
 BODY: dict[str, Any] = {
     "apiVersion": "llm.dsop.io/v1alpha1",

@@ -192,11 +192,11 @@ def peering_crd_schema(objects: list[dict[str, Any]], kind: str) -> dict[str, An
 
 
 def test_chart_peering_crds_are_the_operators() -> None:
-    """kopf's peering CRDs: the chart ships the file `python -m deepseek_operator.peering`
+    """kopf's peering CRDs: the chart ships the file `python -m deepseek_operator.generators.peering`
     generates (copy it with --output charts/deepseek-operator/crds/kopf-peering.yaml)."""
     generated = (REPO / "crds" / "kopf-peering.yaml").read_text()
     assert (CHART / "crds" / "kopf-peering.yaml").read_text() == generated
-    peering = pytest.importorskip("deepseek_operator.peering")
+    peering = pytest.importorskip("deepseek_operator.generators.peering")
     assert peering.render() == generated
     assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(
         [f"{CRD_NAME}.yaml", "kopf-peering.yaml"]
@@ -204,11 +204,11 @@ def test_chart_peering_crds_are_the_operators() -> None:
 
 
 def test_chart_crd_is_byte_equal_to_the_generated_crd() -> None:
-    """Helm installs CRDs only from the chart's crds/; `python -m deepseek_operator.crd` writes
+    """Helm installs CRDs only from the chart's crds/; `python -m deepseek_operator.generators.crd` writes
     both copies, and its --check covers both."""
     generated = (REPO / "crds" / f"{CRD_NAME}.yaml").read_bytes()
     assert (CHART / "crds" / f"{CRD_NAME}.yaml").read_bytes() == generated
-    from deepseek_operator import crd as crdgen
+    from deepseek_operator.generators import crd as crdgen
 
     assert CHART / "crds" / f"{CRD_NAME}.yaml" == crdgen.CHART_OUTPUT
     assert crdgen.main(["--check"]) == 0
@@ -515,7 +515,7 @@ def test_rbac_covers_every_call_the_operator_makes(helm: Path, tmp_path: Path) -
     (apply = create + patch for children; delete for the kinds the planner deletes)."""
     import typing
 
-    k8s = pytest.importorskip("deepseek_operator.k8s")
+    k8s = pytest.importorskip("deepseek_operator.runtime.k8s")
     from deepseek_operator.planning.plan import Delete
 
     granted: dict[tuple[str, str], set[str]] = {}

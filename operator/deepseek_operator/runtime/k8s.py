@@ -19,10 +19,10 @@ from urllib.parse import quote
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from .api import GROUP, KIND, PLURAL, VERSION
-from .planning import names
-from .planning.observed import Observed
-from .planning.status import EventSpec
+from ..api import GROUP, KIND, PLURAL, VERSION
+from ..planning import names
+from ..planning.observed import Observed
+from ..planning.status import EventSpec
 
 log = logging.getLogger("deepseek_operator.k8s")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import kopf
 
-from .api import GROUP, PLURAL, VERSION
-from .planning import names
+from ..api import GROUP, PLURAL, VERSION
+from ..planning import names
 from .reconcile import Reconciler
 
 log = logging.getLogger("deepseek_operator.handlers")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from deepseek_operator.leadership import outranking_peers
+from deepseek_operator.runtime.leadership import outranking_peers
 
 NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.UTC)
 
