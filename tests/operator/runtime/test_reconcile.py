@@ -1,5 +1,5 @@
 """The thin shell around the planner: Reconciler (coalescing, retries, the order of writes) with a
-fake API, the command line, and the generated kopf peering CRDs."""
+fake API."""
 
 from __future__ import annotations
 
@@ -8,12 +8,8 @@ import copy
 import threading
 from typing import Any
 
-import pytest
-
-from deepseek_operator.generators import peering
 from deepseek_operator.planning import Observed, plan
 from deepseek_operator.runtime import metrics
-from deepseek_operator.runtime.cli import parse_args
 from deepseek_operator.runtime.reconcile import Reconciler
 
 BODY: dict[str, Any] = {
@@ -307,47 +303,3 @@ def test_an_accepted_store_resize_is_an_event() -> None:
     events = [w for op, w in kube.calls if op == "event"]
     assert "ResizingStore" in events and "StoreSpecNotApplied" not in events
     reconciler.close()
-
-
-# ----------------------------------------------------------------------- command line
-
-
-def test_command_line_defaults_and_choices() -> None:
-    args = parse_args([])
-    assert not args.standalone and args.peering == "deepseek-operator"
-    assert args.liveness == "http://0.0.0.0:8080/healthz" and args.metrics_port == 8081
-    assert args.namespace == [] and args.priority is None
-    args = parse_args(["--standalone", "-n", "llm", "-n", "llm-canary", "--metrics-port", "0"])
-    assert args.standalone and args.namespace == ["llm", "llm-canary"] and args.metrics_port == 0
-    with pytest.raises(SystemExit):
-        parse_args(["--standalone", "--peering", "x"])
-
-
-def test_resync_period_flag_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("DSOP_RESYNC_PERIOD", raising=False)
-    assert parse_args([]).resync_period == 300
-    assert parse_args(["--resync-period", "2.5"]).resync_period == 2.5
-    assert parse_args(["--resync-period=0"]).resync_period == 0  # off
-    monkeypatch.setenv("DSOP_RESYNC_PERIOD", "60")
-    assert parse_args([]).resync_period == 60
-    assert parse_args(["--resync-period", "5"]).resync_period == 5  # the flag wins
-    for bad in ("-1", "5m", "nan", "inf", ""):
-        with pytest.raises(SystemExit):
-            parse_args(["--resync-period", bad])
-    monkeypatch.setenv("DSOP_RESYNC_PERIOD", "often")
-    with pytest.raises(SystemExit):
-        parse_args([])
-
-
-def test_peering_crds_are_generated_and_committed() -> None:
-    assert peering.DEFAULT_OUTPUT.read_text() == peering.render()
-    assert peering.main(["--check"]) == 0
-    import yaml
-
-    docs = list(yaml.safe_load_all(peering.render()))
-    assert [d["metadata"]["name"] for d in docs] == [
-        "clusterkopfpeerings.kopf.dev",
-        "kopfpeerings.kopf.dev",
-    ]
-    assert [d["spec"]["scope"] for d in docs] == ["Cluster", "Namespaced"]
-    assert peering.peering_object("dsop")["kind"] == "ClusterKopfPeering"
