@@ -70,7 +70,13 @@ class FakeKube:
         self.rv += 1
         return {"metadata": {"resourceVersion": str(self.rv), "generation": 1}}
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
+    # "Kind/name" -> an object already there under that name (read before applying).
+    existing: dict[str, dict[str, Any]] = {}
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.existing.get(f"{kind}/{name}"))
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
         self.calls.append(("delete", f"{kind}/{name}"))
 
     def post_event(self, deployment: dict[str, Any], event: Any) -> None:
