@@ -71,6 +71,8 @@ class Reconciler:
         # The last store resize the API server refused, per object: it is tried again on every
         # reconcile (the storage class may allow it by now) but logged only when it changes.
         self.refusals: dict[Key, str] = {}
+        # The foreign objects last reported per object: logged again only when they change.
+        self.foreign: dict[Key, dict[str, str]] = {}
         # The live peers that pause this replica (kopf peering); timers skip their work while any.
         self.standby: Callable[[], list[str]] | None = None
 
@@ -175,6 +177,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         self.own_writes.pop((namespace, name), None)
         self.refusals.pop((namespace, name), None)
+        self.foreign.pop((namespace, name), None)
         state = self.states.pop((namespace, name), None)
         if state is not None and state.timer is not None:
             state.timer.cancel()
@@ -216,7 +219,10 @@ class Reconciler:
             why = existing and ownership.foreign_reason(existing, owner_uid, name)
             if why:
                 found[ownership.key(obj)] = why
-                log.warning("%s/%s: %s exists and %s", namespace, name, ownership.key(obj), why)
+        if found and self.foreign.get((namespace, name)) != found:
+            text = "; ".join(f"{k} exists and {why}" for k, why in sorted(found.items()))
+            log.warning("%s/%s: left alone: %s", namespace, name, text)
+        self.foreign[(namespace, name)] = found
         return found
 
     def _reconcile(

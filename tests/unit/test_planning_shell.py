@@ -356,3 +356,25 @@ def test_peering_crds_are_generated_and_committed() -> None:
     ]
     assert [d["spec"]["scope"] for d in docs] == ["Cluster", "Namespaced"]
     assert peering.peering_object("dsop")["kind"] == "ClusterKopfPeering"
+
+
+def test_a_users_object_under_a_childs_name_is_never_applied_over() -> None:
+    """Issue 16.1: the user's own Service r1 is read first, left alone and reported."""
+    kube = FakeKube()
+    kube.existing = {
+        "Service/r1": {
+            "kind": "Service",
+            "metadata": {"name": "r1", "uid": "user-svc", "managedFields": [{"manager": "kubectl"}]},
+        }
+    }
+    reconciler = Reconciler(kube, workers=1)  # type: ignore[arg-type]
+    result = reconciler.reconcile("llm", "r1")
+    assert result is not None and result.phase == "Failed"
+    applied = [k for op, k in kube.calls if op == "apply"]
+    assert "Service/r1" not in applied and "Service/r1-ranks" in applied
+    assert kube.body is not None
+    validated = next(c for c in kube.body["status"]["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "ForeignObject")
+    assert "Service r1 already exists" in validated["message"]
+    assert "ForeignObject" in [w for op, w in kube.calls if op == "event"]
+    reconciler.close()
