@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from test_operator import deployment
 
 from conftest import Dsd, OperatorProcess, create_claim
 from deepseek_operator.planning import names
-from test_operator import deployment
 
 pytestmark = pytest.mark.integration
 
@@ -115,9 +115,11 @@ def test_a_users_objects_named_like_children_are_left_alone_and_survive_deletion
     dsd.wait("own's rank-discovery Service garbage-collected", collected, timeout=90)
     dsd.wait(
         "keep's rank-discovery Service garbage-collected",
-        lambda: not dsd.core.list_namespaced_service(
-            ns, field_selector=f"metadata.name={names.headless_service('keep')}"
-        ).items,
+        lambda: (
+            not dsd.core.list_namespaced_service(
+                ns, field_selector=f"metadata.name={names.headless_service('keep')}"
+            ).items
+        ),
         timeout=90,
     )
     after = dsd.core.read_namespaced_service(service.metadata.name, ns)

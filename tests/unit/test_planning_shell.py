@@ -364,7 +364,11 @@ def test_a_users_object_under_a_childs_name_is_never_applied_over() -> None:
     kube.existing = {
         "Service/r1": {
             "kind": "Service",
-            "metadata": {"name": "r1", "uid": "user-svc", "managedFields": [{"manager": "kubectl"}]},
+            "metadata": {
+                "name": "r1",
+                "uid": "user-svc",
+                "managedFields": [{"manager": "kubectl"}],
+            },
         }
     }
     reconciler = Reconciler(kube, workers=1)  # type: ignore[arg-type]

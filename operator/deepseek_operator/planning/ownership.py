@@ -22,7 +22,7 @@ DEPENDENT_KINDS = frozenset({"Job", "StatefulSet"})
 
 
 def key(obj: Mapping[str, Any]) -> str:
-    """"Kind name", as conditions and the shell's maps name a child."""
+    """ "Kind name", as conditions and the shell's maps name a child."""
     return f"{obj.get('kind')} {meta(obj).get('name')}"
 
 
@@ -41,7 +41,11 @@ def foreign_reason(obj: Mapping[str, Any], owner_uid: str, deployment: str) -> s
     controller = next((r for r in refs if r.get("controller")), None)
     if controller is not None:
         return f"it is controlled by {controller.get('kind')} {controller.get('name')}"
-    if not refs and managed_by_us(obj) and annotation(obj, names.DEPLOYMENT_ANNOTATION) == deployment:
+    if (
+        not refs
+        and managed_by_us(obj)
+        and annotation(obj, names.DEPLOYMENT_ANNOTATION) == deployment
+    ):
         return None
     return "it was not created by the operator for this deployment"
 
@@ -98,5 +102,8 @@ def owned_pods(pods: Iterable[Obj], owners: Iterable[Mapping[str, Any]]) -> list
     return [
         p
         for p in pods
-        if any(r.get("controller") and r.get("uid") in uids for r in meta(p).get("ownerReferences") or ())
+        if any(
+            r.get("controller") and r.get("uid") in uids
+            for r in meta(p).get("ownerReferences") or ()
+        )
     ]
