@@ -95,7 +95,7 @@ def test_rbac_covers_every_call_the_operator_makes(helm: Path, tmp_path: Path) -
     import typing
 
     k8s = pytest.importorskip("deepseek_operator.runtime.k8s")
-    from deepseek_operator.planning.plan import Delete
+    from deepseek_operator.planning import Delete
 
     granted: dict[tuple[str, str], set[str]] = {}
     for group, resource, verbs in rules_of(one(render(helm, {}, tmp_path), "ClusterRole")):

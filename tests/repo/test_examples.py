@@ -13,7 +13,7 @@ import yaml
 
 from crd_admission import admit, crd_schema
 from deepseek_operator.api import parse_deployment
-from deepseek_operator.validation import review_config
+from deepseek_operator.api.config_rules import review_config
 from dsworker.tools.synth import make_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

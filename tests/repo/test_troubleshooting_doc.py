@@ -35,7 +35,7 @@ def condition_reasons() -> set[str]:
 def event_reasons() -> set[str]:
     """Reasons of every EventSpec(type, "Reason", ...) the planner builds."""
     out = set()
-    for path in PLANNING.glob("*.py"):
+    for path in PLANNING.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if (
                 isinstance(node, ast.Call)

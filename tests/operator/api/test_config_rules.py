@@ -1,4 +1,4 @@
-"""The rules that need the checkpoint's config.json (deepseek_operator.validation)."""
+"""The rules that need the checkpoint's config.json (deepseek_operator.api.config_rules)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from deepseek_operator.api import DeepSeekDeploymentSpec, parse_deployment
-from deepseek_operator.validation import (
+from deepseek_operator.api.config_rules import (
     UnsupportedQuantization,
     check_against_config,
     detect_quantization,

@@ -13,8 +13,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from deepseek_operator.planning import Observed, names, plan
-from deepseek_operator.planning.plan import Plan
+from deepseek_operator.planning import Observed, Plan, names, plan
 
 NOW = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

@@ -11,8 +11,7 @@ from fake_cluster import (
     cond,
 )
 
-from deepseek_operator.planning import plan
-from deepseek_operator.planning.plan import Plan
+from deepseek_operator.planning import Plan, plan
 
 
 def test_operator_created_store_claim() -> None:

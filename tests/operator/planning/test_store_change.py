@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deepseek_operator.planning.plan import store_change
+from deepseek_operator.planning.store import store_change
 
 
 def claim(request: str, phase: str = "Bound", capacity: str | None = None) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from dsworker.contract.layout import ModelDims, ParallelPlan, PlanError, check_plan
 
-from .api import DeepSeekDeploymentSpec
+from .spec import DeepSeekDeploymentSpec
 
 # What a checkpoint can be; "auto" in the spec resolves to one of these.
 DETECTED_QUANTIZATIONS = ("bf16", "fp8", "w8a8", "w8a16")
