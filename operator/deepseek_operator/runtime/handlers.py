@@ -25,9 +25,9 @@ log = logging.getLogger("deepseek_operator.handlers")
 
 OWNED = {names.MANAGED_BY_LABEL: names.MANAGER}
 
-# Set by __main__ before kopf starts (kopf handlers are module-level functions).
+# Set by cli.main before kopf starts (kopf handlers are module-level functions).
 RECONCILER: Reconciler | None = None
-# True when the operator serves only named namespaces (set by __main__).
+# True when the operator serves only named namespaces (set by cli.main).
 NAMESPACED = False
 
 
