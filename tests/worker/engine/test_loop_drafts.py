@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsworker.engine.loop import EngineLoop, StepError, follow
+from dsworker.engine.loop import EngineLoop, follow
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
-from dsworker.engine.scheduler import DraftInput, Scheduler, Step, StepItem
+from dsworker.engine.scheduler import Scheduler
 from dsworker.engine.step_wire import DRAFT, HEARTBEAT, STEP, STOP, Message
+from dsworker.engine.steps import DraftInput, Step, StepError, StepItem
 
 VOCAB = 64
 
