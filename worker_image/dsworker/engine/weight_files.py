@@ -112,17 +112,6 @@ class WeightFiles:
         self.readers.clear()
 
 
-def _runtime_plan(plan: ParallelPlan, mtp: bool) -> dict[str, Any]:
-    return {
-        "worldSize": plan.world_size,
-        "dp": plan.dp,
-        "tp": plan.tp,
-        "moeTp": plan.moe_tp,
-        "moeEp": plan.moe_ep,
-        "mtp": bool(mtp),
-    }
-
-
 def model_dims(root: Path) -> ModelDims:
     try:
         return ModelDims.from_config(json.loads((root / "config.json").read_text()))
@@ -148,7 +137,7 @@ def check_sharded(model_dir: str | Path, plan: ParallelPlan, mtp: bool) -> Any:
             "shard again"
         )
     md = read_metadata(root)
-    diff = plan_mismatch(md.plan, _runtime_plan(plan, mtp))
+    diff = plan_mismatch(md.plan, {**plan.to_dict(), "mtp": bool(mtp)})
     if diff:
         raise LoadError(
             f"{root}: shards were cut for another plan: "
