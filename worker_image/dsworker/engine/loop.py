@@ -74,7 +74,6 @@ class EngineLoop:
         self.runner = runner
         self.scheduler = scheduler
         self.channel = channel
-        self.metrics = metrics
         self.on_fatal = on_fatal or _exit_process
         # (op, seq_id, request, sink, submitted at): "add" carries the last three, "abort" none.
         self._inbox: queue.SimpleQueue[tuple[str, int, GenRequest | None, Sink | None, float]] = (
@@ -88,6 +87,16 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
         self._dropped_seen = 0
         self.failed: BaseException | None = None
+
+    @property
+    def metrics(self) -> Metrics:
+        """The registry the loop counts into; the live requests share it (`serve` swaps the
+        warm-up's throwaway registry for the real one before the first request)."""
+        return self.live.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics) -> None:
+        self.live.metrics = metrics
 
     # -- called from other threads -------------------------------------------------------------
 
