@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = REPO / "crds" / f"{CRD_NAME}.yaml"
 # Helm installs CRDs from the chart's own crds/ folder, so the chart carries a byte-equal copy.
 CHART_OUTPUT = REPO / "charts" / "deepseek-operator" / "crds" / f"{CRD_NAME}.yaml"
+# Starts with a document marker: `helm show crds` joins the chart's CRD files as they are, so a
+# file without one would merge into the end of the previous file's last document.
 HEADER = (
+    "---\n"
     "# Generated from operator/deepseek_operator/api by `python -m deepseek_operator.crd`.\n"
     "# Do not edit: change the models and regenerate.\n"
 )
