@@ -62,8 +62,9 @@ PRINTER_COLUMNS = [
     {"name": "Ready", "type": "string", "jsonPath": ".status.readyWorkers"},
     {"name": "Model", "type": "string", "jsonPath": ".status.modelName"},
     {"name": "World", "type": "integer", "jsonPath": ".status.worldSize"},
-    {"name": "EP", "type": "integer", "jsonPath": ".spec.expertParallel.level"},
+    {"name": "EP", "type": "integer", "jsonPath": ".status.moeEp"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Level", "type": "integer", "jsonPath": ".spec.expertParallel.level", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 

@@ -438,6 +438,7 @@ class _Planner:
             fingerprint=ctx.fingerprint,
             model_name=ctx.spec.model.name,
             world_size=world,
+            moe_ep=ctx.spec.parallelism.moe_ep,
             shards=self._shards_status(shards),
             ready_workers=f"{workers.ready}/{total}",
             group_restarts=self.restarts,
