@@ -44,6 +44,13 @@ TWO_NODES: dict[str, Any] = {
         },
     },
 }
+NODE_AFFINITY: dict[str, Any] = {
+    "nodeAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 10, "preference": {"matchExpressions": [{"key": "a", "operator": "Exists"}]}}
+        ]
+    }
+}
 HOST_STORE: dict[str, Any] = {
     "apiVersion": "llm.dsop.io/v1alpha1",
     "kind": "DeepSeekDeployment",
@@ -577,14 +584,14 @@ def test_host_path_checkpoint_places_the_job_like_the_workers() -> None:
     body["spec"]["worker"].update(
         nodeSelector={"dsop.io/accelerator": "npu"},
         tolerations=[{"key": "npu", "operator": "Exists"}],
-        affinity={"nodeAffinity": {"x": 1}},
+        affinity=NODE_AFFINITY,
     )
     cluster = FakeCluster(body)
     cluster.step()
     pod = cluster.job()["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"dsop.io/accelerator": "npu"}
     assert pod["tolerations"] == [{"key": "npu", "operator": "Exists"}]
-    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["affinity"] == NODE_AFFINITY
     source = next(v for v in pod["volumes"] if v["name"] == "source")
     assert source["hostPath"]["path"] == "/models/r1"
     # A pvc checkpoint and a pvc store: the Job may run anywhere.
@@ -619,6 +626,18 @@ def test_statefulset_appears_only_after_the_job_completes() -> None:
         **SUMMARY,
         "job": cluster.job()["metadata"]["name"],
     }
+
+
+def test_the_ports_admission_reserves_are_the_pods_own() -> None:
+    """spec.serving.port is refused at admission when it is the rendezvous port: the one the
+    worker pods open besides the HTTP port."""
+    from deepseek_operator.api.names import RENDEZVOUS_PORT
+
+    assert objects.MASTER_PORT == RENDEZVOUS_PORT
+    cluster = FakeCluster(TWO_NODES)
+    cluster.until_ready()
+    (engine,) = cluster.sts()["spec"]["template"]["spec"]["containers"]
+    assert {p["containerPort"] for p in engine["ports"]} == {1025, RENDEZVOUS_PORT}
 
 
 def test_statefulset_shape() -> None:
@@ -1070,6 +1089,19 @@ def test_a_child_the_api_server_refuses_is_reported_once() -> None:
     cluster.run_workers()
     assert cluster.step().phase == "Ready"
     assert cond(cluster.plans[-1], "Validated")["status"] == "True"
+
+
+def test_a_refused_job_names_the_path_fields() -> None:
+    """A hostPath the API server refuses in the sharding Job is spec.model.source's or
+    spec.sharding.store's: the hint names them, not only spec.worker."""
+    cluster = FakeCluster(TWO_NODES)
+    job = names.shard_job("r1", cluster.step().status.fingerprint)
+    why = f'Job.batch "{job}" is invalid: spec.template.spec.volumes[0].hostPath.path'
+    result = cluster.step(rejected={f"Job {job}": why})
+    message = cond(result, "Validated")["message"]
+    assert f"the API server refused Job {job} (fix spec.sharding.resources, spec.model.source" in (
+        message
+    )
 
 
 def test_user_env_replaces_the_operators_by_name() -> None:
