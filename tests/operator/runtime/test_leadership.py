@@ -39,7 +39,7 @@ def test_no_object_malformed_entries_and_naive_times() -> None:
 
 def test_the_peering_wait_message_says_what_to_create() -> None:
     """kopf waits silently for missing peering objects: the operator says which and how."""
-    from deepseek_operator.leadership import peering_wait_message
+    from deepseek_operator.runtime.leadership import peering_wait_message
 
     text = peering_wait_message("dsop", [None], crd_missing=True)
     assert "waiting for ClusterKopfPeering 'dsop' (kopf.dev/v1)" in text
