@@ -8,7 +8,9 @@ up with layout.place / owner_dirs / tensor_slice, the same rules the sharder use
 Bytes come from mmap'd safetensors (the header parsed by safetensors_io; never pickle). On an
 accelerator they travel through two reused pinned buffers, alternating, with async copies on a side
 stream: the CPU fills one buffer while the other is in flight, and fresh host memory is never touched
-(see BENCHMARKS.md). Quantised weights are dequantised on the device after their bytes arrive.
+(see BENCHMARKS.md). 8-bit weights go as stored into the model's 8-bit slots (their companions
+into the companion slots); only a float target (kv_b_proj, a BF16-built model) is dequantised on
+the device after its bytes arrive.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from dsworker.contract.layout import (
     tensor_slice,
 )
 from dsworker.model.dequant import dequantize, kind_of
+from dsworker.ops.quant_formats import unpack_w8a16
 from dsworker.parallel.device import Device
 
 log = logging.getLogger("dsworker.engine.loader")
@@ -310,14 +313,13 @@ def _unsharded_items(
         info = files.header(path).get(name)
         if info is None:
             raise LoadError(f"{path}: tensor {name} listed in the index is missing; re-download")
-        if suffix in COMPANIONS:  # scales etc.: read whole, sliced at dequantisation by offset
-            items.append(_Item(canon, path, info))
-            continue
         p = place(canon, dims)
         owners = dict(owner_dirs(p, dims, plan))
         part = next((owners[d] for d in my_dirs if d in owners), None)
         if part is None:
             raise LoadError(f"{canon}: rank {rank} loads it but owns no copy (layout rule bug)")
+        # Companions (scales, offsets) get the sharder's cut too: an 8-bit target takes the cut,
+        # dequantisation reads them whole and indexes by the weight slice's offset.
         sl = tensor_slice(canon, info.shape, p, part, parts_for(p.group, plan))
         items.append(_Item(canon, path, info, sl.dim, sl.start, sl.stop))
     return items
@@ -352,6 +354,109 @@ def _groups(items: list[_Item]) -> Iterator[tuple[str, _Item, dict[str, _Item]]]
     mains.sort(key=lambda m: (str(m[1].path), m[1].info.begin))
     for module, it in mains:
         yield module, it, comps.get(module, {})
+
+
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+_SLOT_KIND = {torch.float8_e4m3fn: ("fp8",), torch.int8: ("w8a8", "w8a16")}
+
+
+def _fill_float(
+    dst: torch.Tensor,
+    item: _Item,
+    src: torch.Tensor,
+    kind: str | None,
+    comp_items: dict[str, _Item],
+    files: _Files,
+    copier: _Stream,
+    device: Device,
+    block: tuple[int, int],
+) -> None:
+    """A float target: copied, or dequantised on the device from whole companions."""
+    comp = {  # weight_shape stays on the host: it is read as Python ints
+        s: files.tensor(c).clone() if s == "weight_shape" else copier.to_device(files.tensor(c))
+        for s, c in comp_items.items()
+    }
+    shape = _logical_shape(item, src, comp) if kind == "w8a16" else tuple(src.shape)
+    _check_shape(item, shape, dst)
+    if kind is None and src.dtype == dst.dtype and dst.is_contiguous():
+        copier.to_device(src, out=dst)
+        return
+    raw = copier.to_device(src)
+    with device.on_stream(copier.stream):
+        if kind is None:
+            dst.copy_(raw)
+        else:
+            r0 = item.start if item.dim == 0 else 0
+            c0 = (item.start * (4 if kind == "w8a16" else 1)) if item.dim == 1 else 0
+            dst.copy_(dequantize(kind, raw, comp, shape, r0, c0, dst.dtype, block))
+
+
+def _check_shape(item: _Item, shape: tuple[int, ...], dst: torch.Tensor) -> None:
+    if tuple(dst.shape) != tuple(shape):
+        raise LoadError(
+            f"{item.path}: {item.name} gives a {list(shape)} slice but this rank's model "
+            f"expects {list(dst.shape)}; the checkpoint does not match config.json or plan"
+        )
+
+
+def _fill_quant(
+    targets: dict[str, torch.Tensor],
+    module: str,
+    item: _Item,
+    src: torch.Tensor,
+    kind: str | None,
+    comp_items: dict[str, _Item],
+    files: _Files,
+    copier: _Stream,
+    device: Device,
+) -> list[str]:
+    """An 8-bit target: the weight's bytes as stored (W8A16 words unpacked to int8) and each
+    companion's slice (the sharder's cut) into its slot. Returns the companion keys filled."""
+    key = f"{module}.weight"
+    dst = targets[key]
+    if kind not in _SLOT_KIND[dst.dtype]:
+        raise LoadError(
+            f"{item.path}: {item.name} is stored as {kind or src.dtype} but config.json declares "
+            f"{'/'.join(_SLOT_KIND[dst.dtype])} for it; the checkpoint's quantization_config (or "
+            "MindIE's `quantize`) does not match its tensors"
+        )
+    if kind == "w8a16":
+        comp_shape = (
+            files.tensor(comp_items["weight_shape"]) if "weight_shape" in comp_items else None
+        )
+        shape = _logical_shape(
+            item, src, {"weight_shape": comp_shape} if comp_shape is not None else {}
+        )
+        _check_shape(item, shape, dst)
+        raw = copier.to_device(src)
+        with device.on_stream(copier.stream):
+            dst.copy_(unpack_w8a16(raw, shape[1]))
+    else:
+        _check_shape(item, tuple(src.shape), dst)
+        copier.to_device(src.view(torch.uint8), out=dst.view(torch.uint8))
+    done = []
+    for suffix, c in comp_items.items():
+        if suffix == "weight_shape":
+            continue
+        slot = targets.get(f"{module}.{suffix}")
+        if slot is None:
+            raise LoadError(
+                f"{c.path}: {c.name} has no place in this rank's {kind} model; the checkpoint "
+                "mixes formats"
+            )
+        csrc = _sliced(files.tensor(c), c)
+        _check_shape(c, tuple(csrc.shape), slot)
+        if csrc.dtype == slot.dtype:
+            copier.to_device(csrc, out=slot)
+        else:
+            raw = copier.to_device(csrc)
+            with device.on_stream(copier.stream):
+                slot.copy_(raw)
+        done.append(f"{module}.{suffix}")
+    if f"{module}.weight_offset" in targets and "weight_offset" not in comp_items:
+        targets[f"{module}.weight_offset"].zero_()  # symmetric: no offset stored
+        done.append(f"{module}.weight_offset")
+    return done
 
 
 def load_weights(
@@ -389,32 +494,15 @@ def load_weights(
             if dst is None:
                 continue  # e.g. MTP tensors of a layout when this run does not use MTP
             src = _sliced(files.tensor(item), item)
-            comp = {  # weight_shape stays on the host: it is read as Python ints
-                s: files.tensor(c).clone()
-                if s == "weight_shape"
-                else copier.to_device(files.tensor(c))
-                for s, c in comp_items.items()
-            }
-            kind = kind_of(suffix, src.dtype, comp)
-            shape = _logical_shape(item, src, comp) if kind == "w8a16" else tuple(src.shape)
-            if tuple(dst.shape) != shape:
-                raise LoadError(
-                    f"{item.path}: {item.name} gives a {list(shape)} slice but this rank's model "
-                    f"expects {list(dst.shape)}; the checkpoint does not match config.json or plan"
+            kind = kind_of(suffix, src.dtype, comp_items)
+            if dst.dtype in QUANT_DTYPES:
+                filled.update(
+                    _fill_quant(targets, module, item, src, kind, comp_items, files, copier, device)
                 )
+            else:
+                _fill_float(dst, item, src, kind, comp_items, files, copier, device, block)
             stats.bytes += src.numel() * src.element_size()
             stats.tensors += 1
-            if kind is None and src.dtype == dst.dtype and dst.is_contiguous():
-                copier.to_device(src, out=dst)
-            else:
-                raw = copier.to_device(src)
-                with device.on_stream(copier.stream):
-                    if kind is None:
-                        dst.copy_(raw)
-                    else:
-                        r0 = item.start if item.dim == 0 else 0
-                        c0 = (item.start * (4 if kind == "w8a16" else 1)) if item.dim == 1 else 0
-                        dst.copy_(dequantize(kind, raw, comp, shape, r0, c0, dst.dtype, block))
             filled.add(key)
             if str(item.path) not in stats.files:
                 stats.files.append(str(item.path))
