@@ -143,23 +143,36 @@ class Reference:
 _FLOAT_ON_DEVICE = ("kv_b_proj", "eh_proj", "mlp.gate.", "embed_tokens", "lm_head", "head.")
 
 
+def _k_parts(name: str, tp: int, moe_tp: int) -> int:
+    """How many ranks' slices the input of a row-parallel weight is quantised in (1: whole rows)."""
+    if name.endswith("mlp.experts.down_proj"):
+        return moe_tp
+    return tp if ("o_proj" in name or "down_proj" in name) else 1
+
+
 @contextlib.contextmanager
-def per_token_int8_inputs(model: Any) -> Iterator[None]:
+def per_token_int8_inputs(model: Any, tp: int = 1, moe_tp: int = 1) -> Iterator[None]:
     """Every matmul on a W8A8-quantised weight sees its input rounded as the engine's op rounds it
-    (symmetric int8 per token): transformers then computes what W8A8 serving should."""
+    (symmetric int8 per token, per rank's slice of a row-parallel input): transformers then
+    computes what W8A8 serving on tp / moe_tp ranks should."""
     from dsworker.ops.quant_formats import quantize_per_token
 
-    quantised = {
-        p.untyped_storage().data_ptr()
+    parts = {
+        p.untyped_storage().data_ptr(): _k_parts(n.removesuffix(".weight"), tp, moe_tp)
         for n, p in model.named_parameters()
         if p.dim() >= 2 and not any(f in n for f in _FLOAT_ON_DEVICE)
     }
     linear = torch.nn.functional.linear
 
     def fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        if w.untyped_storage().data_ptr() in quantised:
-            q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
-            x = (q.float() * s[:, None]).reshape(x.shape).to(x.dtype)
+        n = parts.get(w.untyped_storage().data_ptr())
+        if n:
+            flat = x.reshape(-1, x.shape[-1])
+            cols = []
+            for chunk in flat.chunk(n, dim=-1):
+                q, s = quantize_per_token(chunk)
+                cols.append(q.float() * s[:, None])
+            x = torch.cat(cols, -1).reshape(x.shape).to(x.dtype)
         return linear(x, w, b)
 
     impl = getattr(model.config, "_experts_implementation", None)
@@ -173,9 +186,12 @@ def per_token_int8_inputs(model: Any) -> Iterator[None]:
 
 
 @torch.no_grad()
-def hf_reference(path: Path, generate: bool = True, int8_inputs: bool = False) -> Reference:
+def hf_reference(
+    path: Path, generate: bool = True, int8_inputs: bool = False, tp: int = 1, moe_tp: int = 1
+) -> Reference:
+    """transformers' logits, greedy ids and hidden states; int8_inputs: W8A8 on tp x moe_tp."""
     model = load_hf(path)
-    with per_token_int8_inputs(model) if int8_inputs else contextlib.nullcontext():
+    with per_token_int8_inputs(model, tp, moe_tp) if int8_inputs else contextlib.nullcontext():
         return _hf_run(model, generate)
 
 
