@@ -14,6 +14,7 @@ from typing import Any
 from dsworker.contract.kv_budget import GIB
 from dsworker.contract.layout import ParallelPlan
 from dsworker.contract.memory import HEADROOM_WARN, kv_cache_bytes, weight_bytes, workspace_bytes
+from dsworker.contract.quant import quant_format
 
 # Device memory per accelerator, bytes (vendor figures).
 ACCELERATORS: dict[str, int] = {
@@ -39,6 +40,7 @@ class Fit:
     kv_min: int  # one maxSeqLen sequence: less than this cannot serve
     workspace: int
     device: int
+    quantised: bool = False  # already 8-bit: the fix is ranks or a smaller KV, not a format
 
     @property
     def total(self) -> int:
@@ -67,9 +69,10 @@ class Fit:
             f"{g(self.device)} of device memory"
         )
         if not self.fits:
+            fmt = "" if self.quantised else "a quantised format (fp8, w8a8, w8a16), "
             return (
-                f"the plan does not fit: {head}; use more ranks (tp / moeEp), a quantised "
-                "format (fp8, w8a8, w8a16), or a smaller maxSeqLen x maxBatchSize"
+                f"the plan does not fit: {head}; use more ranks (tp / moeEp), {fmt}"
+                "or a smaller maxSeqLen x maxBatchSize"
             )
         if self.kv > self.device - self.weights - self.workspace:
             return (
@@ -97,4 +100,5 @@ def check_fit(
     page = min(page_size, max_seq_len)
     one, wanted = kv_cache_bytes(cfg, plan, max_seq_len, max_batch_size, page, mtp, dtype_bytes)
     kv = npu_mem_size * GIB if npu_mem_size >= 0 else wanted
-    return Fit(weights, kv, one, workspace_bytes(cfg, prefill_tokens, dtype_bytes), device_bytes)
+    work = workspace_bytes(cfg, prefill_tokens, dtype_bytes)
+    return Fit(weights, kv, one, work, device_bytes, quant_format(cfg) is not None)
