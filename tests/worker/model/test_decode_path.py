@@ -70,7 +70,8 @@ def test_decode_steps_equal_one_prefill(tiny_v3: Path, dtype: torch.dtype) -> No
         if j % 2:  # the padded fixed-shape step (3 sequences in the 4-row bucket)
             got = graphs.run(list(range(len(seqs))), pos, toks).float()
         else:
-            step = Batch.build([(i, n, t) for i, (n, t) in enumerate(zip(pos, toks))], model.device)
+            rows = [(i, n, t) for i, (n, t) in enumerate(zip(pos, toks, strict=True))]
+            step = Batch.build(rows, model.device)
             assert step.is_decode
             got = model.forward(step, cache).logits.float()
         for i, n in enumerate(pos):
