@@ -10,7 +10,9 @@ decoder layer's forward are attributed to it; the rest of the step (embedding, r
 page lookups, head) is `ops_outside_layers`. One JSON line per batch size:
 preset, batch, ops_per_layer (the worst MoE layer), dense_ops_per_layer, views_per_layer,
 dtype_conversions (per MoE layer, worst), step_ops, step_dtype_conversions, top_ops.
-Issue 20's budget: at most 25 ops per decoder layer and 0 conversions.
+Issue 20's budget: at most 25 ops per decoder layer and 0 conversions. Measured on the CPU
+(small, bf16): main before the fused decode path, 111 ops and 17 conversions per MoE layer (668
+ops, 102 conversions per step at batch 1); with it, 20 (batch 1) / 21 (batch 16) and 0.
 """
 
 from __future__ import annotations
