@@ -28,7 +28,8 @@ from dsworker.engine.metrics import Metrics
 from dsworker.engine.requests import GenRequest, SamplingParams
 from dsworker.engine.scheduler import Scheduler, Step
 from dsworker.serving import protocol as oa
-from dsworker.serving.app import ServerState, create_app
+from dsworker.serving.app import create_app
+from dsworker.serving.state import ServerState
 
 FIM = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
 # After "go" the counting model writes a DeepSeek-V3 tool call, then wraps round to <s> and EOS.
@@ -397,10 +398,8 @@ def test_bad_response_formats_are_400s_naming_it_on_both_endpoints(
 
 
 def test_a_grammar_that_compiles_too_long_is_a_400(served, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsworker.serving import app
-
-    client, _, _ = served
-    monkeypatch.setattr(app, "GRAMMAR_TIMEOUT_S", 0.0)  # done only if it were instant
+    client, state, _ = served
+    monkeypatch.setattr(state.grammars, "timeout_s", 0.0)  # done only if it were instant
     body = {"prompt": "w1", "response_format": schema_format({"enum": ["never compiled"]})}
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
@@ -414,7 +413,7 @@ def test_busy_grammar_threads_refuse_new_schemas_but_serve_cached_ones(served) -
     cached = {"prompt": "w1", "max_tokens": 3, "response_format": {"type": "json_object"}}
     assert client.post("/v1/completions", json=cached).status_code == 200  # compiled now
     held = 0
-    while state.grammar_slots.acquire(blocking=False):
+    while state.grammars.slots.acquire(blocking=False):
         held += 1
     try:
         new = {"prompt": "w1", "response_format": schema_format({"type": "integer"})}
@@ -424,7 +423,7 @@ def test_busy_grammar_threads_refuse_new_schemas_but_serve_cached_ones(served) -
         assert client.post("/v1/completions", json=cached).status_code == 200
     finally:
         for _ in range(held):
-            state.grammar_slots.release()
+            state.grammars.slots.release()
     assert held == 2
     r = client.post("/v1/completions", json=new)  # compiled now (this vocabulary has no digits)
     assert r.status_code == 400 and "admits no output" in r.text, r.text
@@ -721,7 +720,8 @@ from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.scheduler import Scheduler
-from dsworker.serving.app import ServerState, create_app
+from dsworker.serving.app import create_app
+from dsworker.serving.state import ServerState
 from dsworker.chat.tokenizer import TextTokenizer
 
 cfg = EngineConfig(modelName="tiny", maxSeqLen=40, maxInputTokenLen=20, maxBatchSize=2)

@@ -91,7 +91,8 @@ def _rank0(args: argparse.Namespace, cfg: EngineConfig) -> int:
     import uvicorn
 
     from dsworker.engine.metrics import Metrics
-    from dsworker.serving.app import ServerState, create_app
+    from dsworker.serving.app import create_app
+    from dsworker.serving.state import ServerState
 
     state = ServerState(config=cfg, metrics=Metrics(), status="loading")
     holder: dict[str, object] = {}
@@ -168,7 +169,7 @@ def _load_and_start(
     from dsworker.engine.loop import EngineLoop
     from dsworker.engine.metrics import Metrics
     from dsworker.engine.requests import GenRequest, SamplingParams
-    from dsworker.serving.app import ServerState
+    from dsworker.serving.state import ServerState
 
     assert isinstance(state, ServerState)
     try:
