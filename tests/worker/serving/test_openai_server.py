@@ -30,6 +30,7 @@ from dsworker.engine.scheduler import Scheduler, Step
 from dsworker.serving import protocol as oa
 from dsworker.serving.app import create_app
 from dsworker.serving.state import ServerState
+from waiting import wait_until
 
 FIM = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
 # After "go" the counting model writes a DeepSeek-V3 tool call, then wraps round to <s> and EOS.
@@ -580,10 +581,8 @@ def test_engine_failure_is_fatal_and_answers_500(served) -> None:
     ) as r:
         body = "".join(r.iter_lines())
     assert "device lost" in body and "server_error" in body and body.endswith("data: [DONE]")
-    for _ in range(200):  # the loop tells the sinks first, then calls on_fatal
-        if state.fatal:
-            break
-        time.sleep(0.01)
+    # the loop tells the sinks first, then calls on_fatal
+    wait_until(lambda: state.fatal, 10, "the engine loop's on_fatal call")
     assert len(state.fatal) == 1
     r = client.post("/v1/completions", json={"prompt": "w1"})
     assert r.status_code == 500 and "engine failed" in r.json()["error"]["message"]
@@ -750,22 +749,22 @@ def test_a_fatal_step_answers_500_before_the_process_exits_70(tmp_path: Path) ->
     proc = subprocess.Popen([sys.executable, "-c", FATAL_SERVER, str(port)], env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
+
+        def healthy() -> bool:
+            assert proc.poll() is None, f"the server exited {proc.returncode} before serving"
+            return urllib.request.urlopen(f"{url}/health", timeout=5).status == 200
+
+        wait_until(healthy, 120, f"{url}/health to answer 200", retry_on=(OSError,))
         req = urllib.request.Request(
             f"{url}/v1/completions",
             data=json.dumps({"prompt": "w1", "max_tokens": 2}).encode(),
             headers={"content-type": "application/json"},
         )
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(req, timeout=10)
+            urllib.request.urlopen(req, timeout=60)
         assert err.value.code == 500
         assert json.loads(err.value.read())["error"]["message"] == "engine failed: device lost"
-        assert proc.wait(10) == 70
+        assert proc.wait(60) == 70
     finally:
         proc.kill()
 
@@ -798,8 +797,7 @@ def test_a_client_leaving_a_non_streamed_request_frees_its_sequence(tmp_path: Pa
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        while not server.started:
-            time.sleep(0.01)
+        wait_until(lambda: server.started, 60, "uvicorn to start")
         port = server.servers[0].sockets[0].getsockname()[1]
         body = json.dumps({"prompt": "w1", "max_tokens": 30, "ignore_eos": True}).encode()
         with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -812,10 +810,7 @@ def test_a_client_leaving_a_non_streamed_request_frees_its_sequence(tmp_path: Pa
                 "dsworker_finished_sequences_total", {"reason": "abort"}
             )
 
-        for _ in range(100):
-            if aborted():
-                break
-            time.sleep(0.01)
+        wait_until(aborted, 10, "the gone client's sequence to be aborted")
         assert aborted() == 1
         assert loop.scheduler.num_running == 0
         assert len(runner.steps) < 25  # not run to max_tokens
