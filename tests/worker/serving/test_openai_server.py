@@ -15,73 +15,31 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
+from counting_model import (
+    EOS_ID,
+    FIM,
+    WEATHER_TOOL,
+    WORDS,
+    CountingRunner,
+    SlowRunner,
+    counting_state,
+    live_server,
+    write_model_dir,
+)
 from fastapi.testclient import TestClient
-from tokenizers import Tokenizer, models, pre_tokenizers
 
 from dsworker.chat.tokenizer import TextTokenizer
-from dsworker.chat.tool_calls import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
+from dsworker.chat.tool_calls import CALLS_BEGIN
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.control import LocalChannel
 from dsworker.engine.loop import EngineLoop, StepError
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.requests import GenRequest, SamplingParams
-from dsworker.engine.scheduler import Scheduler, Step
+from dsworker.engine.scheduler import Scheduler
 from dsworker.serving import protocol as oa
 from dsworker.serving.app import create_app
 from dsworker.serving.state import ServerState
 from waiting import wait_until
-
-FIM = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
-# After "go" the counting model writes a DeepSeek-V3 tool call, then wraps round to <s> and EOS.
-CALL_WORDS = ["go", CALLS_BEGIN, CALL_BEGIN, "function", SEP, "get_weather", "\n```json\n",
-              '{"city":', '"Paris"}', "\n```", CALL_END, CALLS_END]  # fmt: skip
-WORDS = ["<s>", "</s>", "User:", "Assistant:", *[f"w{i}" for i in range(60)], "</think>", "a1", "a2",
-         *FIM, *CALL_WORDS]  # fmt: skip
-EOS_ID = 1
-WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
-
-
-class CountingRunner:
-    """Logits peak at (last token + 1) % V; token 'w9' is followed by EOS."""
-
-    device = torch.device("cpu")
-    drafting = False
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-        self.steps: list[Step] = []
-        self.fail: Exception | None = None
-
-    def run(self, step: Step) -> torch.Tensor:
-        self.steps.append(step)
-        if self.fail is not None:
-            raise self.fail
-        rows = []
-        for it in step.with_rows:
-            for tok in it.tokens[len(it.tokens) - it.rows :]:
-                nxt = EOS_ID if tok == WORDS.index("w9") else (tok + 1) % self.vocab
-                row = torch.zeros(self.vocab)
-                row[nxt] = 10.0
-                rows.append(row)
-        return torch.stack(rows) if rows else torch.zeros(0, self.vocab)
-
-    def dropped_rows(self) -> int:
-        return 0
-
-
-def write_model_dir(d: Path, chat_template: str | None = None) -> Path:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="</s>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<s>", "</s>", *FIM])
-    tok.save(str(d / "tokenizer.json"))
-    cfg = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
-    if chat_template:
-        cfg["chat_template"] = chat_template
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (d / "config.json").write_text(json.dumps({"vocab_size": len(WORDS), "eos_token_id": EOS_ID}))
-    return d
 
 
 @pytest.fixture()
@@ -713,7 +671,7 @@ FATAL_SERVER = """
 import sys, tempfile
 from pathlib import Path
 import uvicorn
-from test_openai_server import WORDS, CountingRunner, write_model_dir
+from counting_model import WORDS, CountingRunner, write_model_dir
 from dsworker.engine.control import LocalChannel
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.loop import EngineLoop
@@ -769,36 +727,12 @@ def test_a_fatal_step_answers_500_before_the_process_exits_70(tmp_path: Path) ->
         proc.kill()
 
 
-class SlowRunner(CountingRunner):
-    """A step takes 20 ms, so a 30-token request lasts well over half a second."""
-
-    def run(self, step: Step) -> torch.Tensor:
-        time.sleep(0.02)
-        return super().run(step)
-
-
 def test_a_client_leaving_a_non_streamed_request_frees_its_sequence(tmp_path: Path) -> None:
     """Through a real uvicorn: closing the socket mid-request aborts the sequence at once."""
     import socket
-    import threading
 
-    import uvicorn
-
-    cfg = EngineConfig(modelName="tiny", maxSeqLen=40, maxInputTokenLen=20, maxBatchSize=2)
-    state = ServerState(config=cfg, metrics=Metrics())
     runner = SlowRunner(len(WORDS))
-    loop = EngineLoop(runner, Scheduler(2, 40, 64), str, LocalChannel(), state.metrics)
-    loop.start()
-    state.tokenizer = TextTokenizer(write_model_dir(tmp_path))
-    state.engine, state.ready = loop, True
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, 60, "uvicorn to start")
-        port = server.servers[0].sockets[0].getsockname()[1]
+    with counting_state(tmp_path, runner) as state, live_server(state) as (_, port):
         body = json.dumps({"prompt": "w1", "max_tokens": 30, "ignore_eos": True}).encode()
         with socket.create_connection(("127.0.0.1", port)) as sock:
             head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -812,9 +746,5 @@ def test_a_client_leaving_a_non_streamed_request_frees_its_sequence(tmp_path: Pa
 
         wait_until(aborted, 10, "the gone client's sequence to be aborted")
         assert aborted() == 1
-        assert loop.scheduler.num_running == 0
+        assert state.engine.scheduler.num_running == 0
         assert len(runner.steps) < 25  # not run to max_tokens
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        loop.stop()

@@ -9,7 +9,7 @@ from typing import NamedTuple
 from fastapi import Request
 
 from dsworker.engine.requests import GenRequest, Output, Sink, TokenLogprob
-from dsworker.serving.body import disconnected
+from dsworker.serving.body import client_gone, disconnected
 from dsworker.serving.protocol.errors import ApiError
 from dsworker.serving.state import Engine
 
@@ -76,11 +76,14 @@ async def collect_all(engine: Engine, gens: list[GenRequest], request: Request) 
     them all: a gone client's sequences must not keep their slots."""
     tasks = [asyncio.ensure_future(collect(engine, g)) for g in gens]
     answers = asyncio.gather(*tasks)
+    # Cancelled children leave their CancelledError on the gather, which nothing awaits once
+    # the client has gone: retrieve it, or asyncio logs "exception was never retrieved".
+    answers.add_done_callback(_retrieve)
     gone = asyncio.ensure_future(disconnected(request))
     try:
         await asyncio.wait((answers, gone), return_when=asyncio.FIRST_COMPLETED)
         if not answers.done():
-            raise ApiError("client closed the request", status=499, code="client_closed")
+            raise client_gone(request, "before its answer was complete")
         return list(answers.result())
     except BaseException:
         for task in tasks:
@@ -88,3 +91,8 @@ async def collect_all(engine: Engine, gens: list[GenRequest], request: Request) 
         raise
     finally:
         gone.cancel()
+
+
+def _retrieve(future: asyncio.Future[object]) -> None:
+    if not future.cancelled():
+        future.exception()

@@ -13,11 +13,19 @@ from dsworker.serving.protocol.errors import ApiError
 
 
 def error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    """Answer FastAPI's own errors in OpenAI's shape, counted under endpoint "other"."""
+    """Answer FastAPI's own errors in OpenAI's shape, counted under endpoint "other", and
+    ApiErrors raised outside an endpoint's frame (a dependency, a GET) under their route."""
+
+    async def api_exc(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        route = getattr(request.scope.get("route"), "path", "other")
+        metrics.requests.labels(route, str(exc.status)).inc()
+        return error_response(exc)
 
     async def http_exc(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -30,5 +38,6 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def validation_exc(request: Request, exc: Exception) -> JSONResponse:
         return error_response(ApiError(str(exc)))
 
+    app.add_exception_handler(ApiError, api_exc)
     app.add_exception_handler(StarletteHTTPException, http_exc)
     app.add_exception_handler(RequestValidationError, validation_exc)

@@ -48,6 +48,7 @@ class ServerState:
     status: str = "starting"
     created: int = field(default_factory=lambda: int(time.time()))
     grammars: GrammarPool = field(default_factory=GrammarPool)
+    api_key: str | None = None  # /v1 requests must bear it (auth.require_api_key)
 
     @property
     def limits(self) -> Limits:

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from dsworker.chat import grammar_spec
 from dsworker.chat.grammar_spec import GrammarSpec
-from dsworker.serving.protocol.common import MAX_LOGPROBS, CommonRequest, grammar_or_400
+from dsworker.serving.protocol.common import (
+    MAX_LOGPROBS,
+    REQUEST,
+    CommonRequest,
+    grammar_or_400,
+)
 from dsworker.serving.protocol.errors import ApiError
 
 MAX_TOOLS = 128  # OpenAI's cap on a request's tools
@@ -17,7 +22,7 @@ MAX_TOOL_NAME = 64  # OpenAI's cap on a function name's length
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     type: str
     text: str | None = None
 
@@ -25,7 +30,7 @@ class ContentPart(BaseModel):
 class FunctionCall(BaseModel):
     """A call in an earlier assistant message; `arguments` is JSON text, as OpenAI sends it."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     name: str = Field(min_length=1)
     arguments: str = "{}"
 
@@ -37,7 +42,7 @@ class FunctionCall(BaseModel):
 
 
 class MessageToolCall(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     id: str | None = None
     type: Literal["function"] = "function"
     function: FunctionCall
@@ -47,7 +52,7 @@ class MessageToolCall(BaseModel):
 
 
 class FunctionDefinition(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     name: str = Field(
         min_length=1,
         max_length=MAX_TOOL_NAME,
@@ -62,13 +67,13 @@ class FunctionDefinition(BaseModel):
 class Tool(BaseModel):
     """One offered function (OpenAI's `tools` entry)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     type: Literal["function"]
     function: FunctionDefinition
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None

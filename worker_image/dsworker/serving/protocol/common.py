@@ -26,6 +26,10 @@ from dsworker.serving.protocol.errors import ApiError
 
 T = TypeVar("T", bound=BaseModel)
 
+# Every request model's config: unknown fields ignored, known ones strict, as OpenAI's API is
+# ("10" is no max_tokens, true no n, "yes" no stream): a 400 naming the field, never a guess.
+REQUEST = ConfigDict(extra="ignore", strict=True)
+
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16  # n: each choice is a sequence of its own, holding a KV slot
 MAX_LOGPROBS = 20  # likeliest alternatives a request may ask for per token (vLLM's default cap)
@@ -35,7 +39,7 @@ MAX_STOP_TOKEN_IDS = 64
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     include_usage: bool = False
 
 
@@ -43,7 +47,7 @@ class JsonSchemaFormat(BaseModel):
     """response_format.json_schema: OpenAI's named schema (`strict` is accepted; the output
     always follows the schema, with no properties it does not name, as vLLM's xgrammar does)."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     description: str | None = None
     schema_: dict[str, Any] = Field(alias="schema")
@@ -53,7 +57,7 @@ class JsonSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """response_format: free text, any JSON object, or JSON following a schema."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -77,7 +81,7 @@ class ResponseFormat(BaseModel):
 class CommonRequest(BaseModel):
     """Fields both endpoints share."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = REQUEST
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)

@@ -1,4 +1,4 @@
-"""GET /v1/models: the one served model."""
+"""GET /v1/models and /v1/models/{id}: the one served model."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from dsworker.serving.protocol.errors import ApiError
 from dsworker.serving.state import ServerState, server_state
 
 router = APIRouter()
@@ -26,3 +27,17 @@ def model_object(state: ServerState) -> dict[str, Any]:
 @router.get("/v1/models")
 async def models(request: Request) -> JSONResponse:
     return JSONResponse({"object": "list", "data": [model_object(server_state(request))]})
+
+
+# :path, since model ids may hold slashes ("deepseek-ai/DeepSeek-R1")
+@router.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> JSONResponse:
+    state = server_state(request)
+    if model_id != state.config.modelName:
+        raise ApiError(
+            f"the model {model_id!r} does not exist; this server serves {state.config.modelName!r}",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+    return JSONResponse(model_object(state))
