@@ -284,6 +284,9 @@ def test_echo_prefixes_the_prompt_and_its_logprobs(served) -> None:
         ({"prompt": "w1", "logit_bias": {"²": 1}}, "logit_bias"),
         ({"prompt": "w1", "logit_bias": {"1" * 11: 1}}, "logit_bias"),
         ({"prompt": "w1", "logit_bias": {"999": 1}}, "logit_bias"),
+        ({"prompt": "w1", "max_tokens": "10"}, "max_tokens"),  # strict types, as OpenAI's
+        ({"prompt": "w1", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "w1", "stream": "yes"}, "stream"),
     ],
 )
 def test_bad_requests_are_openai_shaped(served, body: dict, param: str) -> None:
