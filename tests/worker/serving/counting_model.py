@@ -6,7 +6,6 @@ known exactly while the real engine loop, scheduler, sampler and text streaming 
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -15,10 +14,9 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_vocab import EOS_ID, WORDS, write_model_dir
 
 from dsworker.chat.tokenizer import TextTokenizer
-from dsworker.chat.tool_calls import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.control import LocalChannel
 from dsworker.engine.loop import EngineLoop
@@ -28,16 +26,6 @@ from dsworker.serving.app import create_app
 from dsworker.serving.http_server import server_config
 from dsworker.serving.state import ServerState
 from waiting import wait_until
-
-FIM = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
-# After "go" the counting model writes a DeepSeek-V3 tool call, then wraps round to <s> and EOS.
-CALL_WORDS = ["go", CALLS_BEGIN, CALL_BEGIN, "function", SEP, "get_weather", "\n```json\n",
-              '{"city":', '"Paris"}', "\n```", CALL_END, CALLS_END]  # fmt: skip
-WORDS = ["<s>", "</s>", "User:", "Assistant:", *[f"w{i}" for i in range(60)], "</think>", "a1", "a2",
-         *FIM, *CALL_WORDS]  # fmt: skip
-EOS_ID = 1
-WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
 
 
 class CountingRunner:
@@ -66,19 +54,6 @@ class CountingRunner:
 
     def dropped_rows(self) -> int:
         return 0
-
-
-def write_model_dir(d: Path, chat_template: str | None = None) -> Path:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="</s>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<s>", "</s>", *FIM])
-    tok.save(str(d / "tokenizer.json"))
-    cfg = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
-    if chat_template:
-        cfg["chat_template"] = chat_template
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (d / "config.json").write_text(json.dumps({"vocab_size": len(WORDS), "eos_token_id": EOS_ID}))
-    return d
 
 
 class SlowRunner(CountingRunner):

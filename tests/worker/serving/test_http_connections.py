@@ -15,7 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from counting_model import WORDS, SlowRunner, counting_state, live_server
+from counting_model import SlowRunner, counting_state, live_server
+from tiny_vocab import WORDS
 
 from dsworker.serving.state import ServerState
 from waiting import wait_until

@@ -15,18 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from counting_model import (
-    EOS_ID,
-    FIM,
-    WEATHER_TOOL,
-    WORDS,
-    CountingRunner,
-    SlowRunner,
-    counting_state,
-    live_server,
-    write_model_dir,
-)
+from counting_model import CountingRunner, SlowRunner, counting_state, live_server
 from fastapi.testclient import TestClient
+from tiny_vocab import EOS_ID, FIM, WEATHER_TOOL, WORDS, write_model_dir
 
 from dsworker.chat.tokenizer import TextTokenizer
 from dsworker.chat.tool_calls import CALLS_BEGIN
@@ -674,7 +665,8 @@ FATAL_SERVER = """
 import sys, tempfile
 from pathlib import Path
 import uvicorn
-from counting_model import WORDS, CountingRunner, write_model_dir
+from counting_model import CountingRunner
+from tiny_vocab import WORDS, write_model_dir
 from dsworker.engine.control import LocalChannel
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.loop import EngineLoop
