@@ -1,28 +1,24 @@
-"""`dsworker serve` on bad input exits 2 with one line naming the problem, no traceback, so the
-worker group fails at once instead of spending restarts on it (issue 16.9)."""
+"""What `dsworker serve` checks as it starts: bad input exits 2 with one line naming the problem,
+no traceback, so the worker group fails at once instead of spending restarts on it (issue 16.9);
+an API key from the environment guards the /v1 endpoints (16.11)."""
 
 from __future__ import annotations
 
 import json
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
+from serving_helpers import dsworker_serve, free_port
 
 from dsworker.contract.errors import EXIT_BAD_INPUT
 from dsworker.contract.layout import COMPLETE_MARKER
 
 CONFIG = {"device": "cpu", "dtype": "float32", "maxSeqLen": 64, "maxInputTokenLen": 32}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +97,16 @@ def test_max_connections_beyond_the_open_file_limit_exits_2_naming_it(
     assert done.returncode == EXIT_BAD_INPUT, log[-3000:]
     assert "maxConnections 4096 needs 4352 open files, but the open-file limit is 512" in log
     assert "Traceback" not in log
+
+
+def test_an_api_key_from_the_environment_guards_v1_but_not_health(
+    sharded: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key_file = tmp_path / "api-key"
+    key_file.write_text("sk-from-a-secret\n")
+    monkeypatch.setenv("DSWORKER_API_KEY_FILE", str(key_file))
+    with dsworker_serve(sharded, CONFIG, tmp_path) as (url, _):
+        assert httpx.get(url + "/v1/models", timeout=30).status_code == 401
+        good = {"Authorization": "Bearer sk-from-a-secret"}
+        assert httpx.get(url + "/v1/models", headers=good, timeout=30).status_code == 200
+        assert httpx.get(url + "/metrics", timeout=30).status_code == 200
