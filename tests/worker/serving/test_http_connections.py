@@ -135,6 +135,8 @@ def test_beyond_max_connections_new_ones_get_503_and_serving_goes_on(
             assert answer.startswith(b"HTTP/1.1 503 "), answer
             assert b"maxConnections" in answer
         assert len(server.server_state.connections) == 2
+        guard = server.config.guard
+        wait_until(lambda: guard.lingering == 0, 10, "the refused connections to be closed")
         for sock in held:
             sock.close()
 

@@ -122,7 +122,8 @@ class BoundedH11Protocol(H11Protocol):
         super().__init__(config, *args, **kwargs)
         assert isinstance(config, BoundedConfig)
         self.guard = config.guard
-        self.refusing: asyncio.TimerHandle | None = None
+        self.refused = False
+        self.linger: asyncio.TimerHandle | None = None
         self.read_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,33 +134,33 @@ class BoundedH11Protocol(H11Protocol):
         self._arm()
 
     def data_received(self, data: bytes) -> None:
-        if self.refusing is not None:
+        if self.refused:
             return  # read and dropped, so that closing does not reset the 503
         self._arm()
         super().data_received(data)
         self._track()
 
     def eof_received(self) -> bool | None:
-        if self.refusing is not None:
-            self.refusing.cancel()
-            self._close_refused()
-        return None
+        if self.refused:
+            self._end_linger()
+        return None  # the transport closes
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         self._track()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.refusing is not None:
-            self.refusing.cancel()
-            self._close_refused()
+        if self.refused:
+            self._end_linger()
             return
         self._disarm()
         super().connection_lost(exc)
 
     def _refuse(self, transport: asyncio.BaseTransport) -> None:
+        """Answer 503 at once; then read until the client closes (at most LINGER_S), since
+        closing with its request unread would reset the connection, 503 and all."""
         assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.refused, self.transport = True, transport
         self.guard.refused()
         transport.write(self.guard.busy)
         if self.guard.lingering >= MAX_LINGERING or not transport.can_write_eof():
@@ -167,13 +168,14 @@ class BoundedH11Protocol(H11Protocol):
             return
         transport.write_eof()
         self.guard.lingering += 1
-        self.refusing = self.loop.call_later(LINGER_S, self._close_refused)
+        self.linger = self.loop.call_later(LINGER_S, self._end_linger)
 
-    def _close_refused(self) -> None:
-        if self.refusing is not None and self.transport is not None:
+    def _end_linger(self) -> None:
+        if self.linger is not None:
+            self.linger.cancel()
+            self.linger = None
             self.guard.lingering -= 1
             self.transport.close()
-        self.refusing = None
 
     def _arm(self) -> None:
         if self.read_deadline is None:
