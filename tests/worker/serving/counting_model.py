@@ -21,7 +21,8 @@ from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.control import LocalChannel
 from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
-from dsworker.engine.scheduler import Scheduler, Step
+from dsworker.engine.scheduler import Scheduler
+from dsworker.engine.steps import Step
 from dsworker.serving.app import create_app
 from dsworker.serving.http_server import server_config
 from dsworker.serving.state import ServerState

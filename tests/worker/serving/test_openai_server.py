@@ -23,10 +23,11 @@ from dsworker.chat.tokenizer import TextTokenizer
 from dsworker.chat.tool_calls import CALLS_BEGIN
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.control import LocalChannel
-from dsworker.engine.loop import EngineLoop, StepError
+from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.requests import GenRequest, SamplingParams
 from dsworker.engine.scheduler import Scheduler
+from dsworker.engine.steps import StepError
 from dsworker.serving import protocol as oa
 from dsworker.serving.app import create_app
 from dsworker.serving.state import ServerState
