@@ -105,6 +105,12 @@ class DeepSeekDeploymentStatus(StatusModel):
     world_size: int | None = Field(
         None, ge=1, description="Ranks of the running plan (printed as World)."
     )
+    moe_ep: int | None = Field(
+        None,
+        ge=1,
+        description="Expert-parallel size (moeEp, given or computed) of the spec's plan (printed "
+        "as EP; the EP level is printed as Level with -o wide).",
+    )
     shards: ShardsStatus | None = Field(None, description="The shards of the current plan.")
     ready_workers: str | None = Field(
         None, pattern=r"^[0-9]+/[0-9]+$", description="Ready worker pods, as n/m."

@@ -215,6 +215,7 @@ def _run(state: PassState) -> Plan:
         fingerprint=ctx.fingerprint,
         model_name=ctx.spec.model.name,
         world_size=world,
+        moe_ep=ctx.spec.parallelism.moe_ep,
         shards=shards_status(state, shards),
         ready_workers=f"{workers.ready}/{total}",
         group_restarts=state.restarts,

@@ -32,6 +32,23 @@ PIN = {"nodeSelector": {"kubernetes.io/hostname": "n1"}}
 NO_SHARDING = {"enabled": False, "store": None}
 
 
+def _node_affinity(requirement: dict[str, Any]) -> dict[str, Any]:
+    terms = [{"matchExpressions": [requirement]}]
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
+        }
+    }
+
+
+def _pod_anti_affinity(requirement: dict[str, Any]) -> dict[str, Any]:
+    term = {
+        "labelSelector": {"matchExpressions": [requirement]},
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
+
+
 def parse(spec_patch: dict[str, Any]):
     return parse_deployment(merge_patch(BASE, {"spec": spec_patch}))
 
@@ -135,6 +152,49 @@ RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "env-names-unique": (
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "1"}]}},
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}},
+    ),
+    "model-pvc-path": (
+        {"model": {"source": {"pvc": {"claimName": "models", "path": "a/..b/.c/"}}}},
+        {"model": {"source": {"pvc": {"claimName": "models", "path": "r1/../../etc"}}}},
+    ),
+    "model-host-path": (
+        {"model": {"source": {"pvc": None, "hostPath": {"path": "/data/usr/lib/r1"}}}},
+        {"model": {"source": {"pvc": None, "hostPath": {"path": "/usr/share/r1"}}}},
+    ),
+    "store-host-path": (
+        {"sharding": HOST_STORE, "worker": PIN},
+        {"sharding": {"store": {"pvc": None, "hostPath": {"path": "/"}}}, "worker": PIN},
+    ),
+    "port-not-reserved": ({"serving": {"port": 8000}}, {"serving": {"port": 29500}}),
+    "node-selector-keys": (
+        {"worker": {"nodeSelector": {"example.com/pool": "npu-a"}}},
+        {"worker": {"nodeSelector": {"pool name": "npu-a"}}},
+    ),
+    "toleration-exists-no-value": (
+        {"worker": {"tolerations": [{"key": "npu", "operator": "Exists"}]}},
+        {"worker": {"tolerations": [{"key": "npu", "operator": "Exists", "value": "yes"}]}},
+    ),
+    "toleration-empty-key-exists": (
+        {"worker": {"tolerations": [{"operator": "Exists"}]}},
+        {"worker": {"tolerations": [{"value": "yes"}]}},
+    ),
+    "toleration-seconds-no-execute": (
+        {"worker": {"tolerations": [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 9}]}},
+        {"worker": {"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 9}]}},
+    ),
+    "nodeSelectorRequirement-values": (
+        {"worker": {"affinity": _node_affinity({"key": "gen", "operator": "Gt", "values": ["2"]})}},
+        {"worker": {"affinity": _node_affinity({"key": "gen", "operator": "In"})}},
+    ),
+    "labelSelectorRequirement-values": (
+        {"worker": {"affinity": _pod_anti_affinity({"key": "app", "operator": "Exists"})}},
+        {
+            "worker": {
+                "affinity": _pod_anti_affinity(
+                    {"key": "app", "operator": "Exists", "values": ["x"]}
+                )
+            }
+        },
     ),
 }
 # Rules of the object itself: rule name -> (an object patch it accepts, one it rejects).
