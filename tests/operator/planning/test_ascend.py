@@ -294,3 +294,20 @@ def test_staging_request_is_the_pods_own_share_by_the_stagers_rule() -> None:
         del cluster.pods[name]
     cluster.step()
     assert cluster.sts()["spec"] == before
+
+
+def test_replacing_a_lost_node_reshards_for_the_new_placement() -> None:
+    cluster = FakeCluster(NODE_LOCAL)
+    first = cluster.step().status.fingerprint
+    cluster.change_spec({"sharding": {"store": {"hostPath": {"nodes": ["npu-a", "npu-c"]}}}})
+    result = cluster.step()
+    assert result.status.fingerprint != first
+    jobs = [cluster.objects[k] for k in cluster.objects if k[0] == "Job"]
+    placed = {
+        j["metadata"]["name"]: j["spec"]["template"]["spec"]["nodeSelector"][
+            "kubernetes.io/hostname"
+        ]
+        for j in jobs
+        if result.status.fingerprint[:10] in j["metadata"]["name"]
+    }
+    assert sorted(placed.values()) == ["npu-a", "npu-c"]
