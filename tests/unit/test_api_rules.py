@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from runtime_cases import RUNTIME_RULE_CASES
 from test_api_bad_specs import load_valid, merge_patch
 
 from deepseek_operator.api import (
@@ -150,6 +151,7 @@ RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "1"}]}},
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}},
     ),
+    **RUNTIME_RULE_CASES,
 }
 # Rules of the object itself: rule name -> (an object patch it accepts, one it rejects).
 OBJECT_RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

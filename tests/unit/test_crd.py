@@ -168,7 +168,15 @@ def test_every_cel_rule_is_in_the_crd(schema: dict[str, Any]) -> None:
 
 def test_printer_columns(crd: dict[str, Any], schema: dict[str, Any]) -> None:
     columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
-    assert [c["name"] for c in columns][:6] == ["Phase", "Ready", "Model", "World", "EP", "Age"]
+    assert [c["name"] for c in columns][:7] == [
+        "Phase",
+        "Ready",
+        "Model",
+        "Runtime",
+        "World",
+        "EP",
+        "Age",
+    ]
     nodes = dict(walk(schema))
     for col in columns:
         path = col["jsonPath"].lstrip(".")
