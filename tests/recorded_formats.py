@@ -15,7 +15,7 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
-FORMATS = Path(__file__).resolve().parents[1] / "data" / "formats"
+FORMATS = Path(__file__).resolve().parent / "data" / "formats"
 
 
 @cache
