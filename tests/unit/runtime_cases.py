@@ -37,6 +37,10 @@ RUNTIME_RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         vllm(features={"expertMerge": False}),
         vllm(features={"expertMerge": True}),
     ),
+    "vllm-eplb": (
+        vllm(features={"dynamicLoadBalancing": True}),
+        vllm(features={"dynamicLoadBalancing": True}, parallelism={"moeTp": 8}),
+    ),
     "vllm-dequantize": (
         vllm(model={"dequantizeFp8": False}),
         vllm(model={"dequantizeFp8": True}),

@@ -119,6 +119,15 @@ VLLM_RULES: tuple[Rule, ...] = (
     ),
     _refuse(
         "vllm",
+        "eplb",
+        "spec.features.dynamicLoadBalancing: runtime vllm balances experts (--enable-eplb) only "
+        "with expert parallelism over all ranks; set spec.parallelism.moeTp: 1 or "
+        "dynamicLoadBalancing: false",
+        lambda s: not s.features.dynamic_load_balancing or s.parallelism.moe_tp == 1,
+        f"{_false('self.features', 'dynamicLoadBalancing')} || {_MOE_TP} == 1",
+    ),
+    _refuse(
+        "vllm",
         "dequantize",
         "spec.model.dequantizeFp8: runtime vllm loads the checkpoint as it is (no sharding step "
         "converts it); set dequantizeFp8: false",
