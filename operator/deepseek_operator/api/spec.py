@@ -108,7 +108,7 @@ class DeepSeekDeploymentSpec(ApiModel):
     serving: Serving = section(Serving, "Serving limits and the HTTP port.")
     worker: Worker = section(Worker, "The worker pods.")
     runtime: Runtime = section(
-        Runtime, "The engine that serves the model: dsworker, mindie or vllm (docs/runtimes.md)."
+        Runtime, "The engine that serves the model: mindie, vllm or dsworker (docs/runtimes.md)."
     )
 
     def _resolve(self) -> None:

@@ -98,7 +98,7 @@ class DeepSeekDeploymentStatus(StatusModel):
     )
     runtime: Literal["dsworker", "mindie", "vllm"] | None = Field(
         None,
-        description="The engine the worker pods run: dsworker, mindie or vllm; while a changed "
+        description="The engine the worker pods run (mindie, vllm or dsworker); while a changed "
         "spec has not replaced a serving group, the one still serving (printed as Runtime).",
     )
     world_size: int | None = Field(
