@@ -20,7 +20,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from .api import GROUP, KIND, PLURAL, VERSION
-from .planning import names
+from .planning import names, ownership
 from .planning.observed import Observed
 from .planning.status import EventSpec
 
@@ -149,12 +149,17 @@ class Kube:
     def observe(self, namespace: str, name: str, owner_uid: str) -> Observed:
         """Every child of one custom resource (children of a deleted namesake are left out)."""
         selector = names.owned_selector(name)
+        jobs = [j for j in self.list("Job", namespace, selector) if _owned_by(j, owner_uid)]
+        statefulsets = [
+            s for s in self.list("StatefulSet", namespace, selector) if _owned_by(s, owner_uid)
+        ]
         return Observed(
-            jobs=[j for j in self.list("Job", namespace, selector) if _owned_by(j, owner_uid)],
-            statefulsets=[
-                s for s in self.list("StatefulSet", namespace, selector) if _owned_by(s, owner_uid)
-            ],
-            pods=self.list("Pod", namespace, selector),
+            jobs=jobs,
+            statefulsets=statefulsets,
+            # Only the pods of our own Jobs and StatefulSets: labels alone prove nothing.
+            pods=ownership.owned_pods(
+                self.list("Pod", namespace, selector), [*jobs, *statefulsets]
+            ),
             claims=[
                 c
                 for c in self.list("PersistentVolumeClaim", namespace, selector)
@@ -205,8 +210,9 @@ class Kube:
             content_type=APPLY_PATCH,
         )
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        """Delete a child (Background: a Job's pods follow); gone already is fine."""
+    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        """Delete a child (Background: a Job's pods follow) only while it is the object of this
+        uid (a precondition); gone already, or replaced by a namesake, is fine."""
         try:
             self.request(
                 "DELETE",
@@ -215,10 +221,13 @@ class Kube:
                     "kind": "DeleteOptions",
                     "apiVersion": "v1",
                     "propagationPolicy": "Background",
+                    "preconditions": {"uid": uid},
                 },
             )
         except ApiException as exc:
-            if exc.status != 404:
+            if exc.status == 409:
+                log.info("%s %s/%s is no longer uid %s: left alone", kind, namespace, name, uid)
+            elif exc.status != 404:
                 raise
 
     def post_event(self, deployment: Mapping[str, Any], event: EventSpec) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 
 from . import metrics
 from .k8s import Kube
-from .planning import Plan, plan
-from .planning.observed import failure, meta, terminating, uid
+from .planning import Plan, ownership, plan
+from .planning.observed import Observed, failure, meta, terminating, uid
 
 log = logging.getLogger("deepseek_operator.reconcile")
 
@@ -71,6 +71,8 @@ class Reconciler:
         # The last store resize the API server refused, per object: it is tried again on every
         # reconcile (the storage class may allow it by now) but logged only when it changes.
         self.refusals: dict[Key, str] = {}
+        # The foreign objects last reported per object: logged again only when they change.
+        self.foreign: dict[Key, dict[str, str]] = {}
         # The live peers that pause this replica (kopf peering); timers skip their work while any.
         self.standby: Callable[[], list[str]] | None = None
 
@@ -175,6 +177,7 @@ class Reconciler:
     def forget(self, namespace: str, name: str) -> None:
         self.own_writes.pop((namespace, name), None)
         self.refusals.pop((namespace, name), None)
+        self.foreign.pop((namespace, name), None)
         state = self.states.pop((namespace, name), None)
         if state is not None and state.timer is not None:
             state.timer.cancel()
@@ -205,6 +208,23 @@ class Reconciler:
         metrics.RECONCILES.labels("ok").inc()
         return result
 
+    def _foreign(
+        self, namespace: str, name: str, owner_uid: str, result: Plan, observed: Observed
+    ) -> dict[str, str]:
+        """Read each child about to be applied that is not known as ours: an object of that name
+        that is not ours ("Service r1" -> whose it is) must be left alone."""
+        found: dict[str, str] = {}
+        for obj in ownership.to_check(result.apply, observed):
+            existing = self.kube.get(obj["kind"], namespace, obj["metadata"]["name"])
+            why = existing and ownership.foreign_reason(existing, owner_uid, name)
+            if why:
+                found[ownership.key(obj)] = why
+        if found and self.foreign.get((namespace, name)) != found:
+            text = "; ".join(f"{k} exists and {why}" for k, why in sorted(found.items()))
+            log.warning("%s/%s: left alone: %s", namespace, name, text)
+        self.foreign[(namespace, name)] = found
+        return found
+
     def _reconcile(
         self, namespace: str, name: str, failed_pods: list[dict[str, Any]]
     ) -> Plan | None:
@@ -213,9 +233,13 @@ class Reconciler:
         if body is None or meta(body).get("deletionTimestamp"):
             self.forget(namespace, name)
             return None
-        observed = kube.observe(namespace, name, str(meta(body).get("uid") or ""))
+        owner_uid = str(meta(body).get("uid") or "")
+        observed = kube.observe(namespace, name, owner_uid)
         observed.failed_pods = failed_pods
         result = plan(body, observed)
+        observed.foreign = self._foreign(namespace, name, owner_uid, result, observed)
+        if observed.foreign:
+            result = plan(body, observed)  # without those children, and the status that says so
         if result.resize is not None:
             # The one change the API server may refuse for reasons the operator cannot see (the
             # storage class must allow expansion): first, and a refusal is planned around.
@@ -256,7 +280,7 @@ class Reconciler:
             if rv and meta(written).get("generation") == meta(body).get("generation"):
                 self.own_writes[(namespace, name)] = str(rv)
         for gone in result.delete:
-            kube.delete(gone.kind, namespace, gone.name)
+            kube.delete(gone.kind, namespace, gone.name, gone.uid)
         if any(e.reason == "GroupRestart" for e in result.events):
             metrics.GROUP_RESTARTS.inc()
         for pod_uid in result.counted_failures:

@@ -70,7 +70,13 @@ class FakeKube:
         self.rv += 1
         return {"metadata": {"resourceVersion": str(self.rv), "generation": 1}}
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
+    # "Kind/name" -> an object already there under that name (read before applying).
+    existing: dict[str, dict[str, Any]] = {}
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.existing.get(f"{kind}/{name}"))
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
         self.calls.append(("delete", f"{kind}/{name}"))
 
     def post_event(self, deployment: dict[str, Any], event: Any) -> None:
@@ -350,3 +356,29 @@ def test_peering_crds_are_generated_and_committed() -> None:
     ]
     assert [d["spec"]["scope"] for d in docs] == ["Cluster", "Namespaced"]
     assert peering.peering_object("dsop")["kind"] == "ClusterKopfPeering"
+
+
+def test_a_users_object_under_a_childs_name_is_never_applied_over() -> None:
+    """Issue 16.1: the user's own Service r1 is read first, left alone and reported."""
+    kube = FakeKube()
+    kube.existing = {
+        "Service/r1": {
+            "kind": "Service",
+            "metadata": {
+                "name": "r1",
+                "uid": "user-svc",
+                "managedFields": [{"manager": "kubectl"}],
+            },
+        }
+    }
+    reconciler = Reconciler(kube, workers=1)  # type: ignore[arg-type]
+    result = reconciler.reconcile("llm", "r1")
+    assert result is not None and result.phase == "Failed"
+    applied = [k for op, k in kube.calls if op == "apply"]
+    assert "Service/r1" not in applied and "Service/r1-ranks" in applied
+    assert kube.body is not None
+    validated = next(c for c in kube.body["status"]["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "ForeignObject")
+    assert "Service r1 already exists" in validated["message"]
+    assert "ForeignObject" in [w for op, w in kube.calls if op == "event"]
+    reconciler.close()

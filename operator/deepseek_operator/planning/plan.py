@@ -21,7 +21,7 @@ from ..api import DeepSeekDeploymentStatus, parse_deployment
 from ..api.quantity import compare_quantities
 from ..api.status import READY, SHARDED, VALIDATED, WORKERS_READY, Phase
 from ..validation import review_config
-from . import names, objects
+from . import names, objects, ownership
 from . import status as st
 from .fingerprint import fingerprint
 from .observed import (
@@ -48,10 +48,12 @@ from .status import Cond, EventSpec, Summary
 
 @dataclass(frozen=True)
 class Delete:
-    """A child to delete (Background propagation: a Job's pods go with it)."""
+    """A child to delete (Background propagation: a Job's pods go with it), only while it is the
+    object of this uid (a precondition: a namesake created since is never deleted)."""
 
     kind: Literal["Job", "Pod"]
     name: str
+    uid: str
 
 
 @dataclass
@@ -412,6 +414,10 @@ class _Planner:
         if rejected:
             validated = Cond(VALIDATED, "False", st.CHILD_REJECTED, rejected)
             phase, message = "Failed", rejected
+        foreign = self._foreign()
+        if foreign:
+            validated = Cond(VALIDATED, "False", st.FOREIGN_OBJECT, foreign)
+            phase, message = "Failed", foreign
         if phase == "Ready":
             self._remove_old_shards()
         world = ctx.spec.parallelism.world()
@@ -481,6 +487,19 @@ class _Planner:
             old = st.condition(self.previous, VALIDATED)
             if old is None or old.reason != st.CHILD_REJECTED or old.message != text:
                 self.events.append(EventSpec("Warning", "ChildRejected", st.truncate(text)))
+        return text
+
+    def _foreign(self) -> str:
+        """Objects under a child's name that are not ours: their children are held back (never
+        applied over, adopted or deleted); a Warning Event when the message is new."""
+        foreign = self.observed.foreign
+        if not foreign:
+            return ""
+        self.apply = ownership.hold(self.apply, foreign)
+        text = ownership.foreign_message(foreign, self.ctx.name)
+        old = st.condition(self.previous, VALIDATED)
+        if old is None or old.reason != st.FOREIGN_OBJECT or old.message != text:
+            self.events.append(EventSpec("Warning", "ForeignObject", st.truncate(text)))
         return text
 
     # ----------------------------------------------------------------------------- store
@@ -579,7 +598,7 @@ class _Planner:
         if state == "failed":
             if annotation(job, names.GENERATION_ANNOTATION) != str(ctx.generation):
                 # The spec changed since this Job failed: run it again.
-                self.delete.append(Delete("Job", job_name))
+                self.delete.append(Delete("Job", job_name, uid(job)))
                 self.events.append(
                     EventSpec("Normal", "RetryingSharding", f"spec changed: re-running {job_name}")
                 )
@@ -838,7 +857,7 @@ class _Planner:
 
     def _delete_pods(self, pods: list[Obj]) -> None:
         for pod in pods:
-            self.delete.append(Delete("Pod", str(meta(pod).get("name"))))
+            self.delete.append(Delete("Pod", str(meta(pod).get("name")), uid(pod)))
 
     # ----------------------------------------------------------------------------- phase
 
@@ -882,7 +901,7 @@ class _Planner:
             if cleanup is None:
                 job = objects.cleanup_job(self.ctx, old)
                 if job is None:
-                    self.delete.append(Delete("Job", name))
+                    self.delete.append(Delete("Job", name, uid(old)))
                     continue
                 self.apply.append(job)
                 self.events.append(
@@ -897,7 +916,7 @@ class _Planner:
             state = job_state(cleanup)
             if state == "active":
                 continue
-            self.delete.append(Delete("Job", name))
+            self.delete.append(Delete("Job", name, uid(old)))
             if state == "complete":
                 self.events.append(
                     EventSpec(
