@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 from kubernetes.client.exceptions import ApiException
-from recorded_formats import mindie_config_errors, vllm_args_errors
 from test_operator import deployment, sts_of, worker_pods
 
 from conftest import Dsd, OperatorProcess
+from recorded_formats import mindie_config_errors, vllm_args_errors
 
 pytestmark = pytest.mark.integration
 
