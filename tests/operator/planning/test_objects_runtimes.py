@@ -11,10 +11,10 @@ import json
 from typing import Any
 
 from fake_cluster import TWO_NODES, FakeCluster, cond
-from recorded_formats import mindie_config_errors, vllm_args_errors
 
 from deepseek_operator.api import parse_deployment
 from deepseek_operator.planning import names, objects
+from recorded_formats import mindie_config_errors, vllm_args_errors
 
 MINDIE_PATCH: dict[str, Any] = {
     "runtime": {"engine": "mindie", "image": "reg/mindie:2.1", "rankTableConfigMap": "r1-rt"},
