@@ -18,6 +18,7 @@ from typing import Any
 from dsworker.contract.engine_config import EngineConfig, EngineConfigError, load_engine_config
 from dsworker.contract.errors import EXIT_BAD_INPUT
 from dsworker.contract.layout import METADATA_FILE
+from dsworker.launch.fit_check import check_start
 from dsworker.launch.rank_processes import Launcher, python_module_command, rank_specs
 
 log = logging.getLogger("dsworker.launch.serve_command")
@@ -182,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
             shard_plan(args.model),
             {"port": args.port, "device": args.device, "dtype": args.dtype},
         )
+        check_start(args.model, cfg)  # before any rank allocates
         node_rank = node_rank_from_host(args.node_rank) if args.nodes > 1 else 0
         master = args.master_addr or "127.0.0.1"
         if args.nodes > 1 and not args.master_addr:

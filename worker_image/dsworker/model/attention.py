@@ -38,15 +38,16 @@ class MLA(nn.Module):
         self.eps = args.rms_norm_eps
         h, qk = args.hidden_size, args.qk_head_dim
         if args.q_lora_rank:
-            self.q_a_proj = Linear(args.q_lora_rank, h, dtype, device)
+            self.q_a_proj = Linear(args.q_lora_rank, h, dtype, device, args.quant)
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, self.eps, dtype, device)
-            self.q_b_proj = Linear(self.heads * qk, args.q_lora_rank, dtype, device)
+            self.q_b_proj = Linear(self.heads * qk, args.q_lora_rank, dtype, device, args.quant)
         else:
-            self.q_proj = Linear(self.heads * qk, h, dtype, device)
-        self.kv_a_proj_with_mqa = Linear(self.rank + self.dr, h, dtype, device)
+            self.q_proj = Linear(self.heads * qk, h, dtype, device, args.quant)
+        self.kv_a_proj_with_mqa = Linear(self.rank + self.dr, h, dtype, device, args.quant)
         self.kv_a_layernorm = RMSNorm(self.rank, self.eps, dtype, device)
+        # kv_b stays in the compute dtype (dequantised at load): absorbed MLA uses it both ways
         self.kv_b_proj = Linear(self.heads * (self.dn + self.dv), self.rank, dtype, device)
-        self.o_proj = Linear(h, self.heads * self.dv, dtype, device)
+        self.o_proj = Linear(h, self.heads * self.dv, dtype, device, args.quant)
 
     def forward(
         self,

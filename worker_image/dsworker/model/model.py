@@ -48,7 +48,8 @@ class DenseMLP(MLP):
     def __init__(
         self, args: ModelArgs, groups: ParallelGroups, dtype: torch.dtype, device: torch.device
     ) -> None:
-        super().__init__(args.hidden_size, args.intermediate_size // groups.tp.size, dtype, device)
+        inter = args.intermediate_size // groups.tp.size
+        super().__init__(args.hidden_size, inter, dtype, device, args.quant)
         self.tp = groups.tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -89,7 +89,9 @@ class MoE(nn.Module):
             else None
         )
         shared = args.n_shared_experts * args.moe_intermediate_size
-        self.shared = MLP(h, shared // groups.tp.size, dtype, device) if shared else None
+        self.shared = (
+            MLP(h, shared // groups.tp.size, dtype, device, args.quant) if shared else None
+        )
         per = e // groups.moe_ep.size
         self.experts = LocalExperts(
             per,
@@ -98,6 +100,7 @@ class MoE(nn.Module):
             args.moe_intermediate_size // groups.moe_tp.size,
             dtype,
             device,
+            args.quant,
         )
         self.local_only = groups.world.size == 1 and opts.routing_cutoff is None
 
