@@ -62,6 +62,7 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.readyWorkers"},
     {"name": "Model", "type": "string", "jsonPath": ".status.modelName"},
+    {"name": "Runtime", "type": "string", "jsonPath": ".status.runtime"},
     {"name": "World", "type": "integer", "jsonPath": ".status.worldSize"},
     {"name": "EP", "type": "integer", "jsonPath": ".status.moeEp"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -42,6 +42,8 @@ WORLD_SIZE_ANNOTATION = f"{GROUP}/world-size"
 ENGINE_CONFIG_ANNOTATION = f"{GROUP}/engine-config-sha256"
 SHARD_DIR_ANNOTATION = f"{GROUP}/shard-dir"
 TEMPLATE_ANNOTATION = f"{GROUP}/template-sha256"
+RUNTIME_ANNOTATION = f"{GROUP}/runtime"
+"""On the worker StatefulSet: the engine its pods run (status.runtime while it still serves)."""
 MODEL_CONFIG_ANNOTATION = f"{GROUP}/model-config"
 NODE_INDEX_ANNOTATION = f"{GROUP}/node-index"  # a node-local sharding Job's worker pod / node
 # Volcano's annotation that puts a pod into a PodGroup (volcano.sh/apis scheduling/v1beta1).

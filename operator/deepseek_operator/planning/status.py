@@ -106,6 +106,7 @@ class Summary:
     model_name: str | None = None
     world_size: int | None = None
     moe_ep: int | None = None
+    runtime: str | None = None
     shards: dict[str, Any] | None = None
     ready_workers: str | None = None
     group_restarts: int | None = None
@@ -154,6 +155,7 @@ def build_status(
         model_name=summary.model_name,
         world_size=summary.world_size,
         moe_ep=summary.moe_ep,
+        runtime=summary.runtime,
         shards=summary.shards,
         ready_workers=summary.ready_workers,
         group_restarts=summary.group_restarts,

@@ -16,6 +16,7 @@ from deepseek_operator.api import (
     spec_warnings,
 )
 from dsworker.contract.layout import ParallelPlan
+from runtime_cases import RUNTIME_RULE_CASES
 from spec_cases import all_rules, load_valid, merge_patch
 
 BASE: dict[str, Any] = {
@@ -196,6 +197,7 @@ RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             }
         },
     ),
+    **RUNTIME_RULE_CASES,
 }
 # Rules of the object itself: rule name -> (an object patch it accepts, one it rejects).
 OBJECT_RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

@@ -170,7 +170,15 @@ def test_every_cel_rule_is_in_the_crd(schema: dict[str, Any]) -> None:
 
 def test_printer_columns(crd: dict[str, Any], schema: dict[str, Any]) -> None:
     columns = crd["spec"]["versions"][0]["additionalPrinterColumns"]
-    assert [c["name"] for c in columns][:6] == ["Phase", "Ready", "Model", "World", "EP", "Age"]
+    assert [c["name"] for c in columns][:7] == [
+        "Phase",
+        "Ready",
+        "Model",
+        "Runtime",
+        "World",
+        "EP",
+        "Age",
+    ]
     by_name = {c["name"]: c for c in columns}
     # EP is the expert-parallel size, not the EP level (that is Level, with -o wide).
     assert by_name["EP"]["jsonPath"] == ".status.moeEp"
