@@ -243,4 +243,8 @@ def test_staging_request_equals_the_stagers_real_bytes(
     staged = int(request[:-2]) * (1 << 20) - (1 << 30)
     # Rounded up to whole MiB, the request holds the largest pod's real bytes, within one file.
     assert 0 <= staged - max(real) < smallest_file + (1 << 20), (staged, real)
-    assert dsd.status("staged")["shards"]["dirBytes"] == summary["dirBytes"]
+    recorded = dsd.wait(
+        "status.shards.dirBytes",
+        lambda: (dsd.status("staged").get("shards") or {}).get("dirBytes"),
+    )
+    assert recorded == summary["dirBytes"]
