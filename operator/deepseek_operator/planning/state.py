@@ -67,6 +67,7 @@ class PassState:
     counted: list[str] = field(default_factory=list)
     resize: Obj | None = None
     restarts: int = 0  # group restarts spent of the budget
+    memory_warning: str = ""  # the plan fits its devices with little headroom (memory.py)
 
     @property
     def spec(self) -> DeepSeekDeploymentSpec:

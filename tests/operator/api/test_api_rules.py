@@ -136,6 +136,10 @@ RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "1"}]}},
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}},
     ),
+    "accelerator-memory-min": (
+        {"worker": {"accelerator": {"memory": "1Gi"}}},
+        {"worker": {"accelerator": {"memory": "1023Mi"}}},
+    ),
 }
 # Rules of the object itself: rule name -> (an object patch it accepts, one it rejects).
 OBJECT_RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dsworker.contract.fit import MEMORY_ENV
+
 from ...api import DeepSeekDeploymentSpec
 from ...api.quantity import parse_quantity
 from .. import names
@@ -185,6 +187,13 @@ def _stage_container(ctx: Context) -> Obj:
     }
 
 
+def device_memory_gib(spec: DeepSeekDeploymentSpec) -> str | None:
+    """One device's memory in GiB for the workers' start-up fit check (the same figure the
+    operator checked), or None when the spec does not say it: the worker then asks its device."""
+    device = spec.worker.accelerator.memory_bytes()
+    return None if device is None else f"{device / GIB:.6f}".rstrip("0").rstrip(".")
+
+
 def _engine_env(ctx: Context, master: str) -> list[Obj]:
     spec = ctx.spec
     env = [
@@ -196,6 +205,9 @@ def _engine_env(ctx: Context, master: str) -> list[Obj]:
     ]
     if spec.model.mtp:
         env.append({"name": "DEEPSEEK_MTP", "value": "1"})
+    memory_gib = device_memory_gib(spec)
+    if memory_gib is not None:
+        env.append({"name": MEMORY_ENV, "value": memory_gib})
     return merge_env(env, [e.to_dict() for e in spec.worker.env or ()])
 
 
