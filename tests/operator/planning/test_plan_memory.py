@@ -151,3 +151,13 @@ def test_dequantized_fp8_is_refused_where_fp8_fits() -> None:
     bf16 = plan(deployment(R1_FP8, TWO_SERVERS, gpu, dequantized), Observed(now=NOW))
     assert cond(bf16, "Validated")["reason"] == "InsufficientMemory"
     assert "against 80.0 GiB" in cond(bf16, "Validated")["message"]
+
+
+def test_the_workers_read_the_device_memory_the_operator_checked() -> None:
+    from deepseek_operator.api import parse_deployment
+    from deepseek_operator.planning.objects.workload import device_memory_gib
+
+    for memory, expected in (("64Gi", 64 * 2**30), ("80G", 80 * 10**9), ("1.5Ti", 1536 * 2**30)):
+        body = deployment(R1_W8A8, {"spec": {"worker": {"accelerator": {"memory": memory}}}})
+        gib = device_memory_gib(parse_deployment(body).deployment.spec)
+        assert gib is not None and abs(float(gib) * 2**30 - expected) < 2**10, (memory, gib)
