@@ -17,7 +17,7 @@ from dsworker.contract.memory import HEADROOM_WARN
 from dsworker.contract.quant import quant_format
 
 from ..api import DeepSeekDeploymentSpec
-from .objects.engine_config import engine_config
+from .runtimes.dsworker import engine_config
 
 # What the memory model reads as each weight format when config.json does not say it itself
 # (an msModelSlim W8A8 checkpoint declares it in quant_model_description*.json).

@@ -42,6 +42,8 @@ WORLD_SIZE_ANNOTATION = f"{GROUP}/world-size"
 ENGINE_CONFIG_ANNOTATION = f"{GROUP}/engine-config-sha256"
 SHARD_DIR_ANNOTATION = f"{GROUP}/shard-dir"
 TEMPLATE_ANNOTATION = f"{GROUP}/template-sha256"
+RUNTIME_ANNOTATION = f"{GROUP}/runtime"
+"""On the worker StatefulSet: the engine its pods run (status.runtime while it still serves)."""
 MODEL_CONFIG_ANNOTATION = f"{GROUP}/model-config"
 """On the custom resource: the checkpoint's config.json inline, so the operator can check the plan
 against the model before any Job runs (see docs/operator.md)."""

@@ -155,7 +155,7 @@ def test_dequantized_fp8_is_refused_where_fp8_fits() -> None:
 
 def test_the_workers_read_the_device_memory_the_operator_checked() -> None:
     from deepseek_operator.api import parse_deployment
-    from deepseek_operator.planning.objects.workload import device_memory_gib
+    from deepseek_operator.planning.objects.engine_config import device_memory_gib
 
     for memory, expected in (("64Gi", 64 * 2**30), ("80G", 80 * 10**9), ("1.5Ti", 1536 * 2**30)):
         body = deployment(R1_W8A8, {"spec": {"worker": {"accelerator": {"memory": memory}}}})

@@ -3,7 +3,8 @@
 Two equal-result paths: a loop of per-expert matmuls, and a grouped matmul over rows sorted by
 expert (MindIE switches it on by itself past 32 EP ranks, where the loop's launch count hurts).
 The grouped path uses torch._grouped_mm on CUDA bf16 when present, else one padded bmm.
-`combine` is a third, for steps that must not wait on the host (graph capture, compile): static
+`fused` is the decode path: two fused ops over the routed experts only (any world size, -1 for
+experts elsewhere). `combine` is another, for steps that must not wait on the host (graph capture, compile): static
 shapes throughout, either the native grouped matmul or every local expert over every token.
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 from dsworker.contract.quant import QuantFormat
 from dsworker.model import quant_weights
 from dsworker.model.layers import weight
+from dsworker.ops.moe_experts import moe_down, moe_gate_up
 from dsworker.ops.quant_formats import QuantWeight
 from dsworker.ops.quant_moe import quant_experts
 from dsworker.parallel.device import native_grouped_mm
@@ -101,6 +103,15 @@ class LocalExperts(nn.Module):
         gate, up = torch.bmm(padded, self.w13.transpose(1, 2)).chunk(2, dim=-1)
         ys = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))[sorted_eid, slot]
         return ys.new_empty(ys.shape).index_copy_(0, order, ys)
+
+    def fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[t, k] * expert ids[t, k] (x[t]) for local ids [T, k] (-1: an expert of
+        another rank, adds nothing) in two ops that read only the routed experts' weights
+        (dsworker::moe_gate_up / moe_down): the small-token-count (decode) path, no host sync.
+        8-bit experts take their own grouped op, which reads only the routed experts too."""
+        if self.q13 is not None and self.q2 is not None:
+            return quant_experts(x, ids, weights.float(), self.q13, self.q2)
+        return moe_down(moe_gate_up(x, ids, self.w13), ids, weights, self.w2)
 
     def combine(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert ids[t, k] (x[t]) for local ids [T, k]; no host sync."""

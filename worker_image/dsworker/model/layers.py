@@ -13,6 +13,8 @@ from torch import nn
 
 from dsworker.contract.quant import QuantFormat
 from dsworker.model import quant_weights
+from dsworker.ops.norm import add_rms_norm
+from dsworker.ops.norm import rms_norm as fused_rms_norm
 from dsworker.ops.quant_formats import QuantWeight
 from dsworker.ops.quant_matmul import quant_linear
 from dsworker.parallel.groups import Group
@@ -34,7 +36,11 @@ class RMSNorm(nn.Module):
         self.weight = weight(dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return fused_rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one op: the decoder's residual chaining."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class VocabEmbedding(nn.Module):
