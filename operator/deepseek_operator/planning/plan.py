@@ -27,6 +27,7 @@ from . import names, objects
 from . import status as st
 from .fingerprint import fingerprint
 from .hccl import plan_rank_table
+from .memory import check_memory
 from .node_shards import plan_node_shards
 from .observed import Obj, Observed, annotation, meta, terminating
 from .pinning import plan_pins
@@ -104,6 +105,7 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
 
     model_config, config_error = read_model_config(body)
     warnings = list(parsed.warnings)
+    memory_warning = ""
     if config_error:
         summary = _not_validated(generation, st.INVALID_MODEL_CONFIG, config_error, previous)
         return _finish(previous, summary, observed, [], [], [], [])
@@ -115,6 +117,10 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
             )
             return _finish(previous, summary, observed, [], [], [], [])
         warnings += [w for w in review.warnings if w not in warnings]
+        memory = check_memory(spec, model_config, review.quantization)
+        if memory is not None and memory.error:
+            return _does_not_fit(generation, memory.error, previous, observed)
+        memory_warning = memory.warning if memory is not None else ""
 
     fp = fingerprint(spec, model_config, owner=f"{dep.namespace}/{dep.name}")
     ctx = objects.Context(dep, str(md.get("uid") or ""), fp, generation)
@@ -126,7 +132,20 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
         and previous.observed_generation == generation
         and _reason(previous, WORKERS_READY) in (st.RESTART_BUDGET_EXHAUSTED, st.CONFIG_MISMATCH)
     )
-    return _run(PassState(ctx, observed, previous, warnings, retry, sticky))
+    state = PassState(ctx, observed, previous, warnings, retry, sticky)
+    state.memory_warning = memory_warning
+    return _run(state)
+
+
+def _does_not_fit(generation: int, message: str, previous: Any, observed: Observed) -> Plan:
+    """Validated False (InsufficientMemory): nothing is sharded or started; a Warning Event
+    names the numbers and the fix when the message is new."""
+    summary = _not_validated(generation, st.INSUFFICIENT_MEMORY, message, previous)
+    old = st.condition(previous, VALIDATED)
+    events = []
+    if old is None or old.reason != st.INSUFFICIENT_MEMORY or old.message != message:
+        events.append(EventSpec("Warning", st.INSUFFICIENT_MEMORY, st.truncate(message)))
+    return _finish(previous, summary, observed, [], [], events, [])
 
 
 def _reason(status: DeepSeekDeploymentStatus, kind: str) -> str | None:

@@ -70,6 +70,7 @@ class PassState:
     resize: Obj | None = None
     pins: list[Any] = field(default_factory=list)
     restarts: int = 0  # group restarts spent of the budget
+    memory_warning: str = ""  # the plan fits its devices with little headroom (memory.py)
 
     @property
     def spec(self) -> DeepSeekDeploymentSpec:

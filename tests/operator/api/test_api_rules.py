@@ -154,6 +154,10 @@ RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "1"}]}},
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}},
     ),
+    "accelerator-memory-min": (
+        {"worker": {"accelerator": {"memory": "1Gi"}}},
+        {"worker": {"accelerator": {"memory": "1023Mi"}}},
+    ),
     "model-pvc-path": (
         {"model": {"source": {"pvc": {"claimName": "models", "path": "a/..b/.c/"}}}},
         {"model": {"source": {"pvc": {"claimName": "models", "path": "r1/../../etc"}}}},
