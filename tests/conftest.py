@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cluster"))
 
 from localcluster import LocalCluster, build_binaries  # noqa: E402
+
+from waiting import wait_until  # noqa: E402
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -94,17 +95,7 @@ class KubeCluster:
         what: str, probe: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.2
     ) -> T:
         """Poll probe() until it returns something truthy; fail with the last value seen."""
-        deadline = time.monotonic() + timeout
-        last: T | None = None
-        while True:
-            last = probe()
-            if last:
-                return last
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}"
-                )
-            time.sleep(interval)
+        return wait_until(probe, timeout, what, interval_s=interval)
 
     def close(self) -> None:
         for client in self._clients:

@@ -43,3 +43,26 @@ def wait_until(
                 f"gave up after {waited:.1f} s waiting for {what}; last seen: {last!r}"
             )
         time.sleep(interval_s)
+
+
+def holds_for(
+    predicate: Callable[[], object],
+    duration_s: float,
+    what: str,
+    *,
+    interval_s: float = 0.1,
+) -> None:
+    """Check that predicate() stays truthy for `duration_s` seconds, polled every `interval_s`;
+    an AssertionError naming `what` at the first falsy value.
+
+    For what must *not* happen (a resync that writes nothing, a Job that is never created): a
+    quiet window that fails as soon as it is broken, not a sleep followed by one look."""
+    start = time.monotonic()
+    while True:
+        value = predicate()
+        waited = time.monotonic() - start
+        if not value:
+            raise AssertionError(f"after {waited:.1f} s, no longer {what}; seen: {value!r}")
+        if waited >= duration_s:
+            return
+        time.sleep(min(interval_s, max(0.0, duration_s - waited)))

@@ -290,7 +290,11 @@ class LocalCluster:
         )
 
     def stop(self) -> None:
-        """Kill every process this cluster started (whole process groups), then drop its state."""
+        """Kill every process this cluster started (whole process groups), then drop its state.
+
+        A process still there after SIGKILL keeps its pid in the saved state and is named in a
+        ClusterError: stop() never reports a cluster gone that is not."""
+        survivors = []
         for name in reversed(COMPONENTS):
             pid = self.pids.get(name)
             if pid is None:
@@ -298,9 +302,15 @@ class LocalCluster:
             proc = self._procs.get(name)
             if proc is None and not _is_our_process(pid, self.bin_dir):
                 continue  # already gone, or the pid now belongs to something else
-            _kill_group(pid, proc)
+            if not _kill_group(pid, proc):
+                survivors.append(f"{name} (pid {pid})")
+                continue
             self.pids.pop(name, None)
             self._procs.pop(name, None)
+        if survivors:
+            if self.state_dir is not None and self.state_dir.exists():
+                self._save_state()
+            raise ClusterError(f"still running after SIGKILL: {', '.join(survivors)}")
         if self.state_dir is not None and self.state_dir.exists():
             if self.remove_state_on_stop:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -670,23 +680,34 @@ def _is_our_process(pid: int, bin_dir: Path | None) -> bool:
     return exe.startswith(str(bin_dir) + os.sep)
 
 
-def _kill_group(pid: int, proc: subprocess.Popen[bytes] | None, grace: float = 10.0) -> None:
-    """SIGTERM the process group led by pid, then SIGKILL whatever is left after grace seconds."""
+def _kill_group(
+    pid: int, proc: subprocess.Popen[bytes] | None, grace: float = 10.0, after_kill: float = 5.0
+) -> bool:
+    """SIGTERM the process group led by pid, SIGKILL whatever is left after `grace` seconds
+    (the grace period ends in SIGKILL, not in carrying on); whether pid is gone at the end."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if proc is not None:
-            if proc.poll() is not None:
-                break
-        elif not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
-            break
-        time.sleep(0.05)
+    if _gone_within(pid, proc, grace):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # the rest of its group
+        return True
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
-    if proc is not None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
+    return _gone_within(pid, proc, after_kill)
+
+
+def _gone_within(pid: int, proc: subprocess.Popen[bytes] | None, seconds: float) -> bool:
+    """Poll until pid has exited (reaped, when it is our child), for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc is not None:
+            if proc.poll() is not None:
+                return True
+        elif not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
 
 
 def _is_zombie(pid: int) -> bool:

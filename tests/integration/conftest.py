@@ -11,7 +11,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+
+from waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "deepseekdeployments.llm.dsop.io.yaml"
@@ -85,15 +86,16 @@ class OperatorProcess:
             self.wait_live()
 
     def wait_live(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def live() -> bool:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise AssertionError(f"operator exited {self.proc.returncode}:\n{self.tail()}")
-            if _get(self.liveness_url)[0] == 200:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"operator not live after {timeout}s:\n{self.tail()}")
+                raise AssertionError(f"operator exited {self.proc.returncode}")
+            return _get(self.liveness_url)[0] == 200
+
+        try:
+            wait_until(live, timeout, f"the operator's liveness probe {self.liveness_url}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.tail()}") from None
 
     @property
     def liveness_url(self) -> str:

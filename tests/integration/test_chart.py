@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +27,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from waiting import holds_for, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -123,20 +124,18 @@ def operator_process(args: list[str], kubeconfig: Path, log_path: Path) -> Itera
         "health": f"http://127.0.0.1:{health}/healthz",
         "metrics": f"http://127.0.0.1:{metrics}/metrics",
     }
+
+    def live() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"operator exited {proc.returncode}")
+        with urllib.request.urlopen(urls["health"], timeout=2) as resp:
+            return resp.status == 200
+
     try:
-        deadline = time.monotonic() + OPERATOR_READY_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"operator exited {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(urls["health"], timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"operator not live:\n{log_path.read_text()}")
-            time.sleep(0.3)
+        try:
+            wait_until(live, OPERATOR_READY_TIMEOUT, "the operator's /healthz", retry_on=(OSError,))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log_path.read_text()}") from None
         yield urls
     finally:
         if proc.poll() is None:
@@ -385,9 +384,8 @@ def test_namespace_scope_install_reconciles_only_its_namespaces(
             apply(kube, app, tiny_deployment("kwok-gpu-0"), tmp_path)
             apply(kube, other, tiny_deployment("kwok-gpu-1"), tmp_path)
             wait_phase(kube, app, "tiny", "Ready")
-            time.sleep(2)
-        # Its log, not the object's status: another operator of the session may serve `other`.
-        assert other not in log.read_text()
+            # Its log, not the object's status: another operator of the session may serve `other`.
+            holds_for(lambda: other not in log.read_text(), 2, f"silent about namespace {other}")
         forbidden = [
             line
             for line in forbidden_lines(log)

@@ -20,6 +20,7 @@ from kubernetes import client
 
 from conftest import Dsd, OperatorProcess, _get, bind, bound_claim
 from deepseek_operator.planning import names
+from waiting import holds_for
 
 pytestmark = pytest.mark.integration
 
@@ -263,9 +264,15 @@ def test_lifecycle_to_ready_on_npu_nodes(
     generation = sts.metadata.generation
     dsd.patch_spec("r1", {"worker": {"restartBudget": 4}})  # no child depends on it
     dsd.wait_phase("r1", "Ready")
-    time.sleep(2)
-    assert sts_of(dsd, "r1").metadata.generation == generation
-    assert [p.metadata.uid for p in worker_pods(dsd, "r1")] == [p.metadata.uid for p in pods]
+    uids = [p.metadata.uid for p in pods]
+    holds_for(
+        lambda: (
+            sts_of(dsd, "r1").metadata.generation == generation
+            and [p.metadata.uid for p in worker_pods(dsd, "r1")] == uids
+        ),
+        2,
+        "the same StatefulSet generation and worker pods",
+    )
 
 
 def test_sharding_disabled_starts_the_workers_directly(
@@ -398,8 +405,7 @@ def test_resync_repairs_drift_that_no_event_reports(
     dsd.create(deployment("idle"))
     dsd.wait_phase("idle", "Ready")
     dsd.core.patch_namespaced_service(service, ns, strip)
-    time.sleep(5)
-    assert owner_annotation() is None
+    holds_for(lambda: owner_annotation() is None, 5, "stripped (no resync, events alone)")
 
     operator.stop()
     resyncing = OperatorProcess(env=operator.env, log_dir=operator.log_dir / "resync")
@@ -409,15 +415,16 @@ def test_resync_repairs_drift_that_no_event_reports(
         dsd.wait("the start-up listing repairs it", owner_annotation, timeout=30)
         dsd.wait_phase("idle", "Ready")
         before = {n: _versions(dsd, n) for n in ("quiet", "idle")}
-        started = time.monotonic()
         resyncs = _metric(_get(resyncing.metrics_url)[1], "dsop_resyncs_total")
-        dsd.wait(
-            "four resyncs",
-            lambda: _metric(_get(resyncing.metrics_url)[1], "dsop_resyncs_total") >= resyncs + 4,
-            timeout=30,
-        )
-        time.sleep(max(0.0, started + 4.5 - time.monotonic()))  # two periods of each object
-        assert {n: _versions(dsd, n) for n in ("quiet", "idle")} == before  # nothing written
+
+        def resynced_writing_nothing() -> bool:
+            assert {n: _versions(dsd, n) for n in ("quiet", "idle")} == before, "a resync wrote"
+            return _metric(_get(resyncing.metrics_url)[1], "dsop_resyncs_total") >= resyncs + 6
+
+        # An object's next resync starts only once its last reconcile is done: six started over
+        # the two objects means at least four finished, and none of them wrote anything.
+        dsd.wait("six resyncs, writing nothing", resynced_writing_nothing, timeout=30)
+        assert {n: _versions(dsd, n) for n in ("quiet", "idle")} == before
 
         dsd.core.patch_namespaced_service(service, ns, strip)
         assert dsd.wait("the resync repairs it", owner_annotation, timeout=30) == "quiet"
@@ -576,8 +583,7 @@ def test_model_config_that_does_not_divide_is_refused_before_any_job(
     assert (validated["status"], validated["reason"]) == ("False", "ConfigMismatch")
     assert "spec.parallelism.moeEp" in validated["message"]
     assert "n_routed_experts" in status["message"]
-    time.sleep(1)
-    assert dsd.jobs() == []
+    holds_for(lambda: dsd.jobs() == [], 1, "without a sharding Job")
     # Fixed in the spec: the same object goes on to shard.
     dsd.patch_spec("cfg", {"parallelism": {"moeEp": 2, "moeTp": 2}})
     dsd.wait_phase("cfg", "Ready")
@@ -658,10 +664,15 @@ def test_reshard_rolls_the_workers_only_when_the_new_shards_are_complete(
     ready = dsd.condition("rs", "Ready")
     assert (ready["status"], ready["reason"]) == ("True", "ServingPreviousPlan")
     assert status["readyWorkers"] == "2/2"
-    time.sleep(2)  # the new Job is stuck: the old group must keep running untouched
-    sts = sts_of(dsd, "rs")
-    assert sts.metadata.annotations[names.FINGERPRINT_ANNOTATION] == old_fp
-    assert {p.metadata.uid for p in worker_pods(dsd, "rs")} == old_pods
+    # The new Job is stuck: the old group must keep running untouched.
+    holds_for(
+        lambda: (
+            sts_of(dsd, "rs").metadata.annotations[names.FINGERPRINT_ANNOTATION] == old_fp
+            and {p.metadata.uid for p in worker_pods(dsd, "rs")} == old_pods
+        ),
+        2,
+        "the old plan's StatefulSet and pods",
+    )
 
     summary = {"bytes": 3 * 10**9, "files": 40, "seconds": 12.5, "throughputMBps": 240.0}
     finish_pending_pod(dsd, job_pod(dsd, new_job.metadata.name), 0, json.dumps(summary))
@@ -730,8 +741,12 @@ def test_group_restart_budget_and_retry(running_operator: OperatorProcess, dsd: 
     status = dsd.wait_phase("gr", "Failed")
     assert dsd.condition("gr", "WorkersReady")["reason"] == "RestartBudgetExhausted"
     assert "restart budget" in status["message"]
-    time.sleep(2)
-    assert {p.metadata.uid for p in worker_pods(dsd, "gr")} == {p.metadata.uid for p in pods}
+    uids = {p.metadata.uid for p in pods}
+    holds_for(
+        lambda: {p.metadata.uid for p in worker_pods(dsd, "gr")} == uids,
+        2,
+        "the same pods (no restart past the budget)",
+    )
 
     # A spec change retries: a fresh budget, one group restart, Ready again.
     dsd.patch_spec("gr", {"worker": {"restartBudget": 3}})
@@ -749,9 +764,13 @@ def test_operator_killed_mid_way_resumes_without_duplicates(
     running_operator.kill()
     dsd.create(deployment("crash"))
     running_operator.start()
-    shard_job(dsd, "crash")
+    job = shard_job(dsd, "crash")
     running_operator.kill()  # after the Job, before (or while) the workers come
-    time.sleep(1)
+    # The cluster moves on without it: the restarted operator finds the Job done.
+    dsd.wait(
+        "the sharding Job to complete with no operator running",
+        lambda: dsd.batch.read_namespaced_job(job.metadata.name, dsd.namespace).status.succeeded,
+    )
     running_operator.start()
     dsd.wait_phase("crash", "Ready")
     ns = dsd.namespace
@@ -894,7 +913,19 @@ def test_an_outranked_replica_keeps_its_timers_quiet(operator: OperatorProcess, 
         keepalive({"priority": 100, "lifetime": 120, "lastseen": seen})
         dsd.wait("kopf pauses", lambda: "Pausing operations" in replica.tail(200), timeout=30)
         dsd.wait("a skipped timer", lambda: sample("dsop_paused_timer_skips_total") >= 1)
-        time.sleep(1)  # a reconcile an event started before the pause may still be finishing
+
+        def settled() -> bool:
+            """No reconcile finished across one more skipped timer: one that an event started
+            before the pause may still have been running."""
+            done, skipped = sample(ok), sample("dsop_paused_timer_skips_total")
+            dsd.wait(
+                "one more skipped timer",
+                lambda: sample("dsop_paused_timer_skips_total") > skipped,
+                timeout=30,
+            )
+            return sample(ok) == done
+
+        dsd.wait("reconciles started before the pause to finish", settled, timeout=60)
         before, skips = sample(ok), sample("dsop_paused_timer_skips_total")
         dsd.wait(
             "more skipped timers",

@@ -5,7 +5,6 @@ start and again every period, and that it resumes once the object is there."""
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 from kubernetes import client
 
 from conftest import OperatorProcess
+from waiting import holds_for, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -20,15 +20,22 @@ REPORT_SECONDS = 1
 DEADLINE = 60.0
 
 
+def _log(op: OperatorProcess) -> str:
+    return op.log_file.read_text(errors="replace") if op.log_file.exists() else ""
+
+
 def _wait_for_log(op: OperatorProcess, what: str, ok: Any) -> str:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        text = op.log_file.read_text(errors="replace") if op.log_file.exists() else ""
+    def seen() -> str | None:
+        text = _log(op)
         if ok(text):
             return text
-        assert op.proc is not None and op.proc.poll() is None, f"operator exited:\n{op.tail()}"
-        time.sleep(0.2)
-    raise AssertionError(f"no {what} in the operator's log after {DEADLINE:.0f}s:\n{op.tail()}")
+        assert op.proc is not None and op.proc.poll() is None, "operator exited"
+        return None
+
+    try:
+        return wait_until(seen, DEADLINE, f"{what} in the operator's log", interval_s=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{op.tail()}") from None
 
 
 @pytest.fixture
@@ -65,5 +72,4 @@ def test_a_missing_peering_object_is_reported_until_it_exists(
     )
     text = _wait_for_log(op, "resume report", lambda t: "the peering objects exist" in t)
     reports = text.count(waiting)
-    time.sleep(3 * REPORT_SECONDS)
-    assert op.log_file.read_text(errors="replace").count(waiting) == reports
+    holds_for(lambda: _log(op).count(waiting) == reports, 3 * REPORT_SECONDS, "without reports")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from waiting import wait_until
+from waiting import holds_for, wait_until
 
 
 def test_returns_the_first_truthy_value() -> None:
@@ -33,3 +33,19 @@ def test_retries_only_the_exceptions_it_is_told_to() -> None:
         wait_until(refused, 0.1, "the port", retry_on=(OSError,))
     with pytest.raises(ConnectionRefusedError):  # not retried: fails at once, not after 60 s
         wait_until(refused, 60, "the port")
+
+
+def test_holds_for_watches_the_whole_window() -> None:
+    calls = itertools.count()
+    start = time.monotonic()
+    holds_for(lambda: next(calls) >= 0, 0.2, "true", interval_s=0.01)
+    assert time.monotonic() - start >= 0.2
+    assert next(calls) > 2  # polled through the window, not looked at once
+
+
+def test_holds_for_fails_at_the_first_break_naming_it() -> None:
+    calls = itertools.count()
+    start = time.monotonic()
+    with pytest.raises(AssertionError, match=r"no longer the Job list empty; seen: False"):
+        holds_for(lambda: next(calls) < 3, 60, "the Job list empty", interval_s=0.01)
+    assert time.monotonic() - start < 5  # not after the whole 60 s

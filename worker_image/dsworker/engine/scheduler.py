@@ -67,14 +67,10 @@ class Scheduler:
                 f"less than one sequence of max_seq_len {max_seq_len}"
             )
         self.paging = paging
-        self.pools: list[PagePool] = (
-            [
-                PagePool(paging.pages, paging.page_size, paging.prefix_caching, int(drafts > 0))
-                for _ in range(paging.dp)
-            ]
-            if paging
-            else []
-        )
+        self.pools: list[PagePool] = [
+            PagePool(paging.pages, paging.page_size, paging.prefix_caching, int(drafts > 0))
+            for _ in range(paging.dp if paging else 0)
+        ]
         self.reused_tokens = 0  # prompt tokens whose cache came from earlier sequences
         self.preemptions = 0  # sequences sent back to wait for pages
         self.drafts = drafts
