@@ -297,8 +297,11 @@ def test_sharding_disabled_starts_the_workers_directly(
 def test_a_refused_statefulset_is_reported_then_the_fixed_spec_serves(
     running_operator: OperatorProcess, dsd: Dsd
 ) -> None:
-    """A toleration the API server refuses: ChildRejected in the status and an Event, not a
+    """An env source the API server refuses (valueFrom is passed through as core/v1 EnvVarSource,
+    so admission cannot check its field paths): ChildRejected in the status and an Event, not a
     reconcile retried in silence; the user's env replaces the operator's variable of that name."""
+    master = {"name": "MASTER_ADDR", "value": "10.0.0.9"}
+    bogus = {"name": "WHERE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.bogus"}}}
     dsd.create(
         deployment(
             "refused",
@@ -307,8 +310,7 @@ def test_a_refused_statefulset_is_reported_then_the_fixed_spec_serves(
             worker={
                 "image": "dsworker:test",
                 "accelerator": {"type": "cpu"},
-                "env": [{"name": "MASTER_ADDR", "value": "10.0.0.9"}],
-                "tolerations": [{"key": "k", "operator": "Sometimes"}],
+                "env": [master, bogus],
             },
         )
     )
@@ -316,11 +318,11 @@ def test_a_refused_statefulset_is_reported_then_the_fixed_spec_serves(
     validated = dsd.condition("refused", "Validated")
     assert (validated["status"], validated["reason"]) == ("False", "ChildRejected")
     assert "StatefulSet refused-worker" in validated["message"]
-    assert "tolerations[0].operator" in validated["message"], validated["message"]
-    assert "tolerations[0].operator" in status["message"]
+    assert "valueFrom.fieldRef.fieldPath" in validated["message"], validated["message"]
+    assert "valueFrom.fieldRef.fieldPath" in status["message"]
     dsd.wait("ChildRejected Event", lambda: "ChildRejected" in dsd.event_reasons("refused"))
 
-    dsd.patch_spec("refused", {"worker": {"tolerations": [{"key": "k", "operator": "Exists"}]}})
+    dsd.patch_spec("refused", {"worker": {"env": [master]}})
     dsd.wait_phase("refused", "Ready")
     assert dsd.condition("refused", "Validated")["status"] == "True"
     env = sts_of(dsd, "refused").spec.template.spec.containers[0].env
