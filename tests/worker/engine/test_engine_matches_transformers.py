@@ -7,13 +7,12 @@ spawn runs several plans in turn, since starting processes dominates the runtime
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 from engine_helpers import (
     NEW_TOKENS,
     PROMPTS,
+    FakeAccelerator,
     Outcome,
     Reference,
     dequantized_copy,
@@ -361,43 +361,6 @@ def test_cli_generate(ckpts: dict[str, Path], refs: dict[str, Reference], tmp_pa
 
 
 # -- loader details ------------------------------------------------------------------------------
-
-
-class _FakeStream:
-    def synchronize(self) -> None:
-        pass
-
-
-class _FakeEvent:
-    def record(self, stream: object) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
-class FakeAccelerator:
-    """CPU memory behind the accelerator interface: drives the pinned double-buffer path."""
-
-    kind = "cpu"
-    torch = torch.device("cpu")
-    is_accelerator = True
-
-    def stream(self) -> _FakeStream:
-        return _FakeStream()
-
-    def event(self) -> _FakeEvent:
-        return _FakeEvent()
-
-    def pinned(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    @contextlib.contextmanager
-    def on_stream(self, stream: object) -> Iterator[None]:
-        yield
-
-    def synchronize(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("kind", ["v3", "w8a16", "fp8"])
