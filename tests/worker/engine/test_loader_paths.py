@@ -89,6 +89,20 @@ def test_path_loads_the_same_bytes(
         assert stats.direct_bytes == 0 and stats.staged_bytes >= stats.bytes
 
 
+@pytest.mark.parametrize("fmt", ["bf16", "w8a16"])
+def test_cpu_threads_load_the_same_bytes(
+    fmt: str, checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU the ring's threads copy straight into the targets, block by block."""
+    from dsworker.engine import host_to_device
+
+    want, _ = _load(checkpoints[f"{fmt}-unsharded"], Device.create("cpu"), CopyOptions())
+    monkeypatch.setattr(host_to_device, "RING_BUFFER_BYTES", 4096)
+    got, _ = _load(checkpoints[f"{fmt}-unsharded"], Device.create("cpu"), CopyOptions(3))
+    for name, a in want.items():
+        assert torch.equal(a.view(torch.uint8), got[name].view(torch.uint8)), name
+
+
 def test_quantised_layouts_fill_8bit_slots(checkpoints: dict[str, Path]) -> None:
     """The 8-bit checkpoints above really exercise _fill_quant: the model holds 8-bit slots."""
     for fmt in ("fp8", "w8a8", "w8a16"):

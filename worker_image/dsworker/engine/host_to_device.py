@@ -8,14 +8,15 @@
 - direct: the mapped file pages are registered with the driver (read-only) and copied from
   where they lie, with no host memcpy; what it cannot take (strided slices, misaligned tensors,
   a file the driver refused) goes staged.
-Without a stream (CPU) tensors stay where they are.
+Without a stream (CPU) tensors are used where they lie, or copied into their targets (by the
+ring's threads, with N threads).
 """
 
 from __future__ import annotations
 
 import os
 import queue
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,9 @@ class CopyOptions:
         try:
             threads = int(raw_threads) if raw_threads else DEFAULT_THREADS
         except ValueError:
-            raise ValueError(f"{ENV_THREADS}={raw_threads!r}: not an integer; use 1 to 64") from None
+            raise ValueError(
+                f"{ENV_THREADS}={raw_threads!r}: not an integer; use 1 to 64"
+            ) from None
         if raw_direct not in ("", "0", "1", "true", "false"):
             raise ValueError(f"{ENV_DIRECT}={raw_direct!r}: use 0 or 1")
         direct = raw_direct in ("1", "true") if raw_direct else DEFAULT_DIRECT
@@ -94,7 +97,7 @@ class HostToDevice:
         self.device = device
         self.options = options or CopyOptions()
         self.stream = device.stream()
-        threads = self.options.threads if self.stream is not None else 1
+        threads = self.options.threads
         size = buffer_bytes or (RING_BUFFER_BYTES if threads > 1 else BUFFER_BYTES)
         self.cap = size
         self.bufs = [device.pinned(size) for _ in range(max(2, threads))] if self.stream else []
@@ -135,8 +138,11 @@ class HostToDevice:
         A returned tensor's copies are queued on `stream` when this returns (follow-up ops on
         that stream see the bytes); copies into `out` may still be in the workers' hands until
         `finish`."""
-        if self.stream is None:
-            return src if out is None else out.copy_(src)
+        if self.stream is None:  # CPU: nothing to stage; the ring's threads copy into `out`
+            if out is None or self.pool is None:
+                return src if out is None else out.copy_(src)
+            self._submit(self._plain_copy, src, out, wait=False)
+            return out
         with self.device.on_stream(self.stream):  # allocations belong to the copy stream
             dst = (
                 out
@@ -153,15 +159,26 @@ class HostToDevice:
             for host, dev in blocks(src, dst, self.cap):
                 self._stage(host, dev, self._next_buffer())
             return dst
-        futures = [self.pool.submit(self._ring_stage, h, d) for h, d in blocks(src, dst, self.cap)]
-        if out is None:
+        self._submit(self._ring_stage, src, dst, wait=out is None)
+        return dst
+
+    def _submit(
+        self,
+        work: Callable[[torch.Tensor, torch.Tensor], None],
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        wait: bool,
+    ) -> None:
+        """Hand src -> dst to the workers block by block; `wait`: until each block is queued."""
+        assert self.pool is not None
+        futures = [self.pool.submit(work, h, d) for h, d in blocks(src, dst, self.cap)]
+        if wait:
             for f in futures:
                 f.result()
-        else:
-            self.pending += futures
-            if len(self.pending) > 4096:
-                self.pending = [f for f in self.pending if not f.done() or f.exception()]
-        return dst
+            return
+        self.pending += futures
+        if len(self.pending) > 4096:
+            self.pending = [f for f in self.pending if not f.done() or f.exception()]
 
     def _next_buffer(self) -> int:
         """The two-buffer path: the next buffer in turn."""
@@ -180,6 +197,10 @@ class HostToDevice:
             dev.copy_(buf, non_blocking=True)
             self.events[i] = self.device.event()
             self.events[i].record(self.stream)
+
+    @staticmethod
+    def _plain_copy(host: torch.Tensor, dev: torch.Tensor) -> None:
+        dev.copy_(host)
 
     def _ring_stage(self, host: torch.Tensor, dev: torch.Tensor) -> None:
         """A worker thread: take a free buffer of the ring, stage through it, hand it back."""
