@@ -431,12 +431,13 @@ def test_grouped_matmul_equals_expert_loop() -> None:
     torch.testing.assert_close(ex(x, eid, grouped=True), ex(x, eid, grouped=False))
 
 
-def test_attention_in_query_blocks_matches_transformers(
+def test_attention_in_head_blocks_matches_transformers(
     ckpts: dict[str, Path], refs: dict[str, Reference], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A long prefill attends in blocks of query rows (bounded scores); here blocks of 1 row."""
+    """A long prefill expands keys and values a block of heads at a time (bounded memory);
+    here blocks of 1 head."""
     from dsworker.model import attention
 
-    monkeypatch.setattr(attention, "SCORE_BYTES", 1)
-    assert attention.query_rows_per_chunk(3, 16, 11) == 1
-    assert_matches(run_local(job(ckpts["v3"], P1)), refs["v3"], "query blocks")
+    monkeypatch.setattr(attention, "EXPAND_BYTES", 1)
+    assert attention.heads_per_block(16, 11, 24, 4) == 1
+    assert_matches(run_local(job(ckpts["v3"], P1)), refs["v3"], "head blocks")
