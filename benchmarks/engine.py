@@ -13,6 +13,7 @@ and a ratio line per figure (dsworker / transformers). The engine runs through t
   python benchmarks/engine.py --no-graphs            # eager decode steps, for the graphs' share
   python benchmarks/engine.py --mtp --skip load hf     # speculative decoding with the MTP layer
   python benchmarks/engine.py --format fp8             # 8-bit weights kept 8-bit, beside BF16
+  python benchmarks/engine.py --skip prefill decode hf --loader-threads 4 [--loader-direct]
 
 With --format fp8|w8a8|w8a16 the checkpoint is synthesized in that format and served with its
 weights 8-bit on the device; a BF16 twin of the same config is served too, and `memory` lines give
@@ -43,6 +44,7 @@ from dsworker.contract.engine_config import EngineConfig
 from dsworker.contract.kv_budget import pages_for
 from dsworker.contract.layout import ParallelPlan
 from dsworker.engine.control import LocalChannel
+from dsworker.engine.host_to_device import DEFAULT_THREADS, CopyOptions
 from dsworker.engine.kv_pages import Paging
 from dsworker.engine.loader import load_weights
 from dsworker.engine.loop import EngineLoop
@@ -108,7 +110,9 @@ def bf16_twin(args: argparse.Namespace, work: Path, full: Path) -> tuple[Path, P
 # -- load -----------------------------------------------------------------------------------------
 
 
-def bench_load(full: Path, sharded: Path, dev: Device, cfg: EngineConfig) -> None:
+def bench_load(
+    full: Path, sharded: Path, dev: Device, cfg: EngineConfig, copy: CopyOptions
+) -> None:
     from safetensors.torch import load_file
 
     from dsworker.model import DeepseekModel, ModelArgs
@@ -141,11 +145,13 @@ def bench_load(full: Path, sharded: Path, dev: Device, cfg: EngineConfig) -> Non
         DTYPES[cfg.dtype],
         dev.torch,
     )
-    stats = load_weights(model.targets(), sharded, plan, 0, dev, mtp=cfg.mtp)
+    stats = load_weights(model.targets(), sharded, plan, 0, dev, mtp=cfg.mtp, copy=copy)
     sync(dev.torch)
     emit(
         bench="load",
         path="dsworker.engine.loader (sharded)",
+        copy=stats.copy,
+        direct_bytes=stats.direct_bytes,
         bytes=stats.bytes,
         seconds=round(stats.seconds, 4),
         gbps=round(stats.gbps, 3),
@@ -303,6 +309,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         choices=["bf16", "fp8", "w8a8", "w8a16"],
         help="checkpoint format (8-bit ones stay 8-bit on the device; a BF16 twin runs beside)",
     )
+    p.add_argument(
+        "--loader-threads", type=int, default=DEFAULT_THREADS, help="host threads filling buffers"
+    )
+    p.add_argument(
+        "--loader-direct",
+        action="store_true",
+        help="register the mapped files with the driver and copy from them directly",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "prefill", "decode", "hf"])
     return p.parse_args(argv)
 
@@ -344,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
             format=args.format,
         )
         if "load" not in args.skip:
-            bench_load(full, sharded, dev, cfg)
+            bench_load(
+                full, sharded, dev, cfg, CopyOptions(args.loader_threads, args.loader_direct)
+            )
         vocab = json.loads((full / "config.json").read_text())["vocab_size"]
         gen = torch.Generator().manual_seed(0)
         prefill_ids = torch.randint(0, vocab, (1, args.prefill_tokens), generator=gen)

@@ -342,3 +342,58 @@ def hf_penalized_greedy(
         logits -= frequency * counts + presence * (counts > 0)
         out.append(int(logits.argmax()))
     return out
+
+
+# -- an accelerator made of CPU memory ------------------------------------------------------------
+
+
+class _FakeStream:
+    def synchronize(self) -> None:
+        pass
+
+
+class _FakeEvent:
+    def record(self, stream: object) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeAccelerator:
+    """CPU memory behind the accelerator interface: drives the loader's pinned-buffer paths
+    (two buffers, the threaded ring) and, with `registers`, its direct path, on CPU."""
+
+    kind = "cpu"
+    torch = torch.device("cpu")
+    is_accelerator = True
+
+    def __init__(self, registers: bool = False) -> None:
+        self.registers = registers
+        self.buffers = 0  # pinned buffers handed out
+        self.registered: list[int] = []  # data_ptr of each mapping registered, until unregistered
+
+    def stream(self) -> _FakeStream:
+        return _FakeStream()
+
+    def event(self) -> _FakeEvent:
+        return _FakeEvent()
+
+    def pinned(self, nbytes: int) -> torch.Tensor:
+        self.buffers += 1
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def register_host(self, t: torch.Tensor) -> bool:
+        if self.registers:
+            self.registered.append(t.data_ptr())
+        return self.registers
+
+    def unregister_host(self, t: torch.Tensor) -> None:
+        self.registered.remove(t.data_ptr())
+
+    @contextlib.contextmanager
+    def on_stream(self, stream: object) -> Iterator[None]:
+        yield
+
+    def synchronize(self) -> None:
+        pass

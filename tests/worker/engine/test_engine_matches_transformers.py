@@ -7,13 +7,12 @@ spawn runs several plans in turn, since starting processes dominates the runtime
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch
 from engine_helpers import (
     NEW_TOKENS,
     PROMPTS,
+    FakeAccelerator,
     Outcome,
     Reference,
     dequantized_copy,
@@ -363,43 +363,6 @@ def test_cli_generate(ckpts: dict[str, Path], refs: dict[str, Reference], tmp_pa
 # -- loader details ------------------------------------------------------------------------------
 
 
-class _FakeStream:
-    def synchronize(self) -> None:
-        pass
-
-
-class _FakeEvent:
-    def record(self, stream: object) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
-class FakeAccelerator:
-    """CPU memory behind the accelerator interface: drives the pinned double-buffer path."""
-
-    kind = "cpu"
-    torch = torch.device("cpu")
-    is_accelerator = True
-
-    def stream(self) -> _FakeStream:
-        return _FakeStream()
-
-    def event(self) -> _FakeEvent:
-        return _FakeEvent()
-
-    def pinned(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8)
-
-    @contextlib.contextmanager
-    def on_stream(self, stream: object) -> Iterator[None]:
-        yield
-
-    def synchronize(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("kind", ["v3", "w8a16", "fp8"])
 def test_pinned_buffer_path_loads_the_same(
     kind: str, ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
@@ -468,12 +431,13 @@ def test_grouped_matmul_equals_expert_loop() -> None:
     torch.testing.assert_close(ex(x, eid, grouped=True), ex(x, eid, grouped=False))
 
 
-def test_attention_in_query_blocks_matches_transformers(
+def test_attention_in_head_blocks_matches_transformers(
     ckpts: dict[str, Path], refs: dict[str, Reference], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A long prefill attends in blocks of query rows (bounded scores); here blocks of 1 row."""
+    """A long prefill expands keys and values a block of heads at a time (bounded memory);
+    here blocks of 1 head."""
     from dsworker.model import attention
 
-    monkeypatch.setattr(attention, "SCORE_BYTES", 1)
-    assert attention.query_rows_per_chunk(3, 16, 11) == 1
-    assert_matches(run_local(job(ckpts["v3"], P1)), refs["v3"], "query blocks")
+    monkeypatch.setattr(attention, "EXPAND_BYTES", 1)
+    assert attention.heads_per_block(16, 11, 24, 4) == 1
+    assert_matches(run_local(job(ckpts["v3"], P1)), refs["v3"], "head blocks")

@@ -690,3 +690,22 @@ def test_kv_usage_counts_held_pages_not_idle_prefix_pages() -> None:
     slots.add(Sequence(0, [1, 2], 2))
     run_step(slots)
     assert slots.kv_usage == 0.25
+
+
+def test_a_step_mixes_drafted_decodes_with_a_prompt_chunk() -> None:
+    """Decodes with their MTP drafts go first; the rest of the budget is one prompt's chunk."""
+    s = Scheduler(max_batch_size=4, max_seq_len=128, max_step_tokens=12, drafts=1)
+    s.add(seq(0, 2, max_tokens=50))
+    s.add(seq(1, 3, max_tokens=50))
+    run_step(s)  # both prompts in one step; both decode from now on
+    s.set_drafts({0: (5,), 1: (6,)})
+    s.add(seq(2, 30))
+    step = s.schedule()
+    assert step is not None
+    decodes, chunk = step.items[:2], step.items[2]
+    assert [(it.seq_id, it.tokens, it.drafts, it.sample) for it in decodes] == [
+        (0, (7, 5), 1, True),
+        (1, (7, 6), 1, True),
+    ]
+    assert (chunk.seq_id, chunk.start, len(chunk.tokens), chunk.sample) == (2, 0, 8, False)
+    assert step.num_tokens == 12

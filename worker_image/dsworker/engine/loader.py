@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dsworker.contract.layout import ParallelPlan, split_name
-from dsworker.engine.host_to_device import HostToDevice
+from dsworker.engine.host_to_device import CopyOptions, HostToDevice
 from dsworker.engine.weight_files import (
     LoadError,
     WeightFiles,
@@ -40,7 +40,10 @@ class LoadStats:
     """What one rank read: bytes moved to the device, tensors, files, wall time."""
 
     source: str = ""
+    copy: str = ""  # CopyOptions.label
     bytes: int = 0
+    direct_bytes: int = 0  # copied straight from registered mappings (scales included)
+    staged_bytes: int = 0  # copied through pinned buffers (scales included)
     tensors: int = 0
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
@@ -52,7 +55,7 @@ class LoadStats:
     def __str__(self) -> str:
         return (
             f"loaded {self.tensors} tensors, {self.bytes / 1e6:.1f} MB from {len(self.files)} "
-            f"{self.source} files in {self.seconds:.2f}s ({self.gbps:.2f} GB/s)"
+            f"{self.source} files in {self.seconds:.2f}s ({self.gbps:.2f} GB/s, {self.copy})"
         )
 
 
@@ -81,16 +84,20 @@ def load_weights(
     *,
     mtp: bool = False,
     fp8_block: tuple[int, int] | None = None,
+    copy: CopyOptions | None = None,
 ) -> LoadStats:
     """Fill `targets` (checkpoint name -> local tensor, e.g. DeepseekModel.targets()).
+
+    `copy`: how the host side feeds the device (threads, direct); default from the environment
+    (DSWORKER_LOADER_THREADS, DSWORKER_LOADER_DIRECT).
 
     Raises LoadError naming what is wrong (incomplete layout, other plan, missing tensors).
     """
     root = Path(model_dir)
     t0 = time.perf_counter()
-    files = WeightFiles()
-    stats = LoadStats()
-    copier = HostToDevice(device)
+    copier = HostToDevice(device, options=copy or CopyOptions.from_env())
+    files = WeightFiles(copier.register if copier.direct else None)
+    stats = LoadStats(copy=copier.options.label)
     filled: set[str] = set()
     try:
         if is_sharded(root):
@@ -114,7 +121,9 @@ def load_weights(
             if str(item.path) not in stats.files:
                 stats.files.append(str(item.path))
         copier.finish()
+        stats.direct_bytes, stats.staged_bytes = copier.direct_bytes, copier.staged_bytes
     finally:
+        copier.close()  # workers stopped and mappings unregistered before they are unmapped
         files.close()
     _check_complete(root, rank, set(targets) - filled)
     stats.seconds = time.perf_counter() - t0

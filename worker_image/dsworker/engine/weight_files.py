@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,11 +78,16 @@ class WeightItem:
 
 
 class WeightFiles:
-    """Open safetensors files: validated header plus a private read-only-in-practice mmap."""
+    """Open safetensors files: validated header plus a private read-only-in-practice mmap.
 
-    def __init__(self) -> None:
+    With `register` (direct copies) each file is mapped shared and read-only instead, and the
+    whole mapping is offered to `register` (the driver page-locks it in place: a private mapping
+    would be copied page by page when locked)."""
+
+    def __init__(self, register: Callable[[torch.Tensor], bool] | None = None) -> None:
         self.readers: dict[Path, SafetensorsReader] = {}
         self.maps: dict[Path, tuple[mmap.mmap, torch.Tensor]] = {}
+        self.register = register
 
     def header(self, path: Path) -> dict[str, TensorInfo]:
         if path not in self.readers:
@@ -91,9 +97,7 @@ class WeightFiles:
     def tensor(self, item: WeightItem) -> torch.Tensor:
         """A CPU view of the tensor's bytes in the mapping (copied only when misaligned)."""
         if item.path not in self.maps:
-            r = self.readers[item.path]
-            mm = mmap.mmap(r.fd, 0, access=mmap.ACCESS_COPY)  # writable view: torch wants one
-            self.maps[item.path] = (mm, torch.frombuffer(mm, dtype=torch.uint8))
+            self.maps[item.path] = self._map(self.readers[item.path])
         t = item.info
         raw = self.maps[item.path][1][t.begin : t.end]
         dtype = TORCH_DTYPES[t.dtype]
@@ -101,6 +105,17 @@ class WeightFiles:
         if t.begin % itemsize:
             raw = raw.clone()
         return raw.view(dtype).view(t.shape)
+
+    def _map(self, r: SafetensorsReader) -> tuple[mmap.mmap, torch.Tensor]:
+        if self.register is None:
+            mm = mmap.mmap(r.fd, 0, access=mmap.ACCESS_COPY)  # writable view: torch wants one
+            return mm, torch.frombuffer(mm, dtype=torch.uint8)
+        mm = mmap.mmap(r.fd, 0, access=mmap.ACCESS_READ)
+        with warnings.catch_warnings():  # read-only: the loader only ever reads the bytes
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            whole = torch.frombuffer(mm, dtype=torch.uint8)
+        self.register(whole)
+        return mm, whole
 
     def close(self) -> None:
         for mm, _ in self.maps.values():

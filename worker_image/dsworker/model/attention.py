@@ -1,21 +1,25 @@
-"""Multi-head latent attention (MLA) in the absorbed form, heads split over the tp group.
+"""Multi-head latent attention (MLA), heads split over the tp group.
 
-Decode steps (few tokens per sequence) attend per token row in one fused op over the paged
-cache (`dsworker::mla_decode`, query rope inside); longer steps pad queries per sequence. Either
-way the cache write (latent norm, key rope, paged store) is one op (`dsworker::mla_cache_store`).
-The cache holds only the normalised latent c and the shared rope key, so decode reads 576 values
-per token per layer (V3). Scores are q_nope·(W_UK c) + q_pe·k_pe computed as (W_UK^T q_nope)·c,
-and the output W_UV (sum p c): the same numbers as expanding k/v per head, without materialising
-them. q_a_proj and kv_a_proj_with_mqa are replicated; q_b/q_proj and kv_b split by whole heads
-(column-parallel), o_proj row-parallel with an all-reduce over tp.
+Decode steps (few tokens per sequence) attend per token row in the absorbed form, in one fused
+op over the paged cache (`dsworker::mla_decode`, query rope inside): scores q_nope·(W_UK c) +
+q_pe·k_pe computed as (W_UK^T q_nope)·c, output W_UV (sum p c), so decode reads only the 576
+cached values per token per layer (V3). Prompt chunks instead expand keys [W_UK c; k_pe] and
+values W_UV c per head and run torch's scaled_dot_product_attention (flash on CUDA, bf16), causal
+aligned to the end of the sequence's keys (a prefix-cache hit or an earlier chunk before it):
+fewer FLOPs per query-key pair than the absorbed form when queries are many. A mixed step does
+both, each for its own items. The cache write (latent norm, key rope, paged store) is one op
+(`dsworker::mla_cache_store`). q_a_proj and kv_a_proj_with_mqa are replicated; q_b/q_proj and
+kv_b split by whole heads (column-parallel), o_proj row-parallel with an all-reduce over tp.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
-from dsworker.model.batch import Batch, LayerKV
+from dsworker.model.batch import DECODE_MAX_Q, Batch, LayerKV
 from dsworker.model.config import ModelArgs
 from dsworker.model.layers import Linear, RMSNorm
 from dsworker.model.rope import Rope
@@ -23,12 +27,12 @@ from dsworker.ops.mla_cache import mla_cache_store
 from dsworker.ops.mla_decode import mla_decode
 from dsworker.parallel.groups import Group
 
-SCORE_BYTES = 256 << 20  # fp32 attention scores one block of query rows may hold
+EXPAND_BYTES = 512 << 20  # per-head keys and values one prefill block may expand
 
 
-def query_rows_per_chunk(seqs: int, heads: int, keys: int) -> int:
-    """Query rows per attention block so [seqs, heads, rows, keys] fp32 stays in SCORE_BYTES."""
-    return max(1, SCORE_BYTES // (4 * seqs * heads * max(1, keys)))
+def heads_per_block(heads: int, keys: int, width: int, elem: int) -> int:
+    """Heads whose expanded keys and values ([heads, keys, width] each) fit EXPAND_BYTES."""
+    return max(1, min(heads, EXPAND_BYTES // max(1, 2 * keys * width * elem)))
 
 
 class MLA(nn.Module):
@@ -84,41 +88,92 @@ class MLA(nn.Module):
             rope.interleave,
         )
         w = self.kv_b_proj.weight.view(self.heads, self.dn + self.dv, self.rank)
-        q_lat = torch.einsum("thd,hdc->thc", q_nope, w[:, : self.dn])
-        if cache.row_pages is not None and cache.lengths is not None:  # a decode step
-            ctx = mla_decode(q_lat, q_pe, cache.kv, cache.pe, cache.row_pages, cache.lengths,
-                             rope.softmax_scale, cos, sin, rope.interleave)  # fmt: skip
+        if cache.row_pages is not None and cache.lengths is not None and cache.rows is None:
+            out = self._absorbed(q_nope, q_pe, w, cache, cache.row_pages, cache.lengths, cos_sin,
+                                 rope)  # fmt: skip
         else:
-            ctx = self._prefill(q_lat, rope.apply(q_pe, cos, sin), batch, cache, rope.softmax_scale)
-        out = torch.einsum("thc,hdc->thd", ctx, w[:, self.dn :]).reshape(t, self.heads * self.dv)
-        return self.tp.all_reduce(self.o_proj(out))
+            out = self._prefill(q_nope, q_pe, w, batch, cache, cos_sin, rope)
+        return self.tp.all_reduce(self.o_proj(out.reshape(t, self.heads * self.dv)))
+
+    def _absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        w: torch.Tensor,
+        cache: LayerKV,
+        row_pages: torch.Tensor,
+        lengths: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope: Rope,
+    ) -> torch.Tensor:
+        """Rows with few new tokens: each attends over its own pages in latent space, in one op
+        (W_UK folded into the query, W_UV applied after) -> [rows, H, dv]."""
+        q_lat = torch.einsum("thd,hdc->thc", q_nope, w[:, : self.dn])
+        cos, sin = cos_sin
+        ctx = mla_decode(q_lat, q_pe, cache.kv, cache.pe, row_pages, lengths, rope.softmax_scale,
+                         cos, sin, rope.interleave)  # fmt: skip
+        return torch.einsum("thc,hdc->thd", ctx, w[:, self.dn :])
 
     def _prefill(
-        self, q_lat: torch.Tensor, q_pe: torch.Tensor, batch: Batch, cache: LayerKV, scale: float
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        w: torch.Tensor,
+        batch: Batch,
+        cache: LayerKV,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        rope: Rope,
     ) -> torch.Tensor:
-        """Queries padded per sequence [B, max_q], attended in blocks of rows -> ctx [T, H, rank]."""
+        """A step with prompt chunks -> [T, H, dv]: each long item through SDPA (flash where the
+        device has it) over its keys and values expanded per head; the short items of a mixed
+        step (decodes beside a prompt chunk) through the absorbed decode op."""
+        out = q_nope.new_empty(q_nope.shape[0], self.heads, self.dv)
+        if cache.rows is not None and cache.row_pages is not None and cache.lengths is not None:
+            cos, sin = cos_sin
+            rows = cache.rows
+            short = self._absorbed(q_nope[rows], q_pe[rows], w, cache, cache.row_pages,
+                                   cache.lengths, (cos[rows], sin[rows]), rope)  # fmt: skip
+            out[rows] = short
         keys, keys_pe = cache.keys()  # [B, K, rank], [B, K, dr]
-        b, lq = batch.num_seqs, batch.max_q
-        qa = q_lat.new_zeros(b, lq, self.heads, self.rank)
-        qp = q_pe.new_zeros(b, lq, self.heads, self.dr)
-        qa[batch.seq, batch.row] = q_lat
-        qp[batch.seq, batch.row] = q_pe
-        k_pos = torch.arange(batch.max_k, device=q_lat.device)
-        visible = k_pos[None, None, :] <= batch.q_pos[:, :, None]  # causal, per sequence
-        rows = query_rows_per_chunk(b, self.heads, batch.max_k)
-        blocks = [  # a long prefill: bound the fp32 scores, one block of query rows at a time
-            self._attend(
-                qa[:, i : i + rows],
-                qp[:, i : i + rows],
-                keys,
-                keys_pe,
-                visible[:, i : i + rows],
-                scale,
-            )  # fmt: skip
-            for i in range(0, lq, rows)
-        ]
-        ctx = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
-        return ctx[batch.seq, batch.row]  # [T, H, rank]
+        q_pe = rope.apply(q_pe, *cos_sin)
+        at = 0
+        for b, (start, n) in enumerate(batch.spans):
+            if n > DECODE_MAX_Q or cache.rows is None:
+                span = slice(at, at + n)
+                out[span] = self._sdpa(q_nope[span], q_pe[span], keys[b, : start + n],
+                                       keys_pe[b, : start + n], w, rope.softmax_scale)  # fmt: skip
+            at += n
+        return out
+
+    def _sdpa(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c: torch.Tensor,
+        k_pe: torch.Tensor,
+        w: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """One sequence's n new rows over its K keys (the last n are the rows themselves),
+        causal aligned to the end -> [n, H, dv]. Keys k = [W_UK c; k_pe] and values W_UV c are
+        expanded per head, a block of heads at a time (bounded memory); values are zero-padded
+        to the key width, which flash kernels need."""
+        n, k_len = q_nope.shape[0], c.shape[0]
+        width = self.dn + self.dr
+        mask = None if n == 1 or n == k_len else causal_lower_right(n, k_len)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(0, 1)  # [H, n, width]
+        out = []
+        step = heads_per_block(self.heads, k_len, width, c.element_size())
+        for h in range(0, self.heads, step):
+            wb = w[h : h + step]
+            k_nope = torch.einsum("kc,hdc->hkd", c, wb[:, : self.dn])
+            k = torch.cat((k_nope, k_pe.expand(wb.shape[0], -1, -1)), dim=-1)
+            v = F.pad(torch.einsum("kc,hdc->hkd", c, wb[:, self.dn :]), (0, width - self.dv))
+            o = F.scaled_dot_product_attention(q[None, h : h + step], k[None], v[None],
+                                               attn_mask=mask, is_causal=n == k_len > 1,
+                                               scale=scale)  # fmt: skip
+            out.append(o[0, ..., : self.dv])
+        return torch.cat(out).transpose(0, 1) if len(out) > 1 else out[0].transpose(0, 1)
 
     @staticmethod
     def _attend(

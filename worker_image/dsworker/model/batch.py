@@ -34,6 +34,10 @@ class Batch:
     max_k: int  # keys to read per sequence: max position + 1
     max_slot: int = -1
     fixed_shape: bool = False  # padded to a bucket: no host syncs, no data-dependent shapes
+    spans: tuple[tuple[int, int], ...] = ()  # (start, new tokens) per sequence, host side
+    # A mixed step (a prompt chunk beside decodes): flat rows of the items of at most
+    # DECODE_MAX_Q tokens, which attend through the decode op while the chunk takes SDPA.
+    short_rows: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -89,7 +93,13 @@ class Batch:
         ]
         dev = [x.to(device, non_blocking=True) for x in host]
         max_slot = max((s for s, _, _ in seqs), default=-1)
-        return cls(*dev, max_q=max_q, max_k=max_k, max_slot=max_slot)
+        spans = tuple((start, len(toks)) for _, start, toks in seqs)
+        short = [i for i, b in enumerate(seq) if spans[b][1] <= DECODE_MAX_Q]
+        short_rows = (
+            t(short).to(device, non_blocking=True) if short and max_q > DECODE_MAX_Q else None
+        )
+        return cls(*dev, max_q=max_q, max_k=max_k, max_slot=max_slot, spans=spans,
+                   short_rows=short_rows)  # fmt: skip
 
     @classmethod
     def decode(
@@ -135,6 +145,7 @@ class LayerKV:
     max_k: int
     row_pages: torch.Tensor | None = None  # decode steps: [T, n] each token row's pages
     lengths: torch.Tensor | None = None  # decode steps: [T] keys each row sees (position + 1)
+    rows: torch.Tensor | None = None  # mixed steps: the rows row_pages/lengths are for
 
     def keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sequence's first max_k latents and rope keys: [B, max_k, .] each."""
@@ -208,6 +219,11 @@ class KVCache:
         pages = self.table[batch.token_slots, batch.positions // p]
         write = pages * p + batch.positions % p
         read = self.table[batch.slots, : -(-batch.max_k // p)]
+        if batch.short_rows is not None and not batch.is_decode:  # a mixed step
+            short = batch.short_rows
+            rows, lengths = read[batch.seq[short]], batch.positions[short] + 1
+            return lambda i: LayerKV(self.kv[i], self.pe[i], i, self.kv, self.pe, write, read,
+                                     batch.max_k, rows, lengths, short)  # fmt: skip
         if not batch.is_decode:
             return lambda i: LayerKV(self.kv[i], self.pe[i], i, self.kv, self.pe, write, read,
                                      batch.max_k)  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ import torch
 KINDS = ("cpu", "cuda", "npu")
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 HOST_BACKEND = BACKENDS["cpu"]  # host-side control messages travel over gloo on every device
+# cudaHostRegisterPortable | cudaHostRegisterReadOnly: the mapping is read-only (never copied)
+HOST_REGISTER_FLAGS = 0x01 | 0x08
 
 
 class DeviceError(RuntimeError):
@@ -100,6 +103,32 @@ class Device:
     def pinned(self, nbytes: int) -> torch.Tensor:
         """Page-locked host bytes (async host->device copies need them); plain memory on cpu."""
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.is_accelerator)
+
+    def register_host(self, t: torch.Tensor) -> bool:
+        """Page-lock existing host memory (mapped weight files, read-only) so copies go straight
+        from it; False where the driver cannot (cpu, npu, no read-only registration here).
+
+        Registered from a helper thread: a refused call sets that thread's CUDA last-error, which
+        the next kernel launch check of this thread would otherwise report as its own failure.
+        """
+        if self.kind != "cuda" or t.numel() == 0:
+            return False
+        ok = [False]
+
+        def attempt() -> None:
+            err = torch.cuda.cudart().cudaHostRegister(
+                t.data_ptr(), t.numel() * t.element_size(), HOST_REGISTER_FLAGS
+            )
+            ok[0] = int(err) == 0
+
+        th = threading.Thread(target=attempt, name="dsworker-host-register")
+        th.start()
+        th.join()
+        return ok[0]
+
+    def unregister_host(self, t: torch.Tensor) -> None:
+        if self.kind == "cuda":
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
     def stream(self) -> Any:
         """A side stream for copies (None on cpu, where copies are synchronous)."""
