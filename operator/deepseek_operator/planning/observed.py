@@ -39,6 +39,10 @@ class Observed:
     # message): a 4xx for something in the spec it passes through (resources, env, tolerations,
     # affinity) or an admission policy. The planner reports them; nothing retries faster.
     rejected: dict[str, str] = field(default_factory=dict)
+    # Children the API server failed to store for another reason (a 500 from server-side apply
+    # of a child it cannot merge, a timeout, 503): reported like a refusal, and the reconcile is
+    # retried with a growing delay (the cause may pass).
+    apply_failed: dict[str, str] = field(default_factory=dict)
     # Objects that already exist under a child's name and are not this deployment's ("Service
     # r1" -> whose it is): never applied over, adopted or deleted (see ownership.py).
     foreign: dict[str, str] = field(default_factory=dict)

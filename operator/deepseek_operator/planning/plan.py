@@ -173,9 +173,9 @@ def _run(state: PassState) -> Plan:
     if workers.bad_input:
         validated_cond = Cond(VALIDATED, "False", st.CONFIG_MISMATCH, workers.message)
     phase, message = _phase(state, shards, workers, serving_previous)
-    refused = rejected(state)
+    refused_reason, refused = rejected(state)
     if refused:
-        validated_cond = Cond(VALIDATED, "False", st.CHILD_REJECTED, refused)
+        validated_cond = Cond(VALIDATED, "False", refused_reason, refused)
         phase, message = "Failed", refused
     not_ours = foreign(state)
     if not_ours:

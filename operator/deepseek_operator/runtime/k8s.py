@@ -77,6 +77,14 @@ def refusal_message(exc: ApiException) -> str:
     return str(message or f"{exc.status} {exc.reason}")
 
 
+def failure_message(exc: BaseException) -> str:
+    """What went wrong storing a child, for the status: the API server's HTTP status and
+    message, or the client's error (a timeout, a connection refused)."""
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}: {refusal_message(exc)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _owned_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
     refs = (obj.get("metadata") or {}).get("ownerReferences") or ()
     return any(r.get("controller") and r.get("uid") == owner_uid for r in refs)

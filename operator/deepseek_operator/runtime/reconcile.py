@@ -24,10 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
 from ..planning import Plan, ownership, plan
-from ..planning.observed import Observed, failure, meta, terminating, uid
+from ..planning.observed import Obj, Observed, failure, meta, terminating, uid
 from . import metrics
-from .k8s import Kube
+from .k8s import Kube, failure_message
 
 log = logging.getLogger("deepseek_operator.reconcile")
 
@@ -38,6 +41,11 @@ MAX_REMEMBERED_FAILURES = 10000
 DEFAULT_RESYNC_SECONDS = 300.0
 # Each resync comes up to this fraction early, so objects seen together spread out over time.
 RESYNC_JITTER = 0.1
+
+
+class ChildApplyFailed(Exception):
+    """The API server failed to store a child (already reported in the status): retried with
+    the growing delay of trigger()."""
 
 
 @dataclass
@@ -225,6 +233,27 @@ class Reconciler:
         self.foreign[(namespace, name)] = found
         return found
 
+    def _apply_child(self, namespace: str, name: str, obj: Obj, observed: Observed) -> None:
+        """Apply one child; a failure is recorded for the status instead of ending the pass.
+
+        A refusal (4xx: a field of the spec the API server rejects, an admission policy) fails
+        the same way on every retry: reported, and tried again at the next event or resync. Any
+        other failure (a 500 from a child server-side apply cannot merge, a 409, a timeout) is
+        reported too, and the reconcile is retried with a growing delay."""
+        child = f"{obj['kind']} {obj['metadata']['name']}"
+        try:
+            refused = self.kube.apply_or_refusal(obj)
+        except (ApiException, HTTPError, OSError) as exc:
+            why = failure_message(exc)
+            observed.apply_failed[child] = why
+            log.warning("%s/%s: the API server failed to store %s: %s", namespace, name, child, why)
+            return
+        finally:
+            metrics.APPLIES.labels(obj["kind"]).inc()
+        if refused is not None:
+            observed.rejected[child] = refused
+            log.warning("%s/%s: the API server refused %s: %s", namespace, name, child, refused)
+
     def _reconcile(
         self, namespace: str, name: str, failed_pods: list[dict[str, Any]]
     ) -> Plan | None:
@@ -243,7 +272,11 @@ class Reconciler:
         if result.resize is not None:
             # The one change the API server may refuse for reasons the operator cannot see (the
             # storage class must allow expansion): first, and a refusal is planned around.
-            refused = kube.apply_or_refusal(result.resize)
+            try:
+                refused = kube.apply_or_refusal(result.resize)
+            except (ApiException, HTTPError, OSError) as exc:
+                refused = failure_message(exc)
+                observed.apply_failed[ownership.key(result.resize)] = refused
             metrics.APPLIES.labels(result.resize["kind"]).inc()
             if refused is None:
                 self.refusals.pop((namespace, name), None)
@@ -261,16 +294,8 @@ class Reconciler:
                 result = plan(body, observed)
 
         for obj in result.apply:
-            # A child the API server refuses (4xx: a field of the spec it passes through that the
-            # API server rejects, an admission policy) fails the same way on every retry: it is
-            # reported in the status instead, and tried again at the next event or resync.
-            refused = kube.apply_or_refusal(obj)
-            metrics.APPLIES.labels(obj["kind"]).inc()
-            if refused is not None:
-                child = f"{obj['kind']} {obj['metadata']['name']}"
-                observed.rejected[child] = refused
-                log.warning("%s/%s: the API server refused %s: %s", namespace, name, child, refused)
-        if observed.rejected:
+            self._apply_child(namespace, name, obj, observed)
+        if observed.rejected or observed.apply_failed:
             result = plan(body, observed)  # the same children, and the status that says so
         # Status first: a group restart is counted before its pods go, so a crash in between
         # can only over-count, never restart without counting.
@@ -290,6 +315,9 @@ class Reconciler:
         for event in result.events:
             kube.post_event(body, event)
         self.phases.set((namespace, name), result.phase)
+        if observed.apply_failed:
+            # Reported in the status above; raising makes trigger() retry with a growing delay.
+            raise ChildApplyFailed("; ".join(sorted(observed.apply_failed)))
         if result.events:
             log.info(
                 "%s/%s: %s (%s)",
