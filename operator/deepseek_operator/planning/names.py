@@ -42,6 +42,10 @@ WORLD_SIZE_ANNOTATION = f"{GROUP}/world-size"
 ENGINE_CONFIG_ANNOTATION = f"{GROUP}/engine-config-sha256"
 SHARD_DIR_ANNOTATION = f"{GROUP}/shard-dir"
 TEMPLATE_ANNOTATION = f"{GROUP}/template-sha256"
+CLEANS_UID_ANNOTATION = f"{GROUP}/cleans-job-uid"
+"""On a cleanup Job: the uid of the sharding Job whose directory it removes (a cleanup Job of an
+earlier sharding Job of the same plan is never taken as proof that this one's shards are gone)."""
+CLEANS_GENERATION_ANNOTATION = f"{GROUP}/cleans-generation"
 MODEL_CONFIG_ANNOTATION = f"{GROUP}/model-config"
 """On the custom resource: the checkpoint's config.json inline, so the operator can check the plan
 against the model before any Job runs (see docs/operator.md)."""

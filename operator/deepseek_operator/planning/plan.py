@@ -25,9 +25,10 @@ from ..api.config_rules import review_config
 from ..api.status import READY, SHARDED, VALIDATED, WORKERS_READY, Phase
 from . import names, objects
 from . import status as st
+from .cleanup import remove_old_shards
 from .fingerprint import fingerprint
 from .observed import Obj, Observed, annotation, meta, terminating
-from .shards import Shards, plan_shards, remove_old_shards, shard_bytes, shards_status
+from .shards import Shards, plan_shards, shard_bytes, shards_status
 from .state import Delete, PassState, Plan
 from .status import Cond, EventSpec, Summary
 from .store import plan_store

@@ -21,6 +21,9 @@ class Delete:
     kind: Literal["Job", "Pod"]
     name: str
     uid: str
+    # Foreground: the object stays (terminating) until its pods are gone, so the planner can
+    # wait for a sharder to stop before anything else touches its directory.
+    propagation: Literal["Background", "Foreground"] = "Background"
 
 
 @dataclass

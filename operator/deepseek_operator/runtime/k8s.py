@@ -218,9 +218,12 @@ class Kube:
             content_type=APPLY_PATCH,
         )
 
-    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
-        """Delete a child (Background: a Job's pods follow) only while it is the object of this
-        uid (a precondition); gone already, or replaced by a namesake, is fine."""
+    def delete(
+        self, kind: str, namespace: str, name: str, uid: str, propagation: str = "Background"
+    ) -> None:
+        """Delete a child only while it is the object of this uid (a precondition); gone
+        already, or replaced by a namesake, is fine. Background: a Job's pods follow; Foreground:
+        the Job stays, terminating, until its pods are gone."""
         try:
             self.request(
                 "DELETE",
@@ -228,7 +231,7 @@ class Kube:
                 body={
                     "kind": "DeleteOptions",
                     "apiVersion": "v1",
-                    "propagationPolicy": "Background",
+                    "propagationPolicy": propagation,
                     "preconditions": {"uid": uid},
                 },
             )

@@ -305,7 +305,7 @@ class Reconciler:
             if rv and meta(written).get("generation") == meta(body).get("generation"):
                 self.own_writes[(namespace, name)] = str(rv)
         for gone in result.delete:
-            kube.delete(gone.kind, namespace, gone.name, gone.uid)
+            kube.delete(gone.kind, namespace, gone.name, gone.uid, gone.propagation)
         if any(e.reason == "GroupRestart" for e in result.events):
             metrics.GROUP_RESTARTS.inc()
         for pod_uid in result.counted_failures:

@@ -83,7 +83,9 @@ class FakeKube:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.existing.get(f"{kind}/{name}"))
 
-    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+    def delete(
+        self, kind: str, namespace: str, name: str, uid: str, propagation: str = "Background"
+    ) -> None:
         self.calls.append(("delete", f"{kind}/{name}"))
 
     def post_event(self, deployment: dict[str, Any], event: Any) -> None:

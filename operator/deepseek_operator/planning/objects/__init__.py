@@ -8,7 +8,7 @@ workload (the StatefulSet).
 
 from .context import Context, Obj, metadata, owner_reference
 from .engine_config import engine_config, engine_config_map
-from .jobs import cleanup_job, shard_args, shard_job
+from .jobs import cleanup_job, shard_args, shard_job, template_digest
 from .network import client_service, disruption_budget, endpoint, headless_service
 from .pods import RUN_AS
 from .storage import model_dir, resized_store_claim, store_claim
@@ -34,4 +34,5 @@ __all__ = [
     "staged_bytes",
     "statefulset",
     "store_claim",
+    "template_digest",
 ]
