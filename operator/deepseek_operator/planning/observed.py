@@ -46,6 +46,10 @@ class Observed:
     # Objects that already exist under a child's name and are not this deployment's ("Service
     # r1" -> whose it is): never applied over, adopted or deleted (see ownership.py).
     foreign: dict[str, str] = field(default_factory=dict)
+    # The newest FailedCreate Event of each Job or StatefulSet short of pods ("Job r1-shard-..."
+    # -> its message): a ResourceQuota, a Pod Security level or a policy engine that refuses the
+    # pods is seen only there.
+    creation_failures: dict[str, str] = field(default_factory=dict)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def component_pods(self, component: str) -> list[Obj]:
@@ -62,6 +66,34 @@ class Observed:
 
     def claim(self, name: str) -> Obj | None:
         return next((c for c in self.claims if meta(c).get("name") == name), None)
+
+
+def short_of_pods(observed: Observed) -> list[Obj]:
+    """The Jobs and StatefulSets whose pods the controllers should have created and have not:
+    a Job still running (not suspended) without any pod, a StatefulSet with fewer pods than
+    replicas. Their FailedCreate Events say why (read by the shell, see creation_failures)."""
+    out: list[Obj] = []
+    for job in observed.jobs:
+        suspended = (job.get("spec") or {}).get("suspend")
+        if terminating(job) or suspended or job_state(job) != "active":
+            continue
+        if not pods_of_job(str(meta(job).get("name")), observed.pods):
+            out.append(job)
+    for sts in observed.statefulsets:
+        replicas = int((sts.get("spec") or {}).get("replicas") or 0)
+        owned = [p for p in observed.pods if _controlled_by(p, uid(sts))]
+        if not terminating(sts) and len(owned) < replicas:
+            out.append(sts)
+    return out
+
+
+def _controlled_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
+    refs = meta(obj).get("ownerReferences") or ()
+    return any(r.get("controller") and r.get("uid") == owner_uid for r in refs)
+
+
+def creation_failure(observed: Observed, kind: str, name: str) -> str | None:
+    return observed.creation_failures.get(f"{kind} {name}")
 
 
 def meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -207,7 +207,7 @@ def _run(state: PassState) -> Plan:
         group_restarts=state.restarts,
         endpoint=objects.endpoint(ctx),
     )
-    return _finish(
+    result = _finish(
         state.previous,
         summary,
         state.observed,
@@ -217,6 +217,8 @@ def _run(state: PassState) -> Plan:
         state.counted,
         state.resize,
     )
+    result.recheck = state.recheck
+    return result
 
 
 def _worker_children(state: PassState, shards: Shards) -> Obj | None:
@@ -251,7 +253,7 @@ def _phase(
     was_ready = prev.phase in ("Ready", "Degraded") and prev.fingerprint == state.ctx.fingerprint
     if was_ready:
         return "Degraded", workers.message or "a worker was lost"
-    if workers.stage in ("unschedulable", "image", "config"):
+    if workers.stage in ("unschedulable", "image", "config", "creation"):
         return "Pending", workers.message
     if workers.stage in ("staging", "starting", "pending", "rolling", "waiting"):
         return "Staging", workers.message or "creating the workers"

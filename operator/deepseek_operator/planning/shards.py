@@ -16,6 +16,7 @@ from .observed import (
     Termination,
     annotation,
     container_problem,
+    creation_failure,
     job_failure_reason,
     job_state,
     meta,
@@ -71,6 +72,7 @@ def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
         if recorded_complete(state):
             return _complete(state, None, recorded=True)
         state.apply.append(objects.shard_job(ctx))
+        state.recheck = True  # its pod may not come (see _running_job)
         text = claim_pending or f"sharding Job {job_name} created for {plan_text(spec)}"
         return Shards(
             Cond(
@@ -226,6 +228,14 @@ def _complete(
 
 
 def _running_job(state: PassState, job_name: str, pods: list[Obj], claim_pending: str) -> Shards:
+    refused = creation_failure(state.observed, "Job", job_name) if not pods else None
+    if not pods:
+        state.recheck = True  # no watch event comes when a pod cannot be created
+    if refused and not claim_pending:
+        text = f"sharding Job {job_name} cannot create its pod: {refused}"
+        return Shards(
+            Cond(SHARDED, "False", st.POD_CREATION_FAILED, text), waiting=True, message=text
+        )
     problem = next((found for p in pods if (found := container_problem(p))), None)
     if problem and not claim_pending:
         kind, detail = problem

@@ -40,6 +40,9 @@ class Plan:
     # The store claim with a new storage request, applied before everything else: the API server
     # may refuse it (then the shell plans again with Observed.store_resize_refused set).
     resize: Obj | None = None
+    # Look again in RECHECK_SECONDS even without an event: a controller that cannot create a
+    # pod records only an Event, which the operator does not watch.
+    recheck: bool = False
 
     @property
     def status_changed(self) -> bool:
@@ -70,6 +73,7 @@ class PassState:
     counted: list[str] = field(default_factory=list)
     resize: Obj | None = None
     restarts: int = 0  # group restarts spent of the budget
+    recheck: bool = False  # see Plan.recheck
 
     @property
     def spec(self) -> DeepSeekDeploymentSpec:

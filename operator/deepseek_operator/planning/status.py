@@ -58,6 +58,9 @@ SHARDING_FAILED = "ShardingFailed"
 # A container (the sharder's or a worker's) cannot start: Sharded or WorkersReady False.
 IMAGE_PULL_FAILED = "ImagePullFailed"
 CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+# The Job or StatefulSet controller cannot create a pod (its FailedCreate Event: a ResourceQuota,
+# a Pod Security level, a policy webhook): Sharded or WorkersReady False.
+POD_CREATION_FAILED = "PodCreationFailed"
 
 WAITING_FOR_SHARDS = "WaitingForShards"
 UNSCHEDULABLE = "Unschedulable"

@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ..api import GROUP, KIND, PLURAL, VERSION
 from ..planning import names, ownership
-from ..planning.observed import Observed
+from ..planning.observed import Observed, short_of_pods
 from ..planning.status import EventSpec
 
 log = logging.getLogger("deepseek_operator.k8s")
@@ -83,6 +83,17 @@ def failure_message(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"{exc.status} {exc.reason}: {refusal_message(exc)}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _event_time(event: Mapping[str, Any]) -> str:
+    series = event.get("series") or {}
+    return str(
+        series.get("lastObservedTime")
+        or event.get("lastTimestamp")
+        or event.get("eventTime")
+        or event.get("firstTimestamp")
+        or ""
+    )
 
 
 def _owned_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
@@ -161,7 +172,7 @@ class Kube:
         statefulsets = [
             s for s in self.list("StatefulSet", namespace, selector) if _owned_by(s, owner_uid)
         ]
-        return Observed(
+        observed = Observed(
             jobs=jobs,
             statefulsets=statefulsets,
             # Only the pods of our own Jobs and StatefulSets: labels alone prove nothing.
@@ -174,6 +185,28 @@ class Kube:
                 if _owned_by(c, owner_uid)
             ],
         )
+        for obj in short_of_pods(observed):
+            why = self.failed_create(namespace, obj)
+            if why:
+                observed.creation_failures[ownership.key(obj)] = why
+        return observed
+
+    def failed_create(self, namespace: str, obj: Mapping[str, Any]) -> str | None:
+        """The message of the newest FailedCreate Event of a Job or StatefulSet (its controller
+        could not create a pod: a ResourceQuota, a Pod Security level, a policy webhook)."""
+        obj_uid = (obj.get("metadata") or {}).get("uid")
+        if not obj_uid:
+            return None
+        out = self.request(
+            "GET",
+            _path("Event", namespace),
+            query={"fieldSelector": f"involvedObject.uid={obj_uid},reason=FailedCreate"},
+        )
+        events = list((out or {}).get("items") or ())
+        if not events:
+            return None
+        newest = max(events, key=_event_time)
+        return str(newest.get("message") or "FailedCreate")
 
     # -------------------------------------------------------------------------- writing
 

@@ -39,6 +39,9 @@ Key = tuple[str, str]  # (namespace, name)
 MAX_BACKOFF = 60.0
 MAX_REMEMBERED_FAILURES = 10000
 DEFAULT_RESYNC_SECONDS = 300.0
+# How soon an object is looked at again while a controller should create pods and has not (its
+# FailedCreate Events are read then; no watch event would come).
+RECHECK_SECONDS = 10.0
 # Each resync comes up to this fraction early, so objects seen together spread out over time.
 RESYNC_JITTER = 0.1
 
@@ -101,7 +104,9 @@ class Reconciler:
                 hints = [p for p in state.failed_pods.values() if uid(p) not in self.counted]
                 state.failed_pods.clear()
                 try:
-                    await loop.run_in_executor(self.pool, self.reconcile, namespace, name, hints)
+                    result = await loop.run_in_executor(
+                        self.pool, self.reconcile, namespace, name, hints
+                    )
                 except Exception as exc:  # noqa: BLE001 - any failure is retried, never fatal
                     state.failures += 1
                     delay = min(MAX_BACKOFF, 0.5 * 2 ** min(state.failures, 8))
@@ -118,8 +123,11 @@ class Reconciler:
                     self._schedule(loop, key, state, delay, resync=False)
                 else:
                     state.failures = 0
-                    if self.resync > 0:
-                        self._schedule(loop, key, state, self.resync_delay(), resync=True)
+                    delay = self.resync_delay() if self.resync > 0 else None
+                    if result is not None and result.recheck:
+                        delay = min(delay or RECHECK_SECONDS, RECHECK_SECONDS)
+                    if delay is not None:
+                        self._schedule(loop, key, state, delay, resync=True)
         finally:
             state.running = False
 

@@ -263,3 +263,58 @@ def test_switching_back_to_a_plan_whose_cleanup_runs_waits_for_it() -> None:
     result = cluster.step()
     assert ("Job", names.shard_job("r1", fp_a)) in kinds(result)
     assert result.phase == "Sharding"
+
+
+# --------------------------------------------------------------------- 16.8 FailedCreate
+
+QUOTA = (
+    'Error creating: pods "x" is forbidden: exceeded quota: q, requested: pods=1, used: pods=0, '
+    "limited: pods=0"
+)
+
+
+def test_a_sharding_pod_that_cannot_be_created_is_named_in_the_condition() -> None:
+    cluster = FakeCluster(TWO_NODES)
+    first = cluster.step()
+    assert first.recheck  # no pod yet: look again without waiting for an event
+    job = cluster.job()["metadata"]["name"]
+    result = cluster.step(creation_failures={f"Job {job}": QUOTA})
+    sharded = cond(result, "Sharded")
+    assert (sharded["status"], sharded["reason"]) == ("False", "PodCreationFailed")
+    assert QUOTA in sharded["message"] and job in sharded["message"]
+    assert result.phase == "Pending" and "exceeded quota" in (result.status.message or "")
+    assert result.recheck
+
+
+def test_worker_pods_that_cannot_be_created_are_named_in_the_condition() -> None:
+    cluster = FakeCluster(TWO_NODES)
+    cluster.until_ready()
+    sts = cluster.sts()["metadata"]["name"]
+    del cluster.pods[f"{sts}-1"]
+    result = cluster.step(creation_failures={f"StatefulSet {sts}": QUOTA})
+    workers = cond(result, "WorkersReady")
+    assert (workers["status"], workers["reason"]) == ("False", "PodCreationFailed")
+    assert "cannot create 1 pod(s)" in workers["message"] and QUOTA in workers["message"]
+    assert result.recheck
+    cluster.run_workers()
+    result = cluster.step()
+    assert result.phase == "Ready" and not result.recheck
+
+
+def test_only_jobs_and_statefulsets_short_of_pods_are_asked_about() -> None:
+    from deepseek_operator.planning.observed import Observed, short_of_pods
+
+    def job(name: str, **status: Any) -> dict[str, Any]:
+        return {"metadata": {"name": name, "uid": name}, "spec": {}, "status": status}
+
+    done = job("done", conditions=[{"type": "Complete", "status": "True"}])
+    waiting = job("waiting")
+    running = job("running")
+    suspended = {**job("suspended"), "spec": {"suspend": True}}
+    pod = {"metadata": {"name": "p", "labels": {names.JOB_NAME_LABEL: "running"}}}
+    sts = {"metadata": {"name": "w", "uid": "w"}, "spec": {"replicas": 2}}
+    worker = {"metadata": {"name": "w-0", "ownerReferences": [{"controller": True, "uid": "w"}]}}
+    observed = Observed(
+        jobs=[done, waiting, running, suspended], statefulsets=[sts], pods=[pod, worker]
+    )
+    assert [o["metadata"]["name"] for o in short_of_pods(observed)] == ["waiting", "w"]

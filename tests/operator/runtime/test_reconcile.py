@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from deepseek_operator.planning import Observed, plan
 from deepseek_operator.runtime import metrics
-from deepseek_operator.runtime.reconcile import ChildApplyFailed, Reconciler
+from deepseek_operator.runtime.reconcile import RECHECK_SECONDS, ChildApplyFailed, Reconciler
 
 BODY: dict[str, Any] = {
     "apiVersion": "llm.dsop.io/v1alpha1",
@@ -229,10 +229,17 @@ def test_resync_zero_never_resyncs() -> None:
     async def scenario() -> None:
         await reconciler.trigger("llm", "r1")
         await asyncio.sleep(0.3)
-        assert reconciler.states[("llm", "r1")].timer is None
+        # Only the recheck of a Job whose pod has not come yet (FailedCreate is no watch event).
+        timer = reconciler.states[("llm", "r1")].timer
+        assert timer is not None
+        due = timer.when() - asyncio.get_running_loop().time()
+        assert RECHECK_SECONDS - 1 < due <= RECHECK_SECONDS
+        kube.body = None  # deleted: forgotten, no timer left
+        await reconciler.trigger("llm", "r1")
+        assert ("llm", "r1") not in reconciler.states
 
     asyncio.run(scenario())
-    assert [c for c in kube.calls if c[0] == "get"] == [("get", "r1")]
+    assert [c for c in kube.calls if c[0] == "get"] == [("get", "r1"), ("get", "r1")]
     reconciler.close()
 
 
