@@ -68,22 +68,23 @@ class Observed:
         return next((c for c in self.claims if meta(c).get("name") == name), None)
 
 
-def short_of_pods(observed: Observed) -> list[Obj]:
+def short_of_pods(observed: Observed) -> list[tuple[str, Obj]]:
     """The Jobs and StatefulSets whose pods the controllers should have created and have not:
     a Job still running (not suspended) without any pod, a StatefulSet with fewer pods than
-    replicas. Their FailedCreate Events say why (read by the shell, see creation_failures)."""
-    out: list[Obj] = []
+    replicas, as (kind, object): the items of a List carry no kind. Their FailedCreate Events
+    say why (read by the shell, see creation_failures)."""
+    out: list[tuple[str, Obj]] = []
     for job in observed.jobs:
         suspended = (job.get("spec") or {}).get("suspend")
         if terminating(job) or suspended or job_state(job) != "active":
             continue
         if not pods_of_job(str(meta(job).get("name")), observed.pods):
-            out.append(job)
+            out.append(("Job", job))
     for sts in observed.statefulsets:
         replicas = int((sts.get("spec") or {}).get("replicas") or 0)
         owned = [p for p in observed.pods if _controlled_by(p, uid(sts))]
         if not terminating(sts) and len(owned) < replicas:
-            out.append(sts)
+            out.append(("StatefulSet", sts))
     return out
 
 

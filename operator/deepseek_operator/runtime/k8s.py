@@ -185,10 +185,10 @@ class Kube:
                 if _owned_by(c, owner_uid)
             ],
         )
-        for obj in short_of_pods(observed):
+        for kind, obj in short_of_pods(observed):
             why = self.failed_create(namespace, obj)
             if why:
-                observed.creation_failures[ownership.key(obj)] = why
+                observed.creation_failures[f"{kind} {obj['metadata']['name']}"] = why
         return observed
 
     def failed_create(self, namespace: str, obj: Mapping[str, Any]) -> str | None:

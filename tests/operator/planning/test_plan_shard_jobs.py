@@ -317,4 +317,5 @@ def test_only_jobs_and_statefulsets_short_of_pods_are_asked_about() -> None:
     observed = Observed(
         jobs=[done, waiting, running, suspended], statefulsets=[sts], pods=[pod, worker]
     )
-    assert [o["metadata"]["name"] for o in short_of_pods(observed)] == ["waiting", "w"]
+    found = [(kind, o["metadata"]["name"]) for kind, o in short_of_pods(observed)]
+    assert found == [("Job", "waiting"), ("StatefulSet", "w")]
