@@ -23,6 +23,7 @@ EXPECTED_RULES: dict[tuple[str, str], set[str]] = {
     ("batch", "jobs"): APPLY_VERBS | {"delete"},
     ("apps", "statefulsets"): APPLY_VERBS,
     ("policy", "poddisruptionbudgets"): APPLY_VERBS,
+    ("networking.k8s.io", "networkpolicies"): APPLY_VERBS | {"delete"},
     ("", "pods"): {"get", "list", "watch", "delete"},
     ("", "events"): {"create", "list"},
 }

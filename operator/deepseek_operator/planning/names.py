@@ -59,6 +59,7 @@ SHARD_STORE = "shard-store"
 SERVICE = "api"
 HEADLESS = "rank-discovery"
 DISRUPTION = "disruption-budget"
+NETWORK_POLICY = "network-policy"
 
 BASE_MAX = 40  # leaves room for the longest suffix ("-clean-" + 10 hex) under 63
 FP_SHORT = 16  # shard directory name: <store>/<fingerprint[:16]>
@@ -136,6 +137,10 @@ def client_service(name: str) -> str:
 
 def disruption_budget(name: str) -> str:
     return f"{base_name(name)}-workers"
+
+
+def network_policy(name: str) -> str:
+    return f"{base_name(name)}-net"
 
 
 def selector_labels(name: str, component: str) -> dict[str, str]:

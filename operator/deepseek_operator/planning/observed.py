@@ -29,6 +29,7 @@ class Observed:
     statefulsets: list[Obj] = field(default_factory=list)
     pods: list[Obj] = field(default_factory=list)
     claims: list[Obj] = field(default_factory=list)
+    network_policies: list[Obj] = field(default_factory=list)
     # Worker pods seen failing in a watch event: the StatefulSet controller may delete a Failed pod
     # before the next List, and the group must still restart.
     failed_pods: list[Obj] = field(default_factory=list)
@@ -66,6 +67,9 @@ class Observed:
 
     def claim(self, name: str) -> Obj | None:
         return next((c for c in self.claims if meta(c).get("name") == name), None)
+
+    def network_policy(self, name: str) -> Obj | None:
+        return next((n for n in self.network_policies if meta(n).get("name") == name), None)
 
 
 def short_of_pods(observed: Observed) -> list[tuple[str, Obj]]:

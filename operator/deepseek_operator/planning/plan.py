@@ -27,7 +27,7 @@ from . import names, objects
 from . import status as st
 from .cleanup import remove_old_shards
 from .fingerprint import fingerprint
-from .observed import Obj, Observed, annotation, meta, terminating
+from .observed import Obj, Observed, annotation, meta, terminating, uid
 from .shards import Shards, plan_shards, shard_bytes, shards_status
 from .state import Delete, PassState, Plan
 from .status import Cond, EventSpec, Summary
@@ -158,6 +158,7 @@ def _run(state: PassState) -> Plan:
     store = plan_store(state)
     validated_cond = validated(state, store.warning if store else "")
     state.apply += [objects.headless_service(ctx), objects.client_service(ctx)]
+    _network_policy(state)
     shards = plan_shards(state, store)
     observed_sts = state.observed.statefulset(names.statefulset(ctx.name))
     if observed_sts is not None and terminating(observed_sts):
@@ -219,6 +220,17 @@ def _run(state: PassState) -> Plan:
     )
     result.recheck = state.recheck
     return result
+
+
+def _network_policy(state: PassState) -> None:
+    """spec.serving.networkPolicy: applied when enabled; ours deleted once it is not."""
+    policy = objects.network_policy(state.ctx)
+    if policy is not None:
+        state.apply.append(policy)
+        return
+    for old in state.observed.network_policies:
+        if not terminating(old):
+            state.delete.append(Delete("NetworkPolicy", str(meta(old).get("name")), uid(old)))
 
 
 def _worker_children(state: PassState, shards: Shards) -> Obj | None:

@@ -18,7 +18,7 @@ class Delete:
     """A child to delete (Background propagation: a Job's pods go with it), only while it is the
     object of this uid (a precondition: a namesake created since is never deleted)."""
 
-    kind: Literal["Job", "Pod"]
+    kind: Literal["Job", "Pod", "NetworkPolicy"]
     name: str
     uid: str
     # Foreground: the object stays (terminating) until its pods are gone, so the planner can

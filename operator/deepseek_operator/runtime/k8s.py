@@ -39,6 +39,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Job": ("/apis/batch/v1", "jobs"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     KIND: (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
@@ -183,6 +184,11 @@ class Kube:
                 c
                 for c in self.list("PersistentVolumeClaim", namespace, selector)
                 if _owned_by(c, owner_uid)
+            ],
+            network_policies=[
+                n
+                for n in self.list("NetworkPolicy", namespace, selector)
+                if _owned_by(n, owner_uid)
             ],
         )
         for kind, obj in short_of_pods(observed):

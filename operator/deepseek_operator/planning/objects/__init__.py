@@ -9,7 +9,13 @@ workload (the StatefulSet).
 from .context import Context, Obj, metadata, owner_reference
 from .engine_config import engine_config, engine_config_map
 from .jobs import cleanup_job, shard_args, shard_job, template_digest
-from .network import client_service, disruption_budget, endpoint, headless_service
+from .network import (
+    client_service,
+    disruption_budget,
+    endpoint,
+    headless_service,
+    network_policy,
+)
 from .pods import RUN_AS
 from .storage import model_dir, resized_store_claim, store_claim
 from .workload import staged_bytes, statefulset
@@ -27,6 +33,7 @@ __all__ = [
     "headless_service",
     "metadata",
     "model_dir",
+    "network_policy",
     "owner_reference",
     "resized_store_claim",
     "shard_args",

@@ -11,6 +11,7 @@ from typing import Any
 from ...api import DeepSeekDeploymentSpec
 from ...api.quantity import parse_quantity
 from .. import names
+from .api_key import add_api_key
 from .context import Context, Obj, metadata
 from .engine_config import ENGINE_CONFIG_DIR, ENGINE_CONFIG_FILE
 from .network import MASTER_PORT
@@ -292,6 +293,7 @@ def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Ob
     }
     if not init:
         del pod_spec["initContainers"]
+    add_api_key(spec, pod_spec)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
