@@ -231,7 +231,7 @@ def test_lifecycle_to_ready_on_npu_nodes(
     assert elapsed < 60
 
     table = kube_cluster.kubectl("get", "dsd", "r1", "-n", ns, "--no-headers").stdout.split()
-    assert table[:5] == ["r1", "Ready", "2/2", "DeepSeek-R1", "16"], table
+    assert table[:6] == ["r1", "Ready", "2/2", "DeepSeek-R1", "dsworker", "16"], table
     reasons = dsd.event_reasons("r1")
     assert "Sharding" in reasons and "Ready" in reasons
 

@@ -7,7 +7,8 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from .base import ApiModel, Rule
-from .model import ABSOLUTE_PATH, DNS_SUBDOMAIN
+from .model import DNS_SUBDOMAIN
+from .paths import host_path_rule
 from .resources import QUANTITY, check_resources
 
 
@@ -59,12 +60,15 @@ class PvcStore(ApiModel):
 class HostPathStore(ApiModel):
     """A node-local directory for the shards, typically on a tmpfs."""
 
+    __rules__ = (host_path_rule("store-host-path", "spec.sharding.store.hostPath", "/dev/shm/dsd"),)
+
     path: str = Field(
         min_length=1,
         max_length=4096,
-        pattern=ABSOLUTE_PATH,
         description="Absolute directory on the node, e.g. /dev/shm/dsd. Shards are written to "
-        "<path>/<fingerprint>/.",
+        "<path>/<fingerprint>/. Clean (no '.', '..' or empty segment, no trailing /), not / and "
+        "not a system directory (/etc, /usr, /proc, /dev but /dev/shm, ...: see the operator "
+        "guide).",
     )
 
 

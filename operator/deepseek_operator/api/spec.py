@@ -12,6 +12,8 @@ from .features import Features
 from .model import ModelSpec
 from .names import API_VERSION, HEADLESS_SUFFIX, KIND
 from .parallelism import Parallelism
+from .runtime import DEFAULT_VLLM_IMAGES, Runtime
+from .runtime_rules import RUNTIME_RULES
 from .serving import Serving
 from .sharding import Sharding
 from .status import DeepSeekDeploymentStatus
@@ -87,6 +89,7 @@ class DeepSeekDeploymentSpec(ApiModel):
             "((!has(self.parallelism) || self.parallelism.nodes == 1) && has(self.worker) && "
             "has(self.worker.nodeSelector) && size(self.worker.nodeSelector) > 0)",
         ),
+        *RUNTIME_RULES,
     )
 
     model: ModelSpec = Field(description="The model to serve and where its checkpoint is.")
@@ -104,12 +107,20 @@ class DeepSeekDeploymentSpec(ApiModel):
     features: Features = section(Features, "Optional engine features.")
     serving: Serving = section(Serving, "Serving limits and the HTTP port.")
     worker: Worker = section(Worker, "The worker pods.")
+    runtime: Runtime = section(
+        Runtime, "The engine that serves the model: mindie, vllm or dsworker (docs/runtimes.md)."
+    )
 
     def _resolve(self) -> None:
         if self.sharding.processes is None:
             self.sharding.processes = min(self.parallelism.world(), MAX_SHARDER_PROCESSES)
         if self.sharding.image is None:
             self.sharding.image = self.worker.image
+        if self.runtime.image is None and self.runtime.engine == "vllm":
+            accelerator = self.worker.accelerator.type
+            self.runtime.image = DEFAULT_VLLM_IMAGES.get(accelerator, DEFAULT_VLLM_IMAGES["gpu"])
+        elif self.runtime.image is None:  # dsworker (mindie requires one)
+            self.runtime.image = self.worker.image
 
 
 class DeepSeekDeployment(ApiModel):

@@ -46,6 +46,8 @@ CLEANS_UID_ANNOTATION = f"{GROUP}/cleans-job-uid"
 """On a cleanup Job: the uid of the sharding Job whose directory it removes (a cleanup Job of an
 earlier sharding Job of the same plan is never taken as proof that this one's shards are gone)."""
 CLEANS_GENERATION_ANNOTATION = f"{GROUP}/cleans-generation"
+RUNTIME_ANNOTATION = f"{GROUP}/runtime"
+"""On the worker StatefulSet: the engine its pods run (status.runtime while it still serves)."""
 MODEL_CONFIG_ANNOTATION = f"{GROUP}/model-config"
 """On the custom resource: the checkpoint's config.json inline, so the operator can check the plan
 against the model before any Job runs (see docs/operator.md)."""

@@ -187,9 +187,12 @@ def _run(state: PassState) -> Plan:
         remove_old_shards(state)
     world = ctx.spec.parallelism.world()
     total = ctx.spec.parallelism.nodes
+    runtime = ctx.spec.runtime.engine
     if serving_previous and observed_sts is not None:
         world = int(annotation(observed_sts, names.WORLD_SIZE_ANNOTATION) or world)
         total = workers.replicas
+        # A group from before spec.runtime existed ran dsworker.
+        runtime = annotation(observed_sts, names.RUNTIME_ANNOTATION) or "dsworker"
     summary = Summary(
         phase=phase,
         message=message,
@@ -203,6 +206,8 @@ def _run(state: PassState) -> Plan:
         fingerprint=ctx.fingerprint,
         model_name=ctx.spec.model.name,
         world_size=world,
+        moe_ep=ctx.spec.parallelism.moe_ep,
+        runtime=runtime,
         shards=shards_status(state, shards),
         ready_workers=f"{workers.ready}/{total}",
         group_restarts=state.restarts,

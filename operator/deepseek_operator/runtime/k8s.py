@@ -142,6 +142,15 @@ class Kube:
                 return None
             raise
 
+    def get_path(self, path: str) -> dict[str, Any] | None:
+        """GET of an API path (discovery included); None when it is not served (404)."""
+        try:
+            return self.request("GET", path)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
         out = self.request("GET", _path(kind, namespace), query={"labelSelector": selector})
         return list((out or {}).get("items") or ())

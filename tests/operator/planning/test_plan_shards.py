@@ -39,6 +39,8 @@ def test_first_pass_creates_services_and_the_sharding_job_only() -> None:
     assert cond(result, "WorkersReady")["reason"] == "WaitingForShards"
     status = result.status.to_dict()
     assert status["worldSize"] == 16 and status["readyWorkers"] == "0/2"
+    # Printed as EP: moeEp computed from worldSize / moeTp (the EP level is 1).
+    assert status["moeEp"] == 4
     assert status["endpoint"] == "http://r1.llm.svc:1025/v1"
     assert status["modelName"] == "DeepSeek-R1"  # printed as the Model column
     assert [e.reason for e in result.events] == ["Sharding"]

@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dsworker.contract.engine_config import EngineConfig, EngineConfigError, load_engine_config
 from dsworker.contract.errors import EXIT_BAD_INPUT
 from dsworker.contract.layout import METADATA_FILE
+from dsworker.launch.fit_check import check_start
 from dsworker.launch.rank_processes import Launcher, python_module_command, rank_specs
 
 log = logging.getLogger("dsworker.launch.serve_command")
@@ -94,6 +96,18 @@ def resolve_config(
                 "the engine config"
             )
     return out
+
+
+def with_api_key_file(cfg: EngineConfig, environ: Mapping[str, str]) -> EngineConfig:
+    """apiKeyFile, from the environment when the config leaves it out, checked now: a key
+    that cannot be read stops the launch before any rank starts."""
+    from dsworker.serving.auth import API_KEY_FILE_ENV, load_api_key  # only `serve` needs them
+
+    path = cfg.apiKeyFile or environ.get(API_KEY_FILE_ENV) or None
+    if path is None:
+        return cfg
+    load_api_key(path)
+    return cfg.model_copy(update={"apiKeyFile": path})
 
 
 def node_rank_from_host(explicit: int | None) -> int:
@@ -182,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
             shard_plan(args.model),
             {"port": args.port, "device": args.device, "dtype": args.dtype},
         )
+        check_start(args.model, cfg)  # before any rank allocates
         node_rank = node_rank_from_host(args.node_rank) if args.nodes > 1 else 0
         master = args.master_addr or "127.0.0.1"
         if args.nodes > 1 and not args.master_addr:
@@ -190,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
                 "through the headless Service"
             )
         specs = rank_specs(args.nproc_per_node, args.nodes, node_rank, master, args.master_port)
+        cfg = with_api_key_file(cfg, os.environ)
     except (EngineConfigError, ValueError) as exc:
         print(f"dsworker serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

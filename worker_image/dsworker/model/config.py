@@ -14,6 +14,7 @@ from typing import Any
 
 from dsworker.contract.errors import CheckpointError
 from dsworker.contract.layout import ModelDims
+from dsworker.contract.quant import QuantFormat, quant_format
 
 TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING = ("sigmoid", "softmax")
@@ -66,6 +67,7 @@ class ModelArgs:
     rope: RopeArgs = field(default_factory=RopeArgs)
     eos_token_ids: tuple[int, ...] = ()
     dims: ModelDims | None = None
+    quant: QuantFormat | None = None  # 8-bit format of the linear weights (kept 8-bit on device)
 
     @property
     def qk_head_dim(self) -> int:
@@ -135,6 +137,7 @@ class ModelArgs:
             rope=rope,
             eos_token_ids=eos_ids,
             dims=dims,
+            quant=quant_format(cfg),
         )
 
     @classmethod

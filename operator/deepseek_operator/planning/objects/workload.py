@@ -11,10 +11,10 @@ from typing import Any
 from ...api import DeepSeekDeploymentSpec
 from ...api.quantity import parse_quantity
 from .. import names
+from ..runtimes import select as runtimes
 from .api_key import add_api_key
 from .context import Context, Obj, metadata
-from .engine_config import ENGINE_CONFIG_DIR, ENGINE_CONFIG_FILE
-from .network import MASTER_PORT
+from .engine_config import ENGINE_CONFIG_DIR, rendering
 from .pods import (
     container_security_context,
     merge_env,
@@ -26,8 +26,8 @@ from .storage import (
     SOURCE_MOUNT,
     STAGED_MOUNT,
     STORE_MOUNT,
-    model_dir,
     shard_path,
+    source_path,
     source_volume,
     stages,
     store_volume,
@@ -37,17 +37,6 @@ GIB = 1 << 30
 # /dev/shm of the engine (torch.distributed and NCCL/HCCL buffers): memory-backed, so bounded. An
 # emptyDir of medium Memory counts against the pod's memory; past the limit the pod is evicted.
 DSHM_SIZE = "16Gi"
-
-# Only rank 0 serves HTTP, but every pod of the group needs probes: readiness and start-up ask
-# rank 0's /health (the group serves only when every rank has loaded); liveness is rank 0's alone,
-# so a stuck rank 0 does not restart the other pods one by one.
-PROBE_SCRIPT = (
-    "import os,re,sys,urllib.request as u\n"
-    "o=int(re.search(r'(\\d+)$',os.environ['POD_NAME']).group(1))\n"
-    "if sys.argv[1]=='live' and o: sys.exit(0)\n"
-    "h='127.0.0.1' if o==0 else sys.argv[2]\n"
-    "u.urlopen('http://%s:%s/health'%(h,sys.argv[3]),timeout=5)\n"
-)
 
 
 def staged_bytes(spec: DeepSeekDeploymentSpec, shard_bytes: int) -> int:
@@ -98,34 +87,6 @@ def _bytes(quantity: Any) -> int:
     return math.ceil(value) if value is not None else 0
 
 
-def _probe(kind: str, ctx: Context) -> Obj:
-    rank0 = (
-        f"{names.statefulset(ctx.name)}-0.{names.headless_service(ctx.name)}.{ctx.namespace}.svc"
-    )
-    return {
-        "exec": {
-            "command": [
-                "python3",
-                "-c",
-                PROBE_SCRIPT,
-                kind,
-                rank0,
-                str(ctx.spec.serving.port),
-            ]
-        },
-        "timeoutSeconds": 8,
-    }
-
-
-def worker_probes(ctx: Context) -> Obj:
-    return {
-        # Loading hundreds of GB and warming up may take long: up to an hour before liveness.
-        "startupProbe": {**_probe("ready", ctx), "periodSeconds": 10, "failureThreshold": 360},
-        "readinessProbe": {**_probe("ready", ctx), "periodSeconds": 10, "failureThreshold": 3},
-        "livenessProbe": {**_probe("live", ctx), "periodSeconds": 20, "failureThreshold": 6},
-    }
-
-
 @dataclass
 class _ModelFiles:
     """How the engine container reaches the model: the volumes and mounts, and the init container
@@ -139,6 +100,15 @@ class _ModelFiles:
 
 def _model_files(ctx: Context, shard_bytes: int | None) -> _ModelFiles:
     spec = ctx.spec
+    if not spec.sharding.enabled and runtimes.stages_checkpoint(spec):
+        # The whole checkpoint into memory (vLLM); its size is the user's to request.
+        return _ModelFiles(
+            [source_volume(spec), {"name": "model", "emptyDir": {"medium": "Memory"}}],
+            [{"name": "model", "mountPath": STAGED_MOUNT, "readOnly": True}],
+            stage=runtimes.checkpoint_stager(
+                spec, source_path(spec), SOURCE_MOUNT, container_security_context()
+            ),
+        )
     if not spec.sharding.enabled:
         return _ModelFiles(
             [source_volume(spec)],
@@ -186,56 +156,12 @@ def _stage_container(ctx: Context) -> Obj:
     }
 
 
-def _engine_env(ctx: Context, master: str) -> list[Obj]:
+def _engine_container(ctx: Context, mounts: list[Obj]) -> Obj:
+    """The serving container of spec.runtime's engine, with spec.worker.env merged in."""
     spec = ctx.spec
-    env = [
-        *pod_name_env(),
-        {"name": "MASTER_ADDR", "value": master},
-        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "NNODES", "value": str(spec.parallelism.nodes)},
-        {"name": "DSOP_FINGERPRINT", "value": ctx.fingerprint},
-    ]
-    if spec.model.mtp:
-        env.append({"name": "DEEPSEEK_MTP", "value": "1"})
-    return merge_env(env, [e.to_dict() for e in spec.worker.env or ()])
-
-
-def _engine_container(ctx: Context, master: str, mounts: list[Obj]) -> Obj:
-    """`dsworker serve`: devicesPerNode ranks of the group, HTTP on global rank 0."""
-    spec = ctx.spec
-    worker, par = spec.worker, spec.parallelism
-    return {
-        "name": "engine",
-        "image": worker.image,
-        "imagePullPolicy": worker.image_pull_policy,
-        "command": ["dsworker"],
-        "args": [
-            "serve",
-            "--model",
-            model_dir(ctx),
-            "--config",
-            f"{ENGINE_CONFIG_DIR}/{ENGINE_CONFIG_FILE}",
-            "--nproc-per-node",
-            str(par.devices_per_node),
-            "--nodes",
-            str(par.nodes),
-            "--master-addr",
-            master,
-            "--master-port",
-            str(MASTER_PORT),
-            "--port",
-            str(spec.serving.port),
-        ],
-        "env": _engine_env(ctx, master),
-        "ports": [
-            {"name": "http", "containerPort": spec.serving.port, "protocol": "TCP"},
-            {"name": "dist", "containerPort": MASTER_PORT, "protocol": "TCP"},
-        ],
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": container_security_context(),
-        "volumeMounts": mounts,
-        **worker_probes(ctx),
-    }
+    out = rendering(ctx)
+    env = merge_env(out.env, [e.to_dict() for e in spec.worker.env or ()])
+    return runtimes.serving_container(spec, out, env, mounts, container_security_context())
 
 
 def _pod_template(ctx: Context, config_digest: str, pod_spec: Obj) -> Obj:
@@ -260,22 +186,28 @@ def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Ob
     worker, par = spec.worker, spec.parallelism
     sts_name = names.statefulset(ctx.name)
     headless = names.headless_service(ctx.name)
-    master = f"{sts_name}-0.{headless}.{ctx.namespace}.svc"
     files = _model_files(ctx, shard_bytes)
+    extra_volumes, extra_mounts = runtimes.extra_volumes(spec)
+    config_volume: Obj = {"name": names.config_map(ctx.name)}
+    mode = runtimes.config_volume_mode(spec)
+    if mode is not None:
+        config_volume["defaultMode"] = mode
     mounts: list[Obj] = [
         {"name": "engine-config", "mountPath": ENGINE_CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
         *files.mounts,
+        *extra_mounts,
     ]
     volumes: list[Obj] = [
-        {"name": "engine-config", "configMap": {"name": names.config_map(ctx.name)}},
+        {"name": "engine-config", "configMap": config_volume},
         {"name": "tmp", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": DSHM_SIZE}},
         *files.volumes,
+        *extra_volumes,
     ]
     init = [files.stage] if files.stage is not None else []
-    engine = _engine_container(ctx, master, mounts)
+    engine = _engine_container(ctx, mounts)
     resources = _resources(spec, files.staged_size)
     if resources:
         engine["resources"] = resources
@@ -301,7 +233,10 @@ def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Ob
             ctx,
             sts_name,
             names.WORKER,
-            {names.WORLD_SIZE_ANNOTATION: str(par.world())},
+            {
+                names.WORLD_SIZE_ANNOTATION: str(par.world()),
+                names.RUNTIME_ANNOTATION: spec.runtime.engine,
+            },
         ),
         "spec": {
             "serviceName": headless,
