@@ -14,6 +14,7 @@ import yaml
 from crd_admission import admit, crd_schema
 from deepseek_operator.api import parse_deployment
 from deepseek_operator.api.config_rules import review_config
+from deepseek_operator.planning.memory import check_memory
 from dsworker.tools.synth import make_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -32,6 +33,7 @@ W8A8_FILES = ["quant_model_description_w8a8_dynamic.json"]
 CHECKPOINTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "deepseek-r1-w8a8-ascend-2x8-ep2.yaml": (V3_CONFIG, W8A8_FILES),
     "deepseek-r1-a3-16npu-hostpath.yaml": (V3_CONFIG, W8A8_FILES),
+    "deepseek-r1-w8a8-ascend-2x8-nodelocal.yaml": (V3_CONFIG, W8A8_FILES),
     "deepseek-v3-fp8-gpu-2x8.yaml": ({**V3_CONFIG, **FP8}, []),
     "deepseek-r1-mindie-ascend-2x8.yaml": (V3_CONFIG, W8A8_FILES),
     "deepseek-v3-vllm-gpu-2x8.yaml": ({**V3_CONFIG, **FP8}, []),
@@ -75,6 +77,21 @@ def test_fits_the_model(name: str) -> None:
     review = review_config(result.deployment.spec, config, quant_files)
     assert review.errors == [] and review.warnings == []
     assert review.architecture == "DeepseekV3"
+
+
+@pytest.mark.parametrize("name", sorted(CHECKPOINTS))
+def test_fits_its_devices(name: str) -> None:
+    """Weights, KV cache and workspace per rank fit the device memory the example names, with
+    at least 10% left over (the operator's memory model, docs/memory.md)."""
+    config, quant_files = CHECKPOINTS[name]
+    spec = parse_deployment(load(name)).deployment.spec
+    verdict = check_memory(spec, config, review_config(spec, config, quant_files).quantization)
+    if spec.worker.accelerator.type == "cpu":
+        assert verdict is None  # no device memory to check
+        return
+    assert verdict is not None, f"{name}: set spec.worker.accelerator.memory or .product"
+    assert verdict.fit.fits and not verdict.error and not verdict.warning, verdict.fit.message()
+    assert verdict.fit.headroom >= 0.10
 
 
 def test_r1_w8a8_on_two_ascend_nodes_with_ep_level_2() -> None:

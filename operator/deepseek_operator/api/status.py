@@ -83,6 +83,12 @@ class ShardsStatus(StatusModel):
         "when the Job is deleted afterwards (by hand, by a TTL), so the shards are not written "
         "again.",
     )
+    dir_bytes: dict[str, int] | None = Field(
+        None,
+        description="Bytes of one directory of each group of the layout (vocab, norm, attn, "
+        "dense, moe; top: the top-level files), as the sharder reported: what a worker pod's "
+        "staging memory is computed from.",
+    )
 
 
 class DeepSeekDeploymentStatus(StatusModel):

@@ -6,8 +6,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from dsworker.contract.fit import ACCELERATORS
+
+from .ascend import Ascend
 from .base import ApiModel, Rule, section
 from .names import DEFAULT_WORKER_IMAGE
+from .quantity import parse_quantity
 from .resources import EnvVar, check_resources
 from .scheduling import (
     LABEL_VALUE,
@@ -19,6 +23,11 @@ from .scheduling import (
 )
 
 AcceleratorType = Literal["npu", "gpu", "cpu"]
+# The accelerators whose device memory the worker's contract knows (dsworker.contract.fit).
+AcceleratorProduct = Literal[tuple(ACCELERATORS)]  # type: ignore[valid-type]
+# A positive amount of bytes: digits with an optional binary or decimal suffix (64Gi, 80G).
+MEMORY_QUANTITY = r"^([0-9]+(\.[0-9]+)?)([KMGTPE]i|[kMGTPE])?$"
+MIN_DEVICE_MEMORY = 1 << 30
 
 DEFAULT_RESOURCE_NAMES: dict[str, str | None] = {
     "npu": "huawei.com/Ascend910",
@@ -29,6 +38,15 @@ DEFAULT_RESOURCE_NAMES: dict[str, str | None] = {
 
 class Accelerator(ApiModel):
     """The devices each rank runs on."""
+
+    __rules__ = (
+        Rule(
+            "accelerator-memory-min",
+            "spec.worker.accelerator.memory: give one device's memory, at least 1Gi (e.g. 64Gi)",
+            lambda a: a.memory is None or (parse_quantity(a.memory) or 0) >= MIN_DEVICE_MEMORY,
+            None,
+        ),
+    )
 
     type: AcceleratorType = Field(
         "npu",
@@ -42,9 +60,30 @@ class Accelerator(ApiModel):
         "huawei.com/Ascend910 for npu, nvidia.com/gpu for gpu, none for cpu.",
     )
 
+    product: AcceleratorProduct | None = Field(  # type: ignore[valid-type]
+        None,
+        description="Which accelerator the nodes have, for its device memory when memory is not "
+        "given: " + ", ".join(f"{k} ({v >> 30} GiB)" for k, v in ACCELERATORS.items()) + ".",
+    )
+    memory: str | None = Field(
+        None,
+        max_length=64,
+        pattern=MEMORY_QUANTITY,
+        description="Memory of one device (a quantity, e.g. 64Gi), for the check that the plan's "
+        "weights, KV cache and workspace fit each rank before any pod starts. Default: the "
+        "product's memory; with neither, the operator does not check and each worker checks "
+        "against what its device reports at start-up.",
+    )
+
     def _resolve(self) -> None:
         if self.resource_name is None:
             self.resource_name = DEFAULT_RESOURCE_NAMES[self.type]
+
+    def memory_bytes(self) -> int | None:
+        """One device's memory in bytes: memory, else the product's, else None (unknown)."""
+        if self.memory is not None:
+            return int(parse_quantity(self.memory) or 0)
+        return ACCELERATORS[self.product] if self.product is not None else None
 
 
 class Worker(ApiModel):
@@ -71,6 +110,9 @@ class Worker(ApiModel):
         "IfNotPresent", description="Pull policy of the worker and sharder images."
     )
     accelerator: Accelerator = section(Accelerator, "The devices each rank runs on.")
+    ascend: Ascend = section(
+        Ascend, "Ascend NPU settings (driver mounts, device group, host network, HCCL)."
+    )
     resources: dict[str, Any] | None = Field(
         None,
         description="Extra compute resources of the worker container (core/v1 "

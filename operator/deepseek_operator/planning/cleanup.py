@@ -38,7 +38,8 @@ def remove_old_shards(state: PassState) -> None:
 def _remove(state: PassState, old: Obj, fp: str) -> None:
     """One old sharding Job: stop it if it still writes, remove its directory, then delete it."""
     name = str(meta(old).get("name"))
-    cleanup_name = names.cleanup_job(state.ctx.name, fp)
+    node = annotation(old, names.NODE_INDEX_ANNOTATION)
+    cleanup_name = names.cleanup_job(state.ctx.name, fp, node)
     cleanup = state.observed.job(cleanup_name)
     directory = names.shard_dir(fp)
     if cleanup is not None and annotation(cleanup, names.CLEANS_UID_ANNOTATION) != uid(old):

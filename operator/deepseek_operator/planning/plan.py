@@ -27,8 +27,12 @@ from . import names, objects
 from . import status as st
 from .cleanup import remove_old_shards
 from .fingerprint import fingerprint
+from .hccl import plan_rank_table
+from .memory import check_memory
+from .node_shards import plan_node_shards
 from .observed import Obj, Observed, annotation, meta, terminating, uid
-from .shards import Shards, plan_shards, shard_bytes, shards_status
+from .pinning import plan_pins
+from .shards import Shards, dir_bytes, plan_shards, shard_bytes, shards_status
 from .state import Delete, PassState, Plan
 from .status import Cond, EventSpec, Summary
 from .store import plan_store
@@ -95,6 +99,7 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
 
     model_config, config_error = read_model_config(body)
     warnings = list(parsed.warnings)
+    memory_warning = ""
     if config_error:
         summary = _not_validated(generation, st.INVALID_MODEL_CONFIG, config_error, previous)
         return _finish(previous, summary, observed, [], [], [], [])
@@ -106,6 +111,10 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
             )
             return _finish(previous, summary, observed, [], [], [], [])
         warnings += [w for w in review.warnings if w not in warnings]
+        memory = check_memory(spec, model_config, review.quantization)
+        if memory is not None and memory.error:
+            return _does_not_fit(generation, memory.error, previous, observed)
+        memory_warning = memory.warning if memory is not None else ""
 
     fp = fingerprint(spec, model_config, owner=f"{dep.namespace}/{dep.name}")
     ctx = objects.Context(dep, str(md.get("uid") or ""), fp, generation)
@@ -117,7 +126,20 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
         and previous.observed_generation == generation
         and _reason(previous, WORKERS_READY) in (st.RESTART_BUDGET_EXHAUSTED, st.CONFIG_MISMATCH)
     )
-    return _run(PassState(ctx, observed, previous, warnings, retry, sticky))
+    state = PassState(ctx, observed, previous, warnings, retry, sticky)
+    state.memory_warning = memory_warning
+    return _run(state)
+
+
+def _does_not_fit(generation: int, message: str, previous: Any, observed: Observed) -> Plan:
+    """Validated False (InsufficientMemory): nothing is sharded or started; a Warning Event
+    names the numbers and the fix when the message is new."""
+    summary = _not_validated(generation, st.INSUFFICIENT_MEMORY, message, previous)
+    old = st.condition(previous, VALIDATED)
+    events = []
+    if old is None or old.reason != st.INSUFFICIENT_MEMORY or old.message != message:
+        events.append(EventSpec("Warning", st.INSUFFICIENT_MEMORY, st.truncate(message)))
+    return _finish(previous, summary, observed, [], [], events, [])
 
 
 def _reason(status: DeepSeekDeploymentStatus, kind: str) -> str | None:
@@ -134,6 +156,7 @@ def _finish(
     events: list[EventSpec],
     counted: list[str],
     resize: Obj | None = None,
+    pins: list[Any] | None = None,
 ) -> Plan:
     new = st.build_status(previous, summary, observed.now)
     return Plan(
@@ -144,6 +167,7 @@ def _finish(
         previous=previous,
         counted_failures=counted,
         resize=resize,
+        pins=pins or [],
     )
 
 
@@ -159,12 +183,14 @@ def _run(state: PassState) -> Plan:
     validated_cond = validated(state, store.warning if store else "")
     state.apply += [objects.headless_service(ctx), objects.client_service(ctx)]
     _network_policy(state)
-    shards = plan_shards(state, store)
+    nodes = objects.store_nodes(state.spec)
+    shards = plan_node_shards(state) if nodes else plan_shards(state, store)
     observed_sts = state.observed.statefulset(names.statefulset(ctx.name))
     if observed_sts is not None and terminating(observed_sts):
         observed_sts = None
     desired_sts = _worker_children(state, shards)
-    workers = plan_workers(state, observed_sts, desired_sts, shards)
+    workers = plan_rank_table(state, plan_workers(state, observed_sts, desired_sts, shards))
+    plan_pins(state)
     serving_previous = (
         workers.all_ready
         and observed_sts is not None
@@ -222,6 +248,7 @@ def _run(state: PassState) -> Plan:
         state.events,
         state.counted,
         state.resize,
+        state.pins,
     )
     result.recheck = state.recheck
     return result
@@ -246,9 +273,11 @@ def _worker_children(state: PassState, shards: Shards) -> Obj | None:
     ctx = state.ctx
     config_map = objects.engine_config_map(ctx)
     digest = config_map["metadata"]["annotations"][names.ENGINE_CONFIG_ANNOTATION]
-    desired = objects.statefulset(ctx, digest, shard_bytes(state, shards))
+    desired = objects.statefulset(ctx, digest, shard_bytes(state, shards), dir_bytes(state, shards))
     desired["metadata"]["annotations"][names.TEMPLATE_ANNOTATION] = _digest(desired["spec"])
-    state.apply += [config_map, desired, objects.disruption_budget(ctx)]
+    group = objects.pod_group(ctx)  # before the pods, which name it
+    state.apply += [*([group] if group else []), config_map, desired]
+    state.apply.append(objects.disruption_budget(ctx))
     return desired
 
 

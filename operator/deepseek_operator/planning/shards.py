@@ -294,6 +294,17 @@ def shard_bytes(state: PassState, shards: Shards) -> int | None:
     return None
 
 
+def dir_bytes(state: PassState, shards: Shards) -> dict[str, int] | None:
+    """The bytes per directory group of the current shards (sharder's summary, else the status
+    for the same fingerprint), as shard_bytes; None from a sharder that did not report them."""
+    if shards.summary and shards.summary.get("dirBytes"):
+        return {k: int(v) for k, v in shards.summary["dirBytes"].items()}
+    old = state.previous.shards
+    if old is not None and old.dir_bytes and state.previous.fingerprint == state.ctx.fingerprint:
+        return dict(old.dir_bytes)
+    return None
+
+
 def shards_status(state: PassState, shards: Shards) -> dict[str, Any] | None:
     """The status of this plan's shards; once complete, it says so for good (with the uid of the
     Job that wrote them), even after that Job is deleted."""
@@ -301,13 +312,16 @@ def shards_status(state: PassState, shards: Shards) -> dict[str, Any] | None:
         return None
     fp = state.ctx.fingerprint
     job = names.shard_job(state.ctx.name, fp)
+    nodes = objects.store_nodes(state.spec)
+    if nodes:
+        job = ", ".join(names.shard_job(state.ctx.name, fp, i) for i in range(len(nodes)))
     old = state.previous.shards
     same = old is not None and old.fingerprint in (fp, None) and state.previous.fingerprint == fp
     out: dict[str, Any] = {"job": job, "fingerprint": fp}
     if not shards.complete:
         return out
     if shards.summary:
-        keys = ("bytes", "files", "seconds", "throughputMBps")
+        keys = ("bytes", "files", "seconds", "throughputMBps", "dirBytes")
         out.update({k: shards.summary[k] for k in keys if k in shards.summary})
     elif same and old is not None:
         out = {**old.to_dict(), **out}

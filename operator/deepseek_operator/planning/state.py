@@ -4,7 +4,7 @@ concerns of one pass share (PassState: the inputs, and the outputs each concern 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..api import DeepSeekDeploymentSpec, DeepSeekDeploymentStatus
 from ..api.status import Phase
@@ -43,6 +43,8 @@ class Plan:
     # Look again in RECHECK_SECONDS even without an event: a controller that cannot create a
     # pod records only an Event, which the operator does not watch.
     recheck: bool = False
+    # Node-local shards on several nodes: held worker pods to place on their node (pinning.py).
+    pins: list[Any] = field(default_factory=list)
 
     @property
     def status_changed(self) -> bool:
@@ -72,8 +74,10 @@ class PassState:
     events: list[EventSpec] = field(default_factory=list)
     counted: list[str] = field(default_factory=list)
     resize: Obj | None = None
+    pins: list[Any] = field(default_factory=list)
     restarts: int = 0  # group restarts spent of the budget
     recheck: bool = False  # see Plan.recheck
+    memory_warning: str = ""  # the plan fits its devices with little headroom (memory.py)
 
     @property
     def spec(self) -> DeepSeekDeploymentSpec:

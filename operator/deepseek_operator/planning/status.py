@@ -37,6 +37,8 @@ CONFIG_MISMATCH = "ConfigMismatch"
 # Valid, but spec.sharding.store.pvc asks the existing claim for something it does not get (a
 # smaller size, another storage class, a resize the API server refused).
 STORE_SPEC_NOT_APPLIED = "StoreSpecNotApplied"
+# config.json and the plan need more device memory per rank than spec.worker.accelerator has.
+INSUFFICIENT_MEMORY = "InsufficientMemory"
 NOT_VALIDATED = "NotValidated"
 # Valid to the CRD, but the API server refused a child built from it (a field passed through to
 # pods that it rejects, an admission policy): the message is the API server's.
@@ -71,6 +73,8 @@ ROLLING_OUT = "RollingOut"
 GROUP_RESTARTING = "GroupRestarting"
 RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
 ALL_WORKERS_READY = "AllWorkersReady"
+# Ascend on several nodes: the HCCL rank table lacks a pod's IP or its device plugin annotation.
+RANK_TABLE_INCOMPLETE = "RankTableIncomplete"
 
 SERVING = "Serving"
 SERVING_PREVIOUS_PLAN = "ServingPreviousPlan"

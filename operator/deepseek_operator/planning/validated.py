@@ -29,7 +29,7 @@ def validated(state: PassState, store_warning: str) -> Cond:
     """Valid, with the settings that have no effect named; each warning is posted as an
     Event once, when it first appears in the condition's message."""
     spec_text = "; ".join(state.warnings)
-    text = "; ".join(t for t in (store_warning, spec_text) if t)
+    text = "; ".join(t for t in (store_warning, spec_text, state.memory_warning) if t)
     if not text:
         return Cond(VALIDATED, "True", st.VALID, "the spec is valid")
     old = st.condition(state.previous, VALIDATED)
@@ -38,6 +38,10 @@ def validated(state: PassState, store_warning: str) -> Cond:
         state.events.append(EventSpec("Warning", "StoreSpecNotApplied", st.truncate(store_warning)))
     if spec_text and spec_text not in before:
         state.events.append(EventSpec("Warning", "SpecWarning", st.truncate(spec_text)))
+    if state.memory_warning and state.memory_warning not in before:
+        state.events.append(
+            EventSpec("Warning", "LowMemoryHeadroom", st.truncate(state.memory_warning))
+        )
     reason = st.STORE_SPEC_NOT_APPLIED if store_warning else st.VALID_WITH_WARNINGS
     return Cond(VALIDATED, "True", reason, text)
 

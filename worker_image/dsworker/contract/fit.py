@@ -11,10 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from dsworker.contract.engine_config import EngineConfig
 from dsworker.contract.kv_budget import GIB
 from dsworker.contract.layout import ParallelPlan
 from dsworker.contract.memory import HEADROOM_WARN, kv_cache_bytes, weight_bytes, workspace_bytes
 from dsworker.contract.quant import quant_format
+
+# Bytes per element of the engine config's compute dtypes.
+COMPUTE_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+# What the worker reads as one device's memory in GiB (the operator sets it from the spec).
+MEMORY_ENV = "DSWORKER_DEVICE_MEMORY_GIB"
 
 # Device memory per accelerator, bytes (vendor figures).
 ACCELERATORS: dict[str, int] = {
@@ -102,3 +108,20 @@ def check_fit(
     kv = npu_mem_size * GIB if npu_mem_size >= 0 else wanted
     work = workspace_bytes(cfg, prefill_tokens, dtype_bytes)
     return Fit(weights, kv, one, work, device_bytes, quant_format(cfg) is not None)
+
+
+def engine_fit(cfg: dict[str, Any], engine: EngineConfig, device_bytes: int) -> Fit:
+    """check_fit with an engine config's numbers: the one mapping the operator and `dsworker
+    serve` share, so both reach the same verdict."""
+    return check_fit(
+        cfg,
+        ParallelPlan(engine.worldSize, engine.dp, engine.tp, engine.moe_tp, engine.moe_ep),
+        device_bytes,
+        max_seq_len=engine.maxSeqLen,
+        max_batch_size=engine.maxBatchSize,
+        page_size=engine.cacheBlockSize,
+        prefill_tokens=engine.maxPrefillTokens,
+        npu_mem_size=engine.npuMemSize,
+        mtp=engine.mtp,
+        dtype_bytes=COMPUTE_DTYPE_BYTES[engine.dtype],
+    )

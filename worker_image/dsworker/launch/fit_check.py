@@ -13,13 +13,10 @@ import os
 from pathlib import Path
 
 from dsworker.contract.engine_config import EngineConfig, EngineConfigError
-from dsworker.contract.fit import Fit, check_fit
+from dsworker.contract.fit import MEMORY_ENV, Fit, engine_fit
 from dsworker.contract.kv_budget import GIB
-from dsworker.contract.layout import ParallelPlan
 
 log = logging.getLogger("dsworker.launch.fit")
-MEMORY_ENV = "DSWORKER_DEVICE_MEMORY_GIB"
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def device_memory(cfg: EngineConfig) -> int | None:
@@ -43,18 +40,7 @@ def check_start(model_dir: Path, cfg: EngineConfig) -> Fit | None:
     mem = device_memory(cfg)
     if mem is None:
         return None
-    fit = check_fit(
-        json.loads((model_dir / "config.json").read_text()),
-        ParallelPlan(cfg.worldSize, cfg.dp, cfg.tp, cfg.moe_tp, cfg.moe_ep),
-        mem,
-        max_seq_len=cfg.maxSeqLen,
-        max_batch_size=cfg.maxBatchSize,
-        page_size=cfg.cacheBlockSize,
-        prefill_tokens=cfg.maxPrefillTokens,
-        npu_mem_size=cfg.npuMemSize,
-        mtp=cfg.mtp,
-        dtype_bytes=DTYPE_BYTES[cfg.dtype],
-    )
+    fit = engine_fit(json.loads((model_dir / "config.json").read_text()), cfg, mem)
     if not fit.fits:
         raise EngineConfigError(f"{model_dir}: {fit.message()}")
     (log.warning if fit.low_headroom else log.info)("memory: %s", fit.message())

@@ -3,7 +3,8 @@
 Each builder is a pure function of the validated deployment (and, for a few, of facts read from
 the cluster such as the shard bytes); the decision of which ones to apply lives in plan.py. One
 module per concern: context (shared metadata), pods, storage, engine_config, jobs, network,
-workload (the StatefulSet).
+workload (the StatefulSet), placement (node-local pinning), podgroup (Volcano),
+rank_table (the HCCL rank table ConfigMap).
 """
 
 from .context import Context, Obj, metadata, owner_reference
@@ -16,11 +17,15 @@ from .network import (
     headless_service,
     network_policy,
 )
+from .placement import NODE_PIN_GATE, node_selector, store_nodes
+from .podgroup import pod_group
 from .pods import RUN_AS
+from .rank_table import rank_table_config_map
 from .storage import model_dir, resized_store_claim, store_claim
 from .workload import staged_bytes, statefulset
 
 __all__ = [
+    "NODE_PIN_GATE",
     "RUN_AS",
     "Context",
     "Obj",
@@ -34,7 +39,10 @@ __all__ = [
     "metadata",
     "model_dir",
     "network_policy",
+    "node_selector",
     "owner_reference",
+    "pod_group",
+    "rank_table_config_map",
     "resized_store_claim",
     "shard_args",
     "shard_job",
@@ -42,4 +50,5 @@ __all__ = [
     "statefulset",
     "store_claim",
     "template_digest",
+    "store_nodes",
 ]

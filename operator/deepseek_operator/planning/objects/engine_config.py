@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import hashlib
 
+from dsworker.contract.fit import MEMORY_ENV
+from dsworker.contract.kv_budget import GIB
+
+from ...api import DeepSeekDeploymentSpec
 from .. import names
 from ..runtimes import EngineRendering, Placement
 from ..runtimes.dsworker import engine_config
@@ -36,7 +40,17 @@ def dsworker_env(ctx: Context) -> list[Obj]:
     ]
     if spec.model.mtp:
         env.append({"name": "DEEPSEEK_MTP", "value": "1"})
+    memory_gib = device_memory_gib(spec)
+    if memory_gib is not None:
+        env.append({"name": MEMORY_ENV, "value": memory_gib})
     return env
+
+
+def device_memory_gib(spec: DeepSeekDeploymentSpec) -> str | None:
+    """One device's memory in GiB for the workers' start-up fit check (the same figure the
+    operator checked), or None when the spec does not say it: the worker then asks its device."""
+    device = spec.worker.accelerator.memory_bytes()
+    return None if device is None else f"{device / GIB:.6f}".rstrip("0").rstrip(".")
 
 
 def rendering(ctx: Context) -> EngineRendering:

@@ -11,6 +11,7 @@ from typing import Any
 from .. import names
 from ..observed import EXIT_BAD_INPUT
 from .context import Context, Obj, metadata
+from .placement import node_selector, store_nodes
 from .pods import container_security_context, placement, pod_name_env, pod_security_context
 from .storage import (
     SOURCE_MOUNT,
@@ -25,8 +26,9 @@ from .storage import (
 CLEANUP_TTL_SECONDS = 3600
 
 
-def shard_args(ctx: Context) -> list[str]:
-    """`dsworker shard` with the plan: the same numbers the workers run."""
+def shard_args(ctx: Context, node: int | None = None) -> list[str]:
+    """`dsworker shard` with the plan: the same numbers the workers run (with `node`: only the
+    ranks of worker pod `node` and the files every rank reads)."""
     spec = ctx.spec
     plan = spec.parallelism.to_plan()
     args = [
@@ -55,10 +57,13 @@ def shard_args(ctx: Context) -> list[str]:
     args += ["--expect-architecture", "DeepseekV3"]
     args += ["--expect-quantization", spec.model.quantization]
     args += ["--max-seq-len", str(spec.serving.max_seq_len)]
+    if node is not None:
+        args += ["--node-index", str(node)]
+        args += ["--devices-per-node", str(spec.parallelism.devices_per_node)]
     return args
 
 
-def _shard_pod_spec(ctx: Context) -> Obj:
+def _shard_pod_spec(ctx: Context, node: int | None = None) -> Obj:
     spec = ctx.spec
     sharding, worker = spec.sharding, spec.worker
     container: Obj = {
@@ -66,7 +71,7 @@ def _shard_pod_spec(ctx: Context) -> Obj:
         "image": sharding.image,
         "imagePullPolicy": worker.image_pull_policy,
         "command": ["dsworker"],
-        "args": shard_args(ctx),
+        "args": shard_args(ctx, node),
         "env": pod_name_env(),
         # The sharder writes its JSON summary, or {"error": ...}, here; the log tail otherwise.
         "terminationMessagePath": "/dev/termination-log",
@@ -96,6 +101,10 @@ def _shard_pod_spec(ctx: Context) -> Obj:
         # A hostPath store: the shards must land on the workers' node. A hostPath checkpoint: it
         # is on the nodes the workers are placed on, not necessarily on any other.
         pod_spec.update(placement(spec))
+    nodes = store_nodes(spec)
+    if node is not None and nodes is not None:
+        # The node whose worker pod reads these ranks.
+        pod_spec["nodeSelector"] = node_selector(spec, nodes[node])
     return pod_spec
 
 
@@ -105,9 +114,11 @@ def template_digest(template: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()
 
 
-def shard_job(ctx: Context) -> Obj:
+def shard_job(ctx: Context, node: int | None = None) -> Obj:
+    """The sharding Job (with `node`: the one of node `node` of a node-local store)."""
     sharding = ctx.spec.sharding
-    name = names.shard_job(ctx.name, ctx.fingerprint)
+    name = names.shard_job(ctx.name, ctx.fingerprint, node)
+    extra = {} if node is None else {names.NODE_INDEX_ANNOTATION: str(node)}
     labels = names.labels(ctx.name, names.SHARDER)
     labels[names.FINGERPRINT_LABEL] = names.short_fingerprint(ctx.fingerprint)
     job = {
@@ -120,6 +131,7 @@ def shard_job(ctx: Context) -> Obj:
             {
                 names.GENERATION_ANNOTATION: str(ctx.generation),
                 names.SHARD_DIR_ANNOTATION: names.shard_dir(ctx.fingerprint),
+                **extra,
             },
         ),
         "spec": {
@@ -147,7 +159,7 @@ def shard_job(ctx: Context) -> Obj:
                         names.DEPLOYMENT_ANNOTATION: ctx.name,
                     },
                 },
-                "spec": _shard_pod_spec(ctx),
+                "spec": _shard_pod_spec(ctx, node),
             },
         },
     }
@@ -176,6 +188,7 @@ def cleanup_job(ctx: Context, source: Mapping[str, Any], suspend: bool = False) 
     store = next((v for v in template.get("volumes") or () if v.get("name") == "store"), None)
     if not fp or store is None:
         return None
+    node = notes.get(names.NODE_INDEX_ANNOTATION)  # one Job per node of a node-local store
     image, pull = ctx.spec.sharding.image, ctx.spec.worker.image_pull_policy
     if names.CLEANS_UID_ANNOTATION in notes:  # a cleanup Job: resumed exactly as created
         cleans = notes[names.CLEANS_UID_ANNOTATION]
@@ -211,12 +224,13 @@ def cleanup_job(ctx: Context, source: Mapping[str, Any], suspend: bool = False) 
         "kind": "Job",
         "metadata": metadata(
             ctx,
-            names.cleanup_job(ctx.name, fp),
+            names.cleanup_job(ctx.name, fp, node),
             names.CLEANUP,
             {
                 names.SHARD_DIR_ANNOTATION: names.shard_dir(fp),
                 names.CLEANS_UID_ANNOTATION: cleans,
                 names.CLEANS_GENERATION_ANNOTATION: generation,
+                **({} if node is None else {names.NODE_INDEX_ANNOTATION: node}),
             },
             fingerprint=fp,
         ),
