@@ -86,6 +86,7 @@ RUNTIME_RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
     "mindie-reasoning-parser": (mindie(), mindie(serving={"reasoningParser": "deepseek_r1"})),
     "mindie-tool-call-parser": (mindie(), mindie(serving={"toolCallParser": "deepseek_v3"})),
+    "mindie-api-key-secret": (mindie(), mindie(serving={"apiKeySecret": {"name": "k"}})),
     "mindie-torch-compile": (mindie(), mindie(serving={"torchCompile": True})),
     "mindie-expert-merge": (
         mindie(sharding=NO_SHARDING),

@@ -686,7 +686,13 @@ def test_reshard_rolls_the_workers_only_when_the_new_shards_are_complete(
     model = next(v for v in sts.spec.template.spec.volumes if v.name == "model")
     assert model.empty_dir.size_limit  # sized from the shard bytes of the summary
     assert not old_pods & {p.metadata.uid for p in worker_pods(dsd, "rs")}
-    assert status["shards"] == {**summary, "job": new_job.metadata.name}
+    assert status["shards"] == {
+        **summary,
+        "job": new_job.metadata.name,
+        "jobUid": new_job.metadata.uid,
+        "fingerprint": new_fp,
+        "complete": True,
+    }
 
     # The old plan's shards are removed by a Job on the store, then its sharding Job goes.
     cleanup_name = names.cleanup_job("rs", old_fp)

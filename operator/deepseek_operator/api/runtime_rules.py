@@ -259,6 +259,15 @@ MINDIE_RULES: tuple[Rule, ...] = (
     ),
     _refuse(
         "mindie",
+        "api-key-secret",
+        "spec.serving.apiKeySecret: runtime mindie takes no API key file (MindIE authenticates "
+        "with its own TLS and token settings); remove apiKeySecret, or use the default runtime or "
+        "vllm",
+        lambda s: s.serving.api_key_secret is None,
+        _unset(_SERVING, "apiKeySecret"),
+    ),
+    _refuse(
+        "mindie",
         "tool-call-parser",
         "spec.serving.toolCallParser: runtime mindie has no tool-call parser setting; remove it",
         lambda s: s.serving.tool_call_parser is None,

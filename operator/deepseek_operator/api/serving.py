@@ -2,12 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
-from .base import ApiModel, Rule
+from .base import ApiModel, Rule, section
+from .model import DNS_SUBDOMAIN
 from .names import HCCL_PORTS, RENDEZVOUS_PORT
+
+
+class ApiKeySecret(ApiModel):
+    """The Secret key that holds the API key clients must send (OpenAI's bearer token)."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description="Name of a Secret in the deployment's namespace.",
+    )
+    key: str = Field(
+        "api-key",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="Key of the Secret holding the API key. It is mounted read-only into the "
+        "worker pods (never read by the operator) and rank 0 answers 401 to a request without "
+        "`Authorization: Bearer <key>`.",
+    )
+
+
+class NetworkPolicy(ApiModel):
+    """An optional NetworkPolicy of the worker pods."""
+
+    enabled: bool = Field(
+        False,
+        description="Create a NetworkPolicy for the worker pods: every port (the rendezvous, "
+        "the collectives) is open only to the pods of the same group, the OpenAI port also to "
+        "apiFrom. Needs a network plugin that enforces NetworkPolicy.",
+    )
+    api_from: list[dict[str, Any]] | None = Field(
+        None,
+        max_length=64,
+        description="Who may reach the OpenAI port from outside the group (core/v1 "
+        "NetworkPolicyPeer list: podSelector, namespaceSelector, ipBlock). Unset: any source; "
+        "[]: none.",
+    )
 
 
 class Serving(ApiModel):
@@ -113,4 +152,12 @@ class Serving(ApiModel):
         description="deepseek_v3: chat requests may carry OpenAI `tools`, and the tool calls "
         "DeepSeek-V3/R1 write in their own markup come back as `tool_calls`, as vLLM's "
         "--tool-call-parser deepseek_v3 does (toolCallParser); unset refuses `tools`.",
+    )
+    api_key_secret: ApiKeySecret | None = Field(
+        None,
+        description="The API key clients must send as `Authorization: Bearer <key>` (OpenAI's "
+        "bearer token), from a Secret mounted read-only into the workers. Unset: no key.",
+    )
+    network_policy: NetworkPolicy = section(
+        NetworkPolicy, "An optional NetworkPolicy of the worker pods."
     )

@@ -68,6 +68,21 @@ class ShardsStatus(StatusModel):
         None, ge=0, alias="throughputMBps", description="Bytes written per second, in MB/s."
     )
     job: str | None = Field(None, description="Name of the sharding Job.")
+    job_uid: str | None = Field(
+        None, description="uid of the sharding Job that wrote these shards."
+    )
+    fingerprint: str | None = Field(
+        None,
+        description="The plan these shards are for; their directory in the store is its first "
+        "16 hex digits.",
+    )
+    complete: bool | None = Field(
+        None,
+        description="True once the sharding Job completed: the directory is sealed by the "
+        "_COMPLETE marker the sharder writes last (the workers stage nothing without it). Kept "
+        "when the Job is deleted afterwards (by hand, by a TTL), so the shards are not written "
+        "again.",
+    )
     dir_bytes: dict[str, int] | None = Field(
         None,
         description="Bytes of one directory of each group of the layout (vocab, norm, attn, "

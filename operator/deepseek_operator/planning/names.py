@@ -42,6 +42,10 @@ WORLD_SIZE_ANNOTATION = f"{GROUP}/world-size"
 ENGINE_CONFIG_ANNOTATION = f"{GROUP}/engine-config-sha256"
 SHARD_DIR_ANNOTATION = f"{GROUP}/shard-dir"
 TEMPLATE_ANNOTATION = f"{GROUP}/template-sha256"
+CLEANS_UID_ANNOTATION = f"{GROUP}/cleans-job-uid"
+"""On a cleanup Job: the uid of the sharding Job whose directory it removes (a cleanup Job of an
+earlier sharding Job of the same plan is never taken as proof that this one's shards are gone)."""
+CLEANS_GENERATION_ANNOTATION = f"{GROUP}/cleans-generation"
 RUNTIME_ANNOTATION = f"{GROUP}/runtime"
 """On the worker StatefulSet: the engine its pods run (status.runtime while it still serves)."""
 MODEL_CONFIG_ANNOTATION = f"{GROUP}/model-config"
@@ -60,6 +64,7 @@ SHARD_STORE = "shard-store"
 SERVICE = "api"
 HEADLESS = "rank-discovery"
 DISRUPTION = "disruption-budget"
+NETWORK_POLICY = "network-policy"
 RANK_TABLE = "rank-table"
 POD_GROUP = "pod-group"
 
@@ -150,6 +155,10 @@ def client_service(name: str) -> str:
 
 def disruption_budget(name: str) -> str:
     return f"{base_name(name)}-workers"
+
+
+def network_policy(name: str) -> str:
+    return f"{base_name(name)}-net"
 
 
 def selector_labels(name: str, component: str) -> dict[str, str]:

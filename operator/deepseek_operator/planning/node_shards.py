@@ -10,8 +10,8 @@ from ..api.status import SHARDED
 from . import names, objects
 from . import status as st
 from .objects.placement import store_nodes
-from .observed import job_state, pods_of_job, terminating
-from .shards import Shards, _complete_job, _failed_job, _running_job, plan_text
+from .observed import job_state, pods_of_job, terminating, termination
+from .shards import Shards, _complete, _failed_job, _running_job, plan_text
 from .state import PassState
 from .status import Cond
 
@@ -47,7 +47,7 @@ def plan_node_shards(state: PassState) -> Shards:
                 return failed
             pending.append(failed)
         elif job_status == "complete":
-            done.append(_complete_job(state, pods))
+            done.append(_complete(state, job, termination(pods, succeeded=True)))
         else:
             pending.append(_running_job(state, job_name, pods, ""))
     if pending:

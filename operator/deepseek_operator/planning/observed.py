@@ -29,6 +29,7 @@ class Observed:
     statefulsets: list[Obj] = field(default_factory=list)
     pods: list[Obj] = field(default_factory=list)
     claims: list[Obj] = field(default_factory=list)
+    network_policies: list[Obj] = field(default_factory=list)
     # Worker pods seen failing in a watch event: the StatefulSet controller may delete a Failed pod
     # before the next List, and the group must still restart.
     failed_pods: list[Obj] = field(default_factory=list)
@@ -39,9 +40,17 @@ class Observed:
     # message): a 4xx for something in the spec it passes through (resources, env, tolerations,
     # affinity) or an admission policy. The planner reports them; nothing retries faster.
     rejected: dict[str, str] = field(default_factory=dict)
+    # Children the API server failed to store for another reason (a 500 from server-side apply
+    # of a child it cannot merge, a timeout, 503): reported like a refusal, and the reconcile is
+    # retried with a growing delay (the cause may pass).
+    apply_failed: dict[str, str] = field(default_factory=dict)
     # Objects that already exist under a child's name and are not this deployment's ("Service
     # r1" -> whose it is): never applied over, adopted or deleted (see ownership.py).
     foreign: dict[str, str] = field(default_factory=dict)
+    # The newest FailedCreate Event of each Job or StatefulSet short of pods ("Job r1-shard-..."
+    # -> its message): a ResourceQuota, a Pod Security level or a policy engine that refuses the
+    # pods is seen only there.
+    creation_failures: dict[str, str] = field(default_factory=dict)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def component_pods(self, component: str) -> list[Obj]:
@@ -58,6 +67,38 @@ class Observed:
 
     def claim(self, name: str) -> Obj | None:
         return next((c for c in self.claims if meta(c).get("name") == name), None)
+
+    def network_policy(self, name: str) -> Obj | None:
+        return next((n for n in self.network_policies if meta(n).get("name") == name), None)
+
+
+def short_of_pods(observed: Observed) -> list[tuple[str, Obj]]:
+    """The Jobs and StatefulSets whose pods the controllers should have created and have not:
+    a Job still running (not suspended) without any pod, a StatefulSet with fewer pods than
+    replicas, as (kind, object): the items of a List carry no kind. Their FailedCreate Events
+    say why (read by the shell, see creation_failures)."""
+    out: list[tuple[str, Obj]] = []
+    for job in observed.jobs:
+        suspended = (job.get("spec") or {}).get("suspend")
+        if terminating(job) or suspended or job_state(job) != "active":
+            continue
+        if not pods_of_job(str(meta(job).get("name")), observed.pods):
+            out.append(("Job", job))
+    for sts in observed.statefulsets:
+        replicas = int((sts.get("spec") or {}).get("replicas") or 0)
+        owned = [p for p in observed.pods if _controlled_by(p, uid(sts))]
+        if not terminating(sts) and len(owned) < replicas:
+            out.append(("StatefulSet", sts))
+    return out
+
+
+def _controlled_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
+    refs = meta(obj).get("ownerReferences") or ()
+    return any(r.get("controller") and r.get("uid") == owner_uid for r in refs)
+
+
+def creation_failure(observed: Observed, kind: str, name: str) -> str | None:
+    return observed.creation_failures.get(f"{kind} {name}")
 
 
 def meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -57,6 +57,7 @@ def to_check(apply: Iterable[Obj], observed: Observed) -> list[Obj]:
         "Job": observed.job,
         "StatefulSet": observed.statefulset,
         "PersistentVolumeClaim": observed.claim,
+        "NetworkPolicy": observed.network_policy,
     }
     out = []
     for obj in apply:

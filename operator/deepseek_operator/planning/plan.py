@@ -25,20 +25,14 @@ from ..api.config_rules import review_config
 from ..api.status import READY, SHARDED, VALIDATED, WORKERS_READY, Phase
 from . import names, objects
 from . import status as st
+from .cleanup import remove_old_shards
 from .fingerprint import fingerprint
 from .hccl import plan_rank_table
 from .memory import check_memory
 from .node_shards import plan_node_shards
-from .observed import Obj, Observed, annotation, meta, terminating
+from .observed import Obj, Observed, annotation, meta, terminating, uid
 from .pinning import plan_pins
-from .shards import (
-    Shards,
-    dir_bytes,
-    plan_shards,
-    remove_old_shards,
-    shard_bytes,
-    shards_status,
-)
+from .shards import Shards, dir_bytes, plan_shards, shard_bytes, shards_status
 from .state import Delete, PassState, Plan
 from .status import Cond, EventSpec, Summary
 from .store import plan_store
@@ -188,6 +182,7 @@ def _run(state: PassState) -> Plan:
     store = plan_store(state)
     validated_cond = validated(state, store.warning if store else "")
     state.apply += [objects.headless_service(ctx), objects.client_service(ctx)]
+    _network_policy(state)
     nodes = objects.store_nodes(state.spec)
     shards = plan_node_shards(state) if nodes else plan_shards(state, store)
     observed_sts = state.observed.statefulset(names.statefulset(ctx.name))
@@ -206,9 +201,9 @@ def _run(state: PassState) -> Plan:
     if workers.bad_input:
         validated_cond = Cond(VALIDATED, "False", st.CONFIG_MISMATCH, workers.message)
     phase, message = _phase(state, shards, workers, serving_previous)
-    refused = rejected(state)
+    refused_reason, refused = rejected(state)
     if refused:
-        validated_cond = Cond(VALIDATED, "False", st.CHILD_REJECTED, refused)
+        validated_cond = Cond(VALIDATED, "False", refused_reason, refused)
         phase, message = "Failed", refused
     not_ours = foreign(state)
     if not_ours:
@@ -244,7 +239,7 @@ def _run(state: PassState) -> Plan:
         group_restarts=state.restarts,
         endpoint=objects.endpoint(ctx),
     )
-    return _finish(
+    result = _finish(
         state.previous,
         summary,
         state.observed,
@@ -255,6 +250,19 @@ def _run(state: PassState) -> Plan:
         state.resize,
         state.pins,
     )
+    result.recheck = state.recheck
+    return result
+
+
+def _network_policy(state: PassState) -> None:
+    """spec.serving.networkPolicy: applied when enabled; ours deleted once it is not."""
+    policy = objects.network_policy(state.ctx)
+    if policy is not None:
+        state.apply.append(policy)
+        return
+    for old in state.observed.network_policies:
+        if not terminating(old):
+            state.delete.append(Delete("NetworkPolicy", str(meta(old).get("name")), uid(old)))
 
 
 def _worker_children(state: PassState, shards: Shards) -> Obj | None:
@@ -291,7 +299,7 @@ def _phase(
     was_ready = prev.phase in ("Ready", "Degraded") and prev.fingerprint == state.ctx.fingerprint
     if was_ready:
         return "Degraded", workers.message or "a worker was lost"
-    if workers.stage in ("unschedulable", "image", "config"):
+    if workers.stage in ("unschedulable", "image", "config", "creation"):
         return "Pending", workers.message
     if workers.stage in ("staging", "starting", "pending", "rolling", "waiting"):
         return "Staging", workers.message or "creating the workers"

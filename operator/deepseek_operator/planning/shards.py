@@ -1,6 +1,6 @@
 """The shards of the current plan: the store claim and the sharding Job (created, retried after a
-spec change, failed, complete), the bytes they hold, and the removal of earlier plans' shards once
-the group serving the current plan is Ready."""
+spec change, replaced while it has not completed, failed, complete), the completion recorded in
+the status, and the bytes they hold. Earlier plans' shards are removed by cleanup.py."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..api import DeepSeekDeploymentSpec
-from ..api.status import SHARDED
+from ..api.status import SHARDED, ShardsStatus
 from . import names, objects
 from . import status as st
 from .observed import (
     Obj,
+    Termination,
     annotation,
     container_problem,
+    creation_failure,
     job_failure_reason,
     job_state,
     meta,
@@ -40,6 +42,7 @@ class Shards:
     waiting: bool = False  # for something outside (a claim to bind, a node to fit the pod)
     message: str = ""
     summary: dict[str, Any] | None = None
+    job_uid: str | None = None  # of the Job that wrote the complete shards
 
 
 def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
@@ -57,13 +60,19 @@ def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
     claim_pending = _store_claim(state, store)
     job_name = names.shard_job(ctx.name, ctx.fingerprint)
     job = state.observed.job(job_name)
+    blocked = _cleanup_of_this_plan(state, job)
+    if blocked:
+        return blocked
     if job is not None and terminating(job):
         return Shards(
             Cond(SHARDED, "False", st.SHARDING_PENDING, f"waiting for Job {job_name} to go"),
-            message=f"restarting sharding: waiting for the failed Job {job_name} to go",
+            message=f"restarting sharding: waiting for the old Job {job_name} to go",
         )
     if job is None:
+        if recorded_complete(state):
+            return _complete(state, None, recorded=True)
         state.apply.append(objects.shard_job(ctx))
+        state.recheck = True  # its pod may not come (see _running_job)
         text = claim_pending or f"sharding Job {job_name} created for {plan_text(spec)}"
         return Shards(
             Cond(
@@ -80,8 +89,82 @@ def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
     if job_status == "failed":
         return _failed_job(state, job_name, job, pods)
     if job_status == "complete":
-        return _complete_job(state, pods)
+        return _complete(state, job, termination(pods, succeeded=True))
+    replaced = _replace_changed_job(state, job_name, job)
+    if replaced:
+        return replaced
     return _running_job(state, job_name, pods, claim_pending)
+
+
+def recorded_complete(state: PassState) -> bool:
+    """Whether the status records the shards of this plan as complete (the sharding Job may have
+    been deleted since: by hand, by a TTL controller)."""
+    old = state.previous.shards
+    return bool(old and old.complete and old.fingerprint == state.ctx.fingerprint)
+
+
+def _cleanup_of_this_plan(state: PassState, job: Obj | None) -> Shards | None:
+    """A cleanup Job of this plan's directory (left from a plan switched away from and back): the
+    shards are not written beside it, nor taken as complete once it ran on them."""
+    ctx = state.ctx
+    cleanup = state.observed.job(names.cleanup_job(ctx.name, ctx.fingerprint))
+    if cleanup is None or terminating(cleanup):
+        return None
+    directory = names.shard_dir(ctx.fingerprint)
+    cleanup_name = str(meta(cleanup).get("name"))
+    if suspended(cleanup):  # never ran: the directory is as its sharder left it
+        state.delete.append(Delete("Job", cleanup_name, uid(cleanup)))
+        text = f"the plan is current again: cancelling cleanup Job {cleanup_name} of {directory}"
+        return Shards(Cond(SHARDED, "False", st.SHARDING_PENDING, text), message=text)
+    if job_state(cleanup) == "active":
+        text = (
+            f"waiting for cleanup Job {cleanup_name} to finish removing {directory} before it is "
+            "written again"
+        )
+        return Shards(Cond(SHARDED, "False", st.SHARDING_PENDING, text), message=text)
+    cleaned = annotation(cleanup, names.CLEANS_UID_ANNOTATION)
+    if job is not None:
+        current: str | None = uid(job)
+    else:
+        current = (state.previous.shards or ShardsStatus()).job_uid
+        current = current if recorded_complete(state) else None
+    if current is None or cleaned != current:
+        # History: it removed the output of an earlier Job of this plan (or of none the status
+        # knows), not these shards.
+        state.delete.append(Delete("Job", cleanup_name, uid(cleanup)))
+        return None
+    # It removed (part of) these very shards: write them again once it is gone.
+    state.delete.append(Delete("Job", cleanup_name, uid(cleanup)))
+    if job is not None and not terminating(job):
+        state.delete.append(Delete("Job", str(meta(job).get("name")), uid(job)))
+    state.events.append(
+        EventSpec(
+            "Normal",
+            "RetryingSharding",
+            f"cleanup Job {cleanup_name} removed {directory}: sharding it again",
+        )
+    )
+    text = f"re-sharding: cleanup Job {cleanup_name} removed {directory}"
+    return Shards(Cond(SHARDED, "False", st.SHARDING_PENDING, text), message=text)
+
+
+def _replace_changed_job(state: PassState, job_name: str, job: Obj) -> Shards | None:
+    """A sharding Job that has not completed, built from a pod template the spec no longer asks
+    for (placement, resources, image: a pod that may never be scheduled), is replaced: deleted in
+    the foreground, so the new one starts only once its pod is gone. A Job of an earlier operator
+    version (no digest) is left to finish."""
+    have = annotation(job, names.TEMPLATE_ANNOTATION)
+    want = objects.template_digest(objects.shard_job(state.ctx)["spec"]["template"])
+    if have is None or have == want:
+        return None
+    state.delete.append(Delete("Job", job_name, uid(job), propagation="Foreground"))
+    text = f"the spec changed the sharding pod: replacing Job {job_name}, which has not completed"
+    state.events.append(EventSpec("Normal", "ReplacingShardingJob", text))
+    return Shards(Cond(SHARDED, "False", st.SHARDING_PENDING, text), message=text)
+
+
+def suspended(job: Obj) -> bool:
+    return bool((job.get("spec") or {}).get("suspend"))
 
 
 def _store_claim(state: PassState, store: StoreChange | None) -> str:
@@ -126,16 +209,33 @@ def _failed_job(state: PassState, job_name: str, job: Obj, pods: list[Obj]) -> S
     )
 
 
-def _complete_job(state: PassState, pods: list[Obj]) -> Shards:
-    term = termination(pods, succeeded=True)
+def _complete(
+    state: PassState, job: Obj | None, term: Termination | None = None, recorded: bool = False
+) -> Shards:
     summary = term.summary if term and term.summary else None
-    text = f"shards of {plan_text(state.spec)} complete in {names.shard_dir(state.ctx.fingerprint)}"
+    directory = names.shard_dir(state.ctx.fingerprint)
+    text = f"shards of {plan_text(state.spec)} complete in {directory} (sealed by its _COMPLETE)"
     if summary and summary.get("bytes") is not None:
         text += f" ({summary.get('files')} files, {int(summary['bytes']) / 1e9:.2f} GB)"
-    return Shards(Cond(SHARDED, "True", st.SHARDS_COMPLETE, text), complete=True, summary=summary)
+    if recorded:
+        text += "; the sharding Job is gone, its completion is recorded in the status"
+    return Shards(
+        Cond(SHARDED, "True", st.SHARDS_COMPLETE, text),
+        complete=True,
+        summary=summary,
+        job_uid=uid(job) if job is not None else None,
+    )
 
 
 def _running_job(state: PassState, job_name: str, pods: list[Obj], claim_pending: str) -> Shards:
+    refused = creation_failure(state.observed, "Job", job_name) if not pods else None
+    if not pods:
+        state.recheck = True  # no watch event comes when a pod cannot be created
+    if refused and not claim_pending:
+        text = f"sharding Job {job_name} cannot create its pod: {refused}"
+        return Shards(
+            Cond(SHARDED, "False", st.POD_CREATION_FAILED, text), waiting=True, message=text
+        )
     problem = next((found for p in pods if (found := container_problem(p))), None)
     if problem and not claim_pending:
         kind, detail = problem
@@ -206,70 +306,27 @@ def dir_bytes(state: PassState, shards: Shards) -> dict[str, int] | None:
 
 
 def shards_status(state: PassState, shards: Shards) -> dict[str, Any] | None:
+    """The status of this plan's shards; once complete, it says so for good (with the uid of the
+    Job that wrote them), even after that Job is deleted."""
     if not state.spec.sharding.enabled:
         return None
-    job = names.shard_job(state.ctx.name, state.ctx.fingerprint)
+    fp = state.ctx.fingerprint
+    job = names.shard_job(state.ctx.name, fp)
     nodes = objects.store_nodes(state.spec)
     if nodes:
-        job = ", ".join(
-            names.shard_job(state.ctx.name, state.ctx.fingerprint, i) for i in range(len(nodes))
-        )
+        job = ", ".join(names.shard_job(state.ctx.name, fp, i) for i in range(len(nodes)))
+    old = state.previous.shards
+    same = old is not None and old.fingerprint in (fp, None) and state.previous.fingerprint == fp
+    out: dict[str, Any] = {"job": job, "fingerprint": fp}
+    if not shards.complete:
+        return out
     if shards.summary:
         keys = ("bytes", "files", "seconds", "throughputMBps", "dirBytes")
-        return {**{k: shards.summary[k] for k in keys if k in shards.summary}, "job": job}
-    old = state.previous.shards
-    if shards.complete and old is not None and state.previous.fingerprint == state.ctx.fingerprint:
-        return old.to_dict()
-    return {"job": job}
-
-
-def remove_old_shards(state: PassState) -> None:
-    """Once the group serving the current plan is Ready, delete the shard directories of
-    earlier plans (a cleanup Job on their store), then their sharding Jobs."""
-    ctx, observed = state.ctx, state.observed
-    current = names.shard_job(ctx.name, ctx.fingerprint)
-    for old in observed.jobs_of(names.SHARDER):
-        name = str(meta(old).get("name"))
-        if name == current or terminating(old):
-            continue
-        old_fp = annotation(old, names.FINGERPRINT_ANNOTATION) or ""
-        cleanup_name = names.cleanup_job(
-            ctx.name, old_fp, annotation(old, names.NODE_INDEX_ANNOTATION)
-        )
-        cleanup = observed.job(cleanup_name)
-        if cleanup is None:
-            job = objects.cleanup_job(ctx, old)
-            if job is None:
-                state.delete.append(Delete("Job", name, uid(old)))
-                continue
-            state.apply.append(job)
-            state.events.append(
-                EventSpec(
-                    "Normal",
-                    "RemovingOldShards",
-                    f"deleting the shards of the previous plan ({names.shard_dir(old_fp)}) "
-                    f"with Job {cleanup_name}",
-                )
-            )
-            continue
-        cleanup_state = job_state(cleanup)
-        if cleanup_state == "active":
-            continue
-        state.delete.append(Delete("Job", name, uid(old)))
-        if cleanup_state == "complete":
-            state.events.append(
-                EventSpec(
-                    "Normal",
-                    "OldShardsRemoved",
-                    f"removed {names.shard_dir(old_fp)} and sharding Job {name}",
-                )
-            )
-        else:
-            state.events.append(
-                EventSpec(
-                    "Warning",
-                    "OldShardsLeft",
-                    f"cleanup Job {cleanup_name} failed ({job_failure_reason(cleanup)}); "
-                    f"{names.shard_dir(old_fp)} is left in the store: delete it by hand",
-                )
-            )
+        out.update({k: shards.summary[k] for k in keys if k in shards.summary})
+    elif same and old is not None:
+        out = {**old.to_dict(), **out}
+    out["complete"] = True
+    job_uid = shards.job_uid or (old.job_uid if same and old is not None else None)
+    if job_uid:
+        out["jobUid"] = job_uid
+    return out

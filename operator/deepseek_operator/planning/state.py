@@ -18,9 +18,12 @@ class Delete:
     """A child to delete (Background propagation: a Job's pods go with it), only while it is the
     object of this uid (a precondition: a namesake created since is never deleted)."""
 
-    kind: Literal["Job", "Pod"]
+    kind: Literal["Job", "Pod", "NetworkPolicy"]
     name: str
     uid: str
+    # Foreground: the object stays (terminating) until its pods are gone, so the planner can
+    # wait for a sharder to stop before anything else touches its directory.
+    propagation: Literal["Background", "Foreground"] = "Background"
 
 
 @dataclass
@@ -37,6 +40,9 @@ class Plan:
     # The store claim with a new storage request, applied before everything else: the API server
     # may refuse it (then the shell plans again with Observed.store_resize_refused set).
     resize: Obj | None = None
+    # Look again in RECHECK_SECONDS even without an event: a controller that cannot create a
+    # pod records only an Event, which the operator does not watch.
+    recheck: bool = False
     # Node-local shards on several nodes: held worker pods to place on their node (pinning.py).
     pins: list[Any] = field(default_factory=list)
 
@@ -70,6 +76,7 @@ class PassState:
     resize: Obj | None = None
     pins: list[Any] = field(default_factory=list)
     restarts: int = 0  # group restarts spent of the budget
+    recheck: bool = False  # see Plan.recheck
     memory_warning: str = ""  # the plan fits its devices with little headroom (memory.py)
 
     @property

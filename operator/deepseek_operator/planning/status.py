@@ -43,6 +43,9 @@ NOT_VALIDATED = "NotValidated"
 # Valid to the CRD, but the API server refused a child built from it (a field passed through to
 # pods that it rejects, an admission policy): the message is the API server's.
 CHILD_REJECTED = "ChildRejected"
+# The API server failed to store a child for another reason (HTTP 5xx, 409, a timeout): the
+# message is its answer, and the operator retries with a growing delay.
+CHILD_APPLY_FAILED = "ChildApplyFailed"
 # An object the operator did not create (a user's, another deployment's) holds a child's name:
 # the operator leaves it alone and holds that child.
 FOREIGN_OBJECT = "ForeignObject"
@@ -57,6 +60,9 @@ SHARDING_FAILED = "ShardingFailed"
 # A container (the sharder's or a worker's) cannot start: Sharded or WorkersReady False.
 IMAGE_PULL_FAILED = "ImagePullFailed"
 CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+# The Job or StatefulSet controller cannot create a pod (its FailedCreate Event: a ResourceQuota,
+# a Pod Security level, a policy webhook): Sharded or WorkersReady False.
+POD_CREATION_FAILED = "PodCreationFailed"
 
 WAITING_FOR_SHARDS = "WaitingForShards"
 UNSCHEDULABLE = "Unschedulable"

@@ -46,19 +46,31 @@ def validated(state: PassState, store_warning: str) -> Cond:
     return Cond(VALIDATED, "True", reason, text)
 
 
-def rejected(state: PassState) -> str:
-    """What the API server refused to store, with the spec fields the child is built from;
-    a Warning Event when the message is new."""
+def rejected(state: PassState) -> tuple[str, str]:
+    """(reason, message): what the API server refused (4xx) or failed (any other error) to
+    store, with the spec fields the child is built from; a Warning Event when the message is
+    new. ("", "") when every child was stored."""
+    refused, failed = state.observed.rejected, state.observed.apply_failed
     texts = [
-        f"the API server refused {child} ({CHILD_FIELDS.get(child.split()[0], 'the spec')}): {why}"
-        for child, why in sorted(state.observed.rejected.items())
+        f"the API server refused {child} ({_fields(child)}): {why}"
+        for child, why in sorted(refused.items())
+    ] + [
+        f"the API server failed to store {child} ({_fields(child)}): {why}; retrying with a "
+        "growing delay"
+        for child, why in sorted(failed.items())
     ]
     text = "; ".join(texts)
-    if text:
-        old = st.condition(state.previous, VALIDATED)
-        if old is None or old.reason != st.CHILD_REJECTED or old.message != text:
-            state.events.append(EventSpec("Warning", "ChildRejected", st.truncate(text)))
-    return text
+    if not text:
+        return "", ""
+    reason = st.CHILD_REJECTED if refused else st.CHILD_APPLY_FAILED
+    old = st.condition(state.previous, VALIDATED)
+    if old is None or old.reason != reason or old.message != text:
+        state.events.append(EventSpec("Warning", reason, st.truncate(text)))
+    return reason, text
+
+
+def _fields(child: str) -> str:
+    return CHILD_FIELDS.get(child.split()[0], "the spec")
 
 
 def foreign(state: PassState) -> str:

@@ -14,6 +14,7 @@ from .observed import (
     Obj,
     annotation,
     bad_input,
+    creation_failure,
     failure,
     meta,
     pod_ready,
@@ -88,6 +89,7 @@ def _served_since_budget_window(state: PassState) -> bool:
 def plan_workers(state: PassState, sts: Obj | None, desired: Obj | None, shards: Shards) -> Workers:
     if sts is None:
         if shards.complete and not shards.failed:
+            state.recheck = True  # its pods may not come (see _progress)
             text = "creating the worker StatefulSet"
             return Workers.not_ready(st.STARTING, text, stage="starting")
         return Workers(
@@ -137,7 +139,7 @@ def plan_workers(state: PassState, sts: Obj | None, desired: Obj | None, shards:
             replicas=replicas,
             stage="rolling",
         )
-    return _progress(pods, ready, replicas)
+    return _progress(state, pods, ready, replicas)
 
 
 def _still_failed(state: PassState, ready: int, replicas: int) -> Workers:
@@ -155,8 +157,9 @@ def _still_failed(state: PassState, ready: int, replicas: int) -> Workers:
     )
 
 
-def _progress(pods: list[Obj], ready: int, replicas: int) -> Workers:
-    """A settled group without failures: all ready, or the stage its pods are in."""
+def _progress(state: PassState, pods: list[Obj], ready: int, replicas: int) -> Workers:
+    """A settled group without failures: all ready, the pods the controller cannot create, or
+    the stage its pods are in."""
     if len(pods) == replicas and ready == replicas:
         return Workers(
             Cond(WORKERS_READY, "True", st.ALL_WORKERS_READY, f"{ready}/{replicas} workers ready"),
@@ -165,6 +168,18 @@ def _progress(pods: list[Obj], ready: int, replicas: int) -> Workers:
             all_ready=True,
             stage="ready",
         )
+    if len(pods) < replicas:
+        state.recheck = True  # no watch event comes when a pod cannot be created
+        sts = names.statefulset(state.ctx.name)
+        refused = creation_failure(state.observed, "StatefulSet", sts)
+        if refused:
+            text = (
+                f"{ready}/{replicas} workers ready; StatefulSet {sts} cannot create "
+                f"{replicas - len(pods)} pod(s): {refused}"
+            )
+            return Workers.not_ready(
+                st.POD_CREATION_FAILED, text, ready=ready, replicas=replicas, stage="creation"
+            )
     stages = [pod_stage(p) for p in pods]
     for kind, reason in STAGE_REASONS:
         found = [detail for stage, detail in stages if stage == kind]

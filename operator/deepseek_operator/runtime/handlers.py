@@ -4,8 +4,9 @@ The custom resource is watched with kopf.on.event, which covers creation, every 
 resume after an operator restart (kopf lists all objects when it starts) without kopf writing
 annotations or finalizers to the object: GitOps tools see no drift and deletion never waits for
 the operator. Every kind of child (Jobs, StatefulSets, Pods, claims, Services, ConfigMaps,
-PodDisruptionBudgets) is watched by the managed-by label and mapped back to its custom resource by
-the llm.dsop.io/deployment annotation, so a child changed or deleted by hand is put back.
+PodDisruptionBudgets, NetworkPolicies) is watched by the managed-by label and mapped back to its
+custom resource by the llm.dsop.io/deployment annotation, so a child changed or deleted by hand is
+put back.
 What no event reports is caught by the Reconciler's periodic resync (--resync-period), which is
 not a kopf timer: kopf timers put a finalizer on every object.
 """
@@ -98,6 +99,7 @@ CHILD_KINDS = (
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
     ("policy", "v1", "poddisruptionbudgets"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
 )
 for _group, _version, _plural in CHILD_KINDS:
     kopf.on.event(_group, _version, _plural, labels=OWNED, id=f"child-{_plural}")(child_event)

@@ -21,7 +21,7 @@ from kubernetes.client.exceptions import ApiException
 
 from ..api import GROUP, KIND, PLURAL, VERSION
 from ..planning import names, ownership
-from ..planning.observed import Observed
+from ..planning.observed import Observed, short_of_pods
 from ..planning.status import EventSpec
 
 log = logging.getLogger("deepseek_operator.k8s")
@@ -39,6 +39,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Job": ("/apis/batch/v1", "jobs"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     "PodGroup": ("/apis/scheduling.volcano.sh/v1beta1", "podgroups"),
     KIND: (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
@@ -76,6 +77,25 @@ def refusal_message(exc: ApiException) -> str:
         status = None
     message = status.get("message") if isinstance(status, dict) else None
     return str(message or f"{exc.status} {exc.reason}")
+
+
+def failure_message(exc: BaseException) -> str:
+    """What went wrong storing a child, for the status: the API server's HTTP status and
+    message, or the client's error (a timeout, a connection refused)."""
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}: {refusal_message(exc)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _event_time(event: Mapping[str, Any]) -> str:
+    series = event.get("series") or {}
+    return str(
+        series.get("lastObservedTime")
+        or event.get("lastTimestamp")
+        or event.get("eventTime")
+        or event.get("firstTimestamp")
+        or ""
+    )
 
 
 def _owned_by(obj: Mapping[str, Any], owner_uid: str) -> bool:
@@ -163,7 +183,7 @@ class Kube:
         statefulsets = [
             s for s in self.list("StatefulSet", namespace, selector) if _owned_by(s, owner_uid)
         ]
-        return Observed(
+        observed = Observed(
             jobs=jobs,
             statefulsets=statefulsets,
             # Only the pods of our own Jobs and StatefulSets: labels alone prove nothing.
@@ -175,7 +195,34 @@ class Kube:
                 for c in self.list("PersistentVolumeClaim", namespace, selector)
                 if _owned_by(c, owner_uid)
             ],
+            network_policies=[
+                n
+                for n in self.list("NetworkPolicy", namespace, selector)
+                if _owned_by(n, owner_uid)
+            ],
         )
+        for kind, obj in short_of_pods(observed):
+            why = self.failed_create(namespace, obj)
+            if why:
+                observed.creation_failures[f"{kind} {obj['metadata']['name']}"] = why
+        return observed
+
+    def failed_create(self, namespace: str, obj: Mapping[str, Any]) -> str | None:
+        """The message of the newest FailedCreate Event of a Job or StatefulSet (its controller
+        could not create a pod: a ResourceQuota, a Pod Security level, a policy webhook)."""
+        obj_uid = (obj.get("metadata") or {}).get("uid")
+        if not obj_uid:
+            return None
+        out = self.request(
+            "GET",
+            _path("Event", namespace),
+            query={"fieldSelector": f"involvedObject.uid={obj_uid},reason=FailedCreate"},
+        )
+        events = list((out or {}).get("items") or ())
+        if not events:
+            return None
+        newest = max(events, key=_event_time)
+        return str(newest.get("message") or "FailedCreate")
 
     # -------------------------------------------------------------------------- writing
 
@@ -249,9 +296,12 @@ class Kube:
             else:
                 raise
 
-    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
-        """Delete a child (Background: a Job's pods follow) only while it is the object of this
-        uid (a precondition); gone already, or replaced by a namesake, is fine."""
+    def delete(
+        self, kind: str, namespace: str, name: str, uid: str, propagation: str = "Background"
+    ) -> None:
+        """Delete a child only while it is the object of this uid (a precondition); gone
+        already, or replaced by a namesake, is fine. Background: a Job's pods follow; Foreground:
+        the Job stays, terminating, until its pods are gone."""
         try:
             self.request(
                 "DELETE",
@@ -259,7 +309,7 @@ class Kube:
                 body={
                     "kind": "DeleteOptions",
                     "apiVersion": "v1",
-                    "propagationPolicy": "Background",
+                    "propagationPolicy": propagation,
                     "preconditions": {"uid": uid},
                 },
             )

@@ -24,10 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
+
 from ..planning import Plan, ownership, plan
-from ..planning.observed import Observed, failure, meta, terminating, uid
+from ..planning.observed import Obj, Observed, failure, meta, terminating, uid
 from . import metrics
-from .k8s import Kube
+from .k8s import Kube, failure_message
 
 log = logging.getLogger("deepseek_operator.reconcile")
 
@@ -36,8 +39,16 @@ Key = tuple[str, str]  # (namespace, name)
 MAX_BACKOFF = 60.0
 MAX_REMEMBERED_FAILURES = 10000
 DEFAULT_RESYNC_SECONDS = 300.0
+# How soon an object is looked at again while a controller should create pods and has not (its
+# FailedCreate Events are read then; no watch event would come).
+RECHECK_SECONDS = 10.0
 # Each resync comes up to this fraction early, so objects seen together spread out over time.
 RESYNC_JITTER = 0.1
+
+
+class ChildApplyFailed(Exception):
+    """The API server failed to store a child (already reported in the status): retried with
+    the growing delay of trigger()."""
 
 
 @dataclass
@@ -93,7 +104,9 @@ class Reconciler:
                 hints = [p for p in state.failed_pods.values() if uid(p) not in self.counted]
                 state.failed_pods.clear()
                 try:
-                    await loop.run_in_executor(self.pool, self.reconcile, namespace, name, hints)
+                    result = await loop.run_in_executor(
+                        self.pool, self.reconcile, namespace, name, hints
+                    )
                 except Exception as exc:  # noqa: BLE001 - any failure is retried, never fatal
                     state.failures += 1
                     delay = min(MAX_BACKOFF, 0.5 * 2 ** min(state.failures, 8))
@@ -110,8 +123,11 @@ class Reconciler:
                     self._schedule(loop, key, state, delay, resync=False)
                 else:
                     state.failures = 0
-                    if self.resync > 0:
-                        self._schedule(loop, key, state, self.resync_delay(), resync=True)
+                    delay = self.resync_delay() if self.resync > 0 else None
+                    if result is not None and result.recheck:
+                        delay = min(delay or RECHECK_SECONDS, RECHECK_SECONDS)
+                    if delay is not None:
+                        self._schedule(loop, key, state, delay, resync=True)
         finally:
             state.running = False
 
@@ -225,6 +241,27 @@ class Reconciler:
         self.foreign[(namespace, name)] = found
         return found
 
+    def _apply_child(self, namespace: str, name: str, obj: Obj, observed: Observed) -> None:
+        """Apply one child; a failure is recorded for the status instead of ending the pass.
+
+        A refusal (4xx: a field of the spec the API server rejects, an admission policy) fails
+        the same way on every retry: reported, and tried again at the next event or resync. Any
+        other failure (a 500 from a child server-side apply cannot merge, a 409, a timeout) is
+        reported too, and the reconcile is retried with a growing delay."""
+        child = f"{obj['kind']} {obj['metadata']['name']}"
+        try:
+            refused = self.kube.apply_or_refusal(obj)
+        except (ApiException, HTTPError, OSError) as exc:
+            why = failure_message(exc)
+            observed.apply_failed[child] = why
+            log.warning("%s/%s: the API server failed to store %s: %s", namespace, name, child, why)
+            return
+        finally:
+            metrics.APPLIES.labels(obj["kind"]).inc()
+        if refused is not None:
+            observed.rejected[child] = refused
+            log.warning("%s/%s: the API server refused %s: %s", namespace, name, child, refused)
+
     def _reconcile(
         self, namespace: str, name: str, failed_pods: list[dict[str, Any]]
     ) -> Plan | None:
@@ -243,7 +280,11 @@ class Reconciler:
         if result.resize is not None:
             # The one change the API server may refuse for reasons the operator cannot see (the
             # storage class must allow expansion): first, and a refusal is planned around.
-            refused = kube.apply_or_refusal(result.resize)
+            try:
+                refused = kube.apply_or_refusal(result.resize)
+            except (ApiException, HTTPError, OSError) as exc:
+                refused = failure_message(exc)
+                observed.apply_failed[ownership.key(result.resize)] = refused
             metrics.APPLIES.labels(result.resize["kind"]).inc()
             if refused is None:
                 self.refusals.pop((namespace, name), None)
@@ -261,16 +302,8 @@ class Reconciler:
                 result = plan(body, observed)
 
         for obj in result.apply:
-            # A child the API server refuses (4xx: a field of the spec it passes through that the
-            # API server rejects, an admission policy) fails the same way on every retry: it is
-            # reported in the status instead, and tried again at the next event or resync.
-            refused = kube.apply_or_refusal(obj)
-            metrics.APPLIES.labels(obj["kind"]).inc()
-            if refused is not None:
-                child = f"{obj['kind']} {obj['metadata']['name']}"
-                observed.rejected[child] = refused
-                log.warning("%s/%s: the API server refused %s: %s", namespace, name, child, refused)
-        if observed.rejected:
+            self._apply_child(namespace, name, obj, observed)
+        if observed.rejected or observed.apply_failed:
             result = plan(body, observed)  # the same children, and the status that says so
         # Status first: a group restart is counted before its pods go, so a crash in between
         # can only over-count, never restart without counting.
@@ -280,7 +313,7 @@ class Reconciler:
             if rv and meta(written).get("generation") == meta(body).get("generation"):
                 self.own_writes[(namespace, name)] = str(rv)
         for gone in result.delete:
-            kube.delete(gone.kind, namespace, gone.name, gone.uid)
+            kube.delete(gone.kind, namespace, gone.name, gone.uid, gone.propagation)
         for pin in result.pins:
             kube.pin_pod(namespace, pin.name, pin.uid, pin.node_selector)
         if any(e.reason == "GroupRestart" for e in result.events):
@@ -292,6 +325,9 @@ class Reconciler:
         for event in result.events:
             kube.post_event(body, event)
         self.phases.set((namespace, name), result.phase)
+        if observed.apply_failed:
+            # Reported in the status above; raising makes trigger() retry with a growing delay.
+            raise ChildApplyFailed("; ".join(sorted(observed.apply_failed)))
         if result.events:
             log.info(
                 "%s/%s: %s (%s)",

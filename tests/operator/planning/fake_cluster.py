@@ -86,6 +86,7 @@ class FakeCluster:
             statefulsets=by_kind("StatefulSet"),
             pods=list(self.pods.values()),
             claims=by_kind("PersistentVolumeClaim"),
+            network_policies=by_kind("NetworkPolicy"),
             now=self.now,
             **extra,
         )

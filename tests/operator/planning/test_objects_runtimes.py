@@ -140,3 +140,12 @@ def test_status_says_which_runtime_serves_and_the_old_one_while_it_still_does() 
         result = cluster.step()
     assert result.phase == "Ready" and result.status.runtime == "mindie"
     assert engine(cluster.sts())["image"] == "reg/mindie:2.1"
+
+
+def test_vllm_takes_the_api_key_from_its_environment() -> None:
+    patch = {**VLLM_PATCH, "serving": {"apiKeySecret": {"name": "llm-key", "key": "token"}}}
+    sts = objects.statefulset(context(body(patch)), "d", None)
+    env = {e["name"]: e for e in engine(sts).get("env", [])}
+    assert env["VLLM_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "llm-key", "key": "token"}}
+    assert "DSWORKER_API_KEY_FILE" not in env
+    assert not [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "api-key"]

@@ -156,3 +156,34 @@ def test_user_env_replaces_the_operators_by_name() -> None:
     assert len(names_) == len(set(names_))
     assert {"name": "MASTER_ADDR", "value": "10.0.0.9"} in env
     assert names_[-1] == "EXTRA" and names_.index("MASTER_ADDR") < names_.index("NNODES")
+
+
+def test_api_key_secret_is_mounted_read_only_and_named_to_the_worker() -> None:
+    from fake_cluster import TWO_NODES, FakeCluster, container
+
+    cluster = FakeCluster(TWO_NODES)
+    cluster.change_spec({"serving": {"apiKeySecret": {"name": "llm-key", "key": "token"}}})
+    cluster.until_ready()
+    pod = cluster.sts()["spec"]["template"]["spec"]
+    [volume] = [v for v in pod["volumes"] if v["name"] == "api-key"]
+    assert volume["secret"] == {
+        "secretName": "llm-key",
+        "items": [{"key": "token", "path": "api-key"}],
+        "defaultMode": 0o440,
+    }
+    engine = container(cluster.sts(), "engine")
+    [mount] = [m for m in engine["volumeMounts"] if m["name"] == "api-key"]
+    assert mount["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in engine["env"]}
+    assert env["DSWORKER_API_KEY_FILE"] == f"{mount['mountPath']}/api-key"
+    stage = container(cluster.sts(), "stage")
+    assert not [m for m in stage["volumeMounts"] if m["name"] == "api-key"]  # the engine only
+
+
+def test_no_api_key_unless_asked() -> None:
+    from fake_cluster import TWO_NODES, FakeCluster, container
+
+    cluster = FakeCluster(TWO_NODES)
+    cluster.until_ready()
+    engine = container(cluster.sts(), "engine")
+    assert "DSWORKER_API_KEY_FILE" not in {e["name"] for e in engine["env"]}

@@ -66,9 +66,13 @@ def test_statefulset_appears_only_after_the_job_completes() -> None:
     ]
     assert result.phase == "Staging"
     assert cond(result, "Sharded")["reason"] == "ShardsComplete"
+    job = cluster.job()
     assert result.status.to_dict()["shards"] == {
         **SUMMARY,
-        "job": cluster.job()["metadata"]["name"],
+        "job": job["metadata"]["name"],
+        "jobUid": job["metadata"]["uid"],
+        "fingerprint": cluster.fp(),
+        "complete": True,
     }
 
 

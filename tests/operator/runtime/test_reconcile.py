@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import threading
 from typing import Any
 
+import pytest
+from kubernetes.client.exceptions import ApiException
+
 from deepseek_operator.planning import Observed, plan
 from deepseek_operator.runtime import metrics
-from deepseek_operator.runtime.reconcile import Reconciler
+from deepseek_operator.runtime.reconcile import RECHECK_SECONDS, ChildApplyFailed, Reconciler
 
 BODY: dict[str, Any] = {
     "apiVersion": "llm.dsop.io/v1alpha1",
@@ -52,8 +56,14 @@ class FakeKube:
     # "Kind/name" -> the message of the API server refusing that child (HTTP 4xx).
     refuse: dict[str, str] = {}
 
+    # "Kind/name" -> the error the API server answers when that child is applied (not a 4xx).
+    fail: dict[str, Exception] = {}
+
     def apply_or_refusal(self, obj: dict[str, Any]) -> str | None:
         key = f"{obj['kind']}/{obj['metadata']['name']}"
+        if key in self.fail:
+            self.calls.append(("failed", key))
+            raise self.fail[key]
         if key in self.refuse:
             self.calls.append(("refused", key))
             return self.refuse[key]
@@ -73,7 +83,9 @@ class FakeKube:
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return copy.deepcopy(self.existing.get(f"{kind}/{name}"))
 
-    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+    def delete(
+        self, kind: str, namespace: str, name: str, uid: str, propagation: str = "Background"
+    ) -> None:
         self.calls.append(("delete", f"{kind}/{name}"))
 
     def post_event(self, deployment: dict[str, Any], event: Any) -> None:
@@ -217,10 +229,17 @@ def test_resync_zero_never_resyncs() -> None:
     async def scenario() -> None:
         await reconciler.trigger("llm", "r1")
         await asyncio.sleep(0.3)
-        assert reconciler.states[("llm", "r1")].timer is None
+        # Only the recheck of a Job whose pod has not come yet (FailedCreate is no watch event).
+        timer = reconciler.states[("llm", "r1")].timer
+        assert timer is not None
+        due = timer.when() - asyncio.get_running_loop().time()
+        assert RECHECK_SECONDS - 1 < due <= RECHECK_SECONDS
+        kube.body = None  # deleted: forgotten, no timer left
+        await reconciler.trigger("llm", "r1")
+        assert ("llm", "r1") not in reconciler.states
 
     asyncio.run(scenario())
-    assert [c for c in kube.calls if c[0] == "get"] == [("get", "r1")]
+    assert [c for c in kube.calls if c[0] == "get"] == [("get", "r1"), ("get", "r1")]
     reconciler.close()
 
 
@@ -250,6 +269,56 @@ def test_a_refused_child_is_reported_in_the_status_not_retried_in_silence() -> N
     kube.calls.clear()
     reconciler.reconcile("llm", "r1")
     assert not [c for c in kube.calls if c[0] in ("status", "event")]
+    reconciler.close()
+
+
+def server_error(message: str) -> ApiException:
+    """A 500 as the API server sends it: a metav1.Status body with the message."""
+    exc = ApiException(status=500, reason="Internal Server Error")
+    exc.body = json.dumps({"kind": "Status", "status": "Failure", "message": message, "code": 500})
+    return exc
+
+
+def test_a_child_the_api_server_fails_to_store_is_reported_and_retried_with_backoff() -> None:
+    """A 500 (server-side apply cannot merge a child built from the spec) is not a refusal the
+    shell knew: it must still end in the status, naming the child and the API server's message,
+    and the reconcile must be retried with a growing delay, not in silence."""
+    kube = FakeKube()
+    job = next(o for o in plan(BODY, Observed()).apply if o["kind"] == "Job")["metadata"]["name"]
+    why = f"failed to create typed patch object (llm/{job}; batch/v1, Kind=Job): duplicate entries"
+    kube.fail = {f"Job/{job}": server_error(why)}
+    reconciler = Reconciler(kube, workers=1, resync=0)  # type: ignore[arg-type]
+    with pytest.raises(ChildApplyFailed, match=job):
+        reconciler.reconcile("llm", "r1")
+    assert [k for op, k in kube.calls if op == "apply"] == ["Service/r1-ranks", "Service/r1"]
+    assert kube.body is not None and kube.body["status"]["phase"] == "Failed"
+    validated = next(c for c in kube.body["status"]["conditions"] if c["type"] == "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "ChildApplyFailed")
+    assert f"Job {job}" in validated["message"] and why in validated["message"]
+    assert "500" in validated["message"]
+    assert "ChildApplyFailed" in [w for op, w in kube.calls if op == "event"]
+
+    delays: list[float] = []
+    real_schedule = reconciler._schedule
+
+    def schedule(loop: Any, key: Any, state: Any, delay: float, resync: bool) -> None:
+        delays.append(delay)
+        real_schedule(loop, key, state, delay, resync)
+
+    reconciler._schedule = schedule  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        for _ in range(3):
+            await reconciler.trigger("llm", "r1")
+
+    asyncio.run(scenario())
+    assert len(delays) == 3 and delays[0] < delays[1] < delays[2], delays
+    # The failure passes: the status says so at the next try.
+    kube.fail = {}
+    kube.calls.clear()
+    result = reconciler.reconcile("llm", "r1")
+    assert result is not None and result.phase == "Sharding"
+    assert ("apply", f"Job/{job}") in kube.calls
     reconciler.close()
 
 

@@ -9,8 +9,14 @@ rank_table (the HCCL rank table ConfigMap).
 
 from .context import Context, Obj, metadata, owner_reference
 from .engine_config import engine_config, engine_config_map
-from .jobs import cleanup_job, shard_args, shard_job
-from .network import client_service, disruption_budget, endpoint, headless_service
+from .jobs import cleanup_job, shard_args, shard_job, template_digest
+from .network import (
+    client_service,
+    disruption_budget,
+    endpoint,
+    headless_service,
+    network_policy,
+)
 from .placement import NODE_PIN_GATE, node_selector, store_nodes
 from .podgroup import pod_group
 from .pods import RUN_AS
@@ -32,6 +38,7 @@ __all__ = [
     "headless_service",
     "metadata",
     "model_dir",
+    "network_policy",
     "node_selector",
     "owner_reference",
     "pod_group",
@@ -42,5 +49,6 @@ __all__ = [
     "staged_bytes",
     "statefulset",
     "store_claim",
+    "template_digest",
     "store_nodes",
 ]

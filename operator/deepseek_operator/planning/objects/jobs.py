@@ -3,6 +3,8 @@ that deletes an old plan's shard directory."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -106,6 +108,12 @@ def _shard_pod_spec(ctx: Context, node: int | None = None) -> Obj:
     return pod_spec
 
 
+def template_digest(template: Mapping[str, Any]) -> str:
+    """sha256 of a pod template as the operator built it: a Job's template cannot change, so a
+    different digest means a new Job."""
+    return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()
+
+
 def shard_job(ctx: Context, node: int | None = None) -> Obj:
     """The sharding Job (with `node`: the one of node `node` of a node-local store)."""
     sharding = ctx.spec.sharding
@@ -113,7 +121,7 @@ def shard_job(ctx: Context, node: int | None = None) -> Obj:
     extra = {} if node is None else {names.NODE_INDEX_ANNOTATION: str(node)}
     labels = names.labels(ctx.name, names.SHARDER)
     labels[names.FINGERPRINT_LABEL] = names.short_fingerprint(ctx.fingerprint)
-    return {
+    job = {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": metadata(
@@ -155,19 +163,41 @@ def shard_job(ctx: Context, node: int | None = None) -> Obj:
             },
         },
     }
+    job["metadata"]["annotations"][names.TEMPLATE_ANNOTATION] = template_digest(
+        job["spec"]["template"]
+    )
+    return job
 
 
-def cleanup_job(ctx: Context, old_job: Mapping[str, Any]) -> Obj | None:
+def _annotations(job: Mapping[str, Any]) -> Mapping[str, str]:
+    return (job.get("metadata") or {}).get("annotations") or {}
+
+
+def cleanup_job(ctx: Context, source: Mapping[str, Any], suspend: bool = False) -> Obj | None:
     """A Job that deletes the shard directory an old sharding Job wrote, on the same store.
 
-    The store volume and node placement are copied from the old Job, since the spec may since
-    have moved to another store.
+    `source` is that sharding Job, or the cleanup Job made from it earlier (to resume one created
+    suspended while its sharding Job was still writing). The store volume, node placement and
+    image are copied from it, since the spec may since have moved to another store, and a Job's
+    template cannot change. The cleanup names the sharding Job it is for (uid and generation):
+    only a cleanup of that Job proves its directory gone.
     """
-    fp = (old_job.get("metadata") or {}).get("annotations", {}).get(names.FINGERPRINT_ANNOTATION)
-    template = ((old_job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    notes = _annotations(source)
+    fp = notes.get(names.FINGERPRINT_ANNOTATION)
+    template = ((source.get("spec") or {}).get("template") or {}).get("spec") or {}
     store = next((v for v in template.get("volumes") or () if v.get("name") == "store"), None)
     if not fp or store is None:
         return None
+    node = notes.get(names.NODE_INDEX_ANNOTATION)  # one Job per node of a node-local store
+    image, pull = ctx.spec.sharding.image, ctx.spec.worker.image_pull_policy
+    if names.CLEANS_UID_ANNOTATION in notes:  # a cleanup Job: resumed exactly as created
+        cleans = notes[names.CLEANS_UID_ANNOTATION]
+        generation = notes.get(names.CLEANS_GENERATION_ANNOTATION, "")
+        first = (template.get("containers") or [{}])[0]
+        image, pull = first.get("image", image), first.get("imagePullPolicy", pull)
+    else:
+        cleans = str((source.get("metadata") or {}).get("uid") or "")
+        generation = notes.get(names.GENERATION_ANNOTATION, "")
     pod_spec: Obj = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -176,8 +206,8 @@ def cleanup_job(ctx: Context, old_job: Mapping[str, Any]) -> Obj | None:
         "containers": [
             {
                 "name": "cleanup",
-                "image": ctx.spec.sharding.image,
-                "imagePullPolicy": ctx.spec.worker.image_pull_policy,
+                "image": image,
+                "imagePullPolicy": pull,
                 "command": ["rm"],
                 "args": ["-rf", "--", shard_path(fp)],
                 "securityContext": container_security_context(),
@@ -194,18 +224,20 @@ def cleanup_job(ctx: Context, old_job: Mapping[str, Any]) -> Obj | None:
         "kind": "Job",
         "metadata": metadata(
             ctx,
-            names.cleanup_job(
-                ctx.name,
-                fp,
-                (old_job.get("metadata") or {})
-                .get("annotations", {})
-                .get(names.NODE_INDEX_ANNOTATION),
-            ),
+            names.cleanup_job(ctx.name, fp, node),
             names.CLEANUP,
-            {names.SHARD_DIR_ANNOTATION: names.shard_dir(fp)},
+            {
+                names.SHARD_DIR_ANNOTATION: names.shard_dir(fp),
+                names.CLEANS_UID_ANNOTATION: cleans,
+                names.CLEANS_GENERATION_ANNOTATION: generation,
+                **({} if node is None else {names.NODE_INDEX_ANNOTATION: node}),
+            },
             fingerprint=fp,
         ),
         "spec": {
+            # Created suspended while the sharding Job it cleans up after is still writing (it
+            # is stopped first): a suspended Job starts no pod.
+            "suspend": suspend,
             "backoffLimit": 2,
             "activeDeadlineSeconds": 3600,
             "ttlSecondsAfterFinished": CLEANUP_TTL_SECONDS,

@@ -1,5 +1,5 @@
-"""The Services (the OpenAI API on rank 0, the headless rank discovery) and the disruption budget
-of the worker group."""
+"""The Services (the OpenAI API on rank 0, the headless rank discovery), the disruption budget
+and the optional NetworkPolicy of the worker group."""
 
 from __future__ import annotations
 
@@ -63,4 +63,27 @@ def disruption_budget(ctx: Context) -> Obj:
             "selector": {"matchLabels": names.selector_labels(ctx.name, names.WORKER)},
             "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
+    }
+
+
+def network_policy(ctx: Context) -> Obj | None:
+    """spec.serving.networkPolicy: the worker pods accept traffic from the pods of their own
+    group on every port (the rendezvous, the collectives' dynamic ports, the ranks' health
+    checks of rank 0), and on the OpenAI port from apiFrom (unset: any source; []: none)."""
+    serving = ctx.spec.serving
+    if not serving.network_policy.enabled:
+        return None
+    group = {"matchLabels": names.selector_labels(ctx.name, names.WORKER)}
+    ingress: list[Obj] = [{"from": [{"podSelector": group}]}]
+    peers = serving.network_policy.api_from
+    if peers is None or peers:
+        rule: Obj = {"ports": [{"protocol": "TCP", "port": serving.port}]}
+        if peers:
+            rule["from"] = [dict(p) for p in peers]
+        ingress.append(rule)
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(ctx, names.network_policy(ctx.name), names.NETWORK_POLICY),
+        "spec": {"podSelector": group, "policyTypes": ["Ingress"], "ingress": ingress},
     }

@@ -16,6 +16,7 @@ from ...api.quantity import parse_quantity
 from .. import names
 from ..ascend.pod import add_ascend, hccl_env, is_ascend
 from ..runtimes import select as runtimes
+from .api_key import add_api_key
 from .context import Context, Obj, metadata
 from .engine_config import ENGINE_CONFIG_DIR, rendering
 from .placement import NODE_PIN_GATE, node_pinned
@@ -268,6 +269,7 @@ def statefulset(
         # Pod i must run on hostPath.nodes[i], which a template cannot say: the operator sets
         # each pod's node while this gate holds it (planning/pinning.py).
         pod_spec["schedulingGates"] = [{"name": NODE_PIN_GATE}]
+    add_api_key(spec, pod_spec)
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
