@@ -34,6 +34,7 @@ class Batch:
     max_k: int  # keys to read per sequence: max position + 1
     max_slot: int = -1
     fixed_shape: bool = False  # padded to a bucket: no host syncs, no data-dependent shapes
+    valid: torch.Tensor | None = None  # fixed-shape steps: [T] False on the padding rows
 
     @property
     def num_tokens(self) -> int:
@@ -93,10 +94,15 @@ class Batch:
 
     @classmethod
     def decode(
-        cls, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, max_k: int
+        cls,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        max_k: int,
+        valid: torch.Tensor | None = None,
     ) -> Batch:
         """q new tokens per sequence (ids and positions [B, q]; q = 2 holds an MTP draft), built
-        on the device alone (a CUDA graph captures it).
+        on the device alone (a CUDA graph captures it); `valid` [B * q] marks the real rows.
 
         Keys are read up to max_k whatever the positions; the causal mask hides the rest.
         """
@@ -114,6 +120,7 @@ class Batch:
             max_q=q,
             max_k=max_k,
             fixed_shape=True,
+            valid=valid,
         )
 
     def with_ids(self, input_ids: torch.Tensor) -> Batch:
