@@ -67,7 +67,7 @@ def _decode(
                     model.device,
                 )
                 step = model.forward(batch, cache).logits
-            logits.append(step.flatten().tolist())
+            logits.append(step.flatten().float().cpu().tolist())
             for t, nxt in zip(tokens, step.argmax(-1).tolist(), strict=True):
                 t.append(nxt)
     except ExpertBufferOverflow as e:
@@ -75,10 +75,19 @@ def _decode(
     return tokens, logits, None
 
 
-def compare_steps(rank: int, nproc: int, ckpt: str, scenarios: dict[str, Scenario], out: str) -> None:
-    """One rank: every scenario eager, then fixed-shape on the eager run's tokens."""
+def compare_steps(
+    rank: int,
+    nproc: int,
+    ckpt: str,
+    scenarios: dict[str, Scenario],
+    out: str,
+    kind: str = "cpu",
+    capture: bool = False,
+) -> None:
+    """One rank: every scenario eager, then fixed-shape (captured with `capture`) on the eager
+    run's tokens."""
     faulthandler.enable()
-    device = Device.create("cpu", rank)
+    device = Device.create(kind, rank)
     device.cpu_threads(nproc)
     init_process_group(device, rank, nproc)
     args = ModelArgs.from_dir(ckpt)
@@ -87,7 +96,7 @@ def compare_steps(rank: int, nproc: int, ckpt: str, scenarios: dict[str, Scenari
         model = DeepseekModel(args, groups, EngineOptions(moe=sc.moe), torch.float32, device.torch)
         load_weights(model.targets(), Path(ckpt), sc.plan, rank, device)
         eager, eager_logits, eager_err = _decode(model, sc, None, None)
-        graphs = DecodeGraphs(model, model.new_cache(4, MAX_LEN), 4, capture=False)
+        graphs = DecodeGraphs(model, model.new_cache(4, MAX_LEN), 4, capture=capture)
         fixed, fixed_logits, fixed_err = _decode(model, sc, graphs, eager)
         record = {
             "eager": eager,

@@ -83,7 +83,9 @@ def fixed_shape_decode(
 ) -> DecodeGraphs | None:
     """Graphed and/or compiled decode steps where they apply: no routing cutoff (it drops rows
     by the data); on a world of several ranks graphs only, without MTP (its drafts run eagerly)."""
-    capture = cfg.cudaGraphs and model.device.type != "cpu" and graph_api(model.device) is not None
+    capture = (
+        cfg.cudaGraphs and model.device.type != "cpu" and graph_api(model.device.type) is not None
+    )
     multi = cfg.worldSize > 1
     if multi and cfg.mtp:
         log.info("worldSize %d with MTP drafts: decode steps run eagerly", cfg.worldSize)

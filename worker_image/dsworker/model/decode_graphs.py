@@ -63,7 +63,7 @@ class DecodeGraphs:
             raise ValueError("fixed-shape MTP draft steps need a world of one rank")
         if multi and compile_backend:
             raise ValueError("compiled fixed-shape steps need a world of one rank")
-        self.api: GraphApi | None = graph_api(model.device) if capture else None
+        self.api: GraphApi | None = graph_api(model.device.type) if capture else None
         if capture and self.api is None:
             raise ValueError(
                 f"graph capture needs a cuda device or an npu with torch_npu's NPUGraph, not "

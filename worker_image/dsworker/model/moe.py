@@ -8,7 +8,9 @@ buffers from alltoall_ep_buffer_scale_factors, and sends the results back. Eithe
 routed output is added to the shared experts' partial sum and one tp all-reduce completes both.
 gloo implements all_to_all_single too, so CPU runs exercise the same AllToAll path as nccl/hccl.
 A world of one rank needs no exchange: fixed-shape steps (captured or compiled decode) and, where
-the grouped matmul runs natively, every step take a path with static shapes and no host sync.
+the grouped matmul runs natively, every step take a path with static shapes and no host sync. On a
+wider world a fixed-shape step exchanges through model/moe_fixed.py: the same padded chunk on every
+rank, fixed AllToAll capacities, no host sync, so the collectives can be captured with the step.
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from dsworker.model.moe import MoE
@@ -69,7 +68,7 @@ def alltoall_fixed(moe: MoE, xs: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     dest = (owner[:, :, None] * moe_tp + torch.arange(moe_tp, device=dev)).reshape(-1)
     eid = (ids - owner * per)[:, :, None].expand(m, k, moe_tp).reshape(-1)
     real = valid.repeat_interleave(k * moe_tp)
-    onehot = F.one_hot(dest, size) * real[:, None]
+    onehot = ((dest[:, None] == torch.arange(size, device=dev)) & real[:, None]).long()
     pos = (onehot.cumsum(0) - onehot).gather(1, dest[:, None]).squeeze(1)
     fits = (pos < cap) & real
     if moe.stats.a2a_excess is not None:

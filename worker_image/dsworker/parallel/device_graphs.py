@@ -31,13 +31,13 @@ class GraphApi:
     pool_handle: Any  # () -> a memory pool token graphs can share
 
 
-def graph_api(device: torch.device) -> GraphApi | None:
-    """The device's graph capture API, or None (logged) where it has none."""
-    if device.type == "cuda":
+def graph_api(kind: str) -> GraphApi | None:
+    """The capture API of a device kind (cpu, cuda, npu), or None (logged) where it has none."""
+    if kind == "cuda":
         c = torch.cuda
         return GraphApi("cuda", c, c.CUDAGraph, c.graph, c.graph_pool_handle)
-    if device.type != "npu":
-        log.info("no graph capture on %s: decode steps run eagerly at fixed shapes", device.type)
+    if kind != "npu":
+        log.info("no graph capture on %s: decode steps run eagerly at fixed shapes", kind)
         return None
     try:
         torch_npu = importlib.import_module("torch_npu")
