@@ -48,6 +48,11 @@ BREAKS: dict[str, tuple[str, Any, str]] = {
         2,
         "spec.sharding.store.hostPath is node-local",
     ),
+    "deepseek-r1-w8a8-ascend-2x8-nodelocal.yaml": (
+        "spec.parallelism.nodes",
+        4,
+        "spec.sharding.store.hostPath is node-local",
+    ),
     "deepseek-v3-fp8-gpu-2x8.yaml": ("spec.parallelism.tp", 16, "dp*tp must equal worldSize"),
     "tiny-cpu.yaml": ("spec.serving.maxInputTokenLen", 512, "must be less than"),
     "deepseek-r1-mindie-ascend-2x8.yaml": (

@@ -26,6 +26,16 @@ def _host_path_store(s: DeepSeekDeploymentSpec) -> bool:
     return s.sharding.store is not None and s.sharding.store.host_path is not None
 
 
+def _host_path_nodes_ok(s: DeepSeekDeploymentSpec) -> bool:
+    if not _host_path_store(s):
+        return True
+    assert s.sharding.store is not None and s.sharding.store.host_path is not None
+    nodes = s.sharding.store.host_path.nodes
+    if nodes:
+        return len(nodes) == s.parallelism.nodes
+    return s.parallelism.nodes == 1 and bool(s.worker.node_selector)
+
+
 class DeepSeekDeploymentSpec(ApiModel):
     """The desired state: one DeepSeek model instance, its shards and its worker pods."""
 
@@ -77,17 +87,17 @@ class DeepSeekDeploymentSpec(ApiModel):
             "!has(self.model.architecture) || self.model.architecture != 'DeepseekV2'",
         ),
         Rule(
-            "host-path-store-single-node",
-            "spec.sharding.store.hostPath is node-local: it needs spec.parallelism.nodes: 1 and a "
-            "spec.worker.nodeSelector that pins the node; use store.pvc for more nodes",
-            lambda s: (
-                not _host_path_store(s)
-                or (s.parallelism.nodes == 1 and bool(s.worker.node_selector))
-            ),
+            "host-path-store-nodes",
+            "spec.sharding.store.hostPath is node-local: set store.hostPath.nodes to one node per "
+            "worker pod (as many as spec.parallelism.nodes), or with spec.parallelism.nodes: 1 "
+            "set a spec.worker.nodeSelector that pins the node",
+            _host_path_nodes_ok,
             "!has(self.sharding) || !has(self.sharding.store) || "
-            "!has(self.sharding.store.hostPath) || "
+            "!has(self.sharding.store.hostPath) || (has(self.sharding.store.hostPath.nodes) ? "
+            "size(self.sharding.store.hostPath.nodes) == "
+            "(has(self.parallelism) ? self.parallelism.nodes : 1) : "
             "((!has(self.parallelism) || self.parallelism.nodes == 1) && has(self.worker) && "
-            "has(self.worker.nodeSelector) && size(self.worker.nodeSelector) > 0)",
+            "has(self.worker.nodeSelector) && size(self.worker.nodeSelector) > 0))",
         ),
         *RUNTIME_RULES,
     )

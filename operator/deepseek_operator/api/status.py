@@ -68,6 +68,12 @@ class ShardsStatus(StatusModel):
         None, ge=0, alias="throughputMBps", description="Bytes written per second, in MB/s."
     )
     job: str | None = Field(None, description="Name of the sharding Job.")
+    dir_bytes: dict[str, int] | None = Field(
+        None,
+        description="Bytes of one directory of each group of the layout (vocab, norm, attn, "
+        "dense, moe; top: the top-level files), as the sharder reported: what a worker pod's "
+        "staging memory is computed from.",
+    )
 
 
 class DeepSeekDeploymentStatus(StatusModel):

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from .ascend import Ascend
 from .base import ApiModel, Rule, section
 from .names import DEFAULT_WORKER_IMAGE
 from .resources import EnvVar, check_resources
@@ -71,6 +72,9 @@ class Worker(ApiModel):
         "IfNotPresent", description="Pull policy of the worker and sharder images."
     )
     accelerator: Accelerator = section(Accelerator, "The devices each rank runs on.")
+    ascend: Ascend = section(
+        Ascend, "Ascend NPU settings (driver mounts, device group, host network, HCCL)."
+    )
     resources: dict[str, Any] | None = Field(
         None,
         description="Extra compute resources of the worker container (core/v1 "

@@ -65,6 +65,8 @@ ROLLING_OUT = "RollingOut"
 GROUP_RESTARTING = "GroupRestarting"
 RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
 ALL_WORKERS_READY = "AllWorkersReady"
+# Ascend on several nodes: the HCCL rank table lacks a pod's IP or its device plugin annotation.
+RANK_TABLE_INCOMPLETE = "RankTableIncomplete"
 
 SERVING = "Serving"
 SERVING_PREVIOUS_PLAN = "ServingPreviousPlan"

@@ -113,7 +113,7 @@ RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"model": {"architecture": "DeepseekV2"}, "sharding": NO_SHARDING},
         {"model": {"architecture": "DeepseekV2"}},
     ),
-    "host-path-store-single-node": (
+    "host-path-store-nodes": (
         {"sharding": HOST_STORE, "worker": PIN},
         {"sharding": HOST_STORE, "worker": PIN, "parallelism": {"nodes": 2}},
     ),
@@ -242,8 +242,17 @@ def test_rule_messages_name_a_field_and_a_fix() -> None:
 def test_second_host_path_store_rule_needs_a_node_selector() -> None:
     result = parse({"sharding": HOST_STORE})
     assert not result.ok
-    assert all_rules()["host-path-store-single-node"].message in result.errors
+    assert all_rules()["host-path-store-nodes"].message in result.errors
     assert not parse({"sharding": HOST_STORE, "worker": {"nodeSelector": {}}}).ok
+
+
+def test_host_path_store_node_list_has_one_node_per_pod() -> None:
+    def store(nodes: list[str]) -> dict[str, Any]:
+        return {"store": {"pvc": None, "hostPath": {"path": "/dev/shm/d", "nodes": nodes}}}
+
+    assert parse({"sharding": store(["a", "b"]), "parallelism": {"nodes": 2}}).ok
+    result = parse({"sharding": store(["a"]), "parallelism": {"nodes": 2}})
+    assert all_rules()["host-path-store-nodes"].message in result.errors
 
 
 def test_failed_rules_of_one_object_are_all_reported() -> None:

@@ -34,7 +34,7 @@ CROSS_FIELD_RULES = [
     "dlb-sharding",
     "v2-no-offline-sharding",
     "input-below-seq",
-    "host-path-store-single-node",
+    "host-path-store-nodes",
     "trust-remote-code",
     "model-source-one",
     "store-pvc-shape",

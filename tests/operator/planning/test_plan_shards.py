@@ -62,6 +62,7 @@ def test_statefulset_appears_only_after_the_job_completes() -> None:
         "ConfigMap",
         "StatefulSet",
         "PodDisruptionBudget",
+        "ConfigMap",  # the HCCL rank table, once the StatefulSet is there
     ]
     assert result.phase == "Staging"
     assert cond(result, "Sharded")["reason"] == "ShardsComplete"
@@ -83,7 +84,8 @@ def test_sharding_disabled_starts_workers_at_once() -> None:
     sts = cluster.sts()
     engine = container(sts, "engine")
     assert arg(engine["args"], "--model") == "/source/DeepSeek-R1"
-    assert "initContainers" not in sts["spec"]["template"]["spec"]
+    init = sts["spec"]["template"]["spec"]["initContainers"]
+    assert [c["name"] for c in init] == ["rank-table"]  # no staging, only the HCCL rank table
     cluster.run_workers()
     result = cluster.step()
     assert result.phase == "Ready" and result.status.shards is None

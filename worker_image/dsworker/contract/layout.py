@@ -391,3 +391,64 @@ def fp8_shard_ok(
 
 def blocks(n: int, block: int = FP8_BLOCK) -> int:
     return math.ceil(n / block)
+
+
+# ------------------------------------------------------------------ what one pod holds
+# The stager copies, and a node-local sharding Job writes, exactly the directories of one pod's
+# ranks plus the top-level files; the operator sizes the pod's memory by the same rule, from the
+# bytes per directory that the sharder reports. One rule, three users: it lives here.
+
+TOP = "top"  # the group of the top-level files (config, tokenizer, metadata)
+
+
+def pod_ranks(pod: int, devices_per_node: int) -> range:
+    """The global ranks of pod (StatefulSet ordinal, node index) `pod`: devicesPerNode each."""
+    return range(pod * devices_per_node, (pod + 1) * devices_per_node)
+
+
+def pod_dirs(plan: ParallelPlan, ranks: range) -> list[str]:
+    """The directories `ranks` read, each once, in load order."""
+    seen: dict[str, None] = {}
+    for r in ranks:
+        for d in plan.rank_dirs(r):
+            seen.setdefault(d, None)
+    return list(seen)
+
+
+def dir_group(rel: str) -> str:
+    """The group of a file of the layout (its top directory's kind; TOP for a top-level file)."""
+    if "/" not in rel:
+        return TOP
+    top = rel.split("/", 1)[0]
+    if top == "model-norm":
+        return NORM
+    for group in (ATTN, DENSE, MOE):
+        if top.startswith(f"model-{group}-"):
+            return group
+    return VOCAB  # model-{rank}
+
+
+def dir_bytes_by_group(files: dict[str, int]) -> dict[str, int]:
+    """Bytes per directory of each group, the largest directory of the group (every directory
+    of a group holds equal cuts, so they differ only by a header's digits), and TOP: the sum of
+    the top-level files. `files`: path relative to the layout -> bytes."""
+    per_dir: dict[str, int] = {}
+    top = 0
+    for rel, n in files.items():
+        if "/" not in rel:
+            top += n
+        else:
+            d = rel.split("/", 1)[0]
+            per_dir[d] = per_dir.get(d, 0) + n
+    out: dict[str, int] = {TOP: top}
+    for d, n in per_dir.items():
+        g = dir_group(f"{d}/")
+        out[g] = max(out.get(g, 0), n)
+    return out
+
+
+def staged_bytes(plan: ParallelPlan, ranks: range, group_bytes: dict[str, int]) -> int:
+    """The bytes a pod holding `ranks` stages: its directories by the group sizes, plus TOP."""
+    return group_bytes.get(TOP, 0) + sum(
+        group_bytes.get(dir_group(f"{d}/"), 0) for d in pod_dirs(plan, ranks)
+    )

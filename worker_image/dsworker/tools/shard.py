@@ -57,11 +57,14 @@ from dsworker.contract.layout import (
     ParallelPlan,
     PlanError,
     check_plan,
+    dir_bytes_by_group,
     is_mtp,
     local_shape,
     owner_dirs,
     parts_for,
     place,
+    pod_dirs,
+    pod_ranks,
     split_name,
     tensor_slice,
 )
@@ -415,6 +418,10 @@ def prepare_output(dst: Path, fingerprint: str, plan_d: dict[str, Any]) -> bool:
         diffs = plan_mismatch(md.plan, plan_d)
         if md.fingerprint != fingerprint:
             diffs.append(f"fingerprint: {md.fingerprint[:16]}... vs {fingerprint[:16]}...")
+        if md.plan.get("ranks") != plan_d.get("ranks"):
+            diffs.append(
+                f"ranks: {md.plan.get('ranks') or 'all'} vs {plan_d.get('ranks') or 'all'}"
+            )
         if diffs:
             raise CheckpointError(
                 f"{dst}: already holds a complete layout for another plan ({'; '.join(diffs)}); "
@@ -471,8 +478,12 @@ def write_layout(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     space_check: bool = True,
     what: str = "shard",
+    ranks: range | None = None,
 ) -> dict[str, Any]:
-    """Cut `src` into the layout of `plan` under `dst`; returns the summary record."""
+    """Cut `src` into the layout of `plan` under `dst`; returns the summary record.
+
+    `ranks`: write only the directories these ranks read plus the top-level files (one node's
+    part of a node-local store); the metadata then lists only those ranks and files."""
     t0 = time.monotonic()
     dst = Path(dst)
     if dequantize_fp8 and src.quantization != "fp8":
@@ -485,6 +496,9 @@ def write_layout(
     plan_d = plan_dict(plan, mtp, src.quantization, dequantized)
     fp = fingerprint or fingerprint_of(src, plan_d)
     layout = plan_layout(src, plan, mtp, dequant, max_file_bytes)
+    if ranks is not None:
+        layout = _only_ranks(layout, plan, ranks)
+        plan_d["ranks"] = [ranks.start, ranks.stop]
     jobs = [f for files in layout.values() for f in files if f.copy_of is None]
     with output_lock(dst):  # held until sealed: a second writer cannot wipe a live run
         if prepare_output(dst, fp, plan_d):
@@ -492,6 +506,7 @@ def write_layout(
             total = sum(int(v["bytes"]) for v in md.files.values())
             out = summary(total, len(md.files), time.monotonic() - t0, fingerprint=fp, skipped=True)
             out["outputDir"] = str(dst)
+            out["dirBytes"] = _dir_bytes(dst, {k: int(v["bytes"]) for k, v in md.files.items()})
             return out
         write_json_atomic(
             dst / IN_PROGRESS_MARKER, {"format": FORMAT, "fingerprint": fp, "pid": os.getpid()}
@@ -519,7 +534,7 @@ def write_layout(
         for name, path in src.aux:
             copy_file_atomic(path, dst / name)
             files[name] = _aux_rec(dst / name, checksum)
-        md = _metadata(src, plan, plan_d, fp, layout, dict(sorted(files.items())))
+        md = _metadata(src, plan, plan_d, fp, layout, dict(sorted(files.items())), ranks)
         raw = metadata_bytes(md)
         write_bytes_atomic(dst / METADATA_FILE, raw)
         with contextlib.suppress(FileNotFoundError):
@@ -529,7 +544,29 @@ def write_layout(
         written = sum(int(v["bytes"]) for v in files.values())
         out = summary(written, len(files), time.monotonic() - t0, fingerprint=fp, skipped=False)
         out["outputDir"] = str(dst)
+        out["dirBytes"] = _dir_bytes(dst, {k: int(v["bytes"]) for k, v in files.items()})
         return out
+
+
+def _only_ranks(
+    layout: dict[str, list[OutFile]], plan: ParallelPlan, ranks: range
+) -> dict[str, list[OutFile]]:
+    """The directories `ranks` read, linked again among themselves (a hard-link source may be
+    in a directory another node writes)."""
+    keep = pod_dirs(plan, ranks)
+    out = {d: layout[d] for d in keep}
+    for files in out.values():
+        for f in files:
+            f.copy_of, f.copies = None, []
+    _link_identical(out)
+    return out
+
+
+def _dir_bytes(dst: Path, files: dict[str, int]) -> dict[str, int]:
+    """The bytes per directory group (layout.dir_bytes_by_group), the metadata and the
+    `_COMPLETE` marker counted with the top-level files: what a pod stages beside its ranks."""
+    extra = {name: _size(dst / name) for name in (METADATA_FILE, COMPLETE_MARKER)}
+    return dir_bytes_by_group({**files, **extra})
 
 
 def _size(path: Path) -> int:
@@ -562,6 +599,7 @@ def _metadata(
     fp: str,
     layout: dict[str, list[OutFile]],
     files: dict[str, dict[str, Any]],
+    only: range | None = None,
 ) -> ShardedMetadata:
     tensors = [
         TensorEntry(
@@ -582,7 +620,7 @@ def _metadata(
         )
     ]
     ranks = []
-    for r in range(plan.world_size):
+    for r in only if only is not None else range(plan.world_size):
         c = plan.coords(r)
         dirs = plan.rank_dirs(r)
         rfiles = [f.relpath for d in dirs for f in layout.get(d, [])]
@@ -636,6 +674,7 @@ def shard(
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     space_check: bool = True,
     expected: Expected = Expected(),
+    ranks: range | None = None,
 ) -> dict[str, Any]:
     """Shard a HF checkpoint for `plan` into `save_directory`; returns the summary record.
 
@@ -654,6 +693,7 @@ def shard(
         fingerprint=fingerprint,
         max_file_bytes=max_file_bytes,
         space_check=space_check,
+        ranks=ranks,
     )
 
 
@@ -714,6 +754,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-seq-len", type=int, help="refuse a checkpoint whose max_position_embeddings is lower"
     )
+    p.add_argument(
+        "--node-index",
+        type=int,
+        help="write only this node's ranks (with --devices-per-node) and the shared files: "
+        "one node's part of a node-local store",
+    )
+    p.add_argument("--devices-per-node", type=int, help="ranks per node (with --node-index)")
     p.set_defaults(func=_run, on_error=_on_error)
 
 
@@ -734,6 +781,23 @@ def _run(args: argparse.Namespace) -> int:
         fingerprint=args.fingerprint,
         max_file_bytes=args.max_file_size,
         expected=Expected(args.expect_architecture, args.expect_quantization, args.max_seq_len),
+        ranks=_node_ranks(args, plan),
     )
     emit_summary(out)
     return 0
+
+
+def _node_ranks(args: argparse.Namespace, plan: ParallelPlan) -> range | None:
+    """The ranks of --node-index (None: all), refused unless they lie inside the world."""
+    if args.node_index is None and args.devices_per_node is None:
+        return None
+    if args.node_index is None or not args.devices_per_node or args.devices_per_node < 1:
+        raise PlanError("--node-index and --devices-per-node (>= 1) go together; give both")
+    ranks = pod_ranks(args.node_index, args.devices_per_node)
+    if args.node_index < 0 or ranks.stop > plan.world_size:
+        raise PlanError(
+            f"--node-index {args.node_index} x --devices-per-node {args.devices_per_node} is "
+            f"outside world size {plan.world_size}; use a node index below "
+            f"{plan.world_size // args.devices_per_node}"
+        )
+    return ranks
