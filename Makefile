@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(PYTHON) -m uv
 
-.PHONY: test demo venv cluster-bins lint crd unit fmt device-deps
+.PHONY: test demo venv cluster-bins lint crd unit fmt device-deps device-check
 
 $(PY) venv: $(VENV)/.installed
 
@@ -60,3 +60,8 @@ device-deps:
 	  $(UV) pip install --quiet --no-deps --target .device-deps/py$${v/./} --python-version $$v \
 	    --python-platform x86_64-manylinux_2_28 $(DEVICE_NO_DEPS) || exit 1; \
 	done
+
+# The GPU run (issue 20) on the lent machine: CUDA-only tests and benchmarks at the bench shapes as
+# JSON lines, about 8 minutes at most (DEVICE_CHECK_SECONDS). Needs `make device-deps` first.
+device-check:
+	bash scripts/device_check.sh

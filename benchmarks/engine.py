@@ -14,6 +14,7 @@ and a ratio line per figure (dsworker / transformers). The engine runs through t
   python benchmarks/engine.py --mtp --skip load hf     # speculative decoding with the MTP layer
   python benchmarks/engine.py --format fp8             # 8-bit weights kept 8-bit, beside BF16
   python benchmarks/engine.py --skip prefill decode hf --loader-threads 4 [--loader-direct]
+  python benchmarks/engine.py --profile --skip load prefill decode hf   # top kernels of a step
 
 With --format fp8|w8a8|w8a16 the checkpoint is synthesized in that format and served with its
 weights 8-bit on the device; a BF16 twin of the same config is served too, and `memory` lines give
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from step_profile import emit_profile
 
 from dsworker.chat.tokenizer import TextTokenizer
 from dsworker.contract.engine_config import EngineConfig
@@ -318,6 +320,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="register the mapped files with the driver and copy from them directly",
     )
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "prefill", "decode", "hf"])
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print the top kernels of one decode step at each --batch (torch.profiler)",
+    )
+    p.add_argument("--profile-top", type=int, default=15, help="kernels listed per --profile step")
     return p.parse_args(argv)
 
 
@@ -369,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
 
         engine = Engine(sharded, dev, cfg)
         engine.generate([prefill_ids[0, :8].tolist()], 2)  # warm-up
+        if args.profile:
+            for b in args.batch:
+                emit_profile(engine.runner, prompts[:b].tolist(), args.profile_top)
         if "prefill" not in args.skip:
             best = min(engine.generate([prefill_ids[0].tolist()], 1)[0] for _ in range(args.repeat))
             results[("prefill", "dsworker", 1)] = args.prefill_tokens / best

@@ -119,9 +119,9 @@ def count(graphs: DecodeGraphs, calls: dict[str, int]) -> None:
     for name in ("run", "draft"):
         fn = getattr(graphs, name)
 
-        def counted(*a: object, fn: Any = fn, name: str = name) -> Any:
+        def counted(*a: object, fn: Any = fn, name: str = name, **kw: Any) -> Any:
             calls[name] = calls.get(name, 0) + 1
-            return fn(*a)
+            return fn(*a, **kw)
 
         setattr(graphs, name, counted)
 

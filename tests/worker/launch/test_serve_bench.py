@@ -49,3 +49,23 @@ def test_engine_benchmark_with_mtp_reports_acceptance(tmp_path: Path) -> None:
     assert 2 * decode_steps <= mtp["drafts"] <= 4 * decode_steps
     assert 0 <= mtp["accepted"] <= mtp["drafts"]
     assert [r["tokens_per_s"] > 0 for r in lines if r.get("engine") == "dsworker"] == [True]
+
+
+def test_engine_benchmark_profiles_one_decode_step(tmp_path: Path) -> None:
+    """--profile: per batch a summary and the top ops of one decode step, heaviest first."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "tiny", "--device", "cpu", "--work-dir",
+         str(tmp_path), "--batch", "1", "3", "--repeat", "1", "--profile", "--profile-top", "4",
+         "--skip", "load", "prefill", "decode", "hf"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    for batch in (1, 3):
+        [summary] = [r for r in lines if r["bench"] == "profile" and r["batch"] == batch]
+        ops = [r for r in lines if r["bench"] == "profile_op" and r["batch"] == batch]
+        assert summary["clock"] == "cpu" and summary["calls"] > 20 and summary["total_us"] > 0
+        assert [r["rank"] for r in ops] == [1, 2, 3, 4]
+        assert [r["self_us"] for r in ops] == sorted((r["self_us"] for r in ops), reverse=True)
+        assert all(r["name"].startswith(("aten::", "dsworker::")) for r in ops), ops
+        assert 0 < sum(r["share"] for r in ops) <= 1

@@ -109,9 +109,9 @@ def test_model_runner_takes_the_fixed_shape_path(tiny_v3: Path, ref: Reference) 
     calls = [0]
     run = graphs.run
 
-    def counted(*a: list[int]) -> torch.Tensor:
+    def counted(*a: list[int], **kw: int) -> torch.Tensor:
         calls[0] += 1
-        return run(*a)
+        return run(*a, **kw)
 
     graphs.run = counted  # type: ignore[method-assign]
     runner = ModelRunner(model, cache, build_groups(P1, 0, "gloo"), Device.create("cpu"), graphs)
@@ -140,12 +140,17 @@ def test_routing_cutoff_keeps_the_exchange_path(tiny_v3: Path) -> None:
 
 def test_graphs_refuse_what_they_cannot_run(tiny_v3: Path) -> None:
     model, cache = build(tiny_v3)
-    with pytest.raises(ValueError, match="CUDA graphs need a cuda device"):
+    with pytest.raises(ValueError, match="graph capture needs a cuda device or an npu"):
         DecodeGraphs(model, cache, 4, capture=True)
     two = ParallelPlan(2, 2, 1, 1, 2)  # rank 1 of a world of two: its MoE exchanges span both
-    wide = DeepseekModel(ModelArgs.from_dir(tiny_v3), build_groups(two, 1, "gloo"))
-    with pytest.raises(ValueError, match="world of one rank"):
+    args = ModelArgs.from_dir(tiny_v3)
+    wide = DeepseekModel(args, build_groups(two, 1, "gloo"), EngineOptions(mtp=True))
+    with pytest.raises(ValueError, match="MTP draft steps need a world of one rank"):
         DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False)
+    wide = DeepseekModel(args, build_groups(two, 1, "gloo"))
+    with pytest.raises(ValueError, match="compiled fixed-shape steps need a world of one rank"):
+        DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False, compile_backend="eager")
+    assert DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False).max_batch == 2
 
 
 def test_fixed_shape_steps_are_chosen_where_they_apply(tiny_v3: Path) -> None:
@@ -157,7 +162,7 @@ def test_fixed_shape_steps_are_chosen_where_they_apply(tiny_v3: Path) -> None:
     cutoff = EngineConfig(torchCompile=True, enable_init_routing_cutoff=True)
     assert fixed_shape_decode(model, cache, cutoff, 4) is None
     wider = EngineConfig(torchCompile=True, worldSize=2, dp=2, moe_ep=2)
-    assert fixed_shape_decode(model, cache, wider, 4) is None
+    assert fixed_shape_decode(model, cache, wider, 4) is None  # graphs only there: none on cpu
 
 
 @pytest.mark.parametrize("path", ["grouped", "dense"])

@@ -123,7 +123,9 @@ class EngineConfig(BaseModel):
         "layer again on each draft.",
     )
     cudaGraphs: bool = Field(
-        True, description="Replay decode steps as CUDA graphs (cuda, worldSize 1, no cutoff)."
+        True,
+        description="Replay decode steps as device graphs (CUDA; NPU through torch_npu's "
+        "NPUGraph) at every worldSize; not with the routing cutoff, nor with MTP past worldSize 1.",
     )
     torchCompile: bool = Field(False, description="torch.compile the graphed decode step.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(

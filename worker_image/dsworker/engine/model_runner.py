@@ -70,22 +70,31 @@ class ModelRunner:
         for it in mine:  # a new sequence's first item brings its KV pages
             if it.pages:
                 self.cache.assign(it.slot // self.dp, it.pages)
-        self._graphed = self._fixed_shape(mine)
-        if self._graphed:
-            assert self.graphs is not None
-            logits = self.graphs.run(
-                [it.slot for it in mine], [it.start for it in mine], [it.tokens for it in mine]
-            )
-            w = self.graphs.width
-            picked = [i * w + j for i, it in enumerate(mine) if it.sample for j in range(w)]
-            logits = logits[picked] if len(picked) != logits.shape[0] else logits
-        else:
-            logits = self._forward(indexed)
+        self._graphed = self._fixed_shape(step)
+        logits = self._run_fixed(step, mine) if self._graphed else self._forward(indexed)
         if self._count_drops:
             self._sum_drops()
         if self.dp == 1:
             return logits
         return self._gather(step, logits)
+
+    def _run_fixed(self, step: Step, mine: list[StepItem]) -> torch.Tensor:
+        """The step through the graphs, at the bucket of the busiest dp group (every rank alike)."""
+        g = self.graphs
+        assert g is not None
+        try:
+            logits = g.run(
+                [it.slot // self.dp for it in mine],
+                [it.start for it in mine],
+                [it.tokens for it in mine],
+                rows=max(self._per_group(step)),
+                reach=max(it.start + len(it.tokens) for it in step.items),
+            )
+        except ExpertBufferOverflow as exc:  # summed over the world: raised on every rank
+            raise StepError(str(exc)) from None
+        w = g.width
+        picked = [i * w + j for i, it in enumerate(mine) if it.sample for j in range(w)]
+        return logits[picked] if len(picked) != logits.shape[0] else logits
 
     def _forward(self, indexed: list[tuple[int, StepItem]]) -> torch.Tensor:
         seqs: list[tuple[int, int, tuple[int, ...]]] = []
@@ -122,7 +131,7 @@ class ModelRunner:
         self._hidden, self._offsets = None, {}
         if not inputs:
             return {} if self.groups.rank == 0 else None
-        if self._graphed:  # world 1: every item is this rank's, in step order
+        if self._graphed:  # MTP graphs need world 1: every item is this rank's, in step order
             assert self.graphs is not None
             given = {d.index: d.tokens(step.items[d.index]) for d in inputs}
             drafts = self.graphs.draft([given.get(i) for i in range(len(step.items))])
@@ -178,18 +187,23 @@ class ModelRunner:
             raise StepError(str(exc)) from None
         return out
 
-    def _fixed_shape(self, mine: list[StepItem]) -> bool:
-        """A pure decode step the graphs hold a bucket for (world size 1, so every rank agrees):
-        one token per sequence, or with MTP the last token and its draft."""
+    def _fixed_shape(self, step: Step) -> bool:
+        """A pure decode step the graphs hold a bucket for: one token per sequence, or with MTP
+        the last token and its drafts. Judged on the whole step, so every rank agrees."""
         g = self.graphs
-        return (
-            g is not None
-            and 0 < len(mine) <= g.max_batch
-            and all(
-                len(it.tokens) == g.width and it.drafts == g.width - 1 and not it.prompt_rows
-                for it in mine
-            )
+        if g is None or not step.items:
+            return False
+        return max(self._per_group(step)) <= g.max_batch and all(
+            len(it.tokens) == g.width and it.drafts == g.width - 1 and not it.prompt_rows
+            for it in step.items
         )
+
+    def _per_group(self, step: Step) -> list[int]:
+        """Sequences of the step on each dp group."""
+        counts = [0] * self.dp
+        for it in step.items:
+            counts[it.slot % self.dp] += 1
+        return counts
 
     def _gather(self, step: Step, logits: torch.Tensor) -> torch.Tensor | None:
         """Collect each dp group's logit rows on rank 0, in step order."""

@@ -31,6 +31,7 @@ from dsworker.engine.scheduler import Scheduler
 from dsworker.model import DeepseekModel, EngineOptions, KVCache, ModelArgs, MoEOptions
 from dsworker.model.decode_graphs import DecodeGraphs
 from dsworker.parallel.device import Device
+from dsworker.parallel.device_graphs import graph_api
 from dsworker.parallel.groups import Group, ParallelGroups, build_groups, init_process_group
 
 log = logging.getLogger("dsworker.engine.rank_setup")
@@ -80,11 +81,21 @@ def engine_options(cfg: EngineConfig) -> EngineOptions:
 def fixed_shape_decode(
     model: DeepseekModel, cache: KVCache, cfg: EngineConfig, max_batch: int
 ) -> DecodeGraphs | None:
-    """Graphed and/or compiled decode steps where they apply (world 1, no routing cutoff)."""
-    capture = cfg.cudaGraphs and model.device.type == "cuda"
-    if cfg.worldSize != 1 or cfg.enable_init_routing_cutoff or not (capture or cfg.torchCompile):
+    """Graphed and/or compiled decode steps where they apply: no routing cutoff (it drops rows
+    by the data); on a world of several ranks graphs only, without MTP (its drafts run eagerly)."""
+    capture = (
+        cfg.cudaGraphs and model.device.type != "cpu" and graph_api(model.device.type) is not None
+    )
+    multi = cfg.worldSize > 1
+    if multi and cfg.mtp:
+        log.info("worldSize %d with MTP drafts: decode steps run eagerly", cfg.worldSize)
         return None
-    backend = "inductor" if cfg.torchCompile else None
+    compile_steps = cfg.torchCompile and not multi
+    if multi and cfg.torchCompile:
+        log.info("torchCompile applies to worldSize 1; graphs of eager steps here")
+    if cfg.enable_init_routing_cutoff or not (capture or compile_steps):
+        return None
+    backend = "inductor" if compile_steps else None
     return DecodeGraphs(
         model,
         cache,

@@ -38,6 +38,7 @@ class Batch:
     # A mixed step (a prompt chunk beside decodes): flat rows of the items of at most
     # DECODE_MAX_Q tokens, which attend through the decode op while the chunk takes SDPA.
     short_rows: torch.Tensor | None = None
+    valid: torch.Tensor | None = None  # fixed-shape steps: [T] False on the padding rows
 
     @property
     def num_tokens(self) -> int:
@@ -103,10 +104,15 @@ class Batch:
 
     @classmethod
     def decode(
-        cls, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, max_k: int
+        cls,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        max_k: int,
+        valid: torch.Tensor | None = None,
     ) -> Batch:
         """q new tokens per sequence (ids and positions [B, q]; q = 2 holds an MTP draft), built
-        on the device alone (a CUDA graph captures it).
+        on the device alone (a CUDA graph captures it); `valid` [B * q] marks the real rows.
 
         Keys are read up to max_k whatever the positions; the causal mask hides the rest.
         """
@@ -124,6 +130,7 @@ class Batch:
             max_q=q,
             max_k=max_k,
             fixed_shape=True,
+            valid=valid,
         )
 
     def with_ids(self, input_ids: torch.Tensor) -> Batch:

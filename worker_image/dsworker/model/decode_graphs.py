@@ -8,6 +8,11 @@ A step of one token per sequence on a world of one rank qualifies (MoE then need
 With an MTP layer each sequence brings 1 + d tokens (the last one and its d drafts), and the MTP
 pass that proposes the next drafts is a fixed-shape step of its own over the same rows (`draft`),
 chaining the layer on its own drafts for d > 1.
+
+On a world of several ranks every rank runs every step at the same bucket (the caller passes the
+most sequences any dp group has, and the furthest key), so the MoE exchanges have the same shapes
+everywhere and their collectives are captured with the step (model/moe_fixed.py); a rank with no
+sequences runs the padded step. NPUs capture through torch_npu's NPUGraph where it is present.
 """
 
 from __future__ import annotations
@@ -15,13 +20,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
 from dsworker.model.batch import Batch, KVCache
 from dsworker.model.graph_buckets import batch_buckets, key_buckets, pick
 from dsworker.model.model import DeepseekModel
+from dsworker.model.moe import ExpertBufferOverflow, MoE
+from dsworker.model.moe_fixed import fixed_capacity
+from dsworker.parallel.device_graphs import GraphApi, graph_api
 
 log = logging.getLogger("dsworker.model")
 
@@ -50,10 +58,17 @@ class DecodeGraphs:
         compile_backend: str | None = None,
         draft_tokens: int = 1,
     ) -> None:
-        if model.groups.world.size != 1:
-            raise ValueError("fixed-shape decode steps need a world of one rank")
-        if capture and model.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a cuda device, not {model.device}")
+        multi = model.groups.world.size > 1
+        if multi and draft_tokens and len(model.mtp):
+            raise ValueError("fixed-shape MTP draft steps need a world of one rank")
+        if multi and compile_backend:
+            raise ValueError("compiled fixed-shape steps need a world of one rank")
+        self.api: GraphApi | None = graph_api(model.device.type) if capture else None
+        if capture and self.api is None:
+            raise ValueError(
+                f"graph capture needs a cuda device or an npu with torch_npu's NPUGraph, not "
+                f"{model.device}"
+            )
         self.model, self.cache, self.capture = model, cache, capture
         self.batch_sizes = batch_buckets(min(max_batch, cache.num_slots))
         self.key_lens = key_buckets(cache.max_len)
@@ -71,8 +86,14 @@ class DecodeGraphs:
         if self.width > 1:
             h = model.args.hidden_size
             self.hidden = torch.zeros(rows * self.width, h, dtype=model.dtype, device=dev)
-        self.graphs: dict[tuple[str, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self._pool: tuple[int, int] | None = None
+        # Rows the fixed EP level 2 buffers dropped this step, summed over the world in the step.
+        self.excess: torch.Tensor | None = None
+        self._a2a = [m for m in model.modules() if isinstance(m, MoE) and m.opts.ep_level == 2]
+        if multi and self._a2a:
+            self.excess = torch.zeros(1, dtype=torch.long, device=dev)
+            model.stats.a2a_excess = self.excess
+        self.graphs: dict[tuple[str, int, int], tuple[Any, torch.Tensor]] = {}
+        self._pool: Any = None
         self._last: _Run | None = None
         self._steps: dict[str, Callable[[int, int], torch.Tensor]] = {
             VERIFY: self._verify_step,
@@ -91,12 +112,15 @@ class DecodeGraphs:
 
     def _batch(self, kind: str, b: int, k: int) -> Batch:
         ids, positions, slots = self.inputs[kind][:, :b]
-        return Batch.decode(ids, positions, slots[:, 0], k)
+        valid = (slots != self.cache.scratch_slot).reshape(-1)  # padding rows send no MoE rows
+        return Batch.decode(ids, positions, slots[:, 0], k, valid)
 
     def _verify_step(self, b: int, k: int) -> torch.Tensor:
         out = self.model.forward(self._batch(VERIFY, b, k), self.cache, all_logits=True)
         if self.hidden is not None:
             self.hidden[: b * self.width].copy_(out.hidden)
+        if self.excess is not None:  # every rank learns of any rank's dropped rows
+            self.model.groups.world.all_reduce(self.excess)
         return out.logits
 
     def _draft_step(self, b: int, k: int) -> torch.Tensor:
@@ -141,14 +165,26 @@ class DecodeGraphs:
     @torch.inference_mode(False)  # compiled code cannot take inference tensors
     @torch.no_grad()
     def run(
-        self, slots: Sequence[int], positions: Sequence[int], tokens: Sequence[Sequence[int]]
+        self,
+        slots: Sequence[int],
+        positions: Sequence[int],
+        tokens: Sequence[Sequence[int]],
+        *,
+        rows: int = 0,
+        reach: int = 0,
     ) -> torch.Tensor:
-        """Logits [n * width, V]: each sequence's `width` tokens from positions[i] of slots[i]."""
+        """Logits [n * width, V]: each sequence's `width` tokens from positions[i] of slots[i].
+
+        On a world of several ranks every rank passes the same `rows` (the most sequences any dp
+        group has) and `reach` (the furthest key of the step), so all pick the same bucket.
+        """
         n, w = len(tokens), self.width
         if any(len(t) != w for t in tokens):
             raise ValueError(f"a fixed-shape step takes {w} tokens per sequence")
-        b = pick(self.batch_sizes, n)
-        k = pick(self.key_lens, max(positions) + w)
+        if not max(n, rows):
+            raise ValueError("a fixed-shape step needs a sequence on some rank")
+        b = pick(self.batch_sizes, max(n, rows))
+        k = pick(self.key_lens, max([reach, *(p + w for p in positions)]))
         pos = [p + j for p in positions for j in range(w)] + [
             j for _ in range(b - n) for j in range(w)
         ]
@@ -157,7 +193,21 @@ class DecodeGraphs:
             VERIFY, b, [t for row in tokens for t in row], [s for s in slots for _ in range(w)]
         )
         logits = self._launch(VERIFY, b, k)[: n * w]
+        excess = int(self.excess.item()) if self.excess is not None else 0
+        if excess:  # the same sum on every rank, so every rank refuses the step
+            self._refuse(excess, b * w)
         return logits.clone() if self.capture else logits  # the next replay overwrites it
+
+    def _refuse(self, excess: int, tokens: int) -> None:
+        moe = self._a2a[0]
+        chunk = -(-tokens // moe.g.tp.size)
+        raise ExpertBufferOverflow(
+            f"EP level 2 (fixed-shape decode step): {excess} routed rows did not fit the AllToAll "
+            f"buffers of {fixed_capacity(moe, chunk)} rows (factor "
+            f"{moe.opts.buffer_factor(chunk)} of alltoall_ep_buffer_scale_factors for {chunk} "
+            f"tokens per rank, top_k {moe.args.top_k}, moe_ep {moe.g.moe_ep.size}); raise that "
+            f"factor"
+        )
 
     @torch.inference_mode(False)
     @torch.no_grad()
@@ -203,30 +253,39 @@ class DecodeGraphs:
         return out
 
     def _launch(self, kind: str, b: int, k: int) -> torch.Tensor:
-        if not self.capture:
-            return self._steps[kind](b, k)
         graph = self.graphs.get((kind, b, k))
-        if graph is None:
+        if self.capture and graph is None:
             graph = self._capture(kind, b, k)
+        if self.excess is not None:  # counts this step only (not a capture's warm-up)
+            self.excess.zero_()
+        if graph is None:
+            return self._steps[kind](b, k)
         graph[0].replay()
         return graph[1]
 
-    def _capture(self, kind: str, b: int, k: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """Warm up on a side stream (the writes repeat the real step's), then capture."""
+    def _capture(self, kind: str, b: int, k: int) -> tuple[Any, torch.Tensor]:
+        """Warm up on a side stream (the writes repeat the real step's), then capture.
+
+        Every rank of a wider world captures the same bucket at the same step (the bucket is
+        chosen from the whole step), so the warm-up's collectives meet their peers'.
+        """
+        api = self.api
+        assert api is not None
         t0 = time.perf_counter()
         dev = self.inputs[kind].device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+        side = api.module.Stream(dev)
+        side.wait_stream(api.module.current_stream(dev))
+        with api.module.stream(side):
             for _ in range(2):
                 self._steps[kind](b, k)
-        torch.cuda.current_stream(dev).wait_stream(side)
+        api.module.current_stream(dev).wait_stream(side)
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+            self._pool = api.pool_handle()
+        graph = api.new_graph()
+        with api.capture(graph, pool=self._pool):
             out = self._steps[kind](b, k)
         self.graphs[(kind, b, k)] = (graph, out)
         seconds = time.perf_counter() - t0
-        log.info("captured the %s step for batch %d, %d keys in %.2f s", kind, b, k, seconds)
+        log.info("captured the %s %s step for batch %d, %d keys in %.2f s", api.kind, kind, b, k,
+                 seconds)  # fmt: skip
         return graph, out

@@ -104,7 +104,8 @@ class DecoderLayer(nn.Module):
             h, residual = self.input_layernorm.add(x, residual)
         attn = self.self_attn(h, batch, cache, rope, cos_sin)
         h, residual = self.post_attention_layernorm.add(attn, residual)
-        out = self.mlp(h, batch.fixed_shape) if isinstance(self.mlp, MoE) else self.mlp(h)
+        moe = isinstance(self.mlp, MoE)
+        out = self.mlp(h, batch.fixed_shape, batch.valid) if moe else self.mlp(h)
         return out, residual
 
 

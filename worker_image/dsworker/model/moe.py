@@ -8,7 +8,9 @@ buffers from alltoall_ep_buffer_scale_factors, and sends the results back. Eithe
 routed output is added to the shared experts' partial sum and one tp all-reduce completes both.
 gloo implements all_to_all_single too, so CPU runs exercise the same AllToAll path as nccl/hccl.
 A world of one rank needs no exchange: fixed-shape steps (captured or compiled decode) and, where
-the grouped matmul runs natively, every step take a path with static shapes and no host sync.
+the grouped matmul runs natively, every step take a path with static shapes and no host sync. On a
+wider world a fixed-shape step exchanges through model/moe_fixed.py: the same padded chunk on every
+rank, fixed AllToAll capacities, no host sync, so the collectives can be captured with the step.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dsworker.contract.engine_config import DEFAULT_BUFFER_SCALE_FACTORS
 from dsworker.model.config import ModelArgs
 from dsworker.model.experts import LocalExperts
 from dsworker.model.layers import MLP, weight
+from dsworker.model.moe_fixed import allgather_fixed, alltoall_fixed
 from dsworker.ops.routing import moe_route, router_logits
 from dsworker.parallel.device import native_grouped_mm
 from dsworker.parallel.groups import ParallelGroups
@@ -59,6 +62,9 @@ class MoEStats:
     routed_rows: int = 0
     dropped_rows: int = 0
     overflow_checks: list[int] = field(default_factory=list)
+    # Fixed-shape EP level 2 steps add the rows their AllToAll buffers could not hold (a device
+    # counter: the step cannot stop on the host); DecodeGraphs allocates and checks it.
+    a2a_excess: torch.Tensor | None = None
 
 
 def a2a_capacity(factor: float, tokens: int, top_k: int, moe_ep: int, experts_per_rank: int) -> int:
@@ -127,7 +133,11 @@ class MoE(nn.Module):
         matmul keeps it cheap; on cpu the ordinary path's host syncs cost nothing."""
         return self.local_only and (fixed_shape or native_grouped_mm(x))
 
-    def forward(self, x: torch.Tensor, fixed_shape: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, fixed_shape: bool = False, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Routed plus shared experts of x [T, H]; `valid` [T] (fixed-shape steps) marks the rows
+        that are not padding, which the exchanges of a wider world then skip."""
         small = x.shape[0] * self.args.top_k <= FUSED_MAX_ROWS
         if self.local_only and (small or self._sync_free(x, fixed_shape)):
             weights, ids = self._route(x)
@@ -142,8 +152,15 @@ class MoE(nn.Module):
         t = x.shape[0]
         chunk = -(-t // tp.size)
         lo, hi = min(t, tp.rank * chunk), min(t, (tp.rank + 1) * chunk)
-        exchange = self._alltoall if self.opts.ep_level == 2 else self._allgather
-        routed = exchange(x[lo:hi])
+        if fixed_shape and self.opts.routing_cutoff is None:  # the same chunk size on every rank
+            pad = chunk - (hi - lo)
+            real = torch.ones(t, dtype=torch.bool, device=x.device) if valid is None else valid
+            fixed = alltoall_fixed if self.opts.ep_level == 2 else allgather_fixed
+            routed = fixed(self, F.pad(x[lo:hi], (0, 0, 0, pad)), F.pad(real[lo:hi], (0, pad)))
+            routed = routed[: hi - lo]
+        else:
+            exchange = self._alltoall if self.opts.ep_level == 2 else self._allgather
+            routed = exchange(x[lo:hi])
         out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
         out[lo:hi] += routed
         return tp.all_reduce(out)
