@@ -14,7 +14,7 @@ from test_crd import CRD_FILE, admit
 
 from deepseek_operator.api import parse_deployment
 from deepseek_operator.validation import review_config
-from dsworker.tools.synth import make_config
+from dsworker.tools.synth_presets import make_config
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FILES = sorted(EXAMPLES.glob("*.yaml"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -134,3 +135,11 @@ def load_json(path: Path, what: str) -> Any:
         raise CheckpointError(f"{path}: {what} is a directory, expected a file") from None
     except PermissionError:
         raise CheckpointError(f"{path}: {what} is not readable (permission denied)") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()

@@ -141,8 +141,7 @@ class ShardedMetadata:
     created_by: str = ""
 
     def parallel_plan(self) -> ParallelPlan:
-        p = self.plan
-        return ParallelPlan(p["worldSize"], p["dp"], p["tp"], p["moeTp"], p["moeEp"])
+        return ParallelPlan.from_record(self.plan)
 
     def rank(self, r: int) -> RankEntry:
         for e in self.ranks:
@@ -252,25 +251,9 @@ def is_complete(directory: str | Path) -> bool:
     return read_sealed(directory) is not None
 
 
-def plan_dict(
-    plan: ParallelPlan, mtp: bool, quantization: str, dequantized: bool
-) -> dict[str, Any]:
-    """The metadata/runtime plan record in camelCase."""
-    return {
-        "worldSize": plan.world_size,
-        "dp": plan.dp,
-        "tp": plan.tp,
-        "moeTp": plan.moe_tp,
-        "moeEp": plan.moe_ep,
-        "mtp": bool(mtp),
-        "quantization": quantization,
-        "dequantized": bool(dequantized),
-    }
-
-
 def _normalise(plan: Mapping[str, Any] | ParallelPlan) -> dict[str, Any]:
     if isinstance(plan, ParallelPlan):
-        plan = plan.to_dict()
+        return plan.record()
     return {_SNAKE.get(k, k): v for k, v in plan.items()}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -88,6 +89,39 @@ class ParallelPlan:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+    def record(
+        self,
+        *,
+        mtp: bool | None = None,
+        quantization: str | None = None,
+        dequantized: bool | None = None,
+    ) -> dict[str, Any]:
+        """The plan as model_sharded_metadata.json and the runtime record it (camelCase), with
+        whichever of mtp, quantization and dequantized are given."""
+        out: dict[str, Any] = {
+            "worldSize": self.world_size,
+            "dp": self.dp,
+            "tp": self.tp,
+            "moeTp": self.moe_tp,
+            "moeEp": self.moe_ep,
+        }
+        if mtp is not None:
+            out["mtp"] = bool(mtp)
+        if quantization is not None:
+            out["quantization"] = quantization
+        if dequantized is not None:
+            out["dequantized"] = bool(dequantized)
+        return out
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> ParallelPlan:
+        """The plan of a `record()` (PlanError naming a missing or bad field)."""
+        keys = ("worldSize", "dp", "tp", "moeTp", "moeEp")
+        missing = [k for k in keys if k not in record]
+        if missing:
+            raise PlanError(f"plan record lacks {', '.join(missing)}")
+        return cls(*(record[k] for k in keys))
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,11 @@ another plan (naming every differing field), then read exactly the directories t
 entry lists. Unsharded (V2, or any plain HF dir): read the index and cut this rank's slices at start
 up with layout.place / owner_dirs / tensor_slice, the same rules the sharder uses.
 
-Bytes come from mmap'd safetensors (the header parsed by safetensors_io; never pickle). On an
-accelerator they travel through two reused pinned buffers, alternating, with async copies on a side
-stream: the CPU fills one buffer while the other is in flight, and fresh host memory is never touched
-(see BENCHMARKS.md). Quantised weights are dequantised on the device after their bytes arrive.
+Bytes come from mmap'd safetensors (headers parsed by checkpoint.safetensors_format; never
+pickle). On an accelerator they travel through two reused pinned buffers, alternating, with async
+copies on a side stream: the CPU fills one buffer while the other is in flight, and fresh host
+memory is never touched (see BENCHMARKS.md). Quantised weights are dequantised on the device after
+their bytes arrive.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 
 from dsworker.checkpoint.fsutil import safe_join
-from dsworker.checkpoint.safetensors_io import SafetensorsReader, TensorInfo
+from dsworker.checkpoint.safetensors_format import TensorInfo
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.checkpoint.sharded_metadata import is_complete, plan_mismatch, read_metadata
 from dsworker.contract.errors import CheckpointError
 from dsworker.contract.layout import (
@@ -209,17 +211,6 @@ class _Stream:
             self.stream.synchronize()
 
 
-def _runtime_plan(plan: ParallelPlan, mtp: bool) -> dict[str, Any]:
-    return {
-        "worldSize": plan.world_size,
-        "dp": plan.dp,
-        "tp": plan.tp,
-        "moeTp": plan.moe_tp,
-        "moeEp": plan.moe_ep,
-        "mtp": bool(mtp),
-    }
-
-
 def _dims(root: Path) -> ModelDims:
     try:
         return ModelDims.from_config(json.loads((root / "config.json").read_text()))
@@ -245,7 +236,7 @@ def check_sharded(model_dir: str | Path, plan: ParallelPlan, mtp: bool) -> Any:
             "shard again"
         )
     md = read_metadata(root)
-    diff = plan_mismatch(md.plan, _runtime_plan(plan, mtp))
+    diff = plan_mismatch(md.plan, plan.record(mtp=mtp))
     if diff:
         raise LoadError(
             f"{root}: shards were cut for another plan: "

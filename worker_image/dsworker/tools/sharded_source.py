@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsworker.checkpoint.fsutil import check_tensor_name, load_json, safe_join
-from dsworker.checkpoint.hf_checkpoint import check_complete
+from dsworker.checkpoint.implied_tensors import check_complete
 from dsworker.checkpoint.regions import GlobalTensor, SourcePart
 from dsworker.checkpoint.sharded_metadata import ShardedMetadata, read_metadata
 from dsworker.contract.errors import CheckpointError
 from dsworker.contract.layout import METADATA_FILE, ModelDims, PlanError
-from dsworker.tools.shard import LayoutSource
+from dsworker.tools.layout_source import LayoutSource
 from dsworker.tools.verify import verify_sharded
 
 

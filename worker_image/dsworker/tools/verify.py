@@ -15,9 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from dsworker.checkpoint.fsutil import safe_join
-from dsworker.checkpoint.hf_checkpoint import open_checkpoint, sha256_file
-from dsworker.checkpoint.safetensors_io import SafetensorsReader
+from dsworker.checkpoint.fsutil import safe_join, sha256_file
+from dsworker.checkpoint.hf_checkpoint import open_checkpoint
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.checkpoint.sharded_metadata import is_complete, read_metadata
 from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError
 from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE, PlanError
