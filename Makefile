@@ -30,13 +30,13 @@ fmt: $(VENV)/.installed
 
 # Regenerate everything derived from the API models (CRDs, the chart's copies, the API reference).
 crd: $(VENV)/.installed
-	$(PY) -m deepseek_operator.crd
-	$(PY) -m deepseek_operator.peering
-	$(PY) -m deepseek_operator.peering --output charts/deepseek-operator/crds/kopf-peering.yaml
-	$(PY) -m deepseek_operator.docs
+	$(PY) -m deepseek_operator.generators.crd
+	$(PY) -m deepseek_operator.generators.peering
+	$(PY) -m deepseek_operator.generators.peering --output charts/deepseek-operator/crds/kopf-peering.yaml
+	$(PY) -m deepseek_operator.generators.docs
 
 unit: $(VENV)/.installed
-	$(PY) -m pytest tests/unit -q
+	$(PY) -m pytest tests/operator tests/repo -q
 
 test: $(VENV)/.installed cluster-bins lint
 	$(PY) -m pytest tests -q

@@ -37,12 +37,14 @@ from dsworker.contract.engine_config import EngineConfig
 from dsworker.contract.kv_budget import pages_for
 from dsworker.contract.layout import ParallelPlan
 from dsworker.engine.control import LocalChannel
+from dsworker.engine.kv_pages import Paging
 from dsworker.engine.loader import load_weights
 from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
+from dsworker.engine.model_runner import ModelRunner
+from dsworker.engine.rank_setup import DTYPES, engine_options, fixed_shape_decode
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
-from dsworker.engine.runner import DTYPES, ModelRunner, engine_options, fixed_shape_decode
-from dsworker.engine.scheduler import Paging, Scheduler
+from dsworker.engine.scheduler import Scheduler
 from dsworker.parallel.device import Device
 
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "worker_image"))
 
-from dsworker.engine.scheduler import Paging, Scheduler, Sequence  # noqa: E402
+from dsworker.engine.kv_pages import Paging  # noqa: E402
+from dsworker.engine.scheduler import Scheduler  # noqa: E402
+from dsworker.engine.steps import Sequence  # noqa: E402
 
 EOS = 1
 

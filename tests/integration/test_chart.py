@@ -220,7 +220,7 @@ def releases(kube: Any, namespace: str) -> dict[str, dict[str, Any]]:
 
 
 def test_kube_version_matches_the_render_tests(kube_cluster: Any) -> None:
-    """tests/unit/test_chart_render.py validates objects for the release in kube/go.mod."""
+    """tests/repo/test_chart_render.py validates objects for the release in kube/go.mod."""
     version = json.loads(kube_cluster.kubectl("version", "-o", "json").stdout)["serverVersion"]
     gomod = (REPO / "tests" / "cluster" / "kube" / "go.mod").read_text()
     assert f"k8s.io/kubernetes {version['gitVersion']}" in gomod

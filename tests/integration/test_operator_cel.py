@@ -5,17 +5,13 @@ accepted (both as server-side dry runs, so nothing is stored)."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-
-from test_api_bad_specs import load_bad_specs, load_valid  # noqa: E402
+from spec_cases import load_bad_specs, load_valid
 
 pytestmark = pytest.mark.integration
 

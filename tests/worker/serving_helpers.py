@@ -23,8 +23,8 @@ from engine_helpers import NEW_TOKENS, PROMPTS
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
+from dsworker.engine.rank_setup import Loaded, build_runner
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
-from dsworker.engine.runner import Loaded, build_runner
 from dsworker.engine.step_wire import STOP, Message
 from dsworker.model.decode_graphs import DecodeGraphs
 

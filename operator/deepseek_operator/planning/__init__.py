@@ -4,7 +4,8 @@ the children to delete, the status to write and the Events to post (no kopf, no 
 
 from .fingerprint import fingerprint, fingerprint_inputs
 from .observed import Observed
-from .plan import Delete, Plan, plan
+from .plan import plan
+from .state import Delete, Plan
 from .status import EventSpec
 
 __all__ = ["Delete", "EventSpec", "Observed", "Plan", "fingerprint", "fingerprint_inputs", "plan"]

@@ -3,6 +3,11 @@
 A custom resource name may be a 253-character DNS subdomain with dots and a leading digit, while
 Services, StatefulSets and label values want short DNS-1035 labels: every child name is derived
 here, shortened with a hash when needed so two long names never collide.
+
+Unique per custom resource by construction: a rewritten name always ends in "-" and 8 hex digits
+(the hash of the whole name), and a name of that shape is never used as it is, so a rewritten
+name can never equal another deployment's literal name (only two hashes can meet, 1 in 2**32,
+and that is reported as a ForeignObject, never fought over: see planning/ownership.py).
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ FP_SHORT = 16  # shard directory name: <store>/<fingerprint[:16]>
 FP_JOB = 10  # in Job names
 
 _INVALID = re.compile(r"[^a-z0-9-]+")
+# The shape of a rewritten name: a literal name of this shape is rewritten too.
+_REWRITTEN = re.compile(r".*-[0-9a-f]{8}")
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?")
 
 
 def _digest(text: str, n: int = 8) -> str:
@@ -67,15 +75,17 @@ def base_name(name: str) -> str:
     base = _INVALID.sub("-", name.lower()).strip("-") or "dsd"
     if not base[0].isalpha():
         base = "d-" + base
-    if base != name or len(base) > BASE_MAX:
-        # "a.b" and "a-b" must not share children: anything rewritten carries the name's hash.
+    if base != name or len(base) > BASE_MAX or _REWRITTEN.fullmatch(base):
+        # "a.b" and "a-b" must not share children: anything rewritten carries the name's hash,
+        # and a literal name that looks rewritten is rewritten, so the two sets never meet.
         base = base[: BASE_MAX - 9].rstrip("-") + "-" + _digest(name)
     return base
 
 
 def instance(name: str) -> str:
-    """The instance label value: the name itself when it is a valid label value, else shortened."""
-    if len(name) <= 63 and re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", name):
+    """The instance label value: the name itself when it is a valid label value that does not
+    look rewritten, else the base name (so two deployments never share a label selector)."""
+    if len(name) <= 63 and _LABEL_VALUE.fullmatch(name) and not _REWRITTEN.fullmatch(name):
         return name
     return base_name(name)
 

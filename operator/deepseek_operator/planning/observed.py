@@ -39,6 +39,9 @@ class Observed:
     # message): a 4xx for something in the spec it passes through (resources, env, tolerations,
     # affinity) or an admission policy. The planner reports them; nothing retries faster.
     rejected: dict[str, str] = field(default_factory=dict)
+    # Objects that already exist under a child's name and are not this deployment's ("Service
+    # r1" -> whose it is): never applied over, adopted or deleted (see ownership.py).
+    foreign: dict[str, str] = field(default_factory=dict)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def component_pods(self, component: str) -> list[Obj]:

@@ -41,6 +41,9 @@ NOT_VALIDATED = "NotValidated"
 # Valid to the CRD, but the API server refused a child built from it (a field passed through to
 # pods that it rejects, an admission policy): the message is the API server's.
 CHILD_REJECTED = "ChildRejected"
+# An object the operator did not create (a user's, another deployment's) holds a child's name:
+# the operator leaves it alone and holds that child.
+FOREIGN_OBJECT = "ForeignObject"
 
 SHARDS_COMPLETE = "ShardsComplete"
 SHARDING_DISABLED = "ShardingDisabled"

@@ -31,7 +31,7 @@ from engine_helpers import (
 )
 
 from dsworker.contract.layout import ParallelPlan
-from dsworker.engine.loader import LoadError, check_sharded
+from dsworker.engine.weight_files import LoadError, check_sharded
 from dsworker.launch.generate import GenerateJob
 from dsworker.model.moe import MoEOptions, a2a_capacity
 from dsworker.tools.shard import shard
@@ -372,7 +372,7 @@ def test_pinned_buffer_path_loads_the_same(
     kind: str, ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rank 1 of tp2/moeTp2 (dim-0 and dim-1 slices) through tiny buffers equals the direct copy."""
-    from dsworker.engine import loader
+    from dsworker.engine import host_to_device, loader
     from dsworker.model import DeepseekModel, EngineOptions, ModelArgs
     from dsworker.parallel.device import Device
     from dsworker.parallel.groups import build_groups
@@ -384,7 +384,7 @@ def test_pinned_buffer_path_loads_the_same(
         for _ in range(2)
     ]
     direct = loader.load_weights(models[0].targets(), ckpts[kind], p, 1, Device.create("cpu"))
-    monkeypatch.setattr(loader, "BUFFER_BYTES", 4096)  # many chunks and alternations
+    monkeypatch.setattr(host_to_device, "BUFFER_BYTES", 4096)  # many chunks and alternations
     streamed = loader.load_weights(models[1].targets(), ckpts[kind], p, 1, FakeAccelerator())  # type: ignore[arg-type]
     assert streamed.bytes == direct.bytes > 0
     for (name, a), b in zip(models[0].targets().items(), models[1].targets().values(), strict=True):

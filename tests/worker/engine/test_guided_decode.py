@@ -21,8 +21,8 @@ from dsworker.contract import kv_budget
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.contract.kv_budget import kv_bytes
 from dsworker.engine.metrics import Metrics
+from dsworker.engine.rank_setup import build_runner
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
-from dsworker.engine.runner import build_runner
 from dsworker.model import ModelArgs
 
 SCHEMA = json.loads((Path(__file__).parents[2] / "data/pick_schema.json").read_text())

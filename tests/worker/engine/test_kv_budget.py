@@ -19,7 +19,7 @@ from dsworker.contract.kv_budget import (
     plan_kv_pages,
     wanted_slots,
 )
-from dsworker.engine.runner import agree_kv_pages, build_runner
+from dsworker.engine.rank_setup import agree_kv_pages, build_runner
 from dsworker.model import ModelArgs
 from dsworker.parallel.groups import Group, spawn_local
 
@@ -120,7 +120,7 @@ def test_build_runner_caps_the_pages_to_npumemsize_not_the_batch(
     # positions, two and a half sequences of maxSeqLen 64.
     monkeypatch.setattr(kv_budget, "GIB", page * 10)
     cfg = _config(npuMemSize=1, maxBatchSize=8, cacheBlockSize=16)
-    with caplog.at_level(logging.WARNING, "dsworker.engine.runner"):
+    with caplog.at_level(logging.WARNING, "dsworker.engine.rank_setup"):
         loaded = _build(ckpt, cfg)
     try:
         cache = loaded.runner.cache

@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsworker.engine.loop import EngineLoop, StepError, follow
+from dsworker.engine.loop import EngineLoop, follow
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
-from dsworker.engine.scheduler import DraftInput, Scheduler, Step, StepItem
+from dsworker.engine.scheduler import Scheduler
 from dsworker.engine.step_wire import DRAFT, HEARTBEAT, STEP, STOP, Message
+from dsworker.engine.steps import DraftInput, Step, StepError, StepItem
 
 VOCAB = 64
 
@@ -144,3 +145,17 @@ def test_a_follower_runs_each_step_and_its_draft_pass_and_refuses_a_missing_one(
     assert runner.steps == [step] and runner.draft_calls == [inputs]
     with pytest.raises(RuntimeError, match="expected the draft message, got kind 2"):
         follow(runner, Script(Message(STEP, step), Message(HEARTBEAT)))
+
+
+def test_swapped_metrics_registry_counts_every_token() -> None:
+    """`serve` warms up into a throwaway registry, then swaps in the real one: the tokens of
+    later requests (and their latencies) land in the new registry, none in the old."""
+    channel, warmup, real, outs = Recorder(), Metrics(), Metrics(), []
+    loop = EngineLoop(CountingDrafter(), Scheduler(2, 64, 16, drafts=1), str, channel, warmup)
+    loop.metrics = real
+    loop.submit(GenRequest([3, 4], SamplingParams(temperature=0.0), 5), outs.append)
+    loop.run_until_idle()
+    assert sample(real, "dsworker_generation_tokens_total") == 5
+    assert sample(real, "dsworker_time_to_first_token_seconds_count") == 1
+    assert sample(real, "dsworker_prompt_tokens_total") == 2
+    assert sample(warmup, "dsworker_generation_tokens_total") == 0

@@ -22,8 +22,8 @@ from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.control import DistChannel
 from dsworker.engine.loop import follow
 from dsworker.engine.metrics import Metrics
+from dsworker.engine.rank_setup import build_runner
 from dsworker.engine.requests import SamplingParams
-from dsworker.engine.runner import build_runner
 from dsworker.model.decode_graphs import DecodeGraphs
 from dsworker.parallel.groups import spawn_local
 

@@ -15,8 +15,8 @@ from serving_helpers import MAX_LEN, counter, engine_config, generate, serve
 from dsworker.contract import kv_budget
 from dsworker.contract.kv_budget import kv_bytes
 from dsworker.engine.metrics import Metrics
+from dsworker.engine.rank_setup import build_runner
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
-from dsworker.engine.runner import build_runner
 from dsworker.model import ModelArgs
 
 

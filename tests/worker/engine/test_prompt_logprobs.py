@@ -15,8 +15,8 @@ from serving_helpers import engine_config, generate, serve
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.control import DistChannel
 from dsworker.engine.loop import follow
+from dsworker.engine.rank_setup import build_runner
 from dsworker.engine.requests import GenRequest, SamplingParams
-from dsworker.engine.runner import build_runner
 from dsworker.parallel.groups import spawn_local
 
 

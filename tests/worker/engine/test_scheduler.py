@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 
 from dsworker.engine import step_wire
-from dsworker.engine.kv_pages import PagePool
-from dsworker.engine.scheduler import (
-    DraftInput,
-    FinishReason,
-    Paging,
-    Scheduler,
-    SchedulerError,
-    Sequence,
-    Step,
-    StepItem,
-)
+from dsworker.engine.kv_pages import PagePool, Paging
+from dsworker.engine.scheduler import Scheduler, SchedulerError
+from dsworker.engine.steps import DraftInput, FinishReason, Sequence, Step, StepItem
 
 
 def seq(i: int, n_prompt: int, max_tokens: int = 4, eos: int | None = None) -> Sequence:

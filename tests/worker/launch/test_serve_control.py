@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from dsworker.engine.control import INLINE, DistChannel
-from dsworker.engine.scheduler import Step, StepItem
 from dsworker.engine.step_wire import HEARTBEAT, STEP, STOP, Message
+from dsworker.engine.steps import Step, StepItem
 from dsworker.parallel.groups import spawn_local
 
 STEPS = [

@@ -20,8 +20,9 @@ from dsworker.engine.control import LocalChannel
 from dsworker.engine.loader import load_weights
 from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
+from dsworker.engine.model_runner import ModelRunner
+from dsworker.engine.rank_setup import fixed_shape_decode
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
-from dsworker.engine.runner import ModelRunner, fixed_shape_decode
 from dsworker.engine.scheduler import Scheduler
 from dsworker.model import Batch, DeepseekModel, EngineOptions, KVCache, ModelArgs, MoEOptions
 from dsworker.model.decode_graphs import DecodeGraphs

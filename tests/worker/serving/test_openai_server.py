@@ -23,10 +23,11 @@ from dsworker.chat.tokenizer import TextTokenizer
 from dsworker.chat.tool_calls import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.control import LocalChannel
-from dsworker.engine.loop import EngineLoop, StepError
+from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.requests import GenRequest, SamplingParams
-from dsworker.engine.scheduler import Scheduler, Step
+from dsworker.engine.scheduler import Scheduler
+from dsworker.engine.steps import Step, StepError
 from dsworker.serving import protocol as oa
 from dsworker.serving.app import ServerState, create_app
 

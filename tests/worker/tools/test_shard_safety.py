@@ -352,7 +352,8 @@ def test_space_check_counts_aux_files(
 def test_loader_refuses_index_names_outside_the_model_dir(tiny_v3: Path, tmp_path: Path) -> None:
     import torch
 
-    from dsworker.engine.loader import LoadError, load_weights
+    from dsworker.engine.loader import load_weights
+    from dsworker.engine.weight_files import LoadError
     from dsworker.parallel.device import Device
 
     ck = _copy(tiny_v3, tmp_path / "model")

@@ -1,4 +1,5 @@
-"""The KV pages of one dp group, as the scheduler hands them out: pure bookkeeping, no torch.
+"""The KV cache in pages (`Paging`: how many, how big, per dp group) and one dp group's pool, as
+the scheduler hands them out: pure bookkeeping, no torch.
 
 A page is free, in use by one or more sequences (counted), or idle: full, registered under the
 hash of every token up to its end, and kept after its sequences ended, so a later prompt that
@@ -18,8 +19,24 @@ import os
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dsworker.contract.kv_budget import pages_for
 
 _KEY = os.urandom(16)  # per process: keys are never shared between processes
+
+
+@dataclass(frozen=True)
+class Paging:
+    """The KV cache in pages: `pages` of `page_size` positions in each of the dp groups."""
+
+    page_size: int
+    pages: int
+    dp: int = 1
+    prefix_caching: bool = True  # keep full pages for later prompts with the same tokens
+
+    def needed(self, positions: int) -> int:
+        return pages_for(positions, self.page_size)
 
 
 class PagePool:

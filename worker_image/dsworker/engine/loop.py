@@ -1,8 +1,9 @@
 """The step loop: scheduler -> broadcast -> forward -> sample -> text, on one thread per rank.
 
 Rank 0 owns requests: HTTP handlers submit() from the event loop's thread, the loop thread runs
-steps and hands each request its new text through a thread-safe callback. Other ranks run
-`follow()`: receive each step and run the same forward, so collectives inside the model line up.
+steps and hands each request its new text through a thread-safe callback (`live_requests` keeps
+each request's side of a step: logprobs, text, Outputs). Other ranks run `follow()`: receive
+each step and run the same forward, so collectives inside the model line up.
 With MTP, every step is followed by a draft message and pass (speculative decoding): the tokens
 sampled after each position go to the MTP layer, whose drafts the next step verifies.
 A failing forward is fatal for the whole group (the launcher restarts it), never silently skipped.
@@ -17,31 +18,22 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
-from dsworker.engine import sampling
 from dsworker.engine.control import Channel
+from dsworker.engine.live_requests import LiveRequests
 from dsworker.engine.metrics import Metrics
-from dsworker.engine.requests import GenRequest, Output, Sink, TokenLogprob
-from dsworker.engine.scheduler import DraftInput, FinishReason, Scheduler, Sequence, Step, StepItem
+from dsworker.engine.requests import GenRequest, Output, Sink
+from dsworker.engine.scheduler import Scheduler
 from dsworker.engine.step_wire import DRAFT, HEARTBEAT, STEP, STOP, Message
-from dsworker.engine.textstream import OutputText
-
-if TYPE_CHECKING:  # xgrammar loads only when a request is guided
-    from dsworker.engine.grammar_masks import Matcher
+from dsworker.engine.steps import DraftInput, FinishReason, Sequence, Step, StepError, StepItem
 
 log = logging.getLogger("dsworker.engine.loop")
 
 HEARTBEAT_S = 10.0
 FATAL_GRACE_S = 1.0  # after a fatal step, before exiting: in-flight requests get their 500
-
-
-class StepError(RuntimeError):
-    """A step every rank refused identically (e.g. a full AllToAll buffer): its sequences fail,
-    the group lives on. Anything else a forward raises is fatal."""
 
 
 class Runner(Protocol):
@@ -65,19 +57,6 @@ class Runner(Protocol):
         ...
 
 
-@dataclass
-class _Live:
-    req: GenRequest
-    sink: Sink
-    text: OutputText
-    generator: torch.Generator | None
-    arrived: float
-    last_token_at: float | None = None
-    started: bool = False  # in a step yet (the queue time is observed then)
-    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
-    matcher: Matcher | None = None  # guided: where the output is in its grammar
-
-
 class EngineLoop:
     """Rank 0's engine thread: continuous batching over the runner."""
 
@@ -92,12 +71,9 @@ class EngineLoop:
         silent: frozenset[int] = frozenset(),
     ) -> None:
         """silent: token ids `decode` leaves out of the text (the tokenizer's special tokens)."""
-        self.silent = silent
         self.runner = runner
         self.scheduler = scheduler
-        self.decode = decode
         self.channel = channel
-        self.metrics = metrics
         self.on_fatal = on_fatal or _exit_process
         # (op, seq_id, request, sink, submitted at): "add" carries the last three, "abort" none.
         self._inbox: queue.SimpleQueue[tuple[str, int, GenRequest | None, Sink | None, float]] = (
@@ -105,12 +81,22 @@ class EngineLoop:
         )
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._live: dict[int, _Live] = {}
+        self.live = LiveRequests(scheduler, decode, metrics, runner.device, silent)
         self._next_id = 0
         self._id_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._dropped_seen = 0
         self.failed: BaseException | None = None
+
+    @property
+    def metrics(self) -> Metrics:
+        """The registry the loop counts into; the live requests share it (`serve` swaps the
+        warm-up's throwaway registry for the real one before the first request)."""
+        return self.live.metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics) -> None:
+        self.live.metrics = metrics
 
     # -- called from other threads -------------------------------------------------------------
 
@@ -159,9 +145,7 @@ class EngineLoop:
         except BaseException as exc:  # noqa: BLE001 - any failure ends the group
             self.failed = exc
             log.error("engine loop failed:\n%s", traceback.format_exc())
-            for live in self._live.values():
-                live.sink(Output("", [], None, error=f"engine failed: {exc}"))
-            self._live.clear()
+            self.live.fail_all(f"engine failed: {exc}")
             self.on_fatal(exc)
 
     def _drain_inbox(self) -> None:
@@ -173,9 +157,8 @@ class EngineLoop:
             if op == "add":
                 assert req is not None and sink is not None
                 self._admit(seq_id, req, sink, submitted)
-            elif op == "abort" and seq_id in self._live:
+            elif op == "abort" and self.live.drop(seq_id) is not None:
                 self.scheduler.finish(seq_id, FinishReason.ABORT)
-                del self._live[seq_id]
                 self.metrics.finished.labels(FinishReason.ABORT.value).inc()
 
     def _admit(self, seq_id: int, req: GenRequest, sink: Sink, submitted: float) -> None:
@@ -191,23 +174,7 @@ class EngineLoop:
         except ValueError as exc:
             sink(Output("", [], None, error=str(exc)))
             return
-        gen = None
-        if not req.params.greedy:
-            gen = sampling.make_generator(req.params, self.runner.device)
-        matcher = None
-        if req.grammar is not None:  # xgrammar loads only when a request is guided
-            from dsworker.engine.grammar_masks import Matcher
-
-            matcher = Matcher(req.grammar)
-        self._live[seq_id] = _Live(
-            req,
-            sink,
-            OutputText(self.decode, req.stop, req.prompt, self.silent),
-            gen,
-            submitted,
-            matcher=matcher,
-        )
-        self.metrics.prompt_tokens.inc(len(req.prompt))
+        self.live.open(seq_id, req, sink, submitted)
 
     def step_once(self) -> bool:
         """Run one step if there is work; False when idle."""
@@ -224,40 +191,27 @@ class EngineLoop:
         if step is None:
             return False
         t0 = time.monotonic()
-        for item in step.items:
-            live = self._live.get(item.seq_id)
-            if live is not None and not live.started:
-                live.started = True
-                self.metrics.queue_seconds.observe(t0 - live.arrived)
+        self.live.start(step, t0)
         self.channel.send(Message(STEP, step))
         try:
             logits = self.runner.run(step)
         except StepError as exc:
             self._reject(step, exc)
             return True
-        logits = self._score_prompts(step, logits)
+        logits = self.live.score_prompts(step, logits)
         sampled_items = step.sampled
         sampled: dict[int, list[int]] = {}
         if sampled_items:
             assert logits is not None
-            lives = [self._live[i.seq_id] for i in sampled_items]
-            masks = self._masks(lives)
-            tokens = sampling.verify(
-                logits,
-                [it.tokens[len(it.tokens) - it.drafts :] for it in sampled_items],
-                [lv.req.params for lv in lives],
-                [lv.generator for lv in lives],
-                [self.scheduler.running[it.seq_id].output for it in sampled_items],
-                masks,
-            )
+            tokens = self.live.sample(sampled_items, logits)
             sampled = {it.seq_id: t for it, t in zip(sampled_items, tokens, strict=True)}
             self._count_drafts(sampled_items, tokens)
-        logprobs = self._logprobs(sampled_items, logits, sampled)
+        logprobs = self.live.logprobs(sampled_items, logits, sampled)
         now = time.monotonic()
         self.metrics.step_seconds.observe(now - t0)
         for ev in self.scheduler.update(step, sampled):
             lps = logprobs.get(ev.seq_id)
-            self._emit(ev.seq_id, ev.token, ev.finish_reason, now, lps.pop(0) if lps else None)
+            self.live.emit(ev.seq_id, ev.token, ev.finish_reason, now, lps.pop(0) if lps else None)
         if self.runner.drafting:
             self._draft(step)
         dropped = self.runner.dropped_rows()
@@ -265,62 +219,6 @@ class EngineLoop:
             self.metrics.dropped_rows.inc(dropped - self._dropped_seen)
             self._dropped_seen = dropped
         return True
-
-    @staticmethod
-    def _masks(lives: list[_Live]) -> list[sampling.Mask | None] | None:
-        """Guided sequences' masks for this step's rows (each fills its next-token mask now)."""
-        if not any(lv.matcher is not None for lv in lives):
-            return None
-        out: list[sampling.Mask | None] = []
-        for lv in lives:
-            if lv.matcher is not None:
-                lv.matcher.fill()
-            out.append(lv.matcher.mask if lv.matcher is not None else None)
-        return out
-
-    def _score_prompts(self, step: Step, logits: torch.Tensor | None) -> torch.Tensor | None:
-        """Take the prompt rows out of the runner's logits into their requests' prompt logprobs;
-        what remains are the sampled items' verify rows."""
-        if logits is None or not any(it.prompt_rows for it in step.items):
-            return logits
-        keep: list[int] = []
-        at = 0
-        for it in step.with_rows:
-            if it.prompt_rows:
-                live = self._live[it.seq_id]
-                top = live.req.prompt_logprobs
-                assert top is not None, "only a scoring sequence has prompt rows"
-                first = it.start + len(it.tokens) - it.rows + 1  # the prompt token row 0 scores
-                targets = live.req.prompt[first : first + it.prompt_rows]
-                rows = logits[at : at + it.prompt_rows]
-                live.prompt_logprobs += sampling.token_logprobs(rows, targets, top)
-            keep += range(at + it.prompt_rows, at + it.rows)
-            at += it.rows
-        return logits[keep]
-
-    def _logprobs(
-        self,
-        items: list[StepItem],
-        logits: torch.Tensor | None,
-        sampled: dict[int, list[int]],
-    ) -> dict[int, list[TokenLogprob]]:
-        """Per sequence that asked: its emitted tokens' logprobs (token j from verify row j).
-
-        A guided sequence's come from the grammar-masked logits, before penalties, bias and
-        temperature: what vLLM reports, its bitmask being applied before its sampler."""
-        out: dict[int, list[TokenLogprob]] = {}
-        at = 0
-        for it in items:
-            live = self._live[it.seq_id]
-            top = live.req.logprobs
-            if top is not None and logits is not None:
-                toks = sampled[it.seq_id]
-                rows = logits[at : at + len(toks)]
-                if live.matcher is not None:
-                    rows = live.matcher.mask(rows)
-                out[it.seq_id] = sampling.token_logprobs(rows, toks, top)
-            at += it.verify_rows
-        return out
 
     def _count_drafts(self, items: list[StepItem], tokens: list[list[int]]) -> None:
         drafted = sum(it.drafts for it in items)
@@ -340,9 +238,7 @@ class EngineLoop:
         assert drafts is not None
         self.scheduler.drafted(step, inputs)
         # A draft of a guided sequence would be verified against unmasked logits: none for them.
-        self.scheduler.set_drafts(
-            {i: d for i, d in drafts.items() if i in self._live and self._live[i].matcher is None}
-        )
+        self.scheduler.set_drafts({i: d for i, d in drafts.items() if self.live.unguided(i)})
 
     def _reject(self, step: Step, exc: StepError) -> None:
         """Fail the step's sequences (their slots are reused, so stale KV entries do no harm)."""
@@ -350,64 +246,9 @@ class EngineLoop:
         self.metrics.rejected_steps.inc()
         for item in step.items:
             self.scheduler.finish(item.seq_id, FinishReason.ABORT)
-            live = self._live.pop(item.seq_id, None)
+            live = self.live.drop(item.seq_id)
             if live is not None:
                 live.sink(Output("", [], None, error=f"engine refused the batch: {exc}"))
-
-    def _emit(
-        self,
-        seq_id: int,
-        token: int,
-        reason: FinishReason | None,
-        now: float,
-        logprob: TokenLogprob | None = None,
-    ) -> None:
-        live = self._live.get(seq_id)
-        if live is None:
-            return
-        self.metrics.generation_tokens.inc()
-        if live.last_token_at is None:
-            self.metrics.ttft.observe(now - live.arrived)
-        else:
-            self.metrics.itl.observe(now - live.last_token_at)
-        live.last_token_at = now
-        if live.matcher is not None and reason is None and self._grammar_ends(seq_id, live, token):
-            self.scheduler.finish(seq_id, FinishReason.STOP)
-            reason = FinishReason.STOP
-        if reason is FinishReason.STOP and token in live.req.stop_token_ids:
-            pass  # a stop token ends the sequence without being part of its text
-        elif live.text.add(token):  # a stop string ended the text, even on the last allowed token
-            if reason is None:
-                self.scheduler.finish(seq_id, FinishReason.STOP)
-            reason = FinishReason.STOP
-        if reason is not None:
-            live.text.finish()
-        text = live.text.take(final=reason is not None)
-        lps = (logprob,) if logprob is not None else ()
-        prompt_lps, live.prompt_logprobs = tuple(live.prompt_logprobs), []
-        live.sink(
-            Output(
-                text,
-                [token],
-                reason.value if reason else None,
-                logprobs=lps,
-                prompt_logprobs=prompt_lps,
-            )
-        )
-        if reason is not None:
-            del self._live[seq_id]
-            self.metrics.finished.labels(reason.value).inc()
-            self.metrics.e2e.observe(now - live.arrived)
-
-    @staticmethod
-    def _grammar_ends(seq_id: int, live: _Live, token: int) -> bool:
-        """Follow a guided sequence's token; True when that ends its grammar (its stop token
-        after a complete text, which ignore_eos would otherwise let through)."""
-        assert live.matcher is not None
-        if not live.matcher.accept(token):  # the mask allowed it: a bug, not the client's
-            log.error("sequence %d: token %d is outside its grammar; ending it", seq_id, token)
-            return True
-        return live.matcher.terminated
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> int:
         """Synchronous stepping (warm-up and tests): steps run until nothing is left."""

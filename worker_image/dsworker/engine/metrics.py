@@ -28,6 +28,8 @@ class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self) -> None:
+        # Long on purpose: one flat declaration per metric with its help text (docs/serving.md
+        # lists them all); splitting it would only scatter the list.
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "dsworker_requests",

@@ -9,18 +9,17 @@ page free, its drafts) would not fit. When a dp group has no page left for a dec
 next token, the sequence that started last in that group is preempted: its pages go back (its full
 ones stay cached for prefix reuse), and it waits first in line to compute its prompt and output
 again, without sampling, before it decodes on (recompute, as vLLM does). So memory goes to tokens
-that exist, not to max_tokens that may never come. Admission is "is a slot free, and are pages for
-its tokens, the next one and its drafts, with a page to spare for each sequence of its dp group
-that may still need one".
+that exist, not to max_tokens that may never come. Which slot and dp group a waiting sequence
+gets, and when it waits, is `admission`'s to decide.
 
 Policy per step: every decoding sequence contributes its one new token (plus its MTP drafts);
 the rest of the step's token budget (maxPrefillTokens) goes to prompts in arrival order, in chunks,
 so a long prompt never stalls running decodes for more than one chunk. With prefix caching, a
 prompt that starts with full pages another prompt is computing right now waits (letting later
 ones pass) until those pages are registered, then reuses them: n > 1 choices compute their
-prompt once. A sequence that scores its
-prompt (echo with logprobs) wants the logits of every prompt position: it reuses no cached pages,
-and its chunks yield a row per prompt position (`prompt_rows`), at most MAX_PROMPT_ROWS a step.
+prompt once. A sequence that scores its prompt (echo with logprobs) wants the logits of every
+prompt position: it reuses no cached pages, and its chunks yield a row per prompt position
+(`prompt_rows`), at most MAX_PROMPT_ROWS a step.
 
 Speculative decoding (MTP): after a step, `draft_inputs` says which positions the MTP layer reads
 (each position's hidden state and the token after it); the drafts it proposes ride in the next
@@ -34,155 +33,10 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
-from enum import StrEnum
 
-from dsworker.contract.kv_budget import pages_for
-from dsworker.engine.kv_pages import PagePool
-
-
-class FinishReason(StrEnum):
-    """OpenAI's finish_reason values (plus abort for a vanished client)."""
-
-    STOP = "stop"
-    LENGTH = "length"
-    ABORT = "abort"
-
-
-@dataclass
-class Sequence:
-    """One request's tokens and where its KV cache lives."""
-
-    seq_id: int
-    prompt: list[int]
-    max_tokens: int
-    stop_token_ids: frozenset[int] = frozenset()  # EOS unless ignore_eos, and the request's
-    output: list[int] = field(default_factory=list)
-    slot: int | None = None
-    num_cached: int = 0  # tokens whose KV entries are in the cache
-    finish_reason: FinishReason | None = None
-    drafts: tuple[int, ...] = ()  # the MTP layer's guesses at the tokens after the last output
-    pages: tuple[int, ...] = ()  # KV pages in position order (paging only)
-    capacity: int = 0  # positions its pages hold
-    announced: bool = False  # its current pages went out with a step item
-    hashed: int = 0  # leading pages registered for prefix caching (or reused)
-    chain: int = 0  # the hash of the last of them
-    mtp_cached: int = 0  # positions whose MTP-layer entries are written (MTP only)
-    score_prompt: bool = False  # logits at every prompt position wanted: none reused from cache
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt) + len(self.output)
-
-    @property
-    def prefill_end(self) -> int:
-        """Positions computed before decoding: the prompt, or after a preemption every token but
-        the last (which the next decode step feeds, as it would have)."""
-        return len(self.prompt) + max(0, len(self.output) - 1)
-
-    @property
-    def prefilling(self) -> bool:
-        return self.num_cached < self.prefill_end
-
-    def head(self, n: int) -> list[int]:
-        """The first `n` tokens of prompt and output (all of them when n >= num_tokens): what a
-        recomputed sequence's cache holds."""
-        k = len(self.prompt)
-        return self.prompt[:n] if n <= k else [*self.prompt, *self.output[: n - k]]
-
-    def token_at(self, i: int) -> int:
-        n = len(self.prompt)
-        return self.prompt[i] if i < n else self.output[i - n]
-
-
-@dataclass(frozen=True)
-class StepItem:
-    """One sequence's part of a step: `tokens` at positions start.. written to `slot`."""
-
-    seq_id: int
-    slot: int
-    start: int
-    tokens: tuple[int, ...]
-    sample: bool  # the last token's logits yield the next token (False: a mid-prompt chunk)
-    drafts: int = 0  # trailing tokens that are MTP drafts for the main model to verify
-    pages: tuple[int, ...] = ()  # the slot's KV pages, whenever they changed (paging)
-    prompt_rows: int = 0  # leading positions whose logits score the prompt token after each
-
-    @property
-    def verify_rows(self) -> int:
-        """Logit rows this item yields when sampled: the last real token and each draft."""
-        return 1 + self.drafts if self.sample else 0
-
-    @property
-    def rows(self) -> int:
-        """Logit rows the item yields, for its last `rows` positions: prompt rows, verify rows."""
-        return self.prompt_rows + self.verify_rows
-
-
-@dataclass(frozen=True)
-class Step:
-    """One forward pass: what every rank runs (rank 0 broadcasts it)."""
-
-    items: tuple[StepItem, ...]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(i.tokens) for i in self.items)
-
-    @property
-    def sampled(self) -> list[StepItem]:
-        return [i for i in self.items if i.sample]
-
-    @property
-    def with_rows(self) -> list[StepItem]:
-        """Items that yield logit rows, in step order: the runner's output holds theirs."""
-        return [i for i in self.items if i.rows]
-
-
-@dataclass(frozen=True)
-class DraftInput:
-    """What the MTP layer reads for step item `index` after sampling: its first `count`
-    positions, each with the token that followed it; the draft comes from the last one.
-
-    Only the token after the last position (`last`: a sampled token or the next prompt chunk's
-    first) is new; the others are the item's own tokens one on, which every rank already has.
-    """
-
-    index: int
-    count: int
-    last: int
-
-    def tokens(self, item: StepItem) -> tuple[int, ...]:
-        """The `count` tokens that followed the item's first `count` positions."""
-        if not 1 <= self.count <= len(item.tokens):
-            raise ValueError(
-                f"a draft input reads 1 to {len(item.tokens)} positions of item {self.index}, "
-                f"not {self.count}"
-            )
-        return (*item.tokens[1 : self.count], self.last)
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """A token appended to a sequence, and whether that finished it."""
-
-    seq_id: int
-    token: int
-    finish_reason: FinishReason | None
-
-
-@dataclass(frozen=True)
-class Paging:
-    """The KV cache in pages: `pages` of `page_size` positions in each of the dp groups."""
-
-    page_size: int
-    pages: int
-    dp: int = 1
-    prefix_caching: bool = True  # keep full pages for later prompts with the same tokens
-
-    def needed(self, positions: int) -> int:
-        return pages_for(positions, self.page_size)
-
+from dsworker.engine.admission import place, position_limit, waits_for_prefix
+from dsworker.engine.kv_pages import PagePool, Paging
+from dsworker.engine.steps import DraftInput, FinishReason, Sequence, Step, StepItem, TokenEvent
 
 # Prompt positions scored per step: each is a row of vocabulary logits (~0.5 MiB in fp32 for V3).
 MAX_PROMPT_ROWS = 512
@@ -298,7 +152,7 @@ class Scheduler:
         # Arrival order, except that a prompt waiting for another's pages lets later ones pass.
         held: list[Sequence] = []
         while budget > 0 and self.waiting and self.free_slots:
-            if self._follows(self.waiting[0]):
+            if waits_for_prefix(self.waiting[0], self.running.values(), self.paging):
                 held.append(self.waiting.popleft())
                 if len(held) >= self.max_batch_size:  # enough looking past them for one step
                     break
@@ -346,68 +200,31 @@ class Scheduler:
         pages = self._announce(seq)
         return StepItem(seq.seq_id, seq.slot, pos, toks, True, len(toks) - 1, pages)
 
-    def _follows(self, seq: Sequence) -> bool:
-        """A prompt being computed now starts with full pages that `seq` could reuse once they
-        are registered: it waits for them rather than computing them twice (n > 1 choices, a
-        burst of requests with one system prompt)."""
-        if self.paging is None or not self.paging.prefix_caching or seq.score_prompt:
-            return False
-        p = self.paging.page_size
-        most = (seq.num_tokens - 1) // p  # pages a match can cover
-        if most == 0:
-            return False
-        for r in self.running.values():
-            # More pages in common than r has registered so far: one more page is enough to say.
-            need = (r.hashed + 1) * p
-            ready = r.prefilling and most > r.hashed and need <= r.prefill_end
-            if ready and r.head(need) == seq.head(need):
-                return True
-        return False
-
-    def _limit(self, seq: Sequence) -> int:
-        """The most positions the sequence can ever write."""
-        return min(len(seq.prompt) + seq.max_tokens, self.max_seq_len)
-
     def _admit(self, seq: Sequence) -> bool:
-        """Give the sequence a free slot (and, with paging, pages for its tokens and the next one
-        in the dp group that reuses the most of them, else has the most to spare); False leaves
-        it waiting, first in line."""
+        """Give the sequence a free slot (and, with paging, the pages `admission.place` picks);
+        False leaves it waiting, first in line."""
         if not self.free_slots:
             return False
         if self.paging is None:
             seq.slot, seq.capacity = self.free_slots.popleft(), self.max_seq_len
             return True
-        need = self.paging.needed(min(seq.num_tokens + 1 + self.drafts, self._limit(seq)))
-        tokens = seq.head(seq.num_tokens)
-        growing = [0] * self.paging.dp  # running sequences that may still take a page
-        for r in self.running.values():
-            if r.capacity < self._limit(r):
-                growing[(r.slot or 0) % self.paging.dp] += 1
-        best: tuple[int, list[int], int] | None = None  # slot, reused pages, their hash
-        best_key = (-1, 0)
-        seen: set[int] = set()
-        for slot in self.free_slots:  # one look per dp group
-            group = slot % self.paging.dp
-            if group in seen:
-                continue
-            seen.add(group)
-            pool = self.pools[group]
-            matched, h = ([], 0) if seq.score_prompt else pool.match(tokens)
-            # A page left for each growing sequence's next one: admitting into the last free
-            # pages would only preempt the newcomer a few steps on (benchmarks/kv_pages.py).
-            spare = pool.available(matched) - (need - len(matched)) - growing[group]
-            key = (len(matched), spare)  # the most reuse, then the most room to grow
-            if spare >= 0 and key > best_key:
-                best, best_key = (slot, matched, h), key
-        if best is None:
+        at = place(
+            seq,
+            self.free_slots,
+            self.pools,
+            self.running.values(),
+            self.paging,
+            self.drafts,
+            self.max_seq_len,
+        )
+        if at is None:
             return False
-        slot, matched, h = best
-        self.free_slots.remove(slot)
-        seq.slot = slot
-        pool = self.pools[slot % self.paging.dp]
-        self._set_pages(seq, tuple(pool.take(matched, need - len(matched))))
-        seq.num_cached = len(matched) * self.paging.page_size
-        seq.hashed, seq.chain = len(matched), h
+        self.free_slots.remove(at.slot)
+        seq.slot = at.slot
+        pool = self.pools[at.slot % self.paging.dp]
+        self._set_pages(seq, tuple(pool.take(at.matched, at.need - len(at.matched))))
+        seq.num_cached = len(at.matched) * self.paging.page_size
+        seq.hashed, seq.chain = len(at.matched), at.chain
         seq.mtp_cached = seq.num_cached
         if not seq.output:  # a returning sequence's own pages are no prefix-cache hit
             self.reused_tokens += seq.num_cached
@@ -448,7 +265,10 @@ class Scheduler:
                 continue
             assert seq.slot is not None
             pool = self.pools[seq.slot % self.paging.dp]
-            want = min(seq.num_tokens + len(seq.drafts) + 1 + self.drafts, self._limit(seq))
+            want = min(
+                seq.num_tokens + len(seq.drafts) + 1 + self.drafts,
+                position_limit(seq, self.max_seq_len),
+            )
             while seq.capacity < want and pool.free:
                 self._take_page(seq, pool)
 

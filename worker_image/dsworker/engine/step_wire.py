@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsworker.engine.scheduler import DraftInput, Step, StepItem
+from dsworker.engine.steps import DraftInput, Step, StepItem
 
 STEP = 1
 HEARTBEAT = 2

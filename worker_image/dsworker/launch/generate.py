@@ -23,7 +23,8 @@ import torch
 from dsworker.checkpoint.sharded_metadata import read_metadata
 from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError
 from dsworker.contract.layout import ParallelPlan, PlanError
-from dsworker.engine.loader import LoadStats, check_sharded, is_sharded, load_weights
+from dsworker.engine.loader import LoadStats, load_weights
+from dsworker.engine.weight_files import check_sharded, is_sharded
 from dsworker.model import Batch, DeepseekModel, EngineOptions, ExpertBufferOverflow, ModelArgs
 from dsworker.model.moe import MoEOptions
 from dsworker.parallel.device import Device, DeviceError

@@ -60,7 +60,7 @@ def main(argv: Seq[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace, cfg: EngineConfig, rank: int):  # noqa: ANN202
-    from dsworker.engine.runner import build_runner
+    from dsworker.engine.rank_setup import build_runner
 
     return build_runner(
         args.model,

@@ -1,0 +1,77 @@
+"""One planning pass: what a reconcile does (Plan: apply, delete, status, Events), and the state the
+concerns of one pass share (PassState: the inputs, and the outputs each concern adds to)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..api import DeepSeekDeploymentSpec, DeepSeekDeploymentStatus
+from ..api.status import Phase
+from .objects import Context
+from .observed import Obj, Observed, meta, uid
+from .status import EventSpec
+
+
+@dataclass(frozen=True)
+class Delete:
+    """A child to delete (Background propagation: a Job's pods go with it), only while it is the
+    object of this uid (a precondition: a namesake created since is never deleted)."""
+
+    kind: Literal["Job", "Pod"]
+    name: str
+    uid: str
+
+
+@dataclass
+class Plan:
+    """What one reconcile does."""
+
+    apply: list[Obj]
+    delete: list[Delete]
+    status: DeepSeekDeploymentStatus
+    events: list[EventSpec]
+    previous: DeepSeekDeploymentStatus
+    # uids of worker pods whose failure was acted on (the operator stops re-reporting them).
+    counted_failures: list[str] = field(default_factory=list)
+    # The store claim with a new storage request, applied before everything else: the API server
+    # may refuse it (then the shell plans again with Observed.store_resize_refused set).
+    resize: Obj | None = None
+
+    @property
+    def status_changed(self) -> bool:
+        return self.status.to_dict() != self.previous.to_dict()
+
+    @property
+    def phase(self) -> Phase | None:
+        return self.status.phase
+
+
+@dataclass
+class PassState:
+    """One planning pass of a valid spec: the inputs, and the outputs the concerns (store, shards,
+    workers, validated) accumulate."""
+
+    ctx: Context
+    observed: Observed
+    previous: DeepSeekDeploymentStatus
+    warnings: list[str]
+    # The deployment was Failed at an earlier generation: this spec gets a fresh start.
+    retry: bool
+    # Failed for the workers at this generation (budget spent, or bad input): holds until the
+    # spec changes.
+    sticky: bool
+    apply: list[Obj] = field(default_factory=list)
+    delete: list[Delete] = field(default_factory=list)
+    events: list[EventSpec] = field(default_factory=list)
+    counted: list[str] = field(default_factory=list)
+    resize: Obj | None = None
+    restarts: int = 0  # group restarts spent of the budget
+
+    @property
+    def spec(self) -> DeepSeekDeploymentSpec:
+        return self.ctx.spec
+
+    def delete_pods(self, pods: list[Obj]) -> None:
+        for pod in pods:
+            self.delete.append(Delete("Pod", str(meta(pod).get("name")), uid(pod)))
