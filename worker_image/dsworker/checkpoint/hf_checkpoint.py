@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from dsworker.checkpoint.fsutil import check_tensor_name, load_json, safe_join, sha256_file
+from dsworker.checkpoint.fsutil import (
+    check_tensor_name,
+    load_json,
+    member_file,
+    read_regular,
+    safe_join,
+    sha256_file,
+)
 from dsworker.checkpoint.implied_tensors import check_complete, check_shapes
 from dsworker.checkpoint.regions import GlobalTensor, SourcePart
 from dsworker.checkpoint.safetensors_reader import SafetensorsReader
-from dsworker.contract.errors import CheckpointError
-from dsworker.contract.layout import ModelDims, PlanError, layer_index, split_name
+from dsworker.contract.errors import SOURCE_MISSING, CheckpointError
+from dsworker.contract.layout import ModelDims, layer_index, split_name
+from dsworker.contract.model_config import ModelConfig, parse_model_config
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -43,19 +52,46 @@ def is_aux_file(name: str) -> bool:
     return name in AUX_FILES or bool(_AUX_PATTERN.match(name))
 
 
+def read_model_config(root: Path) -> ModelConfig:
+    """The validated config.json of a model directory (HF checkpoint or sharded layout).
+
+    A missing directory or config.json is SourceMissing (a volume not mounted or not populated);
+    a malformed one a ModelConfigError naming the key.
+    """
+    path = root / "config.json"
+    if not root.is_dir():
+        raise CheckpointError(
+            f"{root}: model path does not exist or is not a directory", reason=SOURCE_MISSING
+        )
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(
+            f"{path}: not found; {root} holds no model (is the volume populated?)",
+            reason=SOURCE_MISSING,
+        )
+    raw = read_regular(member_file(root, "config.json", "config.json"), "config.json")
+    return parse_model_config(raw, str(path))
+
+
 @dataclass
 class HFCheckpoint:
     """A validated HF checkpoint: its config, its tensors (by name, in file order) and aux files."""
 
     root: Path
-    config: dict[str, Any]
-    dims: ModelDims
+    model: ModelConfig
     tensors: dict[str, GlobalTensor]
     files: list[str]
     index_sha256: str | None
     config_sha256: str
     quantization: str
     aux_files: list[str]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.model.raw
+
+    @cached_property
+    def dims(self) -> ModelDims:
+        return self.model.dims
 
     @property
     def has_mtp(self) -> bool:
@@ -74,46 +110,45 @@ def _is_mtp_name(name: str, dims: ModelDims) -> bool:
 def open_checkpoint(path: str | Path) -> HFCheckpoint:
     """Read config.json, the index and every safetensors header; validate them against each other."""
     root = Path(path)
-    if not root.is_dir():
-        raise CheckpointError(f"{root}: model path does not exist or is not a directory")
+    model = read_model_config(root)
     cfg_path = root / "config.json"
-    config = load_json(cfg_path, "config.json")
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{cfg_path}: config.json is not a JSON object")
-    try:
-        dims = ModelDims.from_config(config)
-    except PlanError as e:
-        raise CheckpointError(f"{cfg_path}: {e}") from None
     weight_map, index_sha = _read_index(root)
     files = list(dict.fromkeys(weight_map.values())) if weight_map else _lone_file(root)
     tensors = _read_tensors(root, files, weight_map)
-    quantization = detect_quantization(config, tensors, root)
+    quantization = detect_quantization(model, tensors, root)
     for t in tensors.values():
         if t.name.endswith(".weight_shape") and t.dtype in ("I64", "I32") and t.shape == (2,):
             with SafetensorsReader(t.parts[0].path) as r:
                 t.value = [int(v) for v in r.array(t.name).tolist()]
-    check_shapes(config, dims, tensors, cfg_path)
-    check_complete(config, dims, tensors, cfg_path, "re-download the files that hold them")
-    aux = sorted(p.name for p in root.iterdir() if is_aux_file(p.name) and p.is_file())
+    check_shapes(model, tensors, cfg_path)
+    check_complete(model, tensors, cfg_path, "re-download the files that hold them")
     return HFCheckpoint(
         root=root,
-        config=config,
-        dims=dims,
+        model=model,
         tensors=tensors,
         files=files,
         index_sha256=index_sha,
         config_sha256=sha256_file(cfg_path),
         quantization=quantization,
-        aux_files=aux,
+        aux_files=_side_files(root),
     )
+
+
+def _side_files(root: Path) -> list[str]:
+    """The aux files of the checkpoint, each a regular file inside it (they are copied into the
+    store, so a link out of the directory or a FIFO is refused, never followed or waited on)."""
+    names = sorted(p.name for p in root.iterdir() if is_aux_file(p.name))
+    for name in names:
+        member_file(root, name, "side file")
+    return names
 
 
 def _read_index(root: Path) -> tuple[dict[str, str], str | None]:
     """The index's weight_map (names and file names checked) and its sha256; empty without one."""
     index_path = root / INDEX_FILE
-    if not index_path.exists():
+    if not index_path.exists() and not index_path.is_symlink():
         return {}, None
-    index = load_json(index_path, INDEX_FILE)
+    index = load_json(member_file(root, INDEX_FILE, INDEX_FILE), INDEX_FILE)
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not wm:
         raise CheckpointError(f"{index_path}: no weight_map object; re-download the index")
@@ -147,13 +182,13 @@ def _read_tensors(
     tensors: dict[str, GlobalTensor] = {}
     for fname in files:
         fpath = root / fname
-        if not fpath.exists():
+        if not fpath.exists() and not fpath.is_symlink():
             listed = next(n for n, f in weight_map.items() if f == fname)
             raise CheckpointError(
                 f"{fpath}: missing, but {INDEX_FILE} lists it (e.g. for {listed}); "
                 "download the missing file"
             )
-        with SafetensorsReader(fpath) as r:
+        with SafetensorsReader(member_file(root, fname, "safetensors file")) as r:
             infos = r.tensors
         for name, t in infos.items():
             check_tensor_name(name, str(fpath))
@@ -185,15 +220,12 @@ def _read_tensors(
     return tensors
 
 
-def detect_quantization(
-    config: dict[str, Any], tensors: dict[str, GlobalTensor], root: Path
-) -> str:
+def detect_quantization(model: ModelConfig, tensors: dict[str, GlobalTensor], root: Path) -> str:
     """bf16 | fp8 | w8a8 | w8a16, from the tensors, cross-checked with config.json."""
     has_fp8 = any(t.dtype == "F8_E4M3" for t in tensors.values())
     has_packed = any(n.endswith(".weight_packed") for n in tensors)
     has_int8 = any(t.dtype == "I8" and n.endswith(".weight") for n, t in tensors.items())
-    qc = config.get("quantization_config") or {}
-    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    method = model.quant_method
     cfg = root / "config.json"
     if has_fp8:
         if method != "fp8":

@@ -15,7 +15,8 @@ from typing import Any
 
 from dsworker.checkpoint.regions import GlobalTensor
 from dsworker.contract.errors import CheckpointError
-from dsworker.contract.layout import ModelDims, layer_index, split_name
+from dsworker.contract.layout import layer_index, split_name
+from dsworker.contract.model_config import ModelConfig
 
 # dtypes an FP8 weight_scale_inv may have (DeepSeek ships F32); decoded by float_to_f32
 FLOAT_SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -54,9 +55,7 @@ def _mlp_shape(proj: str, inter: str) -> tuple[str, ...]:
     return ("hidden_size", inter) if proj == "down_proj" else (inter, "hidden_size")
 
 
-def expected_shape(
-    name: str, c: dict[str, Any], dims: ModelDims
-) -> tuple[tuple[int, ...], str] | None:
+def expected_shape(name: str, mc: ModelConfig) -> tuple[tuple[int, ...], str] | None:
     """(shape, formula) config.json implies for a ".weight" tensor; None when it cannot tell."""
     module, suffix = split_name(name)
     if suffix != "weight":
@@ -72,22 +71,20 @@ def expected_shape(
             formula = _mlp_shape(em.group(1), "moe_intermediate_size")
         elif sm and sm.group(1):
             formula = _mlp_shape(sm.group(2), "n_shared_experts*moe_intermediate_size")
-        elif sm and layer < dims.first_k_dense_replace:
+        elif sm and layer < mc.first_k_dense_replace:
             formula = _mlp_shape(sm.group(2), "intermediate_size")
     if formula is None:
         return None
-    env = {k: v for k, v in c.items() if isinstance(v, int) and not isinstance(v, bool)}
-    try:
-        shape = tuple(int(eval(f, {"__builtins__": {}}, env)) for f in formula)
+    try:  # the formulas are ours; the names in them are validated integer sizes of config.json
+        shape = tuple(int(eval(f, {"__builtins__": {}}, dict(mc.sizes))) for f in formula)
     except (NameError, TypeError):
         return None
     return shape, "[" + ", ".join(formula) + "]"
 
 
-def check_shapes(
-    config: dict[str, Any], dims: ModelDims, tensors: dict[str, GlobalTensor], cfg_path: Path
-) -> None:
+def check_shapes(mc: ModelConfig, tensors: dict[str, GlobalTensor], cfg_path: Path) -> None:
     """Every known weight must have the shape config.json implies, every layer/expert index exist."""
+    dims = mc.dims
     n_layers = dims.num_hidden_layers + dims.num_nextn_predict_layers
     for name, t in tensors.items():
         layer = layer_index(name)
@@ -125,7 +122,7 @@ def check_shapes(
                         "the checkpoint is inconsistent - re-download it"
                     )
             continue
-        exp = expected_shape(probe, config, dims)
+        exp = expected_shape(probe, mc)
         if exp is not None and shape != exp[0]:
             raise CheckpointError(
                 f"{cfg_path}: tensor {name} has shape {list(t.shape)} but config.json implies "
@@ -140,9 +137,7 @@ _MTP_ONLY = ("embed_tokens", "enorm", "hnorm", "shared_head.norm")
 _MTP_LINEAR = ("eh_proj", "shared_head.head")
 
 
-def expected_modules(
-    config: dict[str, Any], dims: ModelDims, layers: list[int]
-) -> list[tuple[str, bool]]:
+def expected_modules(mc: ModelConfig, layers: list[int]) -> list[tuple[str, bool]]:
     """(name, is_linear) for every module config.json implies, main model plus extra (MTP) layers.
 
     A non-linear name (norms, router, its bias, embeddings) must be stored exactly so; a linear
@@ -151,25 +146,25 @@ def expected_modules(
     + optional shared experts elsewhere, e_score_correction_bias with noaux_tc routing, q_a/q_b with
     q_lora_rank else q_proj, and for MTP layers their embed/enorm/hnorm/eh_proj/shared_head.
     """
+    dims = mc.dims
     exact: list[str] = ["model.embed_tokens.weight", "model.norm.weight"]
-    linear: list[str] = [] if config.get("tie_word_embeddings") else ["lm_head"]
+    linear: list[str] = [] if mc.tie_word_embeddings else ["lm_head"]
     out = [(n, False) for n in exact] + [(n, True) for n in linear]
-    freq = config.get("moe_layer_freq")
-    freq = freq if isinstance(freq, int) and freq > 0 else 1
+    freq = mc.moe_layer_freq
     projs = ("gate_proj", "up_proj", "down_proj")
     for i in [*range(dims.num_hidden_layers), *layers]:
         p, a = f"model.layers.{i}", f"model.layers.{i}.self_attn"
         exact = [f"{p}.input_layernorm.weight", f"{p}.post_attention_layernorm.weight"]
         exact.append(f"{a}.kv_a_layernorm.weight")
         linear = [f"{a}.kv_a_proj_with_mqa", f"{a}.kv_b_proj", f"{a}.o_proj"]
-        if config.get("q_lora_rank"):
+        if mc.q_lora_rank:
             exact.append(f"{a}.q_a_layernorm.weight")
             linear += [f"{a}.q_a_proj", f"{a}.q_b_proj"]
         else:
             linear.append(f"{a}.q_proj")
         if i >= dims.first_k_dense_replace and i % freq == 0:
             exact.append(f"{p}.mlp.gate.weight")
-            if config.get("topk_method") == "noaux_tc":
+            if mc.topk_method == "noaux_tc":
                 exact.append(f"{p}.mlp.gate.e_score_correction_bias")
             for e in range(dims.n_routed_experts):
                 linear += [f"{p}.mlp.experts.{e}.{x}" for x in projs]
@@ -184,21 +179,19 @@ def expected_modules(
     return out
 
 
-def missing_tensors(
-    config: dict[str, Any], dims: ModelDims, tensors: Mapping[str, Any]
-) -> list[str]:
+def missing_tensors(mc: ModelConfig, tensors: Mapping[str, Any]) -> list[str]:
     """Names config.json implies that `tensors` lacks, plus quantisation companions that are missing.
 
     An MTP layer may be absent as a whole (many re-saved checkpoints drop it; sharding with --mtp
     then says so), but a present one must be complete.
     """
-    first_mtp = dims.num_hidden_layers
+    first_mtp = mc.dims.num_hidden_layers
     present = {layer_index(n) for n in tensors}
     mtp_layers = [
-        i for i in range(first_mtp, first_mtp + dims.num_nextn_predict_layers) if i in present
+        i for i in range(first_mtp, first_mtp + mc.num_nextn_predict_layers) if i in present
     ]
     missing = []
-    for m, is_linear in expected_modules(config, dims, mtp_layers):
+    for m, is_linear in expected_modules(mc, mtp_layers):
         if not is_linear:
             if m not in tensors:
                 missing.append(m)
@@ -218,14 +211,13 @@ def missing_tensors(
 
 
 def check_complete(
-    config: dict[str, Any],
-    dims: ModelDims,
+    mc: ModelConfig,
     tensors: Mapping[str, Any],
     where: Path | str,
     fix: str,
 ) -> None:
     """Refuse a checkpoint that lacks tensors config.json implies, naming them (not at load time)."""
-    missing = missing_tensors(config, dims, tensors)
+    missing = missing_tensors(mc, tensors)
     if missing:
         shown = ", ".join(missing[:8]) + (
             f" (+{len(missing) - 8} more)" if len(missing) > 8 else ""

@@ -2,8 +2,8 @@
 
 A file is an 8-byte little-endian header length, a JSON header mapping names to
 dtype/shape/data_offsets (plus an optional `__metadata__`), then the raw data. Parsing validates
-everything a corrupt or truncated download could break and raises `SafetensorsError` naming the
-file, the tensor and the fix.
+everything a corrupt or truncated download could break, a tensor listed twice included, and raises
+`SafetensorsError` naming the file, the tensor and the fix.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsworker.contract import strict_json
 from dsworker.contract.errors import CheckpointError
 
 DTYPE_SIZES: dict[str, int] = {
@@ -137,10 +138,12 @@ class Header:
 
 def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
     """Validate the JSON header `raw` of a file of `file_size` bytes (data after 8 + len(raw))."""
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    try:  # a tensor listed twice is refused: which of its entries holds the bytes is anyone's guess
+        header = strict_json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
         raise corrupt(path, f"corrupt header (not JSON: {e})") from None
+    except strict_json.JsonError as e:
+        raise corrupt(path, f"corrupt header ({e})") from None
     if not isinstance(header, dict):
         raise corrupt(path, "corrupt header (not a JSON object)")
     data_start = 8 + len(raw)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dsworker.checkpoint import io_buffers
+from dsworker.checkpoint.fsutil import open_regular
 from dsworker.checkpoint.io_buffers import cached_iov, scratch
 from dsworker.checkpoint.safetensors_format import (
     MAX_HEADER_BYTES,
@@ -23,6 +24,7 @@ from dsworker.checkpoint.safetensors_format import (
     corrupt,
     parse_header,
 )
+from dsworker.contract.errors import CheckpointError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,18 +36,10 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.fd = -1
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise SafetensorsError(
-                f"{self.path}: safetensors file not found; download it again or fix the index"
-            ) from None
-        except IsADirectoryError:
-            raise SafetensorsError(
-                f"{self.path}: is a directory, expected a safetensors file"
-            ) from None
-        except PermissionError:
-            raise SafetensorsError(f"{self.path}: permission denied; make it readable") from None
+        try:  # a FIFO or a device is refused, never waited on
+            self.fd = open_regular(self.path, "safetensors file")
+        except CheckpointError as e:
+            raise SafetensorsError(f"{e}; download it again or fix the index") from None
         try:
             self.size = os.fstat(self.fd).st_size
             self._parse()

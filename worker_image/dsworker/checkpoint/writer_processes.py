@@ -20,8 +20,7 @@ from dsworker.checkpoint.outfile_writer import write_all
 from dsworker.checkpoint.planned_files import FileResult, OutFile
 from dsworker.checkpoint.progress import Progress
 from dsworker.checkpoint.regions import ReaderCache
-from dsworker.contract.errors import CheckpointError
-from dsworker.contract.layout import PlanError
+from dsworker.contract.errors import CheckpointError, PlanError
 
 
 class _Aborted(Exception):
@@ -68,7 +67,7 @@ def _worker(
     except _Aborted:
         results.put(("aborted", idx, None))
     except (CheckpointError, PlanError) as e:
-        results.put(("error", idx, str(e)))
+        results.put(("error", idx, (str(e), e.reason)))
     except BaseException:
         results.put(("crash", idx, traceback.format_exc()))
     finally:
@@ -173,7 +172,8 @@ class _Forked:
         if kind == "ok":
             out.extend(payload)
         elif kind == "error":
-            self._fail(CheckpointError(payload))
+            message, reason = payload
+            self._fail(CheckpointError(message, reason=reason))
         elif kind == "crash":
             self._fail(RuntimeError(f"{self.what} worker {idx} failed:\n{payload}"))
         self.prog.maybe_log(sum(self.counters))

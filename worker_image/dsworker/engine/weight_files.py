@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from dsworker.checkpoint.fsutil import safe_join
+from dsworker.checkpoint.hf_checkpoint import read_model_config
 from dsworker.checkpoint.safetensors_format import TensorInfo
 from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.checkpoint.sharded_metadata import is_complete, plan_mismatch, read_metadata
@@ -114,10 +115,8 @@ class WeightFiles:
 
 
 def model_dims(root: Path) -> ModelDims:
-    try:
-        return ModelDims.from_config(json.loads((root / "config.json").read_text()))
-    except FileNotFoundError:
-        raise LoadError(f"{root}: no config.json; not a model directory") from None
+    """The validated config.json's dims (ModelConfigError naming the key when malformed)."""
+    return read_model_config(root).dims
 
 
 def is_sharded(model_dir: str | Path) -> bool:

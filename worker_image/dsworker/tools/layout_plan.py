@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dsworker.checkpoint.planned_files import OutEntry, OutFile
 from dsworker.checkpoint.regions import GlobalTensor, region
-from dsworker.contract.errors import CheckpointError
+from dsworker.contract.errors import CheckpointError, PlanError
 from dsworker.contract.layout import (
     MOE,
     ParallelPlan,
     Placement,
-    PlanError,
     Slice,
     check_plan,
     is_mtp,

@@ -20,7 +20,7 @@ from typing import Any
 from dsworker.checkpoint.fsutil import disk_error, fsync_dir
 from dsworker.checkpoint.planned_files import OutFile
 from dsworker.checkpoint.sharded_metadata import is_complete, plan_mismatch, read_metadata
-from dsworker.contract.errors import CheckpointError, OutputBusyError
+from dsworker.contract.errors import STORAGE_FULL, CheckpointError, OutputBusyError
 from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE
 from dsworker.tools.verify import verify_sharded
 
@@ -163,5 +163,6 @@ def check_space(dst: Path, jobs: list[OutFile], aux_bytes: Sequence[int] = ()) -
     if st.f_blocks and free < need:
         raise CheckpointError(
             f"{dst}: not enough space: the layout needs {need / 1e9:.3f} GB, {free / 1e9:.3f} GB free; "
-            "enlarge the shard store or remove old shards"
+            "enlarge the shard store or remove old shards",
+            reason=STORAGE_FULL,
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dsworker.checkpoint.progress import emit_summary, write_termination_log
-from dsworker.contract.errors import CheckpointError
+from dsworker.contract.errors import CheckpointError, PlanError, termination_record
 from dsworker.contract.layout import ParallelPlan
 from dsworker.tools.layout_options import LayoutOptions, add_layout_args, layout_args
 from dsworker.tools.layout_source import LayoutSource, hf_source
@@ -110,8 +110,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run, on_error=_on_error)
 
 
-def _on_error(msg: str) -> None:
-    write_termination_log({"error": msg})
+def _on_error(error: CheckpointError | PlanError) -> None:
+    write_termination_log(termination_record(error))
 
 
 def _run(args: argparse.Namespace) -> int:
