@@ -12,6 +12,12 @@ and a ratio line per figure (dsworker / transformers). The engine runs through t
   python benchmarks/engine.py --preset tiny --device cpu --new-tokens 8 --prefill-tokens 64
   python benchmarks/engine.py --no-graphs            # eager decode steps, for the graphs' share
   python benchmarks/engine.py --mtp --skip load hf     # speculative decoding with the MTP layer
+  python benchmarks/engine.py --format fp8             # 8-bit weights kept 8-bit, beside BF16
+
+With --format fp8|w8a8|w8a16 the checkpoint is synthesized in that format and served with its
+weights 8-bit on the device; a BF16 twin of the same config is served too, and `memory` lines give
+the device bytes each model holds, with decode tokens/s side by side ("dsworker-bf16"). transformers
+runs the BF16 twin.
 
 With --mtp the checkpoint carries a random MTP layer, whose drafts are almost never accepted: the
 decode figures are then the floor of speculative decoding (its cost with nothing gained), and the
@@ -45,6 +51,7 @@ from dsworker.engine.model_runner import ModelRunner
 from dsworker.engine.rank_setup import DTYPES, engine_options, fixed_shape_decode
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
 from dsworker.engine.scheduler import Scheduler
+from dsworker.model.quant_weights import held_bytes
 from dsworker.parallel.device import Device
 
 
@@ -57,17 +64,45 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
-    """The HF checkpoint (given or synthesized) and its world-1 sharded layout."""
+def prepare(
+    args: argparse.Namespace, work: Path, fmt: str, overrides: dict[str, Any] | None = None
+) -> tuple[Path, Path]:
+    """The HF checkpoint (given or synthesized in `fmt`) and its world-1 sharded layout."""
     from dsworker.tools.shard import shard
     from dsworker.tools.synth import synthesize
 
-    tag = f"{args.preset}{'-mtp' if args.mtp else ''}"
-    full = args.model or synthesize(work / f"hf-{tag}", "v3", args.preset, "bf16", args.mtp)
+    tag = f"{args.preset}-{fmt}{'-mtp' if args.mtp else ''}"
+    if args.model and fmt == args.format:
+        full = args.model
+    else:
+        full = synthesize(work / f"hf-{tag}", "v3", args.preset, fmt, args.mtp, overrides=overrides)
     sharded = work / f"sharded-{tag}"
     if not (sharded / "_COMPLETE").exists():
         shard(full, sharded, ParallelPlan(1, 1, 1, 1, 1), mtp=args.mtp)
     return Path(full), sharded
+
+
+# config.json fields a BF16 twin copies from the quantised checkpoint (same model, other format)
+TWIN_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "num_hidden_layers",
+    "n_routed_experts",
+    "num_attention_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
+
+
+def bf16_twin(args: argparse.Namespace, work: Path, full: Path) -> tuple[Path, Path]:
+    """A BF16 checkpoint of the quantised one's config, for side-by-side figures."""
+    cfg = json.loads((full / "config.json").read_text())
+    return prepare(args, work, "bf16", {k: cfg[k] for k in TWIN_FIELDS if k in cfg})
 
 
 # -- load -----------------------------------------------------------------------------------------
@@ -140,6 +175,7 @@ class Engine:
             ModelArgs.from_dir(sharded), groups, engine_options(cfg), DTYPES[cfg.dtype], dev.torch
         )
         load_weights(model.targets(), sharded, plan, 0, dev, mtp=cfg.mtp)
+        self.weight_bytes = held_bytes(model)
         self.cfg = cfg
         self.metrics = Metrics()
         # Paged like `dsworker serve`: every slot's maxSeqLen fits, so no request ever waits.
@@ -180,6 +216,31 @@ class Engine:
         loop.run_until_idle()
         sync(self.runner.device)
         return time.perf_counter() - t0, count[0]
+
+
+def bench_twin(
+    sharded: Path,
+    dev: Device,
+    cfg: EngineConfig,
+    args: argparse.Namespace,
+    prompts: torch.Tensor,
+    results: dict[tuple[str, str, int], float],
+    held: dict[str, int],
+) -> None:
+    """The BF16 twin through the same serving path: its decode tokens/s and held bytes."""
+    gc.collect()
+    engine = Engine(sharded, dev, cfg)
+    held["bf16"] = engine.weight_bytes
+    engine.generate([prompts[0, :8].tolist()], 2)  # warm-up
+    if "decode" not in args.skip:
+        for b in args.batch:
+            runs = [
+                engine.generate(prompts[:b].tolist(), args.new_tokens) for _ in range(args.repeat)
+            ]
+            secs, toks = min(runs)
+            results[("decode", "dsworker-bf16", b)] = toks / secs
+    del engine
+    gc.collect()
 
 
 # -- transformers ---------------------------------------------------------------------------------
@@ -236,6 +297,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--speculative-tokens", type=int, default=1, help="MTP drafts per step (with --mtp)"
     )
+    p.add_argument(
+        "--format",
+        default="bf16",
+        choices=["bf16", "fp8", "w8a8", "w8a16"],
+        help="checkpoint format (8-bit ones stay 8-bit on the device; a BF16 twin runs beside)",
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["load", "prefill", "decode", "hf"])
     return p.parse_args(argv)
 
@@ -260,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     root = args.work_dir or (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
     with tempfile.TemporaryDirectory(dir=root, prefix="dsbench-") as tmp:
         work = args.work_dir or Path(tmp)
-        full, sharded = prepare(args, work)
+        full, sharded = prepare(args, work, args.format)
+        twin = bf16_twin(args, work, full) if args.format != "bf16" else None
         emit(
             bench="setup",
             preset=args.preset,
@@ -273,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             mtp=cfg.mtp,
             speculative_tokens=cfg.num_speculative_tokens if cfg.mtp else None,
             checkpoint_bytes=sum(f.stat().st_size for f in full.glob("*.safetensors")),
+            format=args.format,
         )
         if "load" not in args.skip:
             bench_load(full, sharded, dev, cfg)
@@ -295,6 +364,17 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 secs, toks = min(runs)
                 results[("decode", "dsworker", b)] = toks / secs
+        held = {args.format: engine.weight_bytes}
+        if twin is not None:
+            bench_twin(twin[1], dev, cfg, args, prompts, results, held)
+            emit(
+                bench="memory",
+                weight_bytes=held,
+                ratio=round(held[args.format] / held["bf16"], 3),
+                what=f"{args.format} / bf16 device bytes of the weights",
+            )
+        else:
+            emit(bench="memory", weight_bytes=held)
         if cfg.mtp:
             sample = engine.metrics.registry.get_sample_value
             drafted = sample("dsworker_spec_draft_tokens_total") or 0.0
@@ -310,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
         if "hf" not in args.skip:
-            ref = Reference(full, dev, DTYPES[dtype_name])
+            ref = Reference(twin[0] if twin else full, dev, DTYPES[dtype_name])
             ref.prefill(prefill_ids[:, :8])  # warm-up
             if "prefill" not in args.skip:
                 best = min(ref.prefill(prefill_ids) for _ in range(args.repeat))

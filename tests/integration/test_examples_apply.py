@@ -48,8 +48,23 @@ BREAKS: dict[str, tuple[str, Any, str]] = {
         2,
         "spec.sharding.store.hostPath is node-local",
     ),
+    "deepseek-r1-w8a8-ascend-2x8-nodelocal.yaml": (
+        "spec.parallelism.nodes",
+        4,
+        "spec.sharding.store.hostPath is node-local",
+    ),
     "deepseek-v3-fp8-gpu-2x8.yaml": ("spec.parallelism.tp", 16, "dp*tp must equal worldSize"),
     "tiny-cpu.yaml": ("spec.serving.maxInputTokenLen", 512, "must be less than"),
+    "deepseek-r1-mindie-ascend-2x8.yaml": (
+        "spec.serving.reasoningParser",
+        "deepseek_r1",
+        "spec.serving.reasoningParser: runtime mindie has no reasoning parser setting",
+    ),
+    "deepseek-v3-vllm-gpu-2x8.yaml": (
+        "spec.sharding.enabled",
+        True,
+        "spec.sharding.enabled: runtime vllm loads the HuggingFace checkpoint itself",
+    ),
 }
 
 
@@ -92,6 +107,10 @@ def test_api_server_accepts_the_example_and_refuses_it_broken(
     assert message in refused.stderr, refused.stderr
 
 
+def sharded(example: Path) -> bool:
+    return (load(example)["spec"].get("sharding") or {}).get("enabled", True)
+
+
 def test_operator_reconciles_every_example_to_its_sharding_job(
     kube_cluster: Any, dsd_crd: str, namespace: str, tmp_path: Path
 ) -> None:
@@ -107,6 +126,11 @@ def test_operator_reconciles_every_example_to_its_sharding_job(
                 name = load(example)["metadata"]["name"]
                 obj = get_json(kube, "deepseekdeployment", name, "-n", namespace) or {}
                 status = obj.get("status") or {}
+                if not sharded(example):  # no Job: the workers start on the checkpoint
+                    if get_json(kube, "statefulset", f"{name}-worker", "-n", namespace) is None:
+                        return None
+                    out[name] = obj
+                    continue
                 job = (status.get("shards") or {}).get("job")
                 if not job or get_json(kube, "job", job, "-n", namespace) is None:
                     return None
@@ -118,11 +142,18 @@ def test_operator_reconciles_every_example_to_its_sharding_job(
         except AssertionError as exc:
             raise AssertionError(f"{exc}\noperator log:\n{log.read_text()[-4000:]}") from None
 
+    engines = {load(e)["metadata"]["name"]: load(e)["spec"].get("runtime", {}) for e in EXAMPLES}
     for name, obj in found.items():
         status = obj["status"]
         conditions = {c["type"]: c for c in status["conditions"]}
         assert status["observedGeneration"] == obj["metadata"]["generation"], name
         assert conditions["Validated"]["status"] == "True", (name, conditions["Validated"])
+        assert status["runtime"] == engines[name].get("engine", "dsworker"), name
+        if "shards" not in status:  # sharding disabled: waiting for the workers, saying why
+            assert conditions["Sharded"]["reason"] == "ShardingDisabled", name
+            assert status["phase"] in ("Pending", "Staging", "Loading"), (name, status["phase"])
+            assert conditions["Ready"]["status"] == "False" and status["message"], name
+            continue
         # Nothing here can run the Jobs (no such claims or nodes): waiting, and saying why.
         assert status["phase"] in ("Pending", "Sharding"), (name, status["phase"])
         assert conditions["Sharded"]["reason"] in (
@@ -144,4 +175,5 @@ def test_operator_reconciles_every_example_to_its_sharding_job(
     assert r1["status"]["phase"] == "Pending"
     assert json.dumps(r1["status"]["conditions"]).count("StoreNotBound") == 1
     claims = get_json(kube, "pvc", "-n", namespace) or {"items": []}
-    assert [c["spec"]["accessModes"] for c in claims["items"]] == [["ReadWriteMany"]]
+    # the operator-created claims of the two examples that ask for one (R1 on dsworker and MindIE)
+    assert [c["spec"]["accessModes"] for c in claims["items"]] == [["ReadWriteMany"]] * 2

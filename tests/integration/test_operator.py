@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from ascend_plugin import annotate
 from kubernetes import client
 
 from conftest import Dsd, OperatorProcess, _get, bind, bound_claim
@@ -75,6 +76,11 @@ def worker_pods(dsd: Dsd, name: str) -> list[Any]:
         f"{MANAGED},app.kubernetes.io/instance={name},app.kubernetes.io/component=worker"
     )
     return [p for p in pods if p.metadata.deletion_timestamp is None]
+
+
+def _with_ips(pods: list[Any], n: int) -> list[Any] | None:
+    """The pods, once there are n of them with an IP each."""
+    return pods if len(pods) == n and all(p.status.pod_ip for p in pods) else None
 
 
 def pod_status_patch(pod: Any, restarts: int) -> dict[str, Any]:
@@ -194,6 +200,14 @@ def test_lifecycle_to_ready_on_npu_nodes(
     assert claim.metadata.owner_references[0].name == "r1"
     bind(dsd.core, ns, "r1-shards")
 
+    # The group waits for the HCCL rank table, until the device plugin annotates the pods.
+    dsd.wait(
+        "WorkersReady RankTableIncomplete",
+        lambda: dsd.condition("r1", "WorkersReady").get("reason") == "RankTableIncomplete",
+        timeout=90,
+    )
+    pods = dsd.wait("2 worker pods with IPs", lambda: _with_ips(worker_pods(dsd, "r1"), 2))
+    annotate(dsd.core, ns, pods, 8)
     status = dsd.wait_phase("r1", "Ready", timeout=90)
     elapsed = time.monotonic() - started
     sts = sts_of(dsd, "r1")
@@ -231,7 +245,7 @@ def test_lifecycle_to_ready_on_npu_nodes(
     assert elapsed < 60
 
     table = kube_cluster.kubectl("get", "dsd", "r1", "-n", ns, "--no-headers").stdout.split()
-    assert table[:5] == ["r1", "Ready", "2/2", "DeepSeek-R1", "16"], table
+    assert table[:6] == ["r1", "Ready", "2/2", "DeepSeek-R1", "dsworker", "16"], table
     reasons = dsd.event_reasons("r1")
     assert "Sharding" in reasons and "Ready" in reasons
 

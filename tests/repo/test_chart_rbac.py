@@ -23,7 +23,9 @@ EXPECTED_RULES: dict[tuple[str, str], set[str]] = {
     ("batch", "jobs"): APPLY_VERBS | {"delete"},
     ("apps", "statefulsets"): APPLY_VERBS,
     ("policy", "poddisruptionbudgets"): APPLY_VERBS,
-    ("", "pods"): {"get", "list", "watch", "delete"},
+    # patch: only to lift the node-pin scheduling gate of a node-local store's worker pods.
+    ("", "pods"): {"get", "list", "watch", "patch", "delete"},
+    ("scheduling.volcano.sh", "podgroups"): APPLY_VERBS,
     ("", "events"): {"create"},
 }
 

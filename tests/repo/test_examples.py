@@ -32,7 +32,10 @@ W8A8_FILES = ["quant_model_description_w8a8_dynamic.json"]
 CHECKPOINTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "deepseek-r1-w8a8-ascend-2x8-ep2.yaml": (V3_CONFIG, W8A8_FILES),
     "deepseek-r1-a3-16npu-hostpath.yaml": (V3_CONFIG, W8A8_FILES),
+    "deepseek-r1-w8a8-ascend-2x8-nodelocal.yaml": (V3_CONFIG, W8A8_FILES),
     "deepseek-v3-fp8-gpu-2x8.yaml": ({**V3_CONFIG, **FP8}, []),
+    "deepseek-r1-mindie-ascend-2x8.yaml": (V3_CONFIG, W8A8_FILES),
+    "deepseek-v3-vllm-gpu-2x8.yaml": ({**V3_CONFIG, **FP8}, []),
     "tiny-cpu.yaml": (make_config("v3", "tiny"), []),
 }
 

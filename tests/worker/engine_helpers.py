@@ -6,9 +6,11 @@ pytest puts tests/worker on sys.path and spawn hands sys.path to the children.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ class Outcome:
     dropped_rows: int = 0
     error: str | None = None
     files_by_rank: dict[int, list[str]] = field(default_factory=dict)
+    weight_bytes: list[int] = field(default_factory=list)  # per rank, as `generate` reports
 
 
 def run_scenarios(rank: int, nproc: int, jobs: dict[str, GenerateJob], out_dir: str) -> None:
@@ -60,6 +63,7 @@ def run_scenarios(rank: int, nproc: int, jobs: dict[str, GenerateJob], out_dir: 
                 "tokens": res.tokens,
                 "routed_rows": res.routed_rows,
                 "dropped_rows": res.dropped_rows,
+                "weight_bytes": res.weight_bytes,
             }
             (out / f"{name}.json").write_text(json.dumps(record))
             if res.logits:
@@ -88,7 +92,15 @@ def read_outcome(out_dir: Path, name: str, nproc: int) -> Outcome:
 
         logits = load_file(str(out_dir / f"{name}.safetensors"))
     files = {r: json.loads((out_dir / f"{name}.files.{r}.json").read_text()) for r in range(nproc)}
-    return Outcome(rec["tokens"], logits, rec["routed_rows"], rec["dropped_rows"], None, files)
+    return Outcome(
+        rec["tokens"],
+        logits,
+        rec["routed_rows"],
+        rec["dropped_rows"],
+        None,
+        files,
+        rec.get("weight_bytes", []),
+    )
 
 
 def run_local(job: GenerateJob) -> Outcome:
@@ -96,7 +108,13 @@ def run_local(job: GenerateJob) -> Outcome:
     groups = build_groups(job.plan, 0, "gloo")
     res = generate_on_rank(job, 0, groups, Device.create("cpu"))
     return Outcome(
-        res.tokens, res.logits, res.routed_rows, res.dropped_rows, None, {0: res.load.files}
+        res.tokens,
+        res.logits,
+        res.routed_rows,
+        res.dropped_rows,
+        None,
+        {0: res.load.files},
+        res.weight_bytes,
     )
 
 
@@ -121,9 +139,63 @@ class Reference:
     model: Any
 
 
+# Weights a W8A8 checkpoint keeps 8-bit (kv_b_proj, eh_proj, router, embeddings and head do not).
+_FLOAT_ON_DEVICE = ("kv_b_proj", "eh_proj", "mlp.gate.", "embed_tokens", "lm_head", "head.")
+
+
+def _k_parts(name: str, tp: int, moe_tp: int) -> int:
+    """How many ranks' slices the input of a row-parallel weight is quantised in (1: whole rows)."""
+    if name.endswith("mlp.experts.down_proj"):
+        return moe_tp
+    return tp if ("o_proj" in name or "down_proj" in name) else 1
+
+
+@contextlib.contextmanager
+def per_token_int8_inputs(model: Any, tp: int = 1, moe_tp: int = 1) -> Iterator[None]:
+    """Every matmul on a W8A8-quantised weight sees its input rounded as the engine's op rounds it
+    (symmetric int8 per token, per rank's slice of a row-parallel input): transformers then
+    computes what W8A8 serving on tp / moe_tp ranks should."""
+    from dsworker.ops.quant_formats import quantize_per_token
+
+    parts = {
+        p.untyped_storage().data_ptr(): _k_parts(n.removesuffix(".weight"), tp, moe_tp)
+        for n, p in model.named_parameters()
+        if p.dim() >= 2 and not any(f in n for f in _FLOAT_ON_DEVICE)
+    }
+    linear = torch.nn.functional.linear
+
+    def fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        n = parts.get(w.untyped_storage().data_ptr())
+        if n:
+            flat = x.reshape(-1, x.shape[-1])
+            cols = []
+            for chunk in flat.chunk(n, dim=-1):
+                q, s = quantize_per_token(chunk)
+                cols.append(q.float() * s[:, None])
+            x = torch.cat(cols, -1).reshape(x.shape).to(x.dtype)
+        return linear(x, w, b)
+
+    impl = getattr(model.config, "_experts_implementation", None)
+    model.config._experts_implementation = "eager"  # the expert loop calls functional.linear
+    torch.nn.functional.linear = fake
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = linear
+        model.config._experts_implementation = impl
+
+
 @torch.no_grad()
-def hf_reference(path: Path, generate: bool = True) -> Reference:
+def hf_reference(
+    path: Path, generate: bool = True, int8_inputs: bool = False, tp: int = 1, moe_tp: int = 1
+) -> Reference:
+    """transformers' logits, greedy ids and hidden states; int8_inputs: W8A8 on tp x moe_tp."""
     model = load_hf(path)
+    with per_token_int8_inputs(model, tp, moe_tp) if int8_inputs else contextlib.nullcontext():
+        return _hf_run(model, generate)
+
+
+def _hf_run(model: Any, generate: bool) -> Reference:
     logits, tokens, hidden = [], [], []
     for p in PROMPTS:
         ids = torch.tensor([p])

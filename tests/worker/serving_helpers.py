@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ from dsworker.engine.rank_setup import Loaded, build_runner
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
 from dsworker.engine.step_wire import STOP, Message
 from dsworker.model.decode_graphs import DecodeGraphs
+from waiting import wait_until
 
 MAX_LEN = 64
 
@@ -152,17 +152,18 @@ def dsworker_serve(model: Path, config: dict[str, Any], tmp: Path) -> Iterator[t
         stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
+        return httpx.get(url + "/health", timeout=5).status_code == 200
+
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text(errors="replace")[-4000:]
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-4000:]
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+        try:
+            wait_until(
+                healthy, 120, f"{url}/health to answer 200", retry_on=(httpx.TransportError,)
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{log.read_text(errors='replace')[-4000:]}") from None
         yield url, log
     finally:
         proc.kill()

@@ -25,6 +25,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("dsworker.tools.verify", "check a sharded layout or a HF checkpoint"),
     "synth": ("dsworker.tools.synth", "write a random, well-formed DeepSeek checkpoint"),
     "stage": ("dsworker.tools.stage", "copy this pod's ranks from the shard store into tmpfs"),
+    "stage-checkpoint": (
+        "dsworker.tools.stage_checkpoint",
+        "copy a HF checkpoint's safetensors and JSON files into tmpfs",
+    ),
     "generate": ("dsworker.launch.generate", "greedy generation from token ids on N local ranks"),
     "serve": (
         "dsworker.launch.serve_command",

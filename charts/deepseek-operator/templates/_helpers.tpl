@@ -67,3 +67,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "dsop.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* Labels of the worker pods the operator creates (operator/deepseek_operator/planning/names.py):
+managed-by the operator, component worker. */}}
+{{- define "dsop.workerLabels" -}}
+app.kubernetes.io/managed-by: deepseek-operator
+app.kubernetes.io/component: worker
+{{- end }}

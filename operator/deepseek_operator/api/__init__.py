@@ -31,6 +31,7 @@ from .names import (
 )
 from .parallelism import Parallelism
 from .parse import ParseResult, error_messages, json_path, parse_deployment
+from .runtime import ENGINES, Engine, Runtime
 from .serving import Serving
 from .sharding import HostPathStore, PvcStore, Sharding, ShardStore
 from .spec import DeepSeekDeployment, DeepSeekDeploymentSpec
@@ -50,6 +51,7 @@ __all__ = [
     "CRD_NAME",
     "DEFAULT_RESOURCE_NAMES",
     "DEFAULT_WORKER_IMAGE",
+    "ENGINES",
     "GROUP",
     "KIND",
     "LIST_KIND",
@@ -65,6 +67,7 @@ __all__ = [
     "DeepSeekDeployment",
     "DeepSeekDeploymentSpec",
     "DeepSeekDeploymentStatus",
+    "Engine",
     "ExpertParallel",
     "Features",
     "HostPathSource",
@@ -79,6 +82,7 @@ __all__ = [
     "PvcStore",
     "Quantization",
     "Rule",
+    "Runtime",
     "Serving",
     "ShardStore",
     "Sharding",

@@ -7,16 +7,18 @@ from typing import Literal
 from pydantic import Field
 
 from .base import ApiModel, Rule
+from .paths import claim_path_rule, host_path_rule
 
 Architecture = Literal["DeepseekV2", "DeepseekV3"]
 Quantization = Literal["auto", "bf16", "fp8", "w8a8", "w8a16"]
 
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
-ABSOLUTE_PATH = r"^/"
 
 
 class PvcModelSource(ApiModel):
     """A checkpoint on an existing PersistentVolumeClaim."""
+
+    __rules__ = (claim_path_rule("model-pvc-path", "spec.model.source.pvc"),)
 
     claim_name: str = Field(
         description="Name of an existing PersistentVolumeClaim in the same namespace holding the "
@@ -28,7 +30,7 @@ class PvcModelSource(ApiModel):
     path: str = Field(
         "",
         description="Directory inside the claim that holds config.json and the *.safetensors "
-        "files, relative to the claim's root. Empty means the root.",
+        "files, relative to the claim's root (no leading /, no '..'). Empty means the root.",
         max_length=4096,
     )
 
@@ -36,11 +38,16 @@ class PvcModelSource(ApiModel):
 class HostPathSource(ApiModel):
     """A directory on the node."""
 
+    __rules__ = (
+        host_path_rule("model-host-path", "spec.model.source.hostPath", "/models/DeepSeek-R1"),
+    )
+
     path: str = Field(
-        description="Absolute path of the directory on the node.",
+        description="Absolute path of the directory on the node: clean (no '.', '..' or empty "
+        "segment, no trailing /), not / and not a system directory (/etc, /usr, /proc, ...: "
+        "see the operator guide).",
         min_length=1,
         max_length=4096,
-        pattern=ABSOLUTE_PATH,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import ApiModel, Rule
+from .names import HCCL_PORTS, RENDEZVOUS_PORT
 
 
 class Serving(ApiModel):
@@ -22,6 +23,15 @@ class Serving(ApiModel):
             # before field defaults are filled in; real objects always have both fields.
             "!has(self.maxInputTokenLen) || !has(self.maxSeqLen) || "
             "self.maxInputTokenLen < self.maxSeqLen",
+        ),
+        Rule(
+            "port-not-reserved",
+            f"spec.serving.port must not be {RENDEZVOUS_PORT} (the workers' torch.distributed "
+            f"rendezvous port) nor {HCCL_PORTS[0]}-{HCCL_PORTS[-1]} (HCCL's host ports on Ascend); "
+            "choose another port, e.g. 1025 (the default) or 8000",
+            lambda s: s.port != RENDEZVOUS_PORT and s.port not in HCCL_PORTS,
+            f"!has(self.port) || (self.port != {RENDEZVOUS_PORT} && "
+            f"(self.port < {HCCL_PORTS[0]} || self.port > {HCCL_PORTS[-1]}))",
         ),
     )
 
@@ -42,7 +52,11 @@ class Serving(ApiModel):
         200, ge=1, le=65536, description="Most sequences decoded together (maxBatchSize)."
     )
     port: int = Field(
-        1025, ge=1, le=65535, description="Port of the OpenAI-compatible HTTP API on rank 0."
+        1025,
+        ge=1,
+        le=65535,
+        description="Port of the OpenAI-compatible HTTP API (and /metrics) on rank 0. Not "
+        f"{RENDEZVOUS_PORT} (rendezvous) nor {HCCL_PORTS[0]}-{HCCL_PORTS[-1]} (HCCL).",
     )
     cpu_mem_size: int = Field(
         5,

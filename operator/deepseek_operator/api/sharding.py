@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, StringConstraints, field_validator
 
 from .base import ApiModel, Rule
-from .model import ABSOLUTE_PATH, DNS_SUBDOMAIN
+from .model import DNS_SUBDOMAIN
+from .paths import host_path_rule
 from .resources import QUANTITY, check_resources
 
 
@@ -59,12 +60,25 @@ class PvcStore(ApiModel):
 class HostPathStore(ApiModel):
     """A node-local directory for the shards, typically on a tmpfs."""
 
+    __rules__ = (host_path_rule("store-host-path", "spec.sharding.store.hostPath", "/dev/shm/dsd"),)
+
     path: str = Field(
         min_length=1,
         max_length=4096,
-        pattern=ABSOLUTE_PATH,
         description="Absolute directory on the node, e.g. /dev/shm/dsd. Shards are written to "
-        "<path>/<fingerprint>/.",
+        "<path>/<fingerprint>/. Clean (no '.', '..' or empty segment, no trailing /), not / and "
+        "not a system directory (/etc, /usr, /proc, /dev but /dev/shm, ...: see the operator "
+        "guide).",
+    )
+    nodes: list[Annotated[str, StringConstraints(min_length=1, max_length=253)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="The nodes (kubernetes.io/hostname) that hold the shards, one per worker pod "
+        "in order: a sharding Job on node i writes the ranks of worker pod i (plus the files "
+        "every rank reads), and worker pod i runs on node i. Required for parallelism.nodes > "
+        "1. A node lost means re-sharding on its replacement: change the name here.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
 
 
@@ -88,7 +102,8 @@ class ShardStore(ApiModel):
     host_path: HostPathStore | None = Field(
         None,
         description="Node-local directory (e.g. a tmpfs such as /dev/shm/dsd) that workers load "
-        "from directly. Only with parallelism.nodes: 1 and a worker.nodeSelector that pins the node.",
+        "from directly: with hostPath.nodes (one node per worker pod), or with parallelism.nodes: "
+        "1 and a worker.nodeSelector that pins the node.",
     )
 
 

@@ -12,6 +12,8 @@ from .features import Features
 from .model import ModelSpec
 from .names import API_VERSION, HEADLESS_SUFFIX, KIND
 from .parallelism import Parallelism
+from .runtime import DEFAULT_VLLM_IMAGES, Runtime
+from .runtime_rules import RUNTIME_RULES
 from .serving import Serving
 from .sharding import Sharding
 from .status import DeepSeekDeploymentStatus
@@ -22,6 +24,16 @@ MAX_SHARDER_PROCESSES = 8
 
 def _host_path_store(s: DeepSeekDeploymentSpec) -> bool:
     return s.sharding.store is not None and s.sharding.store.host_path is not None
+
+
+def _host_path_nodes_ok(s: DeepSeekDeploymentSpec) -> bool:
+    if not _host_path_store(s):
+        return True
+    assert s.sharding.store is not None and s.sharding.store.host_path is not None
+    nodes = s.sharding.store.host_path.nodes
+    if nodes:
+        return len(nodes) == s.parallelism.nodes
+    return s.parallelism.nodes == 1 and bool(s.worker.node_selector)
 
 
 class DeepSeekDeploymentSpec(ApiModel):
@@ -75,18 +87,19 @@ class DeepSeekDeploymentSpec(ApiModel):
             "!has(self.model.architecture) || self.model.architecture != 'DeepseekV2'",
         ),
         Rule(
-            "host-path-store-single-node",
-            "spec.sharding.store.hostPath is node-local: it needs spec.parallelism.nodes: 1 and a "
-            "spec.worker.nodeSelector that pins the node; use store.pvc for more nodes",
-            lambda s: (
-                not _host_path_store(s)
-                or (s.parallelism.nodes == 1 and bool(s.worker.node_selector))
-            ),
+            "host-path-store-nodes",
+            "spec.sharding.store.hostPath is node-local: set store.hostPath.nodes to one node per "
+            "worker pod (as many as spec.parallelism.nodes), or with spec.parallelism.nodes: 1 "
+            "set a spec.worker.nodeSelector that pins the node",
+            _host_path_nodes_ok,
             "!has(self.sharding) || !has(self.sharding.store) || "
-            "!has(self.sharding.store.hostPath) || "
+            "!has(self.sharding.store.hostPath) || (has(self.sharding.store.hostPath.nodes) ? "
+            "size(self.sharding.store.hostPath.nodes) == "
+            "(has(self.parallelism) ? self.parallelism.nodes : 1) : "
             "((!has(self.parallelism) || self.parallelism.nodes == 1) && has(self.worker) && "
-            "has(self.worker.nodeSelector) && size(self.worker.nodeSelector) > 0)",
+            "has(self.worker.nodeSelector) && size(self.worker.nodeSelector) > 0))",
         ),
+        *RUNTIME_RULES,
     )
 
     model: ModelSpec = Field(description="The model to serve and where its checkpoint is.")
@@ -104,12 +117,20 @@ class DeepSeekDeploymentSpec(ApiModel):
     features: Features = section(Features, "Optional engine features.")
     serving: Serving = section(Serving, "Serving limits and the HTTP port.")
     worker: Worker = section(Worker, "The worker pods.")
+    runtime: Runtime = section(
+        Runtime, "The engine that serves the model: mindie, vllm or dsworker (docs/runtimes.md)."
+    )
 
     def _resolve(self) -> None:
         if self.sharding.processes is None:
             self.sharding.processes = min(self.parallelism.world(), MAX_SHARDER_PROCESSES)
         if self.sharding.image is None:
             self.sharding.image = self.worker.image
+        if self.runtime.image is None and self.runtime.engine == "vllm":
+            accelerator = self.worker.accelerator.type
+            self.runtime.image = DEFAULT_VLLM_IMAGES.get(accelerator, DEFAULT_VLLM_IMAGES["gpu"])
+        elif self.runtime.image is None:  # dsworker (mindie requires one)
+            self.runtime.image = self.worker.image
 
 
 class DeepSeekDeployment(ApiModel):

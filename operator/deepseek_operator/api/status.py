@@ -68,6 +68,12 @@ class ShardsStatus(StatusModel):
         None, ge=0, alias="throughputMBps", description="Bytes written per second, in MB/s."
     )
     job: str | None = Field(None, description="Name of the sharding Job.")
+    dir_bytes: dict[str, int] | None = Field(
+        None,
+        description="Bytes of one directory of each group of the layout (vocab, norm, attn, "
+        "dense, moe; top: the top-level files), as the sharder reported: what a worker pod's "
+        "staging memory is computed from.",
+    )
 
 
 class DeepSeekDeploymentStatus(StatusModel):
@@ -96,8 +102,19 @@ class DeepSeekDeploymentStatus(StatusModel):
         None,
         description="Served model name: spec.model.name, else metadata.name (printed as Model).",
     )
+    runtime: Literal["dsworker", "mindie", "vllm"] | None = Field(
+        None,
+        description="The engine the worker pods run (mindie, vllm or dsworker); while a changed "
+        "spec has not replaced a serving group, the one still serving (printed as Runtime).",
+    )
     world_size: int | None = Field(
         None, ge=1, description="Ranks of the running plan (printed as World)."
+    )
+    moe_ep: int | None = Field(
+        None,
+        ge=1,
+        description="Expert-parallel size (moeEp, given or computed) of the spec's plan (printed "
+        "as EP; the EP level is printed as Level with -o wide).",
     )
     shards: ShardsStatus | None = Field(None, description="The shards of the current plan.")
     ready_workers: str | None = Field(

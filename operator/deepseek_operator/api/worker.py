@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from .ascend import Ascend
 from .base import ApiModel, Rule, section
 from .names import DEFAULT_WORKER_IMAGE
 from .resources import EnvVar, check_resources
+from .scheduling import (
+    LABEL_VALUE,
+    MAX_LABELS,
+    MAX_TOLERATIONS,
+    NODE_SELECTOR_RULE,
+    Affinity,
+    Toleration,
+)
 
 AcceleratorType = Literal["npu", "gpu", "cpu"]
 
@@ -50,6 +59,7 @@ class Worker(ApiModel):
             lambda w: len({e.name for e in w.env or ()}) == len(w.env or ()),
             None,
         ),
+        NODE_SELECTOR_RULE,
     )
 
     image: str | None = Field(
@@ -62,19 +72,28 @@ class Worker(ApiModel):
         "IfNotPresent", description="Pull policy of the worker and sharder images."
     )
     accelerator: Accelerator = section(Accelerator, "The devices each rank runs on.")
+    ascend: Ascend = section(
+        Ascend, "Ascend NPU settings (driver mounts, device group, host network, HCCL)."
+    )
     resources: dict[str, Any] | None = Field(
         None,
         description="Extra compute resources of the worker container (core/v1 "
         "ResourceRequirements); the accelerator request is added by the operator. The operator "
         "checks the quantities (and that no request exceeds its limit) before it creates pods.",
     )
-    node_selector: dict[str, str] | None = Field(
-        None, description="Node labels the worker pods must match (core/v1 nodeSelector)."
+    node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] | None = (
+        Field(
+            None,
+            max_length=MAX_LABELS,
+            description="Node labels the worker pods must match (core/v1 nodeSelector).",
+        )
     )
-    tolerations: list[dict[str, Any]] | None = Field(
-        None, description="Tolerations of the worker pods (core/v1 Toleration list)."
+    tolerations: list[Toleration] | None = Field(
+        None,
+        max_length=MAX_TOLERATIONS,
+        description="Tolerations of the worker pods (core/v1 Toleration list).",
     )
-    affinity: dict[str, Any] | None = Field(
+    affinity: Affinity | None = Field(
         None, description="Affinity of the worker pods (core/v1 Affinity)."
     )
     env: list[EnvVar] | None = Field(

@@ -32,7 +32,10 @@ REPO = Path(__file__).resolve().parents[3]
 DEFAULT_OUTPUT = REPO / "crds" / f"{CRD_NAME}.yaml"
 # Helm installs CRDs from the chart's own crds/ folder, so the chart carries a byte-equal copy.
 CHART_OUTPUT = REPO / "charts" / "deepseek-operator" / "crds" / f"{CRD_NAME}.yaml"
+# Starts with a document marker: `helm show crds` joins the chart's CRD files as they are, so a
+# file without one would merge into the end of the previous file's last document.
 HEADER = (
+    "---\n"
     "# Generated from operator/deepseek_operator/api by `python -m deepseek_operator.generators.crd`.\n"
     "# Do not edit: change the models and regenerate.\n"
 )
@@ -51,6 +54,7 @@ _KEEP = {
     "maxLength",
     "minItems",
     "maxItems",
+    "maxProperties",
     "required",
 }
 
@@ -58,9 +62,11 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Ready", "type": "string", "jsonPath": ".status.readyWorkers"},
     {"name": "Model", "type": "string", "jsonPath": ".status.modelName"},
+    {"name": "Runtime", "type": "string", "jsonPath": ".status.runtime"},
     {"name": "World", "type": "integer", "jsonPath": ".status.worldSize"},
-    {"name": "EP", "type": "integer", "jsonPath": ".spec.expertParallel.level"},
+    {"name": "EP", "type": "integer", "jsonPath": ".status.moeEp"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Level", "type": "integer", "jsonPath": ".spec.expertParallel.level", "priority": 1},
     {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
 ]
 

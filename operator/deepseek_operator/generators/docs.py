@@ -200,14 +200,15 @@ def render() -> str:
     schema = crd.open_api_schema()
     found = list(sections(DeepSeekDeployment, schema, KIND))
     child_paths = {id(s.schema): s.path for s in found if s.path != KIND}
-    printer = ", ".join(c["name"] for c in crd.PRINTER_COLUMNS)
+    printer = ", ".join(c["name"] for c in crd.PRINTER_COLUMNS if not c.get("priority"))
+    wide = " and ".join(c["name"] for c in crd.PRINTER_COLUMNS if c.get("priority"))
     out = [
         HEADER,
         "# DeepSeekDeployment API reference",
         "",
         f"`apiVersion: {API_VERSION}`, `kind: {KIND}`, plural `{PLURAL}`, short name "
         f"{', '.join(f'`{n}`' for n in SHORT_NAMES)}; namespaced, with the status subresource. "
-        f"`kubectl get {SHORT_NAMES[0]}` prints {printer} (Message with `-o wide`).",
+        f"`kubectl get {SHORT_NAMES[0]}` prints {printer}; `-o wide` adds {wide}.",
         "",
         "Every field below is also in the CRD's schema, so `kubectl explain "
         "deepseekdeployment.spec.<field>` shows the same description. Defaults in the Default "

@@ -33,6 +33,8 @@ def store_identity(spec: DeepSeekDeploymentSpec) -> dict[str, str] | None:
     if not spec.sharding.enabled or store is None:
         return None
     if store.host_path is not None:
+        if store.host_path.nodes:  # node-local on several nodes: which node holds which ranks
+            return {"hostPath": store.host_path.path, "nodes": ",".join(store.host_path.nodes)}
         return {"hostPath": store.host_path.path}
     assert store.pvc is not None
     return {"pvc": store.pvc.claim_name or "(created by the operator)"}

@@ -42,7 +42,12 @@ WORLD_SIZE_ANNOTATION = f"{GROUP}/world-size"
 ENGINE_CONFIG_ANNOTATION = f"{GROUP}/engine-config-sha256"
 SHARD_DIR_ANNOTATION = f"{GROUP}/shard-dir"
 TEMPLATE_ANNOTATION = f"{GROUP}/template-sha256"
+RUNTIME_ANNOTATION = f"{GROUP}/runtime"
+"""On the worker StatefulSet: the engine its pods run (status.runtime while it still serves)."""
 MODEL_CONFIG_ANNOTATION = f"{GROUP}/model-config"
+NODE_INDEX_ANNOTATION = f"{GROUP}/node-index"  # a node-local sharding Job's worker pod / node
+# Volcano's annotation that puts a pod into a PodGroup (volcano.sh/apis scheduling/v1beta1).
+VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
 """On the custom resource: the checkpoint's config.json inline, so the operator can check the plan
 against the model before any Job runs (see docs/operator.md)."""
 
@@ -55,6 +60,8 @@ SHARD_STORE = "shard-store"
 SERVICE = "api"
 HEADLESS = "rank-discovery"
 DISRUPTION = "disruption-budget"
+RANK_TABLE = "rank-table"
+POD_GROUP = "pod-group"
 
 BASE_MAX = 40  # leaves room for the longest suffix ("-clean-" + 10 hex) under 63
 FP_SHORT = 16  # shard directory name: <store>/<fingerprint[:16]>
@@ -107,12 +114,23 @@ def store_claim(name: str) -> str:
     return f"{base_name(name)}-shards"
 
 
-def shard_job(name: str, fingerprint: str) -> str:
-    return f"{base_name(name)}-shard-{fingerprint[:FP_JOB]}"
+def shard_job(name: str, fingerprint: str, node: int | None = None) -> str:
+    """The sharding Job of a plan; with `node`, the one of that node of a node-local store."""
+    suffix = "" if node is None else f"-n{node}"
+    return f"{base_name(name)}-shard-{fingerprint[:FP_JOB]}{suffix}"
 
 
-def cleanup_job(name: str, fingerprint: str) -> str:
-    return f"{base_name(name)}-clean-{fingerprint[:FP_JOB]}"
+def cleanup_job(name: str, fingerprint: str, node: str | None = None) -> str:
+    suffix = "" if node is None else f"-n{node}"
+    return f"{base_name(name)}-clean-{fingerprint[:FP_JOB]}{suffix}"
+
+
+def rank_table(name: str) -> str:
+    return f"{base_name(name)}-hccl"
+
+
+def pod_group(name: str) -> str:
+    return f"{base_name(name)}-workers"
 
 
 def statefulset(name: str) -> str:

@@ -26,8 +26,18 @@ from ..api.status import READY, SHARDED, VALIDATED, WORKERS_READY, Phase
 from . import names, objects
 from . import status as st
 from .fingerprint import fingerprint
+from .hccl import plan_rank_table
+from .node_shards import plan_node_shards
 from .observed import Obj, Observed, annotation, meta, terminating
-from .shards import Shards, plan_shards, remove_old_shards, shard_bytes, shards_status
+from .pinning import plan_pins
+from .shards import (
+    Shards,
+    dir_bytes,
+    plan_shards,
+    remove_old_shards,
+    shard_bytes,
+    shards_status,
+)
 from .state import Delete, PassState, Plan
 from .status import Cond, EventSpec, Summary
 from .store import plan_store
@@ -133,6 +143,7 @@ def _finish(
     events: list[EventSpec],
     counted: list[str],
     resize: Obj | None = None,
+    pins: list[Any] | None = None,
 ) -> Plan:
     new = st.build_status(previous, summary, observed.now)
     return Plan(
@@ -143,6 +154,7 @@ def _finish(
         previous=previous,
         counted_failures=counted,
         resize=resize,
+        pins=pins or [],
     )
 
 
@@ -157,12 +169,14 @@ def _run(state: PassState) -> Plan:
     store = plan_store(state)
     validated_cond = validated(state, store.warning if store else "")
     state.apply += [objects.headless_service(ctx), objects.client_service(ctx)]
-    shards = plan_shards(state, store)
+    nodes = objects.store_nodes(state.spec)
+    shards = plan_node_shards(state) if nodes else plan_shards(state, store)
     observed_sts = state.observed.statefulset(names.statefulset(ctx.name))
     if observed_sts is not None and terminating(observed_sts):
         observed_sts = None
     desired_sts = _worker_children(state, shards)
-    workers = plan_workers(state, observed_sts, desired_sts, shards)
+    workers = plan_rank_table(state, plan_workers(state, observed_sts, desired_sts, shards))
+    plan_pins(state)
     serving_previous = (
         workers.all_ready
         and observed_sts is not None
@@ -185,9 +199,12 @@ def _run(state: PassState) -> Plan:
         remove_old_shards(state)
     world = ctx.spec.parallelism.world()
     total = ctx.spec.parallelism.nodes
+    runtime = ctx.spec.runtime.engine
     if serving_previous and observed_sts is not None:
         world = int(annotation(observed_sts, names.WORLD_SIZE_ANNOTATION) or world)
         total = workers.replicas
+        # A group from before spec.runtime existed ran dsworker.
+        runtime = annotation(observed_sts, names.RUNTIME_ANNOTATION) or "dsworker"
     summary = Summary(
         phase=phase,
         message=message,
@@ -201,6 +218,8 @@ def _run(state: PassState) -> Plan:
         fingerprint=ctx.fingerprint,
         model_name=ctx.spec.model.name,
         world_size=world,
+        moe_ep=ctx.spec.parallelism.moe_ep,
+        runtime=runtime,
         shards=shards_status(state, shards),
         ready_workers=f"{workers.ready}/{total}",
         group_restarts=state.restarts,
@@ -215,6 +234,7 @@ def _run(state: PassState) -> Plan:
         state.events,
         state.counted,
         state.resize,
+        state.pins,
     )
 
 
@@ -226,9 +246,11 @@ def _worker_children(state: PassState, shards: Shards) -> Obj | None:
     ctx = state.ctx
     config_map = objects.engine_config_map(ctx)
     digest = config_map["metadata"]["annotations"][names.ENGINE_CONFIG_ANNOTATION]
-    desired = objects.statefulset(ctx, digest, shard_bytes(state, shards))
+    desired = objects.statefulset(ctx, digest, shard_bytes(state, shards), dir_bytes(state, shards))
     desired["metadata"]["annotations"][names.TEMPLATE_ANNOTATION] = _digest(desired["spec"])
-    state.apply += [config_map, desired, objects.disruption_budget(ctx)]
+    group = objects.pod_group(ctx)  # before the pods, which name it
+    state.apply += [*([group] if group else []), config_map, desired]
+    state.apply.append(objects.disruption_budget(ctx))
     return desired
 
 

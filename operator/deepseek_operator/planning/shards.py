@@ -194,12 +194,28 @@ def shard_bytes(state: PassState, shards: Shards) -> int | None:
     return None
 
 
+def dir_bytes(state: PassState, shards: Shards) -> dict[str, int] | None:
+    """The bytes per directory group of the current shards (sharder's summary, else the status
+    for the same fingerprint), as shard_bytes; None from a sharder that did not report them."""
+    if shards.summary and shards.summary.get("dirBytes"):
+        return {k: int(v) for k, v in shards.summary["dirBytes"].items()}
+    old = state.previous.shards
+    if old is not None and old.dir_bytes and state.previous.fingerprint == state.ctx.fingerprint:
+        return dict(old.dir_bytes)
+    return None
+
+
 def shards_status(state: PassState, shards: Shards) -> dict[str, Any] | None:
     if not state.spec.sharding.enabled:
         return None
     job = names.shard_job(state.ctx.name, state.ctx.fingerprint)
+    nodes = objects.store_nodes(state.spec)
+    if nodes:
+        job = ", ".join(
+            names.shard_job(state.ctx.name, state.ctx.fingerprint, i) for i in range(len(nodes))
+        )
     if shards.summary:
-        keys = ("bytes", "files", "seconds", "throughputMBps")
+        keys = ("bytes", "files", "seconds", "throughputMBps", "dirBytes")
         return {**{k: shards.summary[k] for k in keys if k in shards.summary}, "job": job}
     old = state.previous.shards
     if shards.complete and old is not None and state.previous.fingerprint == state.ctx.fingerprint:
@@ -217,7 +233,9 @@ def remove_old_shards(state: PassState) -> None:
         if name == current or terminating(old):
             continue
         old_fp = annotation(old, names.FINGERPRINT_ANNOTATION) or ""
-        cleanup_name = names.cleanup_job(ctx.name, old_fp)
+        cleanup_name = names.cleanup_job(
+            ctx.name, old_fp, annotation(old, names.NODE_INDEX_ANNOTATION)
+        )
         cleanup = observed.job(cleanup_name)
         if cleanup is None:
             job = objects.cleanup_job(ctx, old)

@@ -4,7 +4,7 @@ concerns of one pass share (PassState: the inputs, and the outputs each concern 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..api import DeepSeekDeploymentSpec, DeepSeekDeploymentStatus
 from ..api.status import Phase
@@ -37,6 +37,8 @@ class Plan:
     # The store claim with a new storage request, applied before everything else: the API server
     # may refuse it (then the shell plans again with Observed.store_resize_refused set).
     resize: Obj | None = None
+    # Node-local shards on several nodes: held worker pods to place on their node (pinning.py).
+    pins: list[Any] = field(default_factory=list)
 
     @property
     def status_changed(self) -> bool:
@@ -66,6 +68,7 @@ class PassState:
     events: list[EventSpec] = field(default_factory=list)
     counted: list[str] = field(default_factory=list)
     resize: Obj | None = None
+    pins: list[Any] = field(default_factory=list)
     restarts: int = 0  # group restarts spent of the budget
 
     @property

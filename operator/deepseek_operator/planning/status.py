@@ -65,6 +65,8 @@ ROLLING_OUT = "RollingOut"
 GROUP_RESTARTING = "GroupRestarting"
 RESTART_BUDGET_EXHAUSTED = "RestartBudgetExhausted"
 ALL_WORKERS_READY = "AllWorkersReady"
+# Ascend on several nodes: the HCCL rank table lacks a pod's IP or its device plugin annotation.
+RANK_TABLE_INCOMPLETE = "RankTableIncomplete"
 
 SERVING = "Serving"
 SERVING_PREVIOUS_PLAN = "ServingPreviousPlan"
@@ -103,6 +105,8 @@ class Summary:
     fingerprint: str | None = None
     model_name: str | None = None
     world_size: int | None = None
+    moe_ep: int | None = None
+    runtime: str | None = None
     shards: dict[str, Any] | None = None
     ready_workers: str | None = None
     group_restarts: int | None = None
@@ -150,6 +154,8 @@ def build_status(
         fingerprint=summary.fingerprint,
         model_name=summary.model_name,
         world_size=summary.world_size,
+        moe_ep=summary.moe_ep,
+        runtime=summary.runtime,
         shards=summary.shards,
         ready_workers=summary.ready_workers,
         group_restarts=summary.group_restarts,

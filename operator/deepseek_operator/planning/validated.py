@@ -15,7 +15,9 @@ from .status import Cond, EventSpec
 CHILD_FIELDS = {
     "StatefulSet": "fix spec.worker: resources, env, nodeSelector, tolerations, affinity, "
     "podAnnotations, priorityClassName, schedulerName",
-    "Job": "fix spec.sharding.resources, or spec.worker placement and imagePullPolicy",
+    # Paths are checked at admission; a hostPath the API server still refuses is one of these.
+    "Job": "fix spec.sharding.resources, spec.model.source or spec.sharding.store paths, or "
+    "spec.worker placement and imagePullPolicy",
     "PersistentVolumeClaim": "fix spec.sharding.store.pvc",
     "Service": "fix spec.serving.port",
     "PodDisruptionBudget": "fix spec.parallelism.nodes",

@@ -10,7 +10,8 @@ Leader election: kopf peering lets only the highest-priority operator of one pee
 others pause until it stops renewing (60 s). Without --priority each replica draws a random one,
 so exactly one replica of a Deployment is active. It needs the peering CRDs of
 crds/kopf-peering.yaml and a ClusterKopfPeering (or, with --namespace, a KopfPeering per
-namespace) named like --peering.
+namespace) named like --peering. Until they exist kopf waits; the operator says so at start and
+every minute ($DSOP_PEERING_REPORT_SECONDS) with the command that ends the wait.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import random
 import secrets
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 import kopf
@@ -29,12 +32,15 @@ import kopf
 from .. import __version__
 from . import handlers, metrics
 from .k8s import Kube, new_api_client
-from .leadership import outranking_peers
+from .leadership import describe_peering, outranking_peers, peering_wait_message
 from .reconcile import DEFAULT_RESYNC_SECONDS, Reconciler
 
 DEFAULT_PEERING = "deepseek-operator"
 DEFAULT_LIVENESS = "http://0.0.0.0:8080/healthz"
 DEFAULT_METRICS_PORT = 8081
+PEERING_REPORT_SECONDS = 60.0
+
+log = logging.getLogger("deepseek_operator.peering")
 
 
 def seconds(text: str) -> float:
@@ -136,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handlers.RECONCILER.standby = standby_check(
             kube, args.peering, args.namespace, identity, priority
         )
+        period = seconds(os.environ.get("DSOP_PEERING_REPORT_SECONDS", "60")) or 60.0
+        report_peering(kube, args.peering, args.namespace, priority, period)
     liveness = None if args.liveness in ("", "off", "none") else args.liveness
     kopf.run(
         standalone=args.standalone,
@@ -149,14 +157,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _scopes(namespaces: Sequence[str]) -> list[str | None]:
+    """The peering objects' namespaces: None for the ClusterKopfPeering; glob patterns left out."""
+    if not namespaces:
+        return [None]
+    return [n for n in namespaces if not any(c in n for c in "*?[")]
+
+
+def report_peering(
+    kube: Kube, peering: str, namespaces: Sequence[str], priority: int, period: float
+) -> threading.Thread:
+    """Say at start which peering objects this replica meets its peers in, and, at start and
+    every `period` seconds while one is missing, that kopf waits for it (silently, otherwise)."""
+    scopes = _scopes(namespaces)
+    log.info(
+        "leader election: through %s (priority %d); this replica acts while no live peer "
+        "outranks it",
+        ", ".join(describe_peering(peering, ns) for ns in scopes),
+        priority,
+    )
+
+    def missing() -> tuple[list[str | None], bool]:
+        absent = [ns for ns in scopes if kube.peering_status(peering, ns) is None]
+        crd_missing = bool(absent) and kube.get_path("/apis/kopf.dev/v1") is None
+        return absent, crd_missing
+
+    def loop() -> None:
+        waiting = False
+        while True:
+            try:
+                absent, crd_missing = missing()
+            except Exception as exc:  # noqa: BLE001 - a report must never stop the operator
+                log.warning("leader election: cannot read the peering objects: %s", exc)
+            else:
+                if absent:
+                    log.warning(peering_wait_message(peering, absent, crd_missing))
+                elif waiting:
+                    log.info("leader election: the peering objects exist; kopf resumes")
+                waiting = bool(absent)
+            time.sleep(period)
+
+    thread = threading.Thread(target=loop, name="peering-report", daemon=True)
+    thread.start()
+    return thread
+
+
 def standby_check(
     kube: Kube, peering: str, namespaces: Sequence[str], identity: str, priority: int
 ) -> Callable[[], list[str]]:
     """The live peers that pause this replica now, from every peering object it keeps alive:
     the ClusterKopfPeering, or one KopfPeering per named namespace (glob patterns are left out)."""
-    scopes: list[str | None] = [n for n in namespaces if not any(c in n for c in "*?[")]
-    if not namespaces:
-        scopes = [None]
+    scopes = _scopes(namespaces)
 
     def check() -> list[str]:
         now = dt.datetime.now(dt.UTC)

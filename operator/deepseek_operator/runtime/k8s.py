@@ -39,6 +39,7 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Job": ("/apis/batch/v1", "jobs"),
     "StatefulSet": ("/apis/apps/v1", "statefulsets"),
     "PodDisruptionBudget": ("/apis/policy/v1", "poddisruptionbudgets"),
+    "PodGroup": ("/apis/scheduling.volcano.sh/v1beta1", "podgroups"),
     KIND: (f"/apis/{GROUP}/{VERSION}", PLURAL),
 }
 
@@ -122,6 +123,15 @@ class Kube:
                 return None
             raise
 
+    def get_path(self, path: str) -> dict[str, Any] | None:
+        """GET of an API path (discovery included); None when it is not served (404)."""
+        try:
+            return self.request("GET", path)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def list(self, kind: str, namespace: str, selector: str) -> list[dict[str, Any]]:
         out = self.request("GET", _path(kind, namespace), query={"labelSelector": selector})
         return list((out or {}).get("items") or ())
@@ -187,6 +197,12 @@ class Kube:
         try:
             self.apply(obj)
         except ApiException as exc:
+            if exc.status == 404 and obj.get("kind") == "PodGroup":
+                # The kind itself is not served: retrying cannot help until Volcano is installed.
+                return (
+                    f"the API server does not serve {obj.get('apiVersion')} PodGroup: install "
+                    "Volcano, or unset spec.worker.schedulerName"
+                )
             if exc.status not in (400, 403, 422):
                 raise
             return refusal_message(exc)
@@ -209,6 +225,29 @@ class Kube:
             query={"fieldManager": names.MANAGER, "force": "true"},
             content_type=APPLY_PATCH,
         )
+
+    def pin_pod(
+        self, namespace: str, name: str, uid: str, node_selector: Mapping[str, str]
+    ) -> None:
+        """Set a gated pod's nodeSelector and lift its scheduling gates, only while it is the pod
+        of this uid (a JSON patch test); gone, replaced or already placed is fine."""
+        patch = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "add", "path": "/spec/nodeSelector", "value": dict(node_selector)},
+            {"op": "remove", "path": "/spec/schedulingGates"},
+        ]
+        try:
+            self.request(
+                "PATCH",
+                _path("Pod", namespace, name),
+                body=patch,
+                content_type="application/json-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status in (404, 409, 422):
+                log.info("pod %s/%s not pinned (%s %s)", namespace, name, exc.status, exc.reason)
+            else:
+                raise
 
     def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
         """Delete a child (Background: a Job's pods follow) only while it is the object of this

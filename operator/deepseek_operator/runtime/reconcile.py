@@ -281,6 +281,8 @@ class Reconciler:
                 self.own_writes[(namespace, name)] = str(rv)
         for gone in result.delete:
             kube.delete(gone.kind, namespace, gone.name, gone.uid)
+        for pin in result.pins:
+            kube.pin_pod(namespace, pin.name, pin.uid, pin.node_selector)
         if any(e.reason == "GroupRestart" for e in result.events):
             metrics.GROUP_RESTARTS.inc()
         for pod_uid in result.counted_failures:

@@ -16,6 +16,7 @@ from deepseek_operator.api import (
     spec_warnings,
 )
 from dsworker.contract.layout import ParallelPlan
+from runtime_cases import RUNTIME_RULE_CASES
 from spec_cases import all_rules, load_valid, merge_patch
 
 BASE: dict[str, Any] = {
@@ -30,6 +31,23 @@ BASE: dict[str, Any] = {
 HOST_STORE = {"store": {"pvc": None, "hostPath": {"path": "/dev/shm/dsd"}}}
 PIN = {"nodeSelector": {"kubernetes.io/hostname": "n1"}}
 NO_SHARDING = {"enabled": False, "store": None}
+
+
+def _node_affinity(requirement: dict[str, Any]) -> dict[str, Any]:
+    terms = [{"matchExpressions": [requirement]}]
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": terms}
+        }
+    }
+
+
+def _pod_anti_affinity(requirement: dict[str, Any]) -> dict[str, Any]:
+    term = {
+        "labelSelector": {"matchExpressions": [requirement]},
+        "topologyKey": "kubernetes.io/hostname",
+    }
+    return {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
 
 
 def parse(spec_patch: dict[str, Any]):
@@ -95,7 +113,7 @@ RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"model": {"architecture": "DeepseekV2"}, "sharding": NO_SHARDING},
         {"model": {"architecture": "DeepseekV2"}},
     ),
-    "host-path-store-single-node": (
+    "host-path-store-nodes": (
         {"sharding": HOST_STORE, "worker": PIN},
         {"sharding": HOST_STORE, "worker": PIN, "parallelism": {"nodes": 2}},
     ),
@@ -136,6 +154,50 @@ RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "B", "value": "1"}]}},
         {"worker": {"env": [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}]}},
     ),
+    "model-pvc-path": (
+        {"model": {"source": {"pvc": {"claimName": "models", "path": "a/..b/.c/"}}}},
+        {"model": {"source": {"pvc": {"claimName": "models", "path": "r1/../../etc"}}}},
+    ),
+    "model-host-path": (
+        {"model": {"source": {"pvc": None, "hostPath": {"path": "/data/usr/lib/r1"}}}},
+        {"model": {"source": {"pvc": None, "hostPath": {"path": "/usr/share/r1"}}}},
+    ),
+    "store-host-path": (
+        {"sharding": HOST_STORE, "worker": PIN},
+        {"sharding": {"store": {"pvc": None, "hostPath": {"path": "/"}}}, "worker": PIN},
+    ),
+    "port-not-reserved": ({"serving": {"port": 8000}}, {"serving": {"port": 29500}}),
+    "node-selector-keys": (
+        {"worker": {"nodeSelector": {"example.com/pool": "npu-a"}}},
+        {"worker": {"nodeSelector": {"pool name": "npu-a"}}},
+    ),
+    "toleration-exists-no-value": (
+        {"worker": {"tolerations": [{"key": "npu", "operator": "Exists"}]}},
+        {"worker": {"tolerations": [{"key": "npu", "operator": "Exists", "value": "yes"}]}},
+    ),
+    "toleration-empty-key-exists": (
+        {"worker": {"tolerations": [{"operator": "Exists"}]}},
+        {"worker": {"tolerations": [{"value": "yes"}]}},
+    ),
+    "toleration-seconds-no-execute": (
+        {"worker": {"tolerations": [{"key": "k", "effect": "NoExecute", "tolerationSeconds": 9}]}},
+        {"worker": {"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 9}]}},
+    ),
+    "nodeSelectorRequirement-values": (
+        {"worker": {"affinity": _node_affinity({"key": "gen", "operator": "Gt", "values": ["2"]})}},
+        {"worker": {"affinity": _node_affinity({"key": "gen", "operator": "In"})}},
+    ),
+    "labelSelectorRequirement-values": (
+        {"worker": {"affinity": _pod_anti_affinity({"key": "app", "operator": "Exists"})}},
+        {
+            "worker": {
+                "affinity": _pod_anti_affinity(
+                    {"key": "app", "operator": "Exists", "values": ["x"]}
+                )
+            }
+        },
+    ),
+    **RUNTIME_RULE_CASES,
 }
 # Rules of the object itself: rule name -> (an object patch it accepts, one it rejects).
 OBJECT_RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -180,8 +242,17 @@ def test_rule_messages_name_a_field_and_a_fix() -> None:
 def test_second_host_path_store_rule_needs_a_node_selector() -> None:
     result = parse({"sharding": HOST_STORE})
     assert not result.ok
-    assert all_rules()["host-path-store-single-node"].message in result.errors
+    assert all_rules()["host-path-store-nodes"].message in result.errors
     assert not parse({"sharding": HOST_STORE, "worker": {"nodeSelector": {}}}).ok
+
+
+def test_host_path_store_node_list_has_one_node_per_pod() -> None:
+    def store(nodes: list[str]) -> dict[str, Any]:
+        return {"store": {"pvc": None, "hostPath": {"path": "/dev/shm/d", "nodes": nodes}}}
+
+    assert parse({"sharding": store(["a", "b"]), "parallelism": {"nodes": 2}}).ok
+    result = parse({"sharding": store(["a"]), "parallelism": {"nodes": 2}})
+    assert all_rules()["host-path-store-nodes"].message in result.errors
 
 
 def test_failed_rules_of_one_object_are_all_reported() -> None:

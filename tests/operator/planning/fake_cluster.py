@@ -166,7 +166,9 @@ class FakeCluster:
         self.pods[pod["metadata"]["name"]] = pod
 
     # -- the StatefulSet controller and kwok
-    def run_workers(self, ready: bool = True) -> None:
+    def run_workers(self, ready: bool = True, device_plugin: bool = True) -> None:
+        """The group's pods, created and scheduled; on npu the Ascend device plugin annotates
+        each with its NPUs (`device_plugin`), as it does when it allocates them."""
         sts = self.sts()
         rev = template_revision(sts["spec"]["template"])
         sts["status"] = {
@@ -188,8 +190,18 @@ class FakeCluster:
                         names.REVISION_LABEL: rev,
                     },
                 },
-                "status": pod_status(ready),
+                "status": {
+                    **pod_status(ready),
+                    "podIP": f"10.1.0.{i + 1}",
+                    "hostIP": f"10.0.0.{i + 1}",
+                },
             }
+            accel = self.body["spec"]["worker"].get("accelerator", {}).get("type", "npu")
+            if accel == "npu" and device_plugin:
+                d = self.body["spec"]["parallelism"].get("devicesPerNode", 8)
+                self.pods[name]["metadata"]["annotations"] = {
+                    ASCEND_DEVICES: device_annotation(name, i, d)
+                }
 
     def sts(self) -> dict[str, Any]:
         return self.objects[("StatefulSet", names.statefulset(self.body["metadata"]["name"]))]
@@ -211,6 +223,23 @@ class FakeCluster:
 
     def fp(self) -> str:
         return self.body.get("status", {}).get("fingerprint") or ""
+
+
+ASCEND_DEVICES = "ascend.kubectl.kubernetes.io/ascend-910-configuration"
+
+
+def device_annotation(pod: str, node: int, devices: int) -> str:
+    """What the Ascend device plugin writes on a pod: its NPUs with their NIC IPs."""
+    return json.dumps(
+        {
+            "pod_name": pod,
+            "server_id": f"10.0.0.{node + 1}",
+            "devices": [
+                {"device_id": str(k), "device_ip": f"192.168.{node}.{k + 1}"}
+                for k in range(devices)
+            ],
+        }
+    )
 
 
 def job_of(pod: dict[str, Any]) -> str | None:

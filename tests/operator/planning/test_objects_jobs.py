@@ -16,6 +16,14 @@ from fake_cluster import (
 from deepseek_operator.api import parse_deployment
 from deepseek_operator.planning import fingerprint, names
 
+NODE_AFFINITY = {
+    "nodeAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 10, "preference": {"matchExpressions": [{"key": "a", "operator": "Exists"}]}}
+        ]
+    }
+}
+
 
 def test_sharding_job_runs_the_plan() -> None:
     result = FakeCluster(TWO_NODES).step()
@@ -94,14 +102,14 @@ def test_host_path_checkpoint_places_the_job_like_the_workers() -> None:
     body["spec"]["worker"].update(
         nodeSelector={"dsop.io/accelerator": "npu"},
         tolerations=[{"key": "npu", "operator": "Exists"}],
-        affinity={"nodeAffinity": {"x": 1}},
+        affinity=NODE_AFFINITY,
     )
     cluster = FakeCluster(body)
     cluster.step()
     pod = cluster.job()["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"dsop.io/accelerator": "npu"}
     assert pod["tolerations"] == [{"key": "npu", "operator": "Exists"}]
-    assert pod["affinity"] == {"nodeAffinity": {"x": 1}}
+    assert pod["affinity"] == NODE_AFFINITY
     source = next(v for v in pod["volumes"] if v["name"] == "source")
     assert source["hostPath"]["path"] == "/models/r1"
     # A pvc checkpoint and a pvc store: the Job may run anywhere.

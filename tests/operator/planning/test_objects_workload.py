@@ -18,6 +18,19 @@ from deepseek_operator.api import parse_deployment
 from deepseek_operator.planning import names, objects
 
 
+def test_the_ports_admission_reserves_are_the_pods_own() -> None:
+    """spec.serving.port is refused at admission when it is the rendezvous port: the one the
+    worker pods open besides the HTTP port."""
+    from deepseek_operator.api.names import RENDEZVOUS_PORT
+    from deepseek_operator.planning.objects.network import MASTER_PORT
+
+    assert MASTER_PORT == RENDEZVOUS_PORT
+    cluster = FakeCluster(TWO_NODES)
+    cluster.until_ready()
+    (engine,) = cluster.sts()["spec"]["template"]["spec"]["containers"]
+    assert {p["containerPort"] for p in engine["ports"]} == {1025, RENDEZVOUS_PORT}
+
+
 def test_statefulset_shape() -> None:
     cluster = FakeCluster(TWO_NODES)
     cluster.until_ready()

@@ -104,6 +104,7 @@ def test_every_child_not_observed_as_ours_is_read_before_applying() -> None:
         "Service r1-ranks",
         "Service r1",
         "ConfigMap r1-engine",
+        "ConfigMap r1-hccl",
         "PodDisruptionBudget r1-workers",
     }
 
@@ -156,7 +157,7 @@ def test_a_foreign_shared_child_holds_the_jobs_and_workers_that_use_it(component
 def test_a_planned_delete_names_the_uid_it_read() -> None:
     cluster = FakeCluster(TWO_NODES)
     cluster.until_ready()
-    cluster.pods["r1-worker-1"]["status"] = pod_status(ready=False, restarts=1)
+    cluster.pods["r1-worker-1"]["status"].update(pod_status(ready=False, restarts=1))
     uids = {p["metadata"]["name"]: p["metadata"]["uid"] for p in cluster.pods.values()}
     result = cluster.step()
     assert result.delete and all(d.uid == uids[d.name] for d in result.delete)

@@ -39,6 +39,8 @@ def test_first_pass_creates_services_and_the_sharding_job_only() -> None:
     assert cond(result, "WorkersReady")["reason"] == "WaitingForShards"
     status = result.status.to_dict()
     assert status["worldSize"] == 16 and status["readyWorkers"] == "0/2"
+    # Printed as EP: moeEp computed from worldSize / moeTp (the EP level is 1).
+    assert status["moeEp"] == 4
     assert status["endpoint"] == "http://r1.llm.svc:1025/v1"
     assert status["modelName"] == "DeepSeek-R1"  # printed as the Model column
     assert [e.reason for e in result.events] == ["Sharding"]
@@ -60,6 +62,7 @@ def test_statefulset_appears_only_after_the_job_completes() -> None:
         "ConfigMap",
         "StatefulSet",
         "PodDisruptionBudget",
+        "ConfigMap",  # the HCCL rank table, once the StatefulSet is there
     ]
     assert result.phase == "Staging"
     assert cond(result, "Sharded")["reason"] == "ShardsComplete"
@@ -81,7 +84,8 @@ def test_sharding_disabled_starts_workers_at_once() -> None:
     sts = cluster.sts()
     engine = container(sts, "engine")
     assert arg(engine["args"], "--model") == "/source/DeepSeek-R1"
-    assert "initContainers" not in sts["spec"]["template"]["spec"]
+    init = sts["spec"]["template"]["spec"]["initContainers"]
+    assert [c["name"] for c in init] == ["rank-table"]  # no staging, only the HCCL rank table
     cluster.run_workers()
     result = cluster.step()
     assert result.phase == "Ready" and result.status.shards is None

@@ -119,6 +119,19 @@ def test_a_child_the_api_server_refuses_is_reported_once() -> None:
     assert cond(cluster.plans[-1], "Validated")["status"] == "True"
 
 
+def test_a_refused_job_names_the_path_fields() -> None:
+    """A hostPath the API server refuses in the sharding Job is spec.model.source's or
+    spec.sharding.store's: the hint names them, not only spec.worker."""
+    cluster = FakeCluster(TWO_NODES)
+    job = names.shard_job("r1", cluster.step().status.fingerprint)
+    why = f'Job.batch "{job}" is invalid: spec.template.spec.volumes[0].hostPath.path'
+    result = cluster.step(rejected={f"Job {job}": why})
+    message = cond(result, "Validated")["message"]
+    assert f"the API server refused Job {job} (fix spec.sharding.resources, spec.model.source" in (
+        message
+    )
+
+
 def test_sharder_rejecting_the_checkpoint_is_a_validation_failure() -> None:
     cluster = FakeCluster(TWO_NODES)
     cluster.step()

@@ -27,11 +27,11 @@ def test_ready_then_degraded_then_ready() -> None:
     for kind in ("Validated", "Sharded", "WorkersReady", "Ready"):
         assert cond(result, kind)["status"] == "True", kind
     assert result.status.message == "serving DeepSeek-R1 at http://r1.llm.svc:1025/v1"
-    cluster.pods["r1-worker-1"]["status"] = pod_status(ready=False)
+    cluster.pods["r1-worker-1"]["status"].update(pod_status(ready=False))
     result = cluster.step()
     assert result.phase == "Degraded"
     assert [e.type for e in result.events] == ["Warning"]
-    cluster.pods["r1-worker-1"]["status"] = pod_status(ready=True)
+    cluster.pods["r1-worker-1"]["status"].update(pod_status(ready=True))
     assert cluster.step().phase == "Ready"
 
 
@@ -67,7 +67,7 @@ def test_a_restarted_worker_restarts_the_whole_group_within_the_budget() -> None
     cluster = FakeCluster(TWO_NODES)  # restartBudget 2
     cluster.until_ready()
     for n in (1, 2):
-        cluster.pods["r1-worker-1"]["status"] = pod_status(ready=False, restarts=1)
+        cluster.pods["r1-worker-1"]["status"].update(pod_status(ready=False, restarts=1))
         result = cluster.step()
         assert sorted(d.name for d in result.delete) == ["r1-worker-0", "r1-worker-1"]
         assert result.status.group_restarts == n
@@ -83,7 +83,7 @@ def test_a_restarted_worker_restarts_the_whole_group_within_the_budget() -> None
     assert cond(result, "WorkersReady")["reason"] == "RestartBudgetExhausted"
     assert "Evicted" in result.status.message
     # Failed holds, even if the pods look fine again, until the spec changes.
-    cluster.pods["r1-worker-0"]["status"] = pod_status(ready=True)
+    cluster.pods["r1-worker-0"]["status"].update(pod_status(ready=True))
     again = cluster.step()
     assert again.phase == "Failed" and not again.delete and not again.events
     cluster.change_spec({"worker": {"restartBudget": 3}})
@@ -96,7 +96,7 @@ def test_a_worker_that_exits_with_bad_input_fails_at_once_without_restarts() -> 
     cluster = FakeCluster(TWO_NODES)
     cluster.until_ready()
     msg = "layer 3 expert 7: shard shape (64, 7168) does not match the plan"
-    status = pod_status(ready=False, restarts=1)
+    status = {**cluster.pods["r1-worker-1"]["status"], **pod_status(ready=False, restarts=1)}
     status["containerStatuses"][0]["lastState"] = {
         "terminated": {"exitCode": 2, "reason": "Error", "message": json.dumps({"error": msg})}
     }
@@ -110,7 +110,7 @@ def test_a_worker_that_exits_with_bad_input_fails_at_once_without_restarts() -> 
     assert cond(result, "WorkersReady")["reason"] == "ConfigMismatch"
     assert "GroupRestart" not in [e.reason for e in result.events]
     # It holds (the crash-looping pod may even look fine for a moment) until the spec changes.
-    cluster.pods["r1-worker-1"]["status"] = pod_status(ready=True)
+    cluster.pods["r1-worker-1"]["status"] = {**status, **pod_status(ready=True)}
     again = cluster.step()
     assert again.phase == "Failed" and not again.delete and not again.events
     assert cond(again, "Validated")["reason"] == "ConfigMismatch"
@@ -160,7 +160,7 @@ def test_the_restart_budget_comes_back_after_ten_minutes_of_serving() -> None:
     cluster = FakeCluster(TWO_NODES)  # restartBudget 2
     cluster.until_ready()
     for _ in range(2):
-        cluster.pods["r1-worker-1"]["status"] = pod_status(ready=False, restarts=1)
+        cluster.pods["r1-worker-1"]["status"].update(pod_status(ready=False, restarts=1))
         assert cluster.step().phase == "Degraded"
         cluster.run_workers()
         assert cluster.step().phase == "Ready"
@@ -175,7 +175,7 @@ def test_the_restart_budget_comes_back_after_ten_minutes_of_serving() -> None:
     assert cluster.step().events == []
     # The whole budget again: two more group restarts before Failed.
     for n in (1, 2):
-        cluster.pods["r1-worker-0"]["status"] = pod_status(ready=False, restarts=1)
+        cluster.pods["r1-worker-0"]["status"].update(pod_status(ready=False, restarts=1))
         assert cluster.step().status.group_restarts == n
         cluster.run_workers()
         assert cluster.step().phase == "Ready"

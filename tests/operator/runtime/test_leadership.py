@@ -35,3 +35,16 @@ def test_no_object_malformed_entries_and_naive_times() -> None:
         "naive": {"priority": 50, "lifetime": 60, "lastseen": "2026-11-23T11:59:30"},
     }
     assert outranking_peers(status, "me", 1, NOW) == ["naive"]
+
+
+def test_the_peering_wait_message_says_what_to_create() -> None:
+    """kopf waits silently for missing peering objects: the operator says which and how."""
+    from deepseek_operator.runtime.leadership import peering_wait_message
+
+    text = peering_wait_message("dsop", [None], crd_missing=True)
+    assert "waiting for ClusterKopfPeering 'dsop' (kopf.dev/v1)" in text
+    assert "crds/kopf-peering.yaml" in text and "--standalone" in text
+    assert '"kind": "ClusterKopfPeering", "metadata": {"name": "dsop"}}' in text
+    text = peering_wait_message("dsop", ["llm"], crd_missing=False)
+    assert "KopfPeering 'dsop' in namespace llm" in text and "kopf-peering.yaml" not in text
+    assert '"metadata": {"name": "dsop", "namespace": "llm"}}' in text

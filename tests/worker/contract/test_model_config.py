@@ -77,6 +77,7 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("quantization_config.config_groups", [1]),
     ("quantization_config.config_groups.g.weights.num_bits", "8"),
     ("quantization_config.config_groups.g.weights.num_bits", None),
+    ("quantization_config.config_groups.g.weights.group_size", "128"),
     ("rope_scaling", [1, 2]),
     ("rope_scaling.type", "linear"),
     ("rope_scaling.factor", "40"),

@@ -31,6 +31,7 @@ from engine_helpers import (
 )
 
 from dsworker.contract.layout import ParallelPlan
+from dsworker.contract.memory import weight_bytes
 from dsworker.engine.weight_files import LoadError, check_sharded
 from dsworker.launch.generate import GenerateJob
 from dsworker.model.moe import MoEOptions, a2a_capacity
@@ -68,6 +69,12 @@ def assert_matches(out: Outcome, ref: Reference, what: str, atol: float = ATOL) 
         assert out.tokens == ref.tokens, f"{what}: greedy tokens differ"
 
 
+def assert_holds_modelled_bytes(out: Outcome, ckpt: Path, p: ParallelPlan) -> None:
+    """Each rank's model holds what the memory model says (fp32 compute: 4-byte float parts)."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert out.weight_bytes == weight_bytes(cfg, p, mtp=False, dtype_bytes=4).device
+
+
 # -- checkpoints and references (built once per module) --------------------------------------------
 
 
@@ -95,7 +102,13 @@ def ckpts(
 @pytest.fixture(scope="module")
 def refs(ckpts: dict[str, Path]) -> dict[str, Reference]:
     kinds = ("v3", "v3_noq", "v2", "v2_glg", "fp8_deq", "w8a8_deq", "w8a16_deq")
-    return {k: hf_reference(ckpts[k], generate=not k.endswith("_deq")) for k in kinds}
+    # W8A8 quantises activations per token by definition: its reference rounds them alike.
+    out = {k: hf_reference(ckpts[k], int8_inputs=k == "w8a8_deq") for k in kinds}
+    # ...rounded per rank's slice where a row-parallel weight's input is split (o_proj, down_proj)
+    for tp, moe_tp in ((2, 2), (4, 1)):
+        ref = hf_reference(ckpts["w8a8_deq"], int8_inputs=True, tp=tp, moe_tp=moe_tp)
+        out[f"w8a8_deq_tp{tp}_moetp{moe_tp}"] = ref
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +163,11 @@ def test_world1_mtp(ckpts: dict[str, Path], refs: dict[str, Reference]) -> None:
 def test_world1_quantized_matches_dequantized(
     fmt: str, ckpts: dict[str, Path], refs: dict[str, Reference]
 ) -> None:
-    """Dequantised at load to fp32: equal to transformers on the numpy-dequantised weights."""
-    assert_matches(run_local(job(ckpts[fmt], P1)), refs[f"{fmt}_deq"], fmt)
+    """Kept 8-bit, through the quantised ops in fp32: equal to transformers on the dequantised
+    weights (W8A8: with its per-token int8 activations), same greedy ids."""
+    out = run_local(job(ckpts[fmt], P1))
+    assert_matches(out, refs[f"{fmt}_deq"], fmt)
+    assert_holds_modelled_bytes(out, ckpts[fmt], P1)
 
 
 def test_world1_sharded_equals_unsharded(
@@ -226,6 +242,7 @@ def test_world2_plans(
         "sharded_tp2_moetp2_mtp": job(layouts["v3_w2"], plan(2, 1, 2, 2, 1), mtp=True, ep_level=2),
         "fp8_sharded_dp2_ep2": job(layouts["fp8_w2"], plan(2, 2, 1, 1, 2)),
         "w8a8_sharded_tp2": job(layouts["w8a8_w2"], plan(2, 1, 2, 2, 1), ep_level=2),
+        "w8a16_tp2_moetp2_grouped": job(ckpts["w8a16"], plan(2, 1, 2, 2, 1), grouped_matmul=True),
         "overflow": job(
             ckpts["v3"], plan(2, 2, 1, 1, 2), ep_level=2, buffer_scale_factors=((0, 0.05),)
         ),
@@ -239,7 +256,13 @@ def test_world2_plans(
     assert_matches(out["v2_dp2_moetp2_grouped"], refs["v2"], "v2 dp2 moeTp2 grouped")
     assert_matches(out["sharded_tp2_moetp2_mtp"], refs["v3"], "sharded tp2 moeTp2")
     assert_matches(out["fp8_sharded_dp2_ep2"], refs["fp8_deq"], "fp8 sharded dp2 moeEp2")
-    assert_matches(out["w8a8_sharded_tp2"], refs["w8a8_deq"], "w8a8 sharded tp2 moeTp2")
+    assert_matches(out["w8a8_sharded_tp2"], refs["w8a8_deq_tp2_moetp2"], "w8a8 tp2 moeTp2")
+    assert_matches(out["w8a16_tp2_moetp2_grouped"], refs["w8a16_deq"], "w8a16 tp2 moeTp2")
+    for name, fmt in (("fp8_sharded_dp2_ep2", "fp8"), ("w8a8_sharded_tp2", "w8a8")):
+        assert_holds_modelled_bytes(out[name], ckpts[fmt], jobs[name].plan)
+    assert_holds_modelled_bytes(
+        out["w8a16_tp2_moetp2_grouped"], ckpts["w8a16"], plan(2, 1, 2, 2, 1)
+    )
     # MTP draft logits do not depend on the plan: world 2 equals the world-1 run.
     w1 = run_local(job(ckpts["v3"], P1, mtp=True))
     for i in range(len(PROMPTS)):
@@ -266,6 +289,8 @@ def test_world4_plans(
         "v3noq_tp4_moetp4_cutoff1": job(ckpts["v3_noq"], plan(4, 1, 4, 4, 1), routing_cutoff=1.0),
         "sharded_dp2_tp2_moetp2_ep2": job(layouts["v3_w4"], plan(4, 2, 2, 2, 2), ep_level=2),
         "w8a16_tp4_ep4": job(ckpts["w8a16"], plan(4, 1, 4, 1, 4)),
+        "fp8_dp2_tp2_moetp2_ep2": job(ckpts["fp8"], plan(4, 2, 2, 2, 2), ep_level=2),
+        "w8a8_tp4_ep4": job(ckpts["w8a8"], plan(4, 1, 4, 1, 4)),
     }
     out = spawn_world(4, jobs, tmp_path)
     assert_matches(out["dp2_tp2_moetp2_ep2_level1_mtp"], refs["v3"], "dp2 tp2 moeTp2 moeEp2 EP1")
@@ -275,6 +300,14 @@ def test_world4_plans(
     assert out["v3noq_tp4_moetp4_cutoff1"].dropped_rows == 0
     assert_matches(out["sharded_dp2_tp2_moetp2_ep2"], refs["v3"], "sharded dp2 tp2 moeTp2 moeEp2")
     assert_matches(out["w8a16_tp4_ep4"], refs["w8a16_deq"], "w8a16 tp4 moeEp4")
+    assert_matches(out["fp8_dp2_tp2_moetp2_ep2"], refs["fp8_deq"], "fp8 dp2 tp2 moeTp2 moeEp2")
+    assert_matches(out["w8a8_tp4_ep4"], refs["w8a8_deq_tp4_moetp1"], "w8a8 tp4 moeEp4")
+    for name, fmt in (
+        ("w8a16_tp4_ep4", "w8a16"),
+        ("fp8_dp2_tp2_moetp2_ep2", "fp8"),
+        ("w8a8_tp4_ep4", "w8a8"),
+    ):
+        assert_holds_modelled_bytes(out[name], ckpts[fmt], jobs[name].plan)
     w1 = run_local(job(ckpts["v3"], P1, mtp=True))
     for i in range(len(PROMPTS)):
         got = out["dp2_tp2_moetp2_ep2_level1_mtp"].logits[f"mtp_{i}"]

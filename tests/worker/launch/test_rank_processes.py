@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import pytest
 from dsworker.contract.engine_config import EngineConfig, EngineConfigError, load_engine_config
 from dsworker.launch.rank_processes import Launcher, RankSpec, rank_specs
 from dsworker.launch.serve_command import node_rank_from_host, resolve_config
+from waiting import wait_until
 
 SLEEPER = textwrap.dedent(
     """
@@ -72,13 +72,13 @@ def _launcher(tmp_path: Path, n: int) -> Launcher:
 
 
 def _wait_pids(tmp_path: Path, n: int) -> dict[int, int]:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    def pids() -> dict[int, int] | None:
         files = {int(p.name): p for p in tmp_path.iterdir() if p.name.isdigit()}
         if len(files) == n and all(f.read_text() for f in files.values()):
             return {r: int(f.read_text()) for r, f in files.items()}
-        time.sleep(0.05)
-    raise AssertionError("ranks did not start")
+        return None
+
+    return wait_until(pids, 60, f"{n} ranks to write their pids")
 
 
 def _run_in_thread(launcher: Launcher) -> tuple[threading.Thread, dict[str, int]]:

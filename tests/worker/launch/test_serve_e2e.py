@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ import psutil
 import pytest
 import torch
 from engine_helpers import hf_penalized_greedy
+
+from waiting import wait_until
 
 ENGINE_CONFIG = {
     "modelName": "tiny-v3",
@@ -62,18 +63,17 @@ class Server:
         return httpx.post(self.url + path, timeout=60, **kw)  # type: ignore[arg-type]
 
     def wait_health(self, code: int, timeout: float = 120) -> httpx.Response:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def answered() -> httpx.Response | None:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}:\n{self.logs()}")
-            try:
-                r = self.get("/health")
-                if r.status_code == code:
-                    return r
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"/health never answered {code}:\n{self.logs()}")
+            r = self.get("/health")
+            return r if r.status_code == code else None
+
+        try:
+            what = f"/health to answer {code}"
+            return wait_until(answered, timeout, what, retry_on=(httpx.TransportError,))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     def ranks(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children()

@@ -39,7 +39,7 @@ def _step(args: ModelArgs, rows: int, dtype: torch.dtype, page: int, max_len: in
     batch = Batch.decode(torch.zeros(rows, 1, dtype=torch.long), positions, slots, max_len)
     layer = cache.bind(batch)(0)
     rope = Rope(args, CPU)
-    cos, sin = rope.cos_sin(batch.positions)
+    cos, sin = rope.cos_sin(batch.positions, max_len)
     heads = args.num_heads
     q_lat = torch.randn(rows, heads, args.kv_lora_rank).to(dtype)
     q_pe = torch.randn(rows, heads, args.qk_rope_dim).to(dtype)

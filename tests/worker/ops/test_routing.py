@@ -11,7 +11,7 @@ from fused_op_helpers import DEVICE, ODD_ROWS, kernels, preset_args
 
 from dsworker.model.config import ModelArgs
 from dsworker.model.routing import route
-from dsworker.ops.routing import group_mode, moe_route
+from dsworker.ops.routing import group_mode, moe_route, router_logits
 
 # R1: 256 experts in 8 groups, the best 4 groups, 8 experts per token.
 R1 = {"n_routed_experts": 256, "n_group": 8, "topk_group": 4, "top_k": 8}
@@ -128,3 +128,22 @@ def test_opcheck() -> None:
         torch.ops.dsworker.moe_route.default,
         (logits, bias, args.top_k, args.n_group, args.topk_group, "noaux_tc", "sigmoid", True, 2.5),
     )
+
+
+@pytest.mark.parametrize("method", ["noaux_tc", "group_limited_greedy", "greedy"])
+def test_zero_rows(method: str) -> None:
+    """A rank with no tokens in an EP step still routes (an empty [0, k] answer, no error)."""
+    w, ids = moe_route(torch.zeros(0, 16), torch.zeros(16), 2, 4, 2, method, "sigmoid", True, 1.0)
+    assert w.shape == (0, 2) and w.dtype == torch.float32
+    assert ids.shape == (0, 2) and ids.dtype == torch.int32
+
+
+def test_router_logits_are_fp32_of_fp32_operands() -> None:
+    """transformers' router: both operands up-cast, fp32 logits; the up-cast stays in the op."""
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    gate = torch.randn(16, 64)
+    out = router_logits(x, gate)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, torch.nn.functional.linear(x.float(), gate))
+    assert router_logits(x[:0], gate).shape == (0, 16)
+    torch.library.opcheck(torch.ops.dsworker.router_logits.default, (x, gate))

@@ -15,72 +15,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
+from counting_model import CountingRunner, SlowRunner, counting_state, live_server
 from fastapi.testclient import TestClient
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tiny_vocab import EOS_ID, FIM, WEATHER_TOOL, WORDS, write_model_dir
 
 from dsworker.chat.tokenizer import TextTokenizer
-from dsworker.chat.tool_calls import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP
+from dsworker.chat.tool_calls import CALLS_BEGIN
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.control import LocalChannel
 from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.requests import GenRequest, SamplingParams
 from dsworker.engine.scheduler import Scheduler
-from dsworker.engine.steps import Step, StepError
+from dsworker.engine.steps import StepError
 from dsworker.serving import protocol as oa
-from dsworker.serving.app import ServerState, create_app
-
-FIM = ["<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"]
-# After "go" the counting model writes a DeepSeek-V3 tool call, then wraps round to <s> and EOS.
-CALL_WORDS = ["go", CALLS_BEGIN, CALL_BEGIN, "function", SEP, "get_weather", "\n```json\n",
-              '{"city":', '"Paris"}', "\n```", CALL_END, CALLS_END]  # fmt: skip
-WORDS = ["<s>", "</s>", "User:", "Assistant:", *[f"w{i}" for i in range(60)], "</think>", "a1", "a2",
-         *FIM, *CALL_WORDS]  # fmt: skip
-EOS_ID = 1
-WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
-
-
-class CountingRunner:
-    """Logits peak at (last token + 1) % V; token 'w9' is followed by EOS."""
-
-    device = torch.device("cpu")
-    drafting = False
-
-    def __init__(self, vocab: int) -> None:
-        self.vocab = vocab
-        self.steps: list[Step] = []
-        self.fail: Exception | None = None
-
-    def run(self, step: Step) -> torch.Tensor:
-        self.steps.append(step)
-        if self.fail is not None:
-            raise self.fail
-        rows = []
-        for it in step.with_rows:
-            for tok in it.tokens[len(it.tokens) - it.rows :]:
-                nxt = EOS_ID if tok == WORDS.index("w9") else (tok + 1) % self.vocab
-                row = torch.zeros(self.vocab)
-                row[nxt] = 10.0
-                rows.append(row)
-        return torch.stack(rows) if rows else torch.zeros(0, self.vocab)
-
-    def dropped_rows(self) -> int:
-        return 0
-
-
-def write_model_dir(d: Path, chat_template: str | None = None) -> Path:
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="</s>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(["<s>", "</s>", *FIM])
-    tok.save(str(d / "tokenizer.json"))
-    cfg = {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}
-    if chat_template:
-        cfg["chat_template"] = chat_template
-    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    (d / "config.json").write_text(json.dumps({"vocab_size": len(WORDS), "eos_token_id": EOS_ID}))
-    return d
+from dsworker.serving.app import create_app
+from dsworker.serving.state import ServerState
+from waiting import wait_until
 
 
 @pytest.fixture()
@@ -325,6 +276,9 @@ def test_echo_prefixes_the_prompt_and_its_logprobs(served) -> None:
         ({"prompt": "w1", "logit_bias": {"²": 1}}, "logit_bias"),
         ({"prompt": "w1", "logit_bias": {"1" * 11: 1}}, "logit_bias"),
         ({"prompt": "w1", "logit_bias": {"999": 1}}, "logit_bias"),
+        ({"prompt": "w1", "max_tokens": "10"}, "max_tokens"),  # strict types, as OpenAI's
+        ({"prompt": "w1", "max_tokens": True}, "max_tokens"),
+        ({"prompt": "w1", "stream": "yes"}, "stream"),
     ],
 )
 def test_bad_requests_are_openai_shaped(served, body: dict, param: str) -> None:
@@ -398,10 +352,8 @@ def test_bad_response_formats_are_400s_naming_it_on_both_endpoints(
 
 
 def test_a_grammar_that_compiles_too_long_is_a_400(served, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dsworker.serving import app
-
-    client, _, _ = served
-    monkeypatch.setattr(app, "GRAMMAR_TIMEOUT_S", 0.0)  # done only if it were instant
+    client, state, _ = served
+    monkeypatch.setattr(state.grammars, "timeout_s", 0.0)  # done only if it were instant
     body = {"prompt": "w1", "response_format": schema_format({"enum": ["never compiled"]})}
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
@@ -415,7 +367,7 @@ def test_busy_grammar_threads_refuse_new_schemas_but_serve_cached_ones(served) -
     cached = {"prompt": "w1", "max_tokens": 3, "response_format": {"type": "json_object"}}
     assert client.post("/v1/completions", json=cached).status_code == 200  # compiled now
     held = 0
-    while state.grammar_slots.acquire(blocking=False):
+    while state.grammars.slots.acquire(blocking=False):
         held += 1
     try:
         new = {"prompt": "w1", "response_format": schema_format({"type": "integer"})}
@@ -425,7 +377,7 @@ def test_busy_grammar_threads_refuse_new_schemas_but_serve_cached_ones(served) -
         assert client.post("/v1/completions", json=cached).status_code == 200
     finally:
         for _ in range(held):
-            state.grammar_slots.release()
+            state.grammars.slots.release()
     assert held == 2
     r = client.post("/v1/completions", json=new)  # compiled now (this vocabulary has no digits)
     assert r.status_code == 400 and "admits no output" in r.text, r.text
@@ -582,10 +534,8 @@ def test_engine_failure_is_fatal_and_answers_500(served) -> None:
     ) as r:
         body = "".join(r.iter_lines())
     assert "device lost" in body and "server_error" in body and body.endswith("data: [DONE]")
-    for _ in range(200):  # the loop tells the sinks first, then calls on_fatal
-        if state.fatal:
-            break
-        time.sleep(0.01)
+    # the loop tells the sinks first, then calls on_fatal
+    wait_until(lambda: state.fatal, 10, "the engine loop's on_fatal call")
     assert len(state.fatal) == 1
     r = client.post("/v1/completions", json={"prompt": "w1"})
     assert r.status_code == 500 and "engine failed" in r.json()["error"]["message"]
@@ -716,13 +666,15 @@ FATAL_SERVER = """
 import sys, tempfile
 from pathlib import Path
 import uvicorn
-from test_openai_server import WORDS, CountingRunner, write_model_dir
+from counting_model import CountingRunner
+from tiny_vocab import WORDS, write_model_dir
 from dsworker.engine.control import LocalChannel
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.scheduler import Scheduler
-from dsworker.serving.app import ServerState, create_app
+from dsworker.serving.app import create_app
+from dsworker.serving.state import ServerState
 from dsworker.chat.tokenizer import TextTokenizer
 
 cfg = EngineConfig(modelName="tiny", maxSeqLen=40, maxInputTokenLen=20, maxBatchSize=2)
@@ -751,57 +703,32 @@ def test_a_fatal_step_answers_500_before_the_process_exits_70(tmp_path: Path) ->
     proc = subprocess.Popen([sys.executable, "-c", FATAL_SERVER, str(port)], env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.05)
+
+        def healthy() -> bool:
+            assert proc.poll() is None, f"the server exited {proc.returncode} before serving"
+            return urllib.request.urlopen(f"{url}/health", timeout=5).status == 200
+
+        wait_until(healthy, 120, f"{url}/health to answer 200", retry_on=(OSError,))
         req = urllib.request.Request(
             f"{url}/v1/completions",
             data=json.dumps({"prompt": "w1", "max_tokens": 2}).encode(),
             headers={"content-type": "application/json"},
         )
         with pytest.raises(urllib.error.HTTPError) as err:
-            urllib.request.urlopen(req, timeout=10)
+            urllib.request.urlopen(req, timeout=60)
         assert err.value.code == 500
         assert json.loads(err.value.read())["error"]["message"] == "engine failed: device lost"
-        assert proc.wait(10) == 70
+        assert proc.wait(60) == 70
     finally:
         proc.kill()
-
-
-class SlowRunner(CountingRunner):
-    """A step takes 20 ms, so a 30-token request lasts well over half a second."""
-
-    def run(self, step: Step) -> torch.Tensor:
-        time.sleep(0.02)
-        return super().run(step)
 
 
 def test_a_client_leaving_a_non_streamed_request_frees_its_sequence(tmp_path: Path) -> None:
     """Through a real uvicorn: closing the socket mid-request aborts the sequence at once."""
     import socket
-    import threading
 
-    import uvicorn
-
-    cfg = EngineConfig(modelName="tiny", maxSeqLen=40, maxInputTokenLen=20, maxBatchSize=2)
-    state = ServerState(config=cfg, metrics=Metrics())
     runner = SlowRunner(len(WORDS))
-    loop = EngineLoop(runner, Scheduler(2, 40, 64), str, LocalChannel(), state.metrics)
-    loop.start()
-    state.tokenizer = TextTokenizer(write_model_dir(tmp_path))
-    state.engine, state.ready = loop, True
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(state), host="127.0.0.1", port=0, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            time.sleep(0.01)
-        port = server.servers[0].sockets[0].getsockname()[1]
+    with counting_state(tmp_path, runner) as state, live_server(state) as (_, port):
         body = json.dumps({"prompt": "w1", "max_tokens": 30, "ignore_eos": True}).encode()
         with socket.create_connection(("127.0.0.1", port)) as sock:
             head = "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
@@ -813,14 +740,7 @@ def test_a_client_leaving_a_non_streamed_request_frees_its_sequence(tmp_path: Pa
                 "dsworker_finished_sequences_total", {"reason": "abort"}
             )
 
-        for _ in range(100):
-            if aborted():
-                break
-            time.sleep(0.01)
+        wait_until(aborted, 10, "the gone client's sequence to be aborted")
         assert aborted() == 1
-        assert loop.scheduler.num_running == 0
+        assert state.engine.scheduler.num_running == 0
         assert len(runner.steps) < 25  # not run to max_tokens
-    finally:
-        server.should_exit = True
-        thread.join(5)
-        loop.stop()

@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from dsworker.tools.output_dir import IN_PROGRESS_MARKER, lock_path
 from dsworker.tools.reshard import reshard
 from dsworker.tools.shard import shard
 from dsworker.tools.verify import verify_sharded
+from waiting import wait_until
 
 DSWORKER = str(Path(sys.executable).with_name("dsworker"))
 PLAN2 = ParallelPlan(2, 1, 2, 2, 1)
@@ -96,11 +96,12 @@ def test_second_sharder_is_refused_while_the_first_runs(tiny_v3: Path, tmp_path:
     env = dict(os.environ, PYTHONPATH=str(WORKER_IMAGE))
     a = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while not started.exists():
+
+        def paused() -> bool:
             assert a.poll() is None, a.stderr.read() if a.stderr else ""
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+            return started.exists()
+
+        wait_until(paused, 60, "the first sharder to pause before writing")
         live = sorted(p.name for p in out.iterdir())
         assert IN_PROGRESS_MARKER in live
         args = ["shard", "--model-path", str(tiny_v3), "--save-directory", str(out)]

@@ -67,6 +67,28 @@ class EngineConfig(BaseModel):
         "--tool-call-parser deepseek_v3); unset refuses `tools`.",
     )
     maxRequestBytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body.")
+    maxConnections: int = Field(
+        1024,
+        ge=1,
+        le=65536,
+        description="Open HTTP connections rank 0 holds at once; one more is answered 503 and "
+        "closed. Start-up raises the open-file limit to fit, or fails naming this key.",
+    )
+    requestReadTimeout: int = Field(
+        30,
+        ge=1,
+        description="Seconds a request may take to arrive whole (headers and body) from its "
+        "first byte, or from the connection's opening; a slower one is answered 408 and closed.",
+    )
+    keepAliveTimeout: int = Field(
+        5, ge=1, description="Seconds an idle keep-alive connection is held between requests."
+    )
+    apiKeyFile: str | None = Field(
+        None,
+        description="File holding the API key that /v1 requests must send as `Authorization: "
+        "Bearer <key>` (401 without it); unset: env DSWORKER_API_KEY_FILE, else no key. "
+        "/health and /metrics stay open.",
+    )
     maxNewTokens: int = Field(1024, ge=1, description="Upper bound on a request's max_tokens.")
     port: int = Field(1025, ge=1, le=65535, description="HTTP port of rank 0.")
     cpuMemSize: int = Field(5, ge=0, description="Accepted for MindIE; unused (no host swap).")

@@ -2,20 +2,20 @@
 
 The sharder, the loader, the merge/reshard tools and the operator's config checks all decide
 "which rank holds which slice of which tensor" here, so they can never disagree. No I/O, no
-numpy, no torch: the operator image imports this module too. PlanError (contract.errors) and
-ModelDims (contract.model_config) are imported here for the split rules and their callers.
+numpy, no torch: the operator image imports this module too. PlanError (contract.errors),
+ModelDims (contract.model_config) and ParallelPlan (contract.parallel_plan) are imported here for
+the split rules and their callers.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
 
 from dsworker.contract.errors import PlanError
 from dsworker.contract.model_config import FP8_BLOCK, ModelDims
+from dsworker.contract.parallel_plan import ParallelPlan, moe_dir, rank_dir
 
 FORMAT = "dsop-sharded/1"
 METADATA_FILE = "model_sharded_metadata.json"
@@ -27,119 +27,6 @@ NORM = "norm"  # model-norm: replicated everywhere
 ATTN = "attn"  # model-attn-tp-{tp_rank}
 DENSE = "dense"  # model-dense-tp-{tp_rank}: dense MLP and shared experts
 MOE = "moe"  # model-moe-tp-{moe_tp_rank}-ep-{moe_ep_rank}: routed experts
-
-
-@dataclass(frozen=True)
-class ParallelPlan:
-    """The parallel layout that sharding and runtime share (MindIE's --dp --tp --moe_tp --moe_ep)."""
-
-    world_size: int
-    dp: int
-    tp: int
-    moe_tp: int
-    moe_ep: int
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or v < 1:
-                raise PlanError(f"{f.name} must be a positive integer, got {v!r}")
-        if self.dp * self.tp != self.world_size:
-            raise PlanError(
-                f"dp*tp must equal world_size: {self.dp}*{self.tp} != {self.world_size}; "
-                "set dp = world_size / tp"
-            )
-        if self.moe_tp * self.moe_ep != self.world_size:
-            raise PlanError(
-                f"moe_tp*moe_ep must equal world_size: {self.moe_tp}*{self.moe_ep} != "
-                f"{self.world_size}; set moe_ep = world_size / moe_tp"
-            )
-
-    def coords(self, rank: int) -> RankCoords:
-        """Rank arithmetic: dp_rank = r // tp, tp_rank = r % tp, moe_ep = r // moe_tp, moe_tp = r % moe_tp."""
-        if not 0 <= rank < self.world_size:
-            raise PlanError(f"rank {rank} outside world of {self.world_size}")
-        return RankCoords(
-            rank=rank,
-            dp_rank=rank // self.tp,
-            tp_rank=rank % self.tp,
-            moe_ep_rank=rank // self.moe_tp,
-            moe_tp_rank=rank % self.moe_tp,
-        )
-
-    def rank_dirs(self, rank: int) -> list[str]:
-        """The directories rank `rank` reads, in load order."""
-        c = self.coords(rank)
-        return [
-            rank_dir(rank),
-            "model-norm",
-            f"model-attn-tp-{c.tp_rank:03d}",
-            f"model-dense-tp-{c.tp_rank:03d}",
-            moe_dir(c.moe_tp_rank, c.moe_ep_rank),
-        ]
-
-    def all_dirs(self) -> list[str]:
-        """Every directory of the layout, each once."""
-        seen: dict[str, None] = {}
-        for r in range(self.world_size):
-            for d in self.rank_dirs(r):
-                seen.setdefault(d, None)
-        return list(seen)
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def record(
-        self,
-        *,
-        mtp: bool | None = None,
-        quantization: str | None = None,
-        dequantized: bool | None = None,
-    ) -> dict[str, Any]:
-        """The plan as model_sharded_metadata.json and the runtime record it (camelCase), with
-        whichever of mtp, quantization and dequantized are given."""
-        out: dict[str, Any] = {
-            "worldSize": self.world_size,
-            "dp": self.dp,
-            "tp": self.tp,
-            "moeTp": self.moe_tp,
-            "moeEp": self.moe_ep,
-        }
-        if mtp is not None:
-            out["mtp"] = bool(mtp)
-        if quantization is not None:
-            out["quantization"] = quantization
-        if dequantized is not None:
-            out["dequantized"] = bool(dequantized)
-        return out
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> ParallelPlan:
-        """The plan of a `record()` (PlanError naming a missing or bad field)."""
-        keys = ("worldSize", "dp", "tp", "moeTp", "moeEp")
-        missing = [k for k in keys if k not in record]
-        if missing:
-            raise PlanError(f"plan record lacks {', '.join(missing)}")
-        return cls(*(record[k] for k in keys))
-
-
-@dataclass(frozen=True)
-class RankCoords:
-    """Where one global rank sits in the attention and MoE grids."""
-
-    rank: int
-    dp_rank: int
-    tp_rank: int
-    moe_ep_rank: int
-    moe_tp_rank: int
-
-
-def rank_dir(rank: int) -> str:
-    return f"model-{rank:03d}"
-
-
-def moe_dir(moe_tp_rank: int, moe_ep_rank: int) -> str:
-    return f"model-moe-tp-{moe_tp_rank:03d}-ep-{moe_ep_rank:03d}"
 
 
 @dataclass(frozen=True)
@@ -349,3 +236,64 @@ def fp8_shard_ok(
 
 def blocks(n: int, block: int = FP8_BLOCK) -> int:
     return math.ceil(n / block)
+
+
+# ------------------------------------------------------------------ what one pod holds
+# The stager copies, and a node-local sharding Job writes, exactly the directories of one pod's
+# ranks plus the top-level files; the operator sizes the pod's memory by the same rule, from the
+# bytes per directory that the sharder reports. One rule, three users: it lives here.
+
+TOP = "top"  # the group of the top-level files (config, tokenizer, metadata)
+
+
+def pod_ranks(pod: int, devices_per_node: int) -> range:
+    """The global ranks of pod (StatefulSet ordinal, node index) `pod`: devicesPerNode each."""
+    return range(pod * devices_per_node, (pod + 1) * devices_per_node)
+
+
+def pod_dirs(plan: ParallelPlan, ranks: range) -> list[str]:
+    """The directories `ranks` read, each once, in load order."""
+    seen: dict[str, None] = {}
+    for r in ranks:
+        for d in plan.rank_dirs(r):
+            seen.setdefault(d, None)
+    return list(seen)
+
+
+def dir_group(rel: str) -> str:
+    """The group of a file of the layout (its top directory's kind; TOP for a top-level file)."""
+    if "/" not in rel:
+        return TOP
+    top = rel.split("/", 1)[0]
+    if top == "model-norm":
+        return NORM
+    for group in (ATTN, DENSE, MOE):
+        if top.startswith(f"model-{group}-"):
+            return group
+    return VOCAB  # model-{rank}
+
+
+def dir_bytes_by_group(files: dict[str, int]) -> dict[str, int]:
+    """Bytes per directory of each group, the largest directory of the group (every directory
+    of a group holds equal cuts, so they differ only by a header's digits), and TOP: the sum of
+    the top-level files. `files`: path relative to the layout -> bytes."""
+    per_dir: dict[str, int] = {}
+    top = 0
+    for rel, n in files.items():
+        if "/" not in rel:
+            top += n
+        else:
+            d = rel.split("/", 1)[0]
+            per_dir[d] = per_dir.get(d, 0) + n
+    out: dict[str, int] = {TOP: top}
+    for d, n in per_dir.items():
+        g = dir_group(f"{d}/")
+        out[g] = max(out.get(g, 0), n)
+    return out
+
+
+def staged_bytes(plan: ParallelPlan, ranks: range, group_bytes: dict[str, int]) -> int:
+    """The bytes a pod holding `ranks` stages: its directories by the group sizes, plus TOP."""
+    return group_bytes.get(TOP, 0) + sum(
+        group_bytes.get(dir_group(f"{d}/"), 0) for d in pod_dirs(plan, ranks)
+    )

@@ -35,13 +35,8 @@ REQUIRED = (
 )
 
 
-_repr = reprlib.Repr()
-_repr.maxstring = _repr.maxother = 60
-
-
-def _shown(value: Any) -> str:
-    """A value as a message shows it: bounded, however long or nested the input."""
-    return _repr.repr(value)
+_shown = reprlib.Repr()  # a value as a message shows it: bounded, however long the input
+_shown.maxstring = _shown.maxother = 60
 
 
 class ModelConfigError(PlanError, CheckpointError):
@@ -247,7 +242,7 @@ class _Reader:
                 self.prefix + key,
             )
         if not isinstance(v, int) or isinstance(v, bool):
-            raise self.fail(key, f"must be an integer, got {_shown(v)}")
+            raise self.fail(key, f"must be an integer, got {_shown.repr(v)}")
         if not low <= v <= MAX_INT:
             raise self.fail(key, f"must be an integer in [{low}, {MAX_INT}], got {v}")
         return v
@@ -258,7 +253,7 @@ class _Reader:
         if v is None:
             return None
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise self.fail(key, f"must be a finite number, got {_shown(v)}")
+            raise self.fail(key, f"must be a finite number, got {_shown.repr(v)}")
         if v < low:
             raise self.fail(key, f"must be >= {low}, got {v}")
         return float(v)
@@ -268,19 +263,21 @@ class _Reader:
         if v is None:
             return default
         if not isinstance(v, bool):
-            raise self.fail(key, f"must be true or false, got {_shown(v)}")
+            raise self.fail(key, f"must be true or false, got {_shown.repr(v)}")
         return v
 
     def get_str(self, key: str) -> str | None:
         v = self.obj.get(key)
         if v is not None and not isinstance(v, str):
-            raise self.fail(key, f"must be a string, got {_shown(v)}")
+            raise self.fail(key, f"must be a string, got {_shown.repr(v)}")
         return v
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> str | None:
         v = self.get_str(key)
         if v and v not in allowed:
-            raise self.fail(key, f"is {_shown(v)}, not one of {', '.join(allowed)} (not supported)")
+            raise self.fail(
+                key, f"is {_shown.repr(v)}, not one of {', '.join(allowed)} (not supported)"
+            )
         return v or None
 
     def sub(self, key: str) -> _Reader | None:
@@ -298,7 +295,7 @@ def _architecture(r: _Reader) -> str:
     if archs is not None and (
         not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)
     ):
-        raise r.fail("architectures", f"must be a list of strings, got {_shown(archs)}")
+        raise r.fail("architectures", f"must be a list of strings, got {_shown.repr(archs)}")
     archs = archs or []
     model_type = r.get_str("model_type") or ""
     if any("V3" in a for a in archs) or model_type == "deepseek_v3":
@@ -307,7 +304,7 @@ def _architecture(r: _Reader) -> str:
         return "DeepseekV2"
     raise ModelConfigError(
         f"{r.where}: architectures/model_type is neither DeepseekV2 nor DeepseekV3 "
-        f"(got {_shown(archs or model_type)}); point model.source at a DeepSeek checkpoint",
+        f"(got {_shown.repr(archs or model_type)}); point model.source at a DeepSeek checkpoint",
         "architectures",
     )
 
@@ -344,7 +341,7 @@ def _rope(r: _Reader, max_pos: int, v3: bool) -> RopeConfig:
     kind = rp.get_str(kind_key) or "default"
     if kind not in ROPE_KINDS:
         raise rp.fail(
-            kind_key, f"is {_shown(kind)}: rope type not supported ({', '.join(ROPE_KINDS)})"
+            kind_key, f"is {_shown.repr(kind)}: rope type not supported ({', '.join(ROPE_KINDS)})"
         )
     return RopeConfig(
         kind=kind,
@@ -365,7 +362,7 @@ def _eos_ids(r: _Reader) -> tuple[int, ...]:
     v = r.obj.get("eos_token_id")
     ids = v if isinstance(v, list) else [] if v is None else [v]
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i <= MAX_INT for i in ids):
-        raise r.fail("eos_token_id", f"must be a token id or a list of them, got {_shown(v)}")
+        raise r.fail("eos_token_id", f"must be a token id or a list of them, got {_shown.repr(v)}")
     return tuple(ids)
 
 
@@ -382,12 +379,14 @@ def _quantization(r: _Reader) -> tuple[str | None, tuple[int, int] | None]:
     ):
         raise qc.fail("modules_to_not_convert", "must be a list of module names")
     groups = qc.sub("config_groups")
-    for name in groups.obj if groups is not None else ():
-        group = groups.sub(name) if groups is not None else None
+    for group in [groups.sub(name) for name in groups.obj] if groups else []:
         for part in ("weights", "input_activations", "output_activations"):
-            spec = group.sub(part) if group is not None else None
-            if spec is not None and "num_bits" in spec.obj:
-                spec.get_int("num_bits", 1, required=True)
+            if (spec := group.sub(part) if group else None) is not None:
+                if "num_bits" in spec.obj:
+                    spec.get_int("num_bits", 1, required=True)
+                spec.get_int("group_size", 0)
+                spec.get_str("strategy")
+                spec.get_str("type")
     if method != "fp8":
         return method, None
     block = qc.obj.get("weight_block_size")
@@ -395,5 +394,7 @@ def _quantization(r: _Reader) -> tuple[str | None, tuple[int, int] | None]:
         return method, (FP8_BLOCK, FP8_BLOCK)
     ok = isinstance(block, list) and len(block) == 2
     if not ok or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block):
-        raise qc.fail("weight_block_size", f"must be two positive integers, got {_shown(block)}")
+        raise qc.fail(
+            "weight_block_size", f"must be two positive integers, got {_shown.repr(block)}"
+        )
     return method, (block[0], block[1])

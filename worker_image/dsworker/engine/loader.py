@@ -2,8 +2,9 @@
 
 `weight_files` lists the tensors this rank reads (refusing layouts cut for another plan) and maps
 their bytes; `host_to_device` moves them to the accelerator. Here each lands in its model tensor,
-checked against the shape the model expects; quantised weights are dequantised on the device after
-their bytes arrive.
+checked against the shape the model expects. 8-bit weights go as stored into the model's 8-bit
+slots (their companions into the companion slots); only a float target (kv_b_proj, a BF16-built
+model) is dequantised on the device after its bytes arrive.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dsworker.engine.weight_files import (
     unsharded_items,
 )
 from dsworker.model.dequant import dequantize, kind_of
+from dsworker.ops.quant_formats import unpack_w8a16
 from dsworker.parallel.device import Device
 
 log = logging.getLogger("dsworker.engine.loader")
@@ -104,9 +106,11 @@ def load_weights(
             dst = targets.get(key)
             if dst is None:
                 continue  # e.g. MTP tensors of a layout when this run does not use MTP
-            stats.bytes += _fill(dst, item, comp_items, files, copier, block)
+            nbytes, companions = _fill(targets, module, item, comp_items, files, copier, block)
+            stats.bytes += nbytes
             stats.tensors += 1
             filled.add(key)
+            filled.update(companions)
             if str(item.path) not in stats.files:
                 stats.files.append(str(item.path))
         copier.finish()
@@ -119,40 +123,128 @@ def load_weights(
 
 
 def _fill(
-    dst: torch.Tensor,
+    targets: dict[str, torch.Tensor],
+    module: str,
     item: WeightItem,
     comp_items: dict[str, WeightItem],
     files: WeightFiles,
     copier: HostToDevice,
     block: tuple[int, int],
-) -> int:
-    """Copy one stored tensor (dequantised with its companions if quantised) into `dst`;
-    the bytes it read."""
+) -> tuple[int, list[str]]:
+    """Copy one stored tensor into its target: as stored into an 8-bit slot, else copied or
+    dequantised. The bytes it read and the companion keys it filled."""
     _, suffix = split_name(item.name)
+    key = f"{module}.weight" if suffix in ("weight", "weight_packed") else item.name
+    dst = targets[key]
     src = _sliced(files.tensor(item), item)
+    kind = kind_of(suffix, src.dtype, comp_items)
+    done: list[str] = []
+    if dst.dtype in QUANT_DTYPES:
+        done = _fill_quant(targets, module, item, src, kind, comp_items, files, copier)
+    else:
+        _fill_float(dst, item, src, kind, comp_items, files, copier, block)
+    return src.numel() * src.element_size(), done
+
+
+QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
+_SLOT_KIND = {torch.float8_e4m3fn: ("fp8",), torch.int8: ("w8a8", "w8a16")}
+
+
+def _fill_float(
+    dst: torch.Tensor,
+    item: WeightItem,
+    src: torch.Tensor,
+    kind: str | None,
+    comp_items: dict[str, WeightItem],
+    files: WeightFiles,
+    copier: HostToDevice,
+    block: tuple[int, int],
+) -> None:
+    """A float target: copied, or dequantised on the device from whole companions."""
     comp = {  # weight_shape stays on the host: it is read as Python ints
         s: files.tensor(c).clone() if s == "weight_shape" else copier.to_device(files.tensor(c))
         for s, c in comp_items.items()
     }
-    kind = kind_of(suffix, src.dtype, comp)
     shape = _logical_shape(item, src, comp) if kind == "w8a16" else tuple(src.shape)
-    if tuple(dst.shape) != shape:
+    _check_shape(item, shape, dst)
+    if kind is None and src.dtype == dst.dtype and dst.is_contiguous():
+        copier.to_device(src, out=dst)
+        return
+    raw = copier.to_device(src)
+    with copier.device.on_stream(copier.stream):
+        if kind is None:
+            dst.copy_(raw)
+        else:
+            r0 = item.start if item.dim == 0 else 0
+            c0 = (item.start * (4 if kind == "w8a16" else 1)) if item.dim == 1 else 0
+            dst.copy_(dequantize(kind, raw, comp, shape, r0, c0, dst.dtype, block))
+
+
+def _check_shape(item: WeightItem, shape: tuple[int, ...], dst: torch.Tensor) -> None:
+    if tuple(dst.shape) != tuple(shape):
         raise LoadError(
             f"{item.path}: {item.name} gives a {list(shape)} slice but this rank's model "
             f"expects {list(dst.shape)}; the checkpoint does not match config.json or plan"
         )
-    if kind is None and src.dtype == dst.dtype and dst.is_contiguous():
-        copier.to_device(src, out=dst)
-    else:
+
+
+def _fill_quant(
+    targets: dict[str, torch.Tensor],
+    module: str,
+    item: WeightItem,
+    src: torch.Tensor,
+    kind: str | None,
+    comp_items: dict[str, WeightItem],
+    files: WeightFiles,
+    copier: HostToDevice,
+) -> list[str]:
+    """An 8-bit target: the weight's bytes as stored (W8A16 words unpacked to int8) and each
+    companion's slice (the sharder's cut) into its slot. Returns the companion keys filled."""
+    key = f"{module}.weight"
+    dst = targets[key]
+    if kind not in _SLOT_KIND[dst.dtype]:
+        raise LoadError(
+            f"{item.path}: {item.name} is stored as {kind or src.dtype} but config.json declares "
+            f"{'/'.join(_SLOT_KIND[dst.dtype])} for it; the checkpoint's quantization_config (or "
+            "MindIE's `quantize`) does not match its tensors"
+        )
+    if kind == "w8a16":
+        comp_shape = (
+            files.tensor(comp_items["weight_shape"]) if "weight_shape" in comp_items else None
+        )
+        shape = _logical_shape(
+            item, src, {"weight_shape": comp_shape} if comp_shape is not None else {}
+        )
+        _check_shape(item, shape, dst)
         raw = copier.to_device(src)
         with copier.device.on_stream(copier.stream):
-            if kind is None:
-                dst.copy_(raw)
-            else:
-                r0 = item.start if item.dim == 0 else 0
-                c0 = (item.start * (4 if kind == "w8a16" else 1)) if item.dim == 1 else 0
-                dst.copy_(dequantize(kind, raw, comp, shape, r0, c0, dst.dtype, block))
-    return src.numel() * src.element_size()
+            dst.copy_(unpack_w8a16(raw, shape[1]))
+    else:
+        _check_shape(item, tuple(src.shape), dst)
+        copier.to_device(src.view(torch.uint8), out=dst.view(torch.uint8))
+    done = []
+    for suffix, c in comp_items.items():
+        if suffix == "weight_shape":
+            continue
+        slot = targets.get(f"{module}.{suffix}")
+        if slot is None:
+            raise LoadError(
+                f"{c.path}: {c.name} has no place in this rank's {kind} model; the checkpoint "
+                "mixes formats"
+            )
+        csrc = _sliced(files.tensor(c), c)
+        _check_shape(c, tuple(csrc.shape), slot)
+        if csrc.dtype == slot.dtype:
+            copier.to_device(csrc, out=slot)
+        else:
+            raw = copier.to_device(csrc)
+            with copier.device.on_stream(copier.stream):
+                slot.copy_(raw)
+        done.append(f"{module}.{suffix}")
+    if f"{module}.weight_offset" in targets and "weight_offset" not in comp_items:
+        targets[f"{module}.weight_offset"].zero_()  # symmetric: no offset stored
+        done.append(f"{module}.weight_offset")
+    return done
 
 
 def _check_complete(root: Path, rank: int, unfilled: set[str]) -> None:

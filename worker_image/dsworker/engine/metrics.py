@@ -37,6 +37,13 @@ class Metrics:
             ["endpoint", "status"],
             registry=r,
         )
+        self.refused_connections = Counter(
+            "dsworker_refused_connections",
+            "HTTP connections closed by the server's bounds: max_connections (answered 503) or "
+            "read_timeout (a request that did not arrive whole in time, answered 408).",
+            ["reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             "dsworker_prompt_tokens", "Prompt tokens admitted to the engine.", registry=r
         )

@@ -202,14 +202,13 @@ def unsharded_items(
         info = files.header(path).get(name)
         if info is None:
             raise LoadError(f"{path}: tensor {name} listed in the index is missing; re-download")
-        if suffix in COMPANIONS:  # scales etc.: read whole, sliced at dequantisation by offset
-            items.append(WeightItem(canon, path, info))
-            continue
         p = place(canon, dims)
         owners = dict(owner_dirs(p, dims, plan))
         part = next((owners[d] for d in my_dirs if d in owners), None)
         if part is None:
             raise LoadError(f"{canon}: rank {rank} loads it but owns no copy (layout rule bug)")
+        # Companions (scales, offsets) get the sharder's cut too: an 8-bit target takes the cut,
+        # dequantisation reads them whole and indexes by the weight slice's offset.
         sl = tensor_slice(canon, info.shape, p, part, parts_for(p.group, plan))
         items.append(WeightItem(canon, path, info, sl.dim, sl.start, sl.stop))
     return items

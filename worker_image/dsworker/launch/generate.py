@@ -27,6 +27,7 @@ from dsworker.engine.loader import LoadStats, load_weights
 from dsworker.engine.weight_files import check_sharded, is_sharded
 from dsworker.model import Batch, DeepseekModel, EngineOptions, ExpertBufferOverflow, ModelArgs
 from dsworker.model.moe import MoEOptions
+from dsworker.model.quant_weights import held_bytes
 from dsworker.parallel.device import Device, DeviceError
 from dsworker.parallel.groups import ParallelGroups, build_groups, init_process_group, spawn_local
 
@@ -61,6 +62,7 @@ class GenerateResult:
     routed_rows: int
     dropped_rows: int
     load: LoadStats
+    weight_bytes: list[int] = field(default_factory=list)  # device bytes each rank's model holds
 
 
 def _gather_rows(
@@ -94,6 +96,9 @@ def generate_on_rank(
     opts = EngineOptions(moe=job.moe, mtp=job.mtp)
     model = DeepseekModel(args, groups, opts, DTYPES[job.dtype], device.torch)
     stats = load_weights(model.targets(), job.model, job.plan, rank, device, mtp=job.mtp)
+    held = torch.zeros(job.plan.world_size, dtype=torch.float64)
+    held[rank] = held_bytes(model)
+    groups.cpu.all_reduce(held)
     mine = [i for i in range(len(job.prompts)) if i % job.plan.dp == groups.coords.dp_rank]
     longest = max(len(p) for p in job.prompts)
     cache = model.new_cache(max(1, len(mine)), longest + job.max_new_tokens + 1)
@@ -143,7 +148,9 @@ def generate_on_rank(
         [model.stats.routed_rows, model.stats.dropped_rows], dtype=torch.float64
     )
     groups.cpu.all_reduce(counters)
-    return GenerateResult(tokens, dumped, int(counters[0]), int(counters[1]), stats)
+    return GenerateResult(
+        tokens, dumped, int(counters[0]), int(counters[1]), stats, [int(b) for b in held]
+    )
 
 
 def _rank_main(rank: int, nproc: int, job: GenerateJob, result_dir: str) -> None:
@@ -170,6 +177,7 @@ def _rank_main(rank: int, nproc: int, job: GenerateJob, result_dir: str) -> None
             "generated": res.tokens,
             "routed_rows": res.routed_rows,
             "dropped_rows": res.dropped_rows,
+            "weight_bytes": res.weight_bytes,
             "load": {**asdict(res.load), "gbps": res.load.gbps},
         }
         Path(result_dir, "result.json").write_text(json.dumps(record))

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from dsworker.contract.engine_config import EngineConfig, parse_engine_config
+from dsworker.contract.engine_config import EngineConfig, EngineConfigError, parse_engine_config
 
 if TYPE_CHECKING:
     from dsworker.chat.tokenizer import TextTokenizer
@@ -72,6 +72,25 @@ def _load(args: argparse.Namespace, cfg: EngineConfig, rank: int):  # noqa: ANN2
     )
 
 
+def _failed(what: str, exc: Exception) -> int:
+    """Log a failure and return the rank's exit code: bad input (a corrupt or unfinished shard
+    layout, a missing tokenizer, a plan or KV budget that cannot work) is one line and exit 2,
+    so the group fails at once instead of spending restarts; anything else keeps its
+    traceback and exits 1."""
+    from dsworker.chat.tokenizer import TokenizerError
+    from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError
+    from dsworker.contract.kv_budget import KVBudgetError
+    from dsworker.contract.layout import PlanError
+
+    if isinstance(
+        exc, CheckpointError | TokenizerError | PlanError | KVBudgetError | EngineConfigError
+    ):
+        log.error("%s: %s", what, exc)
+        return EXIT_BAD_INPUT
+    log.error("%s", what, exc_info=exc)
+    return 1
+
+
 def _follower(args: argparse.Namespace, cfg: EngineConfig, rank: int) -> int:
     from dsworker.engine.loop import follow
 
@@ -79,9 +98,8 @@ def _follower(args: argparse.Namespace, cfg: EngineConfig, rank: int) -> int:
         loaded = _load(args, cfg, rank)
         log.info("loaded in %.2fs; following rank 0", loaded.load_seconds)
         follow(loaded.runner, loaded.channel)
-    except Exception:
-        log.exception("rank %d failed", rank)
-        return 1
+    except Exception as exc:
+        return _failed(f"rank {rank} failed", exc)
     log.info("rank 0 said stop")
     loaded.close()
     return 0
@@ -91,23 +109,22 @@ def _rank0(args: argparse.Namespace, cfg: EngineConfig) -> int:
     import uvicorn
 
     from dsworker.engine.metrics import Metrics
-    from dsworker.serving.app import ServerState, create_app
+    from dsworker.serving.app import create_app
+    from dsworker.serving.auth import load_api_key
+    from dsworker.serving.http_server import fit_open_files, server_config
+    from dsworker.serving.state import ServerState
 
-    state = ServerState(config=cfg, metrics=Metrics(), status="loading")
+    try:
+        fit_open_files(cfg.maxConnections)
+        api_key = load_api_key(cfg.apiKeyFile) if cfg.apiKeyFile else None
+    except EngineConfigError as exc:
+        return _failed("cannot serve", exc)
+    state = ServerState(config=cfg, metrics=Metrics(), status="loading", api_key=api_key)
     holder: dict[str, object] = {}
     loader = threading.Thread(
         target=_load_and_start, args=(args, cfg, state, holder), name="loader", daemon=True
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(state),
-            host=args.host,
-            port=cfg.port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=max(1, int(args.grace_seconds / 2)),
-        )
-    )
+    server = uvicorn.Server(server_config(create_app(state), state, args.host, args.grace_seconds))
     loader.start()
     # uvicorn re-raises the signal that stopped it once it has drained; with a Python handler in
     # place that re-raise is harmless and rank 0 lives on to tell the other ranks to stop.
@@ -168,7 +185,7 @@ def _load_and_start(
     from dsworker.engine.loop import EngineLoop
     from dsworker.engine.metrics import Metrics
     from dsworker.engine.requests import GenRequest, SamplingParams
-    from dsworker.serving.app import ServerState
+    from dsworker.serving.state import ServerState
 
     assert isinstance(state, ServerState)
     try:
@@ -221,11 +238,11 @@ def _load_and_start(
             cfg.modelName,
             cfg.port,
         )
-    except Exception:
-        log.exception("loading failed")
+    except Exception as exc:
+        code = _failed("loading failed", exc)
         state.status = "failed"
         logging.shutdown()
-        os._exit(1)
+        os._exit(code)
 
 
 if __name__ == "__main__":

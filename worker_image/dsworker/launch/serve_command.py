@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from dsworker.checkpoint.hf_checkpoint import read_model_config
 from dsworker.contract.engine_config import EngineConfig, EngineConfigError, load_engine_config
 from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError
 from dsworker.contract.layout import METADATA_FILE
+from dsworker.launch.fit_check import check_start
 from dsworker.launch.rank_processes import Launcher, python_module_command, rank_specs
 
 log = logging.getLogger("dsworker.launch.serve_command")
@@ -95,6 +97,18 @@ def resolve_config(
                 "the engine config"
             )
     return out
+
+
+def with_api_key_file(cfg: EngineConfig, environ: Mapping[str, str]) -> EngineConfig:
+    """apiKeyFile, from the environment when the config leaves it out, checked now: a key
+    that cannot be read stops the launch before any rank starts."""
+    from dsworker.serving.auth import API_KEY_FILE_ENV, load_api_key  # only `serve` needs them
+
+    path = cfg.apiKeyFile or environ.get(API_KEY_FILE_ENV) or None
+    if path is None:
+        return cfg
+    load_api_key(path)
+    return cfg.model_copy(update={"apiKeyFile": path})
 
 
 def node_rank_from_host(explicit: int | None) -> int:
@@ -184,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
             {"port": args.port, "device": args.device, "dtype": args.dtype},
         )
         read_model_config(args.model)  # a malformed config.json fails here, once, not per rank
+        check_start(args.model, cfg)  # before any rank allocates
         node_rank = node_rank_from_host(args.node_rank) if args.nodes > 1 else 0
         master = args.master_addr or "127.0.0.1"
         if args.nodes > 1 and not args.master_addr:
@@ -192,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
                 "through the headless Service"
             )
         specs = rank_specs(args.nproc_per_node, args.nodes, node_rank, master, args.master_port)
+        cfg = with_api_key_file(cfg, os.environ)
     except (EngineConfigError, ValueError, CheckpointError) as exc:
         print(f"dsworker serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -15,6 +15,8 @@ import torch
 
 from dsworker.contract.kv_budget import pages_for
 
+DECODE_MAX_Q = 4  # new tokens per sequence up to which attention runs per row (mla_decode)
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -40,6 +42,12 @@ class Batch:
     @property
     def num_seqs(self) -> int:
         return int(self.slots.shape[0])
+
+    @property
+    def is_decode(self) -> bool:
+        """A decode step (one token per sequence, or a few with MTP drafts): each token row
+        attends over its own sequence's pages in one op instead of padded prefill blocks."""
+        return self.fixed_shape or 0 < self.max_q <= DECODE_MAX_Q
 
     @classmethod
     def build(cls, seqs: Sequence[tuple[int, int, Sequence[int]]], device: torch.device) -> Batch:
@@ -119,13 +127,14 @@ class LayerKV:
 
     kv: torch.Tensor  # [pages + 1, page_size, kv_rank]
     pe: torch.Tensor  # [pages + 1, page_size, rope_dim]
+    layer: int  # index of this layer in all_kv / all_pe (the fused store writes those)
+    all_kv: torch.Tensor  # [layers, pages + 1, page_size, kv_rank]
+    all_pe: torch.Tensor
     write: torch.Tensor  # [T] row of each new token in the flattened pages
     read: torch.Tensor  # [B, n] pages holding each sequence's first n * page_size positions
     max_k: int
-
-    def store(self, latent: torch.Tensor, k_pe: torch.Tensor) -> None:
-        self.kv.view(-1, self.kv.shape[-1])[self.write] = latent
-        self.pe.view(-1, self.pe.shape[-1])[self.write] = k_pe
+    row_pages: torch.Tensor | None = None  # decode steps: [T, n] each token row's pages
+    lengths: torch.Tensor | None = None  # decode steps: [T] keys each row sees (position + 1)
 
     def keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each sequence's first max_k latents and rope keys: [B, max_k, .] each."""
@@ -199,7 +208,12 @@ class KVCache:
         pages = self.table[batch.token_slots, batch.positions // p]
         write = pages * p + batch.positions % p
         read = self.table[batch.slots, : -(-batch.max_k // p)]
-        return lambda i: LayerKV(self.kv[i], self.pe[i], write, read, batch.max_k)
+        if not batch.is_decode:
+            return lambda i: LayerKV(self.kv[i], self.pe[i], i, self.kv, self.pe, write, read,
+                                     batch.max_k)  # fmt: skip
+        rows, lengths = read[batch.seq], batch.positions + 1
+        return lambda i: LayerKV(self.kv[i], self.pe[i], i, self.kv, self.pe, write, read,
+                                 batch.max_k, rows, lengths)  # fmt: skip
 
     def check(self, batch: Batch) -> None:
         """Refuse a step that would write outside the cache (a scheduler bug, never silent)."""

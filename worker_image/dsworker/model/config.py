@@ -14,6 +14,7 @@ from typing import Any
 
 from dsworker.checkpoint.hf_checkpoint import read_model_config
 from dsworker.contract.model_config import ModelConfig, ModelDims, RopeConfig, parse_model_config
+from dsworker.contract.quant import QuantFormat, quant_format
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ModelArgs:
     rope: RopeConfig = field(default_factory=RopeConfig)
     eos_token_ids: tuple[int, ...] = ()
     dims: ModelDims | None = None
+    quant: QuantFormat | None = None  # 8-bit format of the linear weights (kept 8-bit on device)
 
     @property
     def qk_head_dim(self) -> int:
@@ -92,4 +94,5 @@ class ModelArgs:
             rope=mc.rope,
             eos_token_ids=mc.eos_token_ids,
             dims=dims,
+            quant=quant_format(mc.raw),
         )

@@ -3,7 +3,8 @@
 Two equal-result paths: a loop of per-expert matmuls, and a grouped matmul over rows sorted by
 expert (MindIE switches it on by itself past 32 EP ranks, where the loop's launch count hurts).
 The grouped path uses torch._grouped_mm on CUDA bf16 when present, else one padded bmm.
-`combine` is a third, for steps that must not wait on the host (graph capture, compile): static
+`fused` is the decode path: two fused ops over the routed experts only (any world size, -1 for
+experts elsewhere). `combine` is another, for steps that must not wait on the host (graph capture, compile): static
 shapes throughout, either the native grouped matmul or every local expert over every token.
 """
 
@@ -15,7 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsworker.contract.quant import QuantFormat
+from dsworker.model import quant_weights
 from dsworker.model.layers import weight
+from dsworker.ops.moe_experts import moe_down, moe_gate_up
+from dsworker.ops.quant_formats import QuantWeight
+from dsworker.ops.quant_moe import quant_experts
 from dsworker.parallel.device import native_grouped_mm
 
 log = logging.getLogger("dsworker.model")
@@ -32,17 +38,31 @@ class LocalExperts(nn.Module):
         inter: int,
         dtype: torch.dtype,
         device: torch.device,
+        quant: QuantFormat | None = None,
     ) -> None:
         super().__init__()
         self.num, self.first, self.inter = num, first, inter
-        self.w13 = weight(num, 2 * inter, hidden, dtype=dtype, device=device)
-        self.w2 = weight(num, hidden, inter, dtype=dtype, device=device)
+        self.q13: QuantWeight | None = None
+        self.q2: QuantWeight | None = None
+        if quant is None:
+            self.w13 = weight(num, 2 * inter, hidden, dtype=dtype, device=device)
+            self.w2 = weight(num, hidden, inter, dtype=dtype, device=device)
+        else:  # 8-bit stacks: every path runs the quantised grouped ops (ops/quant_moe.py)
+            self.q13 = quant_weights.alloc(quant, (num,), 2 * inter, hidden, device, halves=2)
+            self.q2 = quant_weights.alloc(quant, (num,), hidden, inter, device)
+            quant_weights.register(self, "w13", self.q13)
+            quant_weights.register(self, "w2", self.q2)
         self._native_grouped = True
 
     def targets(self, prefix: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for i in range(self.num):
             p = f"{prefix}.{self.first + i}"
+            if self.q13 is not None and self.q2 is not None:
+                out.update(quant_weights.slots(f"{p}.gate_proj.weight", self.q13, (i,), 0))
+                out.update(quant_weights.slots(f"{p}.up_proj.weight", self.q13, (i,), 1))
+                out.update(quant_weights.slots(f"{p}.down_proj.weight", self.q2, (i,)))
+                continue
             out[f"{p}.gate_proj.weight"] = self.w13[i, : self.inter]
             out[f"{p}.up_proj.weight"] = self.w13[i, self.inter :]
             out[f"{p}.down_proj.weight"] = self.w2[i]
@@ -52,6 +72,9 @@ class LocalExperts(nn.Module):
         """Rows x [R, H] through local expert eid [R] each (partial over moe_tp)."""
         if x.shape[0] == 0:
             return x.new_zeros(x.shape)
+        if self.q13 is not None and self.q2 is not None:
+            ones = torch.ones((x.shape[0], 1), dtype=torch.float32, device=x.device)
+            return quant_experts(x, eid[:, None], ones, self.q13, self.q2)
         return self._grouped(x, eid) if grouped else self._loop(x, eid)
 
     def _loop(self, x: torch.Tensor, eid: torch.Tensor) -> torch.Tensor:
@@ -81,8 +104,19 @@ class LocalExperts(nn.Module):
         ys = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2))[sorted_eid, slot]
         return ys.new_empty(ys.shape).index_copy_(0, order, ys)
 
+    def fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """sum_k weights[t, k] * expert ids[t, k] (x[t]) for local ids [T, k] (-1: an expert of
+        another rank, adds nothing) in two ops that read only the routed experts' weights
+        (dsworker::moe_gate_up / moe_down): the small-token-count (decode) path, no host sync.
+        8-bit experts take their own grouped op, which reads only the routed experts too."""
+        if self.q13 is not None and self.q2 is not None:
+            return quant_experts(x, ids, weights.float(), self.q13, self.q2)
+        return moe_down(moe_gate_up(x, ids, self.w13), ids, weights, self.w2)
+
     def combine(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert ids[t, k] (x[t]) for local ids [T, k]; no host sync."""
+        if self.q13 is not None and self.q2 is not None:
+            return quant_experts(x, ids, weights.float(), self.q13, self.q2)
         if self._native_grouped and native_grouped_mm(x):
             try:
                 return self.combine_grouped(x, ids, weights)

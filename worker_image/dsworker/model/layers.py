@@ -11,6 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsworker.contract.quant import QuantFormat
+from dsworker.model import quant_weights
+from dsworker.ops.norm import add_rms_norm
+from dsworker.ops.norm import rms_norm as fused_rms_norm
+from dsworker.ops.quant_formats import QuantWeight
+from dsworker.ops.quant_matmul import quant_linear
 from dsworker.parallel.groups import Group
 
 
@@ -30,7 +36,11 @@ class RMSNorm(nn.Module):
         self.weight = weight(dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return fused_rms_norm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x) in one op: the decoder's residual chaining."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class VocabEmbedding(nn.Module):
@@ -75,29 +85,68 @@ class VocabHead(nn.Module):
 
 
 class Linear(nn.Module):
-    def __init__(self, out: int, inp: int, dtype: torch.dtype, device: torch.device) -> None:
+    """y = x @ W.T; with `quant`, W stays 8-bit (its parameters carry the checkpoint's names)."""
+
+    def __init__(
+        self,
+        out: int,
+        inp: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        quant: QuantFormat | None = None,
+    ) -> None:
         super().__init__()
-        self.weight = weight(out, inp, dtype=dtype, device=device)
+        self.qweight: QuantWeight | None = None
+        if quant is None:
+            self.weight = weight(out, inp, dtype=dtype, device=device)
+        else:
+            self.qweight = quant_weights.alloc(quant, (), out, inp, device)
+            quant_weights.register(self, "weight", self.qweight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            return quant_linear(x, self.qweight)
         return F.linear(x, self.weight)
 
 
 class MLP(nn.Module):
     """SwiGLU with gate and up fused into one [2I, H] weight; returns a partial sum over tp."""
 
-    def __init__(self, hidden: int, inter: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        inter: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        quant: QuantFormat | None = None,
+    ) -> None:
         super().__init__()
         self.inter = inter
-        self.w13 = weight(2 * inter, hidden, dtype=dtype, device=device)
-        self.w2 = weight(hidden, inter, dtype=dtype, device=device)
+        self.q13: QuantWeight | None = None
+        self.q2: QuantWeight | None = None
+        if quant is None:
+            self.w13 = weight(2 * inter, hidden, dtype=dtype, device=device)
+            self.w2 = weight(hidden, inter, dtype=dtype, device=device)
+        else:
+            self.q13 = quant_weights.alloc(quant, (), 2 * inter, hidden, device, halves=2)
+            self.q2 = quant_weights.alloc(quant, (), hidden, inter, device)
+            quant_weights.register(self, "w13", self.q13)
+            quant_weights.register(self, "w2", self.q2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q13 is not None and self.q2 is not None:
+            gate, up = quant_linear(x, self.q13).chunk(2, dim=-1)
+            return quant_linear(F.silu(gate) * up, self.q2)
         gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2)
 
     def targets(self, prefix: str) -> dict[str, torch.Tensor]:
         """HF names -> the views the loader fills."""
+        if self.q13 is not None and self.q2 is not None:
+            out = quant_weights.slots(f"{prefix}.gate_proj.weight", self.q13, half=0)
+            out.update(quant_weights.slots(f"{prefix}.up_proj.weight", self.q13, half=1))
+            out.update(quant_weights.slots(f"{prefix}.down_proj.weight", self.q2))
+            return out
         return {
             f"{prefix}.gate_proj.weight": self.w13[: self.inter],
             f"{prefix}.up_proj.weight": self.w13[self.inter :],

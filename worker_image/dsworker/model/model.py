@@ -48,7 +48,8 @@ class DenseMLP(MLP):
     def __init__(
         self, args: ModelArgs, groups: ParallelGroups, dtype: torch.dtype, device: torch.device
     ) -> None:
-        super().__init__(args.hidden_size, args.intermediate_size // groups.tp.size, dtype, device)
+        inter = args.intermediate_size // groups.tp.size
+        super().__init__(args.hidden_size, inter, dtype, device, args.quant)
         self.tp = groups.tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,14 +90,22 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         batch: Batch,
         cache: LayerKV,
         rope: Rope,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, cache, rope, cos_sin)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, batch.fixed_shape) if isinstance(self.mlp, MoE) else self.mlp(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block output, residual stream before it): the stream is x + residual, left unsummed
+        so the next norm adds it in the same op (residual None: x is the stream itself)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add(x, residual)
+        attn = self.self_attn(h, batch, cache, rope, cos_sin)
+        h, residual = self.post_attention_layernorm.add(attn, residual)
+        out = self.mlp(h, batch.fixed_shape) if isinstance(self.mlp, MoE) else self.mlp(h)
+        return out, residual
 
 
 class MTPLayer(nn.Module):
@@ -191,6 +200,7 @@ class DeepseekModel(nn.Module):
         """One slot per sequence; without pages given, each slot holds max_len positions."""
         a = self.args
         n = a.num_layers + len(self.mtp)
+        self.rope.ensure(max_len)
         return KVCache(
             n,
             num_slots,
@@ -224,12 +234,12 @@ class DeepseekModel(nn.Module):
         indices `rows` (a speculative step verifies its drafts' rows too).
         """
         cache.check(batch)
-        cos_sin = self.rope.cos_sin(batch.positions)
-        x = self.embed(batch.input_ids)
+        cos_sin = self.rope.cos_sin(batch.positions, batch.max_k)
+        x, residual = self.embed(batch.input_ids), None
         layer_kv = cache.bind(batch)
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, layer_kv(i), self.rope, cos_sin)
-        h = self.norm(x)
+            x, residual = layer(x, residual, batch, layer_kv(i), self.rope, cos_sin)
+        h = self.norm(x) if residual is None else self.norm.add(x, residual)[0]
         return StepOutput(self._logits(self.head, h, batch, all_logits, rows), h)
 
     @torch.no_grad()
@@ -246,9 +256,11 @@ class DeepseekModel(nn.Module):
         Returns the layer's block output as `hidden` (the input of depth + 1).
         """
         m = self.mtp[depth]
-        cos_sin = self.rope.cos_sin(batch.positions)
+        cos_sin = self.rope.cos_sin(batch.positions, batch.max_k)
         e = m.enorm(m.embed_tokens(batch.input_ids))
         x = m.eh_proj(torch.cat([e, m.hnorm(hidden)], dim=-1))
-        x = m.block(x, batch, cache.bind(batch)(self.args.num_layers + depth), self.rope, cos_sin)
-        logits = self._logits(m.shared_head, m.shared_norm(x), batch, all_logits, None)
+        kv = cache.bind(batch)(self.args.num_layers + depth)
+        out, residual = m.block(x, None, batch, kv, self.rope, cos_sin)
+        normed, x = m.shared_norm.add(out, residual)
+        logits = self._logits(m.shared_head, normed, batch, all_logits, None)
         return StepOutput(logits, x)

@@ -24,9 +24,11 @@ from dsworker.contract.engine_config import DEFAULT_BUFFER_SCALE_FACTORS
 from dsworker.model.config import ModelArgs
 from dsworker.model.experts import LocalExperts
 from dsworker.model.layers import MLP, weight
-from dsworker.model.routing import route
+from dsworker.ops.routing import moe_route, router_logits
 from dsworker.parallel.device import native_grouped_mm
 from dsworker.parallel.groups import ParallelGroups
+
+FUSED_MAX_ROWS = 128  # routed (token, expert) rows up to which the fused expert ops run
 
 
 class ExpertBufferOverflow(RuntimeError):
@@ -89,7 +91,9 @@ class MoE(nn.Module):
             else None
         )
         shared = args.n_shared_experts * args.moe_intermediate_size
-        self.shared = MLP(h, shared // groups.tp.size, dtype, device) if shared else None
+        self.shared = (
+            MLP(h, shared // groups.tp.size, dtype, device, args.quant) if shared else None
+        )
         per = e // groups.moe_ep.size
         self.experts = LocalExperts(
             per,
@@ -98,6 +102,7 @@ class MoE(nn.Module):
             args.moe_intermediate_size // groups.moe_tp.size,
             dtype,
             device,
+            args.quant,
         )
         self.local_only = groups.world.size == 1 and opts.routing_cutoff is None
 
@@ -111,7 +116,11 @@ class MoE(nn.Module):
         return out
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return route(F.linear(x.float(), self.gate), self.args, self.bias)
+        """(weights [T, k] fp32, global expert ids [T, k] int32): two ops, fp32 only inside."""
+        a = self.args
+        return moe_route(router_logits(x, self.gate), self.bias, a.top_k, a.n_group,
+                         a.topk_group, a.topk_method, a.scoring_func, a.norm_topk_prob,
+                         a.routed_scaling_factor)  # fmt: skip
 
     def _sync_free(self, x: torch.Tensor, fixed_shape: bool) -> bool:
         """Take the static path: for fixed-shape steps (graphs, compile), and wherever the grouped
@@ -119,11 +128,15 @@ class MoE(nn.Module):
         return self.local_only and (fixed_shape or native_grouped_mm(x))
 
     def forward(self, x: torch.Tensor, fixed_shape: bool = False) -> torch.Tensor:
-        if self._sync_free(x, fixed_shape):
+        small = x.shape[0] * self.args.top_k <= FUSED_MAX_ROWS
+        if self.local_only and (small or self._sync_free(x, fixed_shape)):
             weights, ids = self._route(x)
             if not torch.compiler.is_compiling():  # a traced Python counter would recompile
                 self.stats.routed_rows += ids.numel()
-            routed = self.experts.combine(x, ids, weights)
+            if small:  # decode: two ops reading only the routed experts' weights
+                routed = self.experts.fused(x, ids, weights)
+            else:
+                routed = self.experts.combine(x, ids.long(), weights)
             return routed + self.shared(x) if self.shared is not None else routed
         tp = self.g.tp
         t = x.shape[0]
@@ -148,6 +161,12 @@ class MoE(nn.Module):
         weights, ids = self._route(everyone)
         local = ids - self.experts.first
         hit = (local >= 0) & (local < self.experts.num) & valid[:, None]
+        if self.opts.routing_cutoff is None and everyone.shape[0] * k <= FUSED_MAX_ROWS:
+            # Decode: every gathered token through the fused ops, other ranks' experts as -1.
+            self.stats.routed_rows += int(hit.sum())
+            total = self.experts.fused(everyone, local.masked_fill(~hit, -1), weights)
+            return world.reduce_scatter(total)[:n]
+        local = local.long()
         tok, slot = hit.nonzero(as_tuple=True)
         eid = local[tok, slot]
         if self.opts.routing_cutoff is not None:
@@ -169,6 +188,7 @@ class MoE(nn.Module):
         moe_tp, moe_ep, per = self.g.moe_tp.size, self.g.moe_ep.size, self.experts.num
         size, n, dev = world.size, xs.shape[0], xs.device
         weights, ids = self._route(xs)
+        ids = ids.long()
         # One copy of each (token, k) row per moe_tp slice of its expert's owner.
         owner = ids // per  # moe_ep rank
         dest = (owner[:, :, None] * moe_tp + torch.arange(moe_tp, device=dev)).reshape(-1)

@@ -43,7 +43,7 @@ def _yarn_inv_freq(r: RopeConfig, dim: int) -> torch.Tensor:
 
 
 class Rope:
-    """Per-position cos/sin tables and the attention softmax scale of one model."""
+    """Per-position cos/sin tables (precomputed) and the attention softmax scale of one model."""
 
     def __init__(self, args: ModelArgs, device: torch.device) -> None:
         r, dim = args.rope, args.qk_rope_dim
@@ -65,11 +65,23 @@ class Rope:
             inv_freq = 1.0 / (r.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
             self.attn_factor = 1.0
         self.inv_freq = inv_freq.to(device)
+        self.table = torch.empty(0, dim, device=device)  # [positions, cos | sin] fp32
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, dim/2] fp32 tables for the given absolute positions."""
-        angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        return angles.cos() * self.attn_factor, angles.sin() * self.attn_factor
+    def ensure(self, positions: int) -> None:
+        """Tables for positions [0, positions): built on the host side before a step, so no
+        step (or captured graph) computes trigonometry or converts positions."""
+        if positions <= self.table.shape[0]:
+            return
+        n = max(positions, 2 * self.table.shape[0])
+        angles = torch.arange(n, dtype=torch.float32, device=self.inv_freq.device)[:, None]
+        angles = angles * self.inv_freq[None, :]
+        self.table = torch.cat((angles.cos(), angles.sin()), dim=-1) * self.attn_factor
+
+    def cos_sin(self, positions: torch.Tensor, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, dim/2] fp32 tables (views) for absolute positions below `upto`."""
+        self.ensure(upto)
+        cos, sin = self.table[positions].chunk(2, dim=-1)
+        return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, ..., dim]; the result is [even | odd] halves when interleaved.

@@ -12,6 +12,7 @@ Importing `dsworker.ops` registers every op under the `dsworker::` namespace.
 from __future__ import annotations
 
 from dsworker.ops import backends as backends
+from dsworker.ops import mla_cache as mla_cache
 from dsworker.ops import mla_decode as mla_decode
 from dsworker.ops import moe_experts as moe_experts
 from dsworker.ops import norm as norm

@@ -7,6 +7,7 @@ the same experts, so the op needs no collective and is the same at every world s
 """
 
 import torch
+import torch.nn.functional as F
 
 from dsworker.ops import backends
 
@@ -48,6 +49,8 @@ def route_reference(
     """The torch reference: model/routing.py's math in fp32, ids as int32."""
     _check(top_k, n_group, topk_group, topk_method, score_func)
     x = logits.float()
+    if x.shape[0] == 0:  # a rank with no tokens this step (an EP exchange still calls it)
+        return x.new_empty(0, top_k), torch.empty(0, top_k, dtype=torch.int32, device=x.device)
     scores = x.sigmoid() if score_func == "sigmoid" else x.softmax(dim=-1)
     choice = scores
     if topk_method == "noaux_tc" and bias is not None:
@@ -115,6 +118,18 @@ def _moe_route_fake(
     )
 
 
+@torch.library.custom_op("dsworker::router_logits", mutates_args=())
+def router_logits(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x [T, H] (activation dtype), gate [E, H] -> fp32 logits [T, E], as transformers' router
+    computes them (both operands in fp32); the up-cast stays inside the op."""
+    return F.linear(x.float(), gate.float())
+
+
+@router_logits.register_fake
+def _router_logits_fake(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], gate.shape[0], dtype=torch.float32)
+
+
 def group_mode(topk_method: str) -> int:
     """The Triton kernel's group rule for a topk_method (0 none, 1 max, 2 top-2 sum)."""
     return {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}[topk_method]
@@ -166,7 +181,7 @@ if backends.npu_available():
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """npu_moe_gating_top_k covers V3's rule (it always renormalises); others take the reference."""
         args = (top_k, n_group, topk_group, topk_method, score_func, norm_topk_prob)
-        if topk_method != "noaux_tc" or bias is None or not norm_topk_prob:
+        if topk_method != "noaux_tc" or bias is None or not norm_topk_prob or not logits.shape[0]:
             return route_reference(logits, bias, *args, routed_scaling_factor)
         import torch_npu
 

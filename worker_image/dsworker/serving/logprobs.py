@@ -8,14 +8,22 @@ and a list of alternatives. Pure formatting: the token text comes from the calle
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dsworker.engine.requests import TokenLogprob
+
+if TYPE_CHECKING:
+    from dsworker.serving.state import Tokenizer
 
 TokenText = Callable[[int], str]
 TokenBytes = Callable[[int], bytes]
 # JSON has no -inf; a token the model rules out entirely is reported this low (as vLLM does).
 FLOOR = -9999.0
+
+
+def token_text(tokenizer: Tokenizer) -> TokenText:
+    """A token's own text, special tokens included (what logprobs list)."""
+    return lambda token: tokenizer.decode([token], skip_special_tokens=False)
 
 
 def _finite(x: float) -> float:

@@ -25,6 +25,9 @@ class LayoutOptions:
     fingerprint: str | None = None  # layout id (default: sha256 of plan+config+index)
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
     space_check: bool = True  # refuse early when the target clearly cannot hold the layout
+    # only the directories these ranks read, plus the top-level files: one node's part of a
+    # node-local store (the metadata then lists only those ranks and files)
+    ranks: range | None = None
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:

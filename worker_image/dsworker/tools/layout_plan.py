@@ -20,6 +20,7 @@ from dsworker.contract.layout import (
     owner_dirs,
     parts_for,
     place,
+    pod_dirs,
     split_name,
     tensor_slice,
 )
@@ -133,6 +134,19 @@ def _local_weight_shape(e: OutEntry, gt: GlobalTensor, pl: Placement, parts: int
     size = 8 if gt.dtype == "I64" else 4
     e.const = b"".join(int(v).to_bytes(size, "little", signed=True) for v in local)
     e.region = None
+
+
+def only_ranks(
+    layout: dict[str, list[OutFile]], plan: ParallelPlan, ranks: range
+) -> dict[str, list[OutFile]]:
+    """The directories `ranks` read, linked again among themselves (a hard-link source may be
+    in a directory another node writes)."""
+    out = {d: layout[d] for d in pod_dirs(plan, ranks)}
+    for files in out.values():
+        for f in files:
+            f.copy_of, f.copies = None, []
+    _link_identical(out)
+    return out
 
 
 def _link_identical(layout: dict[str, list[OutFile]]) -> None:

@@ -34,9 +34,15 @@ from dsworker.checkpoint.sharded_metadata import (
 )
 from dsworker.checkpoint.writer_processes import run_jobs
 from dsworker.contract.errors import CheckpointError
-from dsworker.contract.layout import COMPLETE_MARKER, FORMAT, METADATA_FILE, ParallelPlan
+from dsworker.contract.layout import (
+    COMPLETE_MARKER,
+    FORMAT,
+    METADATA_FILE,
+    ParallelPlan,
+    dir_bytes_by_group,
+)
 from dsworker.tools.layout_options import LayoutOptions
-from dsworker.tools.layout_plan import plan_layout
+from dsworker.tools.layout_plan import only_ranks, plan_layout
 from dsworker.tools.layout_source import LayoutSource
 from dsworker.tools.output_dir import IN_PROGRESS_MARKER, check_space, output_lock, prepare_output
 
@@ -71,6 +77,9 @@ def write_layout(
     plan_d = plan.record(mtp=options.mtp, quantization=src.quantization, dequantized=dequantized)
     fp = options.fingerprint or fingerprint_of(src, plan_d)
     layout = plan_layout(src, plan, options.mtp, dequant, options.max_file_bytes)
+    if options.ranks is not None:
+        layout = only_ranks(layout, plan, options.ranks)
+        plan_d["ranks"] = [options.ranks.start, options.ranks.stop]
     jobs = [f for files in layout.values() for f in files if f.copy_of is None]
     with output_lock(dst):  # held until sealed: a second writer cannot wipe a live run
         if prepare_output(dst, fp, plan_d):
@@ -78,6 +87,7 @@ def write_layout(
             total = sum(int(v["bytes"]) for v in md.files.values())
             out = summary(total, len(md.files), time.monotonic() - t0, fingerprint=fp, skipped=True)
             out["outputDir"] = str(dst)
+            out["dirBytes"] = _dir_bytes(dst, {k: int(v["bytes"]) for k, v in md.files.items()})
             return out
         write_json_atomic(
             dst / IN_PROGRESS_MARKER, {"format": FORMAT, "fingerprint": fp, "pid": os.getpid()}
@@ -97,11 +107,12 @@ def write_layout(
         for name, path in src.aux:
             copy_file_atomic(path, dst / name)
             files[name] = _aux_rec(dst / name, options.checksum)
-        md = _metadata(src, plan, plan_d, fp, layout, dict(sorted(files.items())))
+        md = _metadata(src, plan, plan_d, fp, layout, dict(sorted(files.items())), options.ranks)
         _seal(dst, metadata_bytes(md))
         written = sum(int(v["bytes"]) for v in files.values())
         out = summary(written, len(files), time.monotonic() - t0, fingerprint=fp, skipped=False)
         out["outputDir"] = str(dst)
+        out["dirBytes"] = _dir_bytes(dst, {k: int(v["bytes"]) for k, v in files.items()})
         return out
 
 
@@ -121,6 +132,13 @@ def _seal(dst: Path, metadata: bytes) -> None:
         (dst / IN_PROGRESS_MARKER).unlink()
     write_bytes_atomic(dst / COMPLETE_MARKER, complete_token(metadata).encode())
     fsync_dir(dst)
+
+
+def _dir_bytes(dst: Path, files: dict[str, int]) -> dict[str, int]:
+    """The bytes per directory group (layout.dir_bytes_by_group), the metadata and the
+    `_COMPLETE` marker counted with the top-level files: what a pod stages beside its ranks."""
+    extra = {name: _size(dst / name) for name in (METADATA_FILE, COMPLETE_MARKER)}
+    return dir_bytes_by_group({**files, **extra})
 
 
 def _size(path: Path) -> int:
@@ -151,6 +169,7 @@ def _metadata(
     fp: str,
     layout: dict[str, list[OutFile]],
     files: dict[str, dict[str, Any]],
+    only: range | None = None,
 ) -> ShardedMetadata:
     tensors = [
         TensorEntry(
@@ -171,7 +190,7 @@ def _metadata(
         )
     ]
     ranks = []
-    for r in range(plan.world_size):
+    for r in only if only is not None else range(plan.world_size):
         c = plan.coords(r)
         dirs = plan.rank_dirs(r)
         rfiles = [f.relpath for d in dirs for f in layout.get(d, [])]

@@ -124,6 +124,10 @@ def prepare_output(dst: Path, fingerprint: str, plan_d: dict[str, Any]) -> bool:
         diffs = plan_mismatch(md.plan, plan_d)
         if md.fingerprint != fingerprint:
             diffs.append(f"fingerprint: {md.fingerprint[:16]}... vs {fingerprint[:16]}...")
+        if md.plan.get("ranks") != plan_d.get("ranks"):
+            diffs.append(
+                f"ranks: {md.plan.get('ranks') or 'all'} vs {plan_d.get('ranks') or 'all'}"
+            )
         if diffs:
             raise CheckpointError(
                 f"{dst}: already holds a complete layout for another plan ({'; '.join(diffs)}); "

@@ -9,13 +9,14 @@ module checks the checkpoint against what the deployment asked for and is the CL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dsworker.checkpoint.progress import emit_summary, write_termination_log
 from dsworker.contract.errors import CheckpointError, PlanError, termination_record
-from dsworker.contract.layout import ParallelPlan
+from dsworker.contract.layout import ParallelPlan, pod_ranks
 from dsworker.tools.layout_options import LayoutOptions, add_layout_args, layout_args
 from dsworker.tools.layout_source import LayoutSource, hf_source
 from dsworker.tools.layout_writer import write_layout
@@ -107,6 +108,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-seq-len", type=int, help="refuse a checkpoint whose max_position_embeddings is lower"
     )
+    p.add_argument(
+        "--node-index",
+        type=int,
+        help="write only this node's ranks (with --devices-per-node) and the shared files: "
+        "one node's part of a node-local store",
+    )
+    p.add_argument("--devices-per-node", type=int, help="ranks per node (with --node-index)")
     p.set_defaults(func=_run, on_error=_on_error)
 
 
@@ -116,6 +124,23 @@ def _on_error(error: CheckpointError | PlanError) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     plan, options = layout_args(args)
+    options = dataclasses.replace(options, ranks=_node_ranks(args, plan))
     expected = Expected(args.expect_architecture, args.expect_quantization, args.max_seq_len)
     emit_summary(_shard(args.model_path, args.save_directory, plan, options, expected))
     return 0
+
+
+def _node_ranks(args: argparse.Namespace, plan: ParallelPlan) -> range | None:
+    """The ranks of --node-index (None: all), refused unless they lie inside the world."""
+    if args.node_index is None and args.devices_per_node is None:
+        return None
+    if args.node_index is None or not args.devices_per_node or args.devices_per_node < 1:
+        raise PlanError("--node-index and --devices-per-node (>= 1) go together; give both")
+    ranks = pod_ranks(args.node_index, args.devices_per_node)
+    if args.node_index < 0 or ranks.stop > plan.world_size:
+        raise PlanError(
+            f"--node-index {args.node_index} x --devices-per-node {args.devices_per_node} is "
+            f"outside world size {plan.world_size}; use a node index below "
+            f"{plan.world_size // args.devices_per_node}"
+        )
+    return ranks

@@ -34,7 +34,13 @@ from dsworker.checkpoint.fsutil import (
 )
 from dsworker.checkpoint.sharded_metadata import ShardedMetadata, complete_token, read_sealed
 from dsworker.contract.errors import CheckpointError
-from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE, PlanError
+from dsworker.contract.layout import (
+    COMPLETE_MARKER,
+    METADATA_FILE,
+    PlanError,
+    pod_dirs,
+    pod_ranks,
+)
 
 log = logging.getLogger("dsworker.tools.stage")
 
@@ -118,7 +124,6 @@ def plan_copy(
             f"{where}: ranks {missing} are not in the layout "
             f"(world {plan.world_size}); check nodes*devicesPerNode against the sharded plan"
         )
-    dirs: list[str] = []
     for r in ranks:
         got, want = by_rank[r].dirs, plan.rank_dirs(r)
         if got != want:
@@ -126,9 +131,7 @@ def plan_copy(
                 f"{where}: rank {r} lists directories {got}, the plan's rank arithmetic gives "
                 f"{want}; the metadata is damaged - delete the directory and reshard"
             )
-        for d in want:
-            if d not in dirs:
-                dirs.append(d)
+    dirs = pod_dirs(plan, ranks)  # the rule the operator sizes the pod's memory by
     jobs: list[_Job] = []
     wanted = set(dirs)
     for rel, rec in md.files.items():
@@ -274,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         i = pod_ordinal(args.pod_ordinal)
         d = args.devices_per_node
-        res = stage_ranks(args.store, args.dest, range(i * d, (i + 1) * d), args.workers)
+        res = stage_ranks(args.store, args.dest, pod_ranks(i, d), args.workers)
     except (StageError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -136,9 +136,13 @@ def _check_ranks(md: ShardedMetadata) -> list[str]:
     except (PlanError, KeyError, TypeError) as e:
         return [f"{METADATA_FILE}: bad plan ({e})"]
     problems: list[str] = []
-    if len(md.ranks) != plan.world_size:
+    # A node's part of a node-local store (dsworker shard --node-index) lists its ranks only.
+    part = md.plan.get("ranks")
+    want = range(*part) if isinstance(part, list) and len(part) == 2 else range(plan.world_size)
+    if [e.rank for e in md.ranks] != list(want):
         problems.append(
-            f"{METADATA_FILE}: {len(md.ranks)} rank entries for world size {plan.world_size}"
+            f"{METADATA_FILE}: {len(md.ranks)} rank entries for ranks {want.start}.."
+            f"{want.stop - 1} of world size {plan.world_size}"
         )
     for e in md.ranks:
         if not 0 <= e.rank < plan.world_size:

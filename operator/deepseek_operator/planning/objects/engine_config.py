@@ -1,65 +1,60 @@
-"""The engine config (MindIE names) the workers read, and the ConfigMap that carries it."""
+"""The engine's configuration as spec.runtime's engine reads it, and the ConfigMap that carries it
+(engine.json for dsworker, MindIE's config.json, vLLM's arguments): rendered by planning/runtimes."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
-from dsworker.contract.engine_config import EngineConfig
-
-from ...api import DeepSeekDeploymentSpec
 from .. import names
+from ..runtimes import EngineRendering, Placement
+from ..runtimes.dsworker import engine_config
+from ..runtimes.select import render
 from .context import Context, Obj, metadata
+from .network import MASTER_PORT
+from .pods import pod_name_env
+from .storage import model_dir
 
 ENGINE_CONFIG_DIR = "/etc/dsworker"
 ENGINE_CONFIG_FILE = "engine.json"
-DEVICE_BACKENDS = {"npu": "npu", "gpu": "cuda", "cpu": "cpu"}
 
 
-def engine_config(spec: DeepSeekDeploymentSpec) -> EngineConfig:
-    """The engine config (MindIE names) the workers read from the ConfigMap."""
-    par, ep, serving = spec.parallelism, spec.expert_parallel, spec.serving
-    plan = par.to_plan()
-    extra: dict[str, Any] = {}
-    if ep.init_routing_cutoff.topk_scaling_factor is not None:
-        extra["topk_scaling_factor"] = ep.init_routing_cutoff.topk_scaling_factor
-    if ep.alltoall_buffer_scale_factors:
-        extra["alltoall_ep_buffer_scale_factors"] = [
-            (int(n), float(f)) for n, f in ep.alltoall_buffer_scale_factors
-        ]
-    return EngineConfig(
-        modelName=spec.model.name or "deepseek",
-        maxSeqLen=serving.max_seq_len,
-        maxInputTokenLen=serving.max_input_token_len,
-        truncation=serving.truncation,
-        maxBatchSize=serving.max_batch_size,
-        port=serving.port,
-        cpuMemSize=serving.cpu_mem_size,
-        npuMemSize=serving.npu_mem_size,
-        cacheBlockSize=serving.cache_block_size,
-        prefixCaching=serving.prefix_caching,
-        reasoningParser=serving.reasoning_parser,
-        toolCallParser=serving.tool_call_parser,
-        cudaGraphs=serving.cuda_graphs,
-        torchCompile=serving.torch_compile,
-        worldSize=plan.world_size,
-        dp=plan.dp,
-        tp=plan.tp,
-        moe_tp=plan.moe_tp,
-        moe_ep=plan.moe_ep,
-        ep_level=ep.level,
-        enable_init_routing_cutoff=ep.init_routing_cutoff.enabled,
-        grouped_matmul="on" if ep.grouped_matmul_on(plan.moe_ep) else "off",
-        mtp=spec.model.mtp,
-        num_speculative_tokens=serving.speculative_tokens,
-        device=DEVICE_BACKENDS[spec.worker.accelerator.type],
-        **extra,
+def rank0_host(ctx: Context) -> str:
+    """Pod 0's DNS name through the headless Service (resolves before the pods are Ready)."""
+    sts, headless = names.statefulset(ctx.name), names.headless_service(ctx.name)
+    return f"{sts}-0.{headless}.{ctx.namespace}.svc"
+
+
+def dsworker_env(ctx: Context) -> list[Obj]:
+    """The variables of `dsworker serve` (spec.worker.env is merged in by the pod builder)."""
+    spec = ctx.spec
+    env = [
+        *pod_name_env(),
+        {"name": "MASTER_ADDR", "value": rank0_host(ctx)},
+        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
+        {"name": "NNODES", "value": str(spec.parallelism.nodes)},
+        {"name": "DSOP_FINGERPRINT", "value": ctx.fingerprint},
+    ]
+    if spec.model.mtp:
+        env.append({"name": "DEEPSEEK_MTP", "value": "1"})
+    return env
+
+
+def rendering(ctx: Context) -> EngineRendering:
+    """spec.runtime's engine configuration for this deployment's pods."""
+    where = Placement(
+        model_dir=model_dir(ctx),
+        config_dir=ENGINE_CONFIG_DIR,
+        head_host=rank0_host(ctx),
+        group_port=MASTER_PORT,
     )
+    return render(ctx.spec, where, dsworker_env(ctx))
 
 
 def engine_config_map(ctx: Context) -> Obj:
-    text = engine_config(ctx.spec).to_json()
-    digest = hashlib.sha256(text.encode()).hexdigest()
+    """`<name>-engine`: the rendered files; the digest of the engine's config file restarts the
+    group when it changes."""
+    out = rendering(ctx)
+    digest = hashlib.sha256(out.files[out.config_file].encode()).hexdigest()
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -69,5 +64,8 @@ def engine_config_map(ctx: Context) -> Obj:
             names.ENGINE_CONFIG,
             {names.ENGINE_CONFIG_ANNOTATION: digest},
         ),
-        "data": {ENGINE_CONFIG_FILE: text},
+        "data": dict(out.files),
     }
+
+
+__all__ = ["ENGINE_CONFIG_DIR", "ENGINE_CONFIG_FILE", "engine_config", "engine_config_map"]

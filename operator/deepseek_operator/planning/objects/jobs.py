@@ -9,6 +9,7 @@ from typing import Any
 from .. import names
 from ..observed import EXIT_BAD_INPUT
 from .context import Context, Obj, metadata
+from .placement import node_selector, store_nodes
 from .pods import container_security_context, placement, pod_name_env, pod_security_context
 from .storage import (
     SOURCE_MOUNT,
@@ -23,8 +24,9 @@ from .storage import (
 CLEANUP_TTL_SECONDS = 3600
 
 
-def shard_args(ctx: Context) -> list[str]:
-    """`dsworker shard` with the plan: the same numbers the workers run."""
+def shard_args(ctx: Context, node: int | None = None) -> list[str]:
+    """`dsworker shard` with the plan: the same numbers the workers run (with `node`: only the
+    ranks of worker pod `node` and the files every rank reads)."""
     spec = ctx.spec
     plan = spec.parallelism.to_plan()
     args = [
@@ -53,10 +55,13 @@ def shard_args(ctx: Context) -> list[str]:
     args += ["--expect-architecture", "DeepseekV3"]
     args += ["--expect-quantization", spec.model.quantization]
     args += ["--max-seq-len", str(spec.serving.max_seq_len)]
+    if node is not None:
+        args += ["--node-index", str(node)]
+        args += ["--devices-per-node", str(spec.parallelism.devices_per_node)]
     return args
 
 
-def _shard_pod_spec(ctx: Context) -> Obj:
+def _shard_pod_spec(ctx: Context, node: int | None = None) -> Obj:
     spec = ctx.spec
     sharding, worker = spec.sharding, spec.worker
     container: Obj = {
@@ -64,7 +69,7 @@ def _shard_pod_spec(ctx: Context) -> Obj:
         "image": sharding.image,
         "imagePullPolicy": worker.image_pull_policy,
         "command": ["dsworker"],
-        "args": shard_args(ctx),
+        "args": shard_args(ctx, node),
         "env": pod_name_env(),
         # The sharder writes its JSON summary, or {"error": ...}, here; the log tail otherwise.
         "terminationMessagePath": "/dev/termination-log",
@@ -94,12 +99,18 @@ def _shard_pod_spec(ctx: Context) -> Obj:
         # A hostPath store: the shards must land on the workers' node. A hostPath checkpoint: it
         # is on the nodes the workers are placed on, not necessarily on any other.
         pod_spec.update(placement(spec))
+    nodes = store_nodes(spec)
+    if node is not None and nodes is not None:
+        # The node whose worker pod reads these ranks.
+        pod_spec["nodeSelector"] = node_selector(spec, nodes[node])
     return pod_spec
 
 
-def shard_job(ctx: Context) -> Obj:
+def shard_job(ctx: Context, node: int | None = None) -> Obj:
+    """The sharding Job (with `node`: the one of node `node` of a node-local store)."""
     sharding = ctx.spec.sharding
-    name = names.shard_job(ctx.name, ctx.fingerprint)
+    name = names.shard_job(ctx.name, ctx.fingerprint, node)
+    extra = {} if node is None else {names.NODE_INDEX_ANNOTATION: str(node)}
     labels = names.labels(ctx.name, names.SHARDER)
     labels[names.FINGERPRINT_LABEL] = names.short_fingerprint(ctx.fingerprint)
     return {
@@ -112,6 +123,7 @@ def shard_job(ctx: Context) -> Obj:
             {
                 names.GENERATION_ANNOTATION: str(ctx.generation),
                 names.SHARD_DIR_ANNOTATION: names.shard_dir(ctx.fingerprint),
+                **extra,
             },
         ),
         "spec": {
@@ -139,7 +151,7 @@ def shard_job(ctx: Context) -> Obj:
                         names.DEPLOYMENT_ANNOTATION: ctx.name,
                     },
                 },
-                "spec": _shard_pod_spec(ctx),
+                "spec": _shard_pod_spec(ctx, node),
             },
         },
     }
@@ -182,7 +194,13 @@ def cleanup_job(ctx: Context, old_job: Mapping[str, Any]) -> Obj | None:
         "kind": "Job",
         "metadata": metadata(
             ctx,
-            names.cleanup_job(ctx.name, fp),
+            names.cleanup_job(
+                ctx.name,
+                fp,
+                (old_job.get("metadata") or {})
+                .get("annotations", {})
+                .get(names.NODE_INDEX_ANNOTATION),
+            ),
             names.CLEANUP,
             {names.SHARD_DIR_ANNOTATION: names.shard_dir(fp)},
             fingerprint=fp,

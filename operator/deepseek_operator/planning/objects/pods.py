@@ -51,7 +51,7 @@ def placement(spec: DeepSeekDeploymentSpec) -> Obj:
     if worker.node_selector:
         out["nodeSelector"] = dict(worker.node_selector)
     if worker.tolerations:
-        out["tolerations"] = list(worker.tolerations)
-    if worker.affinity:
-        out["affinity"] = dict(worker.affinity)
+        out["tolerations"] = [t.to_dict() for t in worker.tolerations]
+    if worker.affinity and (affinity := worker.affinity.to_dict()):
+        out["affinity"] = affinity
     return out

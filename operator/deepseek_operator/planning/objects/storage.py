@@ -8,6 +8,7 @@ from typing import Any
 
 from ...api import DeepSeekDeploymentSpec
 from .. import names
+from ..runtimes.select import stages_checkpoint
 from .context import Context, Obj, metadata
 
 SOURCE_MOUNT = "/source"
@@ -76,7 +77,7 @@ def shard_path(fingerprint: str) -> str:
 def model_dir(ctx: Context) -> str:
     """Where the engine loads the model from inside the worker container."""
     if not ctx.spec.sharding.enabled:
-        return source_path(ctx.spec)
+        return STAGED_MOUNT if stages_checkpoint(ctx.spec) else source_path(ctx.spec)
     if stages(ctx.spec):
         return STAGED_MOUNT
     return shard_path(ctx.fingerprint)

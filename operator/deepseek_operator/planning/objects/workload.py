@@ -8,12 +8,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dsworker.contract.layout import pod_ranks
+from dsworker.contract.layout import staged_bytes as pod_staged_bytes
+
 from ...api import DeepSeekDeploymentSpec
 from ...api.quantity import parse_quantity
 from .. import names
+from ..ascend.pod import add_ascend, hccl_env, is_ascend
+from ..runtimes import select as runtimes
 from .context import Context, Obj, metadata
-from .engine_config import ENGINE_CONFIG_DIR, ENGINE_CONFIG_FILE
-from .network import MASTER_PORT
+from .engine_config import ENGINE_CONFIG_DIR, rendering
+from .placement import NODE_PIN_GATE, node_pinned
+from .podgroup import pod_group_annotations
 from .pods import (
     container_security_context,
     merge_env,
@@ -25,8 +31,8 @@ from .storage import (
     SOURCE_MOUNT,
     STAGED_MOUNT,
     STORE_MOUNT,
-    model_dir,
     shard_path,
+    source_path,
     source_volume,
     stages,
     store_volume,
@@ -37,21 +43,27 @@ GIB = 1 << 30
 # emptyDir of medium Memory counts against the pod's memory; past the limit the pod is evicted.
 DSHM_SIZE = "16Gi"
 
-# Only rank 0 serves HTTP, but every pod of the group needs probes: readiness and start-up ask
-# rank 0's /health (the group serves only when every rank has loaded); liveness is rank 0's alone,
-# so a stuck rank 0 does not restart the other pods one by one.
-PROBE_SCRIPT = (
-    "import os,re,sys,urllib.request as u\n"
-    "o=int(re.search(r'(\\d+)$',os.environ['POD_NAME']).group(1))\n"
-    "if sys.argv[1]=='live' and o: sys.exit(0)\n"
-    "h='127.0.0.1' if o==0 else sys.argv[2]\n"
-    "u.urlopen('http://%s:%s/health'%(h,sys.argv[3]),timeout=5)\n"
-)
+
+def exact_staged_bytes(spec: DeepSeekDeploymentSpec, dir_bytes: Mapping[str, int]) -> int:
+    """The bytes the largest pod stages, by the stager's own rule (dsworker.contract.layout)
+    from the sharder's bytes per directory group: the pods share one template."""
+    plan = spec.parallelism.to_plan()
+    d = spec.parallelism.devices_per_node
+    groups = dict(dir_bytes)
+    return max(
+        pod_staged_bytes(plan, pod_ranks(pod, d), groups) for pod in range(spec.parallelism.nodes)
+    )
+
+
+# tmpfs holds whole pages: a little more than the bytes of the files, by the number of files.
+TMPFS_HEADROOM = 1.01
+TMPFS_HEADROOM_BYTES = 64 << 20
 
 
 def staged_bytes(spec: DeepSeekDeploymentSpec, shard_bytes: int) -> int:
-    """An upper bound of the bytes one pod stages: every directory group is cut in equal parts,
-    so a pod holds at most its largest share of any group; replicated files are small."""
+    """An upper bound of the bytes one pod stages, for shards whose sharder did not report its
+    bytes per directory (older sharders): every directory group is cut in equal parts, so a pod
+    holds at most its largest share of any group; replicated files are small."""
     plan = spec.parallelism.to_plan()
     d = spec.parallelism.devices_per_node
     share = 0.0
@@ -69,7 +81,9 @@ def _quantity(n: int) -> str:
     return f"{math.ceil(n / (1 << 20))}Mi"
 
 
-def _resources(spec: DeepSeekDeploymentSpec, staged: int | None = None) -> Obj:
+def _resources(
+    spec: DeepSeekDeploymentSpec, staged: int | None = None, room: int | None = None
+) -> Obj:
     """spec.worker.resources with the devices added and, when the pod stages its shards into
     memory, the staged bytes added to the memory request (and to the limit, if one is set): the
     tmpfs is memory the pod uses on top of what the engine needs."""
@@ -87,7 +101,7 @@ def _resources(spec: DeepSeekDeploymentSpec, staged: int | None = None) -> Obj:
         base = requests.get("memory", limits.get("memory"))
         requests["memory"] = _quantity(_bytes(base) + staged)
         if "memory" in limits:
-            limits["memory"] = _quantity(_bytes(limits["memory"]) + staged)
+            limits["memory"] = _quantity(_bytes(limits["memory"]) + (room or staged))
     return res
 
 
@@ -95,34 +109,6 @@ def _bytes(quantity: Any) -> int:
     """A memory quantity of the spec in bytes (validated already; absent is 0)."""
     value = parse_quantity(quantity) if quantity is not None else None
     return math.ceil(value) if value is not None else 0
-
-
-def _probe(kind: str, ctx: Context) -> Obj:
-    rank0 = (
-        f"{names.statefulset(ctx.name)}-0.{names.headless_service(ctx.name)}.{ctx.namespace}.svc"
-    )
-    return {
-        "exec": {
-            "command": [
-                "python3",
-                "-c",
-                PROBE_SCRIPT,
-                kind,
-                rank0,
-                str(ctx.spec.serving.port),
-            ]
-        },
-        "timeoutSeconds": 8,
-    }
-
-
-def worker_probes(ctx: Context) -> Obj:
-    return {
-        # Loading hundreds of GB and warming up may take long: up to an hour before liveness.
-        "startupProbe": {**_probe("ready", ctx), "periodSeconds": 10, "failureThreshold": 360},
-        "readinessProbe": {**_probe("ready", ctx), "periodSeconds": 10, "failureThreshold": 3},
-        "livenessProbe": {**_probe("live", ctx), "periodSeconds": 20, "failureThreshold": 6},
-    }
 
 
 @dataclass
@@ -134,10 +120,22 @@ class _ModelFiles:
     mounts: list[Obj]
     stage: Obj | None = None
     staged_size: int | None = None
+    room: int | None = None  # the tmpfs size limit: the staged bytes and its page headroom
 
 
-def _model_files(ctx: Context, shard_bytes: int | None) -> _ModelFiles:
+def _model_files(
+    ctx: Context, shard_bytes: int | None, dir_bytes: Mapping[str, int] | None = None
+) -> _ModelFiles:
     spec = ctx.spec
+    if not spec.sharding.enabled and runtimes.stages_checkpoint(spec):
+        # The whole checkpoint into memory (vLLM); its size is the user's to request.
+        return _ModelFiles(
+            [source_volume(spec), {"name": "model", "emptyDir": {"medium": "Memory"}}],
+            [{"name": "model", "mountPath": STAGED_MOUNT, "readOnly": True}],
+            stage=runtimes.checkpoint_stager(
+                spec, source_path(spec), SOURCE_MOUNT, container_security_context()
+            ),
+        )
     if not spec.sharding.enabled:
         return _ModelFiles(
             [source_volume(spec)],
@@ -152,9 +150,13 @@ def _model_files(ctx: Context, shard_bytes: int | None) -> _ModelFiles:
         [{"name": "model", "mountPath": STAGED_MOUNT, "readOnly": True}],
         stage=_stage_container(ctx),
     )
-    if shard_bytes:
-        files.staged_size = staged_bytes(spec, shard_bytes)
-        staged["sizeLimit"] = _quantity(files.staged_size)
+    if dir_bytes:
+        files.staged_size = exact_staged_bytes(spec, dir_bytes)
+        files.room = math.ceil(files.staged_size * TMPFS_HEADROOM) + TMPFS_HEADROOM_BYTES
+    elif shard_bytes:
+        files.staged_size = files.room = staged_bytes(spec, shard_bytes)
+    if files.room:
+        staged["sizeLimit"] = _quantity(files.room)
     return files
 
 
@@ -185,56 +187,13 @@ def _stage_container(ctx: Context) -> Obj:
     }
 
 
-def _engine_env(ctx: Context, master: str) -> list[Obj]:
+def _engine_container(ctx: Context, mounts: list[Obj]) -> Obj:
+    """The serving container of spec.runtime's engine, with spec.worker.env merged in."""
     spec = ctx.spec
-    env = [
-        *pod_name_env(),
-        {"name": "MASTER_ADDR", "value": master},
-        {"name": "MASTER_PORT", "value": str(MASTER_PORT)},
-        {"name": "NNODES", "value": str(spec.parallelism.nodes)},
-        {"name": "DSOP_FINGERPRINT", "value": ctx.fingerprint},
-    ]
-    if spec.model.mtp:
-        env.append({"name": "DEEPSEEK_MTP", "value": "1"})
-    return merge_env(env, [e.to_dict() for e in spec.worker.env or ()])
-
-
-def _engine_container(ctx: Context, master: str, mounts: list[Obj]) -> Obj:
-    """`dsworker serve`: devicesPerNode ranks of the group, HTTP on global rank 0."""
-    spec = ctx.spec
-    worker, par = spec.worker, spec.parallelism
-    return {
-        "name": "engine",
-        "image": worker.image,
-        "imagePullPolicy": worker.image_pull_policy,
-        "command": ["dsworker"],
-        "args": [
-            "serve",
-            "--model",
-            model_dir(ctx),
-            "--config",
-            f"{ENGINE_CONFIG_DIR}/{ENGINE_CONFIG_FILE}",
-            "--nproc-per-node",
-            str(par.devices_per_node),
-            "--nodes",
-            str(par.nodes),
-            "--master-addr",
-            master,
-            "--master-port",
-            str(MASTER_PORT),
-            "--port",
-            str(spec.serving.port),
-        ],
-        "env": _engine_env(ctx, master),
-        "ports": [
-            {"name": "http", "containerPort": spec.serving.port, "protocol": "TCP"},
-            {"name": "dist", "containerPort": MASTER_PORT, "protocol": "TCP"},
-        ],
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        "securityContext": container_security_context(),
-        "volumeMounts": mounts,
-        **worker_probes(ctx),
-    }
+    out = rendering(ctx)
+    own = [*out.env, *(hccl_env(spec) if is_ascend(spec) else [])]  # user's env replaces these
+    env = merge_env(own, [e.to_dict() for e in spec.worker.env or ()])
+    return runtimes.serving_container(spec, out, env, mounts, container_security_context())
 
 
 def _pod_template(ctx: Context, config_digest: str, pod_spec: Obj) -> Obj:
@@ -243,6 +202,7 @@ def _pod_template(ctx: Context, config_digest: str, pod_spec: Obj) -> Obj:
     pod_labels[names.FINGERPRINT_LABEL] = names.short_fingerprint(ctx.fingerprint)
     pod_annotations = {
         **(worker.pod_annotations or {}),
+        **pod_group_annotations(ctx),
         names.FINGERPRINT_ANNOTATION: ctx.fingerprint,
         names.DEPLOYMENT_ANNOTATION: ctx.name,
         names.ENGINE_CONFIG_ANNOTATION: config_digest,
@@ -254,28 +214,39 @@ def _pod_template(ctx: Context, config_digest: str, pod_spec: Obj) -> Obj:
     return {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec}
 
 
-def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Obj:
+def statefulset(
+    ctx: Context,
+    config_digest: str,
+    shard_bytes: int | None,
+    dir_bytes: Mapping[str, int] | None = None,
+) -> Obj:
     spec = ctx.spec
     worker, par = spec.worker, spec.parallelism
     sts_name = names.statefulset(ctx.name)
     headless = names.headless_service(ctx.name)
-    master = f"{sts_name}-0.{headless}.{ctx.namespace}.svc"
-    files = _model_files(ctx, shard_bytes)
+    files = _model_files(ctx, shard_bytes, dir_bytes)
+    extra_volumes, extra_mounts = runtimes.extra_volumes(spec)
+    config_volume: Obj = {"name": names.config_map(ctx.name)}
+    mode = runtimes.config_volume_mode(spec)
+    if mode is not None:
+        config_volume["defaultMode"] = mode
     mounts: list[Obj] = [
         {"name": "engine-config", "mountPath": ENGINE_CONFIG_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
         *files.mounts,
+        *extra_mounts,
     ]
     volumes: list[Obj] = [
-        {"name": "engine-config", "configMap": {"name": names.config_map(ctx.name)}},
+        {"name": "engine-config", "configMap": config_volume},
         {"name": "tmp", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": DSHM_SIZE}},
         *files.volumes,
+        *extra_volumes,
     ]
     init = [files.stage] if files.stage is not None else []
-    engine = _engine_container(ctx, master, mounts)
-    resources = _resources(spec, files.staged_size)
+    engine = _engine_container(ctx, mounts)
+    resources = _resources(spec, files.staged_size, files.room)
     if resources:
         engine["resources"] = resources
         if init:
@@ -292,6 +263,11 @@ def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Ob
     }
     if not init:
         del pod_spec["initContainers"]
+    add_ascend(spec, pod_spec, names.rank_table(ctx.name), engine["name"])
+    if node_pinned(spec):
+        # Pod i must run on hostPath.nodes[i], which a template cannot say: the operator sets
+        # each pod's node while this gate holds it (planning/pinning.py).
+        pod_spec["schedulingGates"] = [{"name": NODE_PIN_GATE}]
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -299,7 +275,10 @@ def statefulset(ctx: Context, config_digest: str, shard_bytes: int | None) -> Ob
             ctx,
             sts_name,
             names.WORKER,
-            {names.WORLD_SIZE_ANNOTATION: str(par.world())},
+            {
+                names.WORLD_SIZE_ANNOTATION: str(par.world()),
+                names.RUNTIME_ANNOTATION: spec.runtime.engine,
+            },
         ),
         "spec": {
             "serviceName": headless,

@@ -1,0 +1,1 @@
+"""Thin routers, one per endpoint family: health and metrics, models, completions, chat."""
