@@ -188,9 +188,9 @@ def test_tiny_context_holds_the_serving_defaults_and_a_tools_prompt(arch: str, f
     defaults = EngineConfig()
     cfg = make_config(arch, "tiny", fmt)
     assert cfg["max_position_embeddings"] >= defaults.maxSeqLen
-    scaling = cfg["rope_scaling"]
-    assert scaling["original_max_position_embeddings"] * scaling["factor"] == (
-        cfg["max_position_embeddings"]
+    yarn = cfg["rope_scaling"]
+    assert (
+        yarn["original_max_position_embeddings"] * yarn["factor"] == cfg["max_position_embeddings"]
     )
     prompt = render_chat(
         [{"role": "user", "content": "Weather in Paris?"}], CHAT_TEMPLATE, bos_token=BOS,
