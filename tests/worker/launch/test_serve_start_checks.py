@@ -5,6 +5,7 @@ an API key from the environment guards the /v1 endpoints (16.11)."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -52,6 +53,9 @@ def broken_copy(sharded: Path, tmp: Path, how: str) -> Path:
     shutil.copytree(sharded, model)
     if how == "no-tokenizer":
         (model / "tokenizer.json").unlink()
+    elif how == "fifo-tokenizer-config":  # opening it for reading would block forever
+        (model / "tokenizer_config.json").unlink()
+        os.mkfifo(model / "tokenizer_config.json")
     elif how == "no-complete":
         (model / COMPLETE_MARKER).unlink()
     else:  # a truncated shard
@@ -65,6 +69,7 @@ def broken_copy(sharded: Path, tmp: Path, how: str) -> Path:
     ("how", "says"),
     [
         ("no-tokenizer", "tokenizer.json: missing; the model directory needs tokenizer.json"),
+        ("fifo-tokenizer-config", "tokenizer_config.json is a FIFO (named pipe)"),
         ("no-complete", f"{COMPLETE_MARKER} is missing, so sharding did not finish"),
         ("truncated", "truncated (header of"),
     ],
