@@ -17,7 +17,7 @@ import pytest
 from serving_helpers import dsworker_serve, free_port
 
 from dsworker.contract.errors import EXIT_BAD_INPUT
-from dsworker.contract.layout import COMPLETE_MARKER
+from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE
 
 CONFIG = {"device": "cpu", "dtype": "float32", "maxSeqLen": 64, "maxInputTokenLen": 32}
 
@@ -56,6 +56,9 @@ def broken_copy(sharded: Path, tmp: Path, how: str) -> Path:
     elif how == "fifo-tokenizer-config":  # opening it for reading would block forever
         (model / "tokenizer_config.json").unlink()
         os.mkfifo(model / "tokenizer_config.json")
+    elif how == "fifo-metadata":
+        (model / METADATA_FILE).unlink()
+        os.mkfifo(model / METADATA_FILE)
     elif how == "no-complete":
         (model / COMPLETE_MARKER).unlink()
     else:  # a truncated shard
@@ -83,6 +86,17 @@ def test_a_broken_model_directory_exits_2_in_one_line(
     assert "Traceback" not in log, log[-3000:]
     [line] = [ln for ln in log.splitlines() if says in ln]
     assert "loading failed: " in line
+
+
+def test_a_fifo_for_the_shards_metadata_is_refused_before_any_rank(
+    sharded: Path, tmp_path: Path
+) -> None:
+    """The launcher reads the plan from the metadata: a FIFO there would block it forever."""
+    done = serve(broken_copy(sharded, tmp_path, "fifo-metadata"), tmp_path)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.startswith("dsworker serve: error: "), done.stderr[-3000:]
+    assert f"{METADATA_FILE} is a FIFO (named pipe), not a regular file" in done.stderr
 
 
 def test_an_unreadable_api_key_file_stops_the_launch_before_any_rank(
