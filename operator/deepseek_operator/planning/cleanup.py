@@ -43,9 +43,10 @@ def remove_old_shards(state: PassState) -> None:
     for cleanup in observed.jobs_of(names.CLEANUP):
         fp = annotation(cleanup, names.FINGERPRINT_ANNOTATION) or ""
         key = (fp, annotation(cleanup, names.NODE_INDEX_ANNOTATION))
-        if fp != ctx.fingerprint and not terminating(cleanup) and key not in sharders:
-            if not _stranded(state, cleanup, None, fp):
-                _resume(state, cleanup, fp)
+        if fp == ctx.fingerprint or terminating(cleanup) or key in sharders:
+            continue
+        if not _stranded(state, cleanup, None, fp):
+            _resume(state, cleanup, fp)
 
 
 def _remove(state: PassState, old: Obj, fp: str) -> None:

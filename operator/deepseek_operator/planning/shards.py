@@ -58,7 +58,7 @@ class Recorded:
 
 
 def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
-    ctx, spec = state.ctx, state.spec
+    spec = state.spec
     if not spec.sharding.enabled:
         return Shards(
             Cond(
