@@ -62,7 +62,7 @@ def emit(op: str, impl: str, device: str, rows: int, shape: dict, fn: Callable, 
 
 def bench_routing(s: dict, rows: int, dev: str, iters: int) -> None:
     from dsworker.model.config import ModelArgs
-    from dsworker.tools.synth import make_config
+    from dsworker.tools.synth_presets import make_config
 
     cfg = make_config("v3", "bench")
     cfg.update(n_routed_experts=s["experts"], n_group=s["groups"], topk_group=s["topk_group"],

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dsworker.checkpoint import number_formats
-from dsworker.checkpoint.safetensors_io import SafetensorsReader
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.launch.generate import EXPECTED, GenerateJob, generate_on_rank
 from dsworker.parallel.device import Device
 from dsworker.parallel.groups import build_groups, init_process_group, spawn_local

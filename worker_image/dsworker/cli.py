@@ -3,8 +3,10 @@
 Each subcommand module exposes `add_parser(subparsers)`, which registers its parser and sets
 `func(args) -> int`. Only the module of the command being run is imported, so `dsworker shard`
 never loads torch and adding a command (engine `generate`, server `serve`, stager `stage`) is one
-line in COMMANDS. Expected failures (`CheckpointError`, `PlanError`) print one line and exit 2
-(75 when another writer holds the output directory: retry later).
+line in COMMANDS. Expected failures (`CheckpointError`, `PlanError`, and a full or read-only disk
+wherever it surfaces) print one line and exit 2 (75 when another writer holds the output
+directory: retry later); a command's `on_error` hook gets the error (the sharder writes it, with
+its reason, to the termination log).
 """
 
 from __future__ import annotations
@@ -51,21 +53,27 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError
-    from dsworker.contract.layout import PlanError
+    from dsworker.checkpoint.fsutil import disk_error
+    from dsworker.contract.errors import CheckpointError, PlanError
 
     args_list = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in args_list if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(args_list)
     try:
-        return int(args.func(args) or 0)
+        try:
+            return int(args.func(args) or 0)
+        except OSError as e:  # ENOSPC/EDQUOT/EROFS/EACCES where no writer wrapped it
+            mapped = disk_error(e, e.filename or "the output")
+            if mapped is e:
+                raise
+            raise mapped from e
     except (CheckpointError, PlanError) as e:
         print(f"dsworker {args.command}: error: {e}", file=sys.stderr)
         hook = getattr(args, "on_error", None)
         if hook is not None:
-            hook(str(e))
-        return int(getattr(e, "exit_code", EXIT_BAD_INPUT))
+            hook(e)
+        return e.exit_code
     except KeyboardInterrupt:
         return 130
 

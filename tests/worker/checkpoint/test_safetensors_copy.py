@@ -13,13 +13,10 @@ from pathlib import Path
 
 import pytest
 
-import dsworker.checkpoint.safetensors_io as sio
-from dsworker.checkpoint.safetensors_io import (
-    SafetensorsError,
-    SafetensorsReader,
-    SafetensorsWriter,
-    TensorSpec,
-)
+import dsworker.checkpoint.io_buffers as buffers
+from dsworker.checkpoint.safetensors_format import SafetensorsError, TensorSpec
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
+from dsworker.checkpoint.safetensors_writer import SafetensorsWriter
 from dsworker.contract.errors import CheckpointError
 
 N = 10_000
@@ -54,8 +51,8 @@ def copy(tmp_path: Path, offset: int = 100, missing: int = 0) -> bytes:
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Several kernel calls per copy, so a fall-through mid-way would show as lost bytes."""
-    monkeypatch.setattr(sio, "_COPY_CHUNK", 999)
-    monkeypatch.setattr(sio, "_FALLBACK_CHUNK", 777)
+    monkeypatch.setattr(buffers, "COPY_CHUNK", 999)
+    monkeypatch.setattr(buffers, "FALLBACK_CHUNK", 777)
 
 
 def test_copy_file_range(tmp_path: Path) -> None:
@@ -72,8 +69,8 @@ def test_sendfile_when_copy_file_range_is_refused(
         calls.append(a[3])
         return real(*a)
 
-    monkeypatch.setattr(sio.os, "copy_file_range", refuse(errno.EXDEV))
-    monkeypatch.setattr(sio.os, "sendfile", counting)
+    monkeypatch.setattr(buffers.os, "copy_file_range", refuse(errno.EXDEV))
+    monkeypatch.setattr(buffers.os, "sendfile", counting)
     copy(tmp_path)
     assert sum(calls) == N and len(calls) > 1
 
@@ -81,8 +78,8 @@ def test_sendfile_when_copy_file_range_is_refused(
 def test_pread_write_when_the_kernel_refuses_both(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sio.os, "copy_file_range", refuse(errno.EXDEV))
-    monkeypatch.setattr(sio.os, "sendfile", refuse(errno.EINVAL))
+    monkeypatch.setattr(buffers.os, "copy_file_range", refuse(errno.EXDEV))
+    monkeypatch.setattr(buffers.os, "sendfile", refuse(errno.EINVAL))
     copy(tmp_path)
 
 
@@ -98,14 +95,14 @@ def test_refusal_after_partial_progress_continues_where_it_stopped(
         done.append(n)
         return real(src, dst, n, offset)
 
-    monkeypatch.setattr(sio.os, "copy_file_range", flaky)
+    monkeypatch.setattr(buffers.os, "copy_file_range", flaky)
     copy(tmp_path)
 
 
 def test_full_disk_is_a_disk_error_not_a_fallback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sio.os, "copy_file_range", refuse(errno.ENOSPC))
+    monkeypatch.setattr(buffers.os, "copy_file_range", refuse(errno.ENOSPC))
     with pytest.raises(CheckpointError, match="disk full"):
         copy(tmp_path)
 

@@ -9,7 +9,7 @@ from types import ModuleType
 import torch
 
 from dsworker.model.config import ModelArgs
-from dsworker.tools.synth import make_config
+from dsworker.tools.synth_presets import make_config
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from dsworker.checkpoint import number_formats
-from dsworker.checkpoint.safetensors_io import SafetensorsReader, save_arrays
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
+from dsworker.checkpoint.safetensors_writer import save_arrays
 from dsworker.checkpoint.sharded_metadata import read_metadata
 from dsworker.contract.errors import CheckpointError
 from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE, ParallelPlan

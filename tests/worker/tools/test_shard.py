@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dsworker.checkpoint.safetensors_io import NUMPY_DTYPES, SafetensorsReader
+from dsworker.checkpoint.safetensors_format import NUMPY_DTYPES
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.checkpoint.sharded_metadata import read_metadata
 from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE, ParallelPlan
 from dsworker.tools.merge import merge
+from dsworker.tools.output_dir import IN_PROGRESS_MARKER
 from dsworker.tools.reshard import reshard
-from dsworker.tools.shard import IN_PROGRESS_MARKER, shard
+from dsworker.tools.shard import shard
 from dsworker.tools.verify import verify_sharded
 
 Raw = dict[str, tuple[str, tuple[int, ...], bytes]]
@@ -335,7 +337,7 @@ def test_partial_output_is_started_clean(tiny_v3: Path, tmp_path: Path) -> None:
 def test_crash_mid_write_leaves_no_complete_then_recovers(
     tiny_v3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import dsworker.checkpoint.writers as jobs
+    import dsworker.checkpoint.outfile_writer as jobs
 
     out = tmp_path / "s"
     plan = ParallelPlan(4, 2, 2, 2, 2)
@@ -365,8 +367,8 @@ def test_small_chunks_and_no_copy_file_range(
     """Chunk boundaries inside tensors and the pread/write fallback give the same bytes."""
     import errno
 
+    import dsworker.checkpoint.io_buffers as buffers
     import dsworker.checkpoint.regions as regions
-    import dsworker.checkpoint.safetensors_io as sio
 
     src = synth_checkpoint("v3", "tiny", fmt, mtp=True)
     plan = ParallelPlan(4, 2, 2, 2, 2)
@@ -376,11 +378,11 @@ def test_small_chunks_and_no_copy_file_range(
         raise OSError(errno.EXDEV, "cross-device")
 
     monkeypatch.setattr(regions, "CHUNK_BYTES", 300)
-    monkeypatch.setattr(sio, "_IOV_MAX", 4)  # several scatter reads per chunk
-    monkeypatch.setattr(sio, "_IOV_CACHE", {})
-    monkeypatch.setattr(sio, "_COPY_CHUNK", 1000)
-    monkeypatch.setattr(sio, "_FALLBACK_CHUNK", 1000)
-    monkeypatch.setattr(sio.os, "copy_file_range", no_cfr)
+    monkeypatch.setattr(buffers, "IOV_MAX", 4)  # several scatter reads per chunk
+    monkeypatch.setattr(buffers, "_iov_cache", {})
+    monkeypatch.setattr(buffers, "COPY_CHUNK", 1000)
+    monkeypatch.setattr(buffers, "FALLBACK_CHUNK", 1000)
+    monkeypatch.setattr(buffers.os, "copy_file_range", no_cfr)
     shard(src, tmp_path / "small", plan, mtp=True, dequantize_fp8=dequant, checksum=True)
     for rel in read_metadata(tmp_path / "ref").files:
         assert (tmp_path / "ref" / rel).read_bytes() == (tmp_path / "small" / rel).read_bytes(), rel

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dsworker.contract.errors import CheckpointError
+from dsworker.contract.errors import SOURCE_MISSING, STORAGE_FULL, CheckpointError
 from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE, ParallelPlan, PlanError
 from dsworker.tools.merge import merge
 from dsworker.tools.shard import Expected, shard
@@ -228,7 +228,23 @@ def test_dequantize_non_fp8(tiny_v3: Path, tmp_path: Path) -> None:
 
 
 def test_model_path_missing(tmp_path: Path) -> None:
+    """An infrastructure problem (a volume not mounted or not populated), not a plan mismatch."""
     assert "does not exist" in _shard_err(tmp_path / "nope", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError) as ei:
+        shard(tmp_path / "empty", tmp_path / "out", PLAN2)
+    assert ei.value.reason == SOURCE_MISSING and "config.json: not found" in str(ei.value)
+    log = tmp_path / "termlog"
+    r = run_cli(
+        "shard", "--model-path", str(tmp_path / "nope"), "--save-directory", str(tmp_path / "o"),
+        "--world-size", "2", "--tp", "2", "--moe-tp", "2",
+        env={"DSOP_TERMINATION_LOG": str(log)},
+    )  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert json.loads(log.read_text()) == {
+        "error": r.stderr.strip().removeprefix("dsworker shard: error: "),
+        "reason": SOURCE_MISSING,
+    }
 
 
 @contextlib.contextmanager
@@ -254,8 +270,10 @@ def small_tmpfs(path: Path, size: str = "1m"):
 
 def test_full_disk_precheck(tiny_v3: Path, tmp_path: Path) -> None:
     with small_tmpfs(tmp_path / "small", "600k") as mnt:
-        msg = _shard_err(tiny_v3, mnt / "out", ParallelPlan(8, 2, 4, 2, 4), mtp=True)
-        assert "not enough space" in msg and "GB free" in msg
+        with pytest.raises(CheckpointError) as ei:
+            shard(tiny_v3, mnt / "out", ParallelPlan(8, 2, 4, 2, 4), mtp=True)
+        assert "not enough space" in str(ei.value) and "GB free" in str(ei.value)
+        assert ei.value.reason == STORAGE_FULL
 
 
 def test_full_disk_mid_write(tiny_v3: Path, tmp_path: Path) -> None:
@@ -263,6 +281,10 @@ def test_full_disk_mid_write(tiny_v3: Path, tmp_path: Path) -> None:
         out = mnt / "out"
         msg = _shard_err(tiny_v3, out, ParallelPlan(8, 2, 4, 2, 4), mtp=True, space_check=False)
         assert "disk full while writing" in msg and "more space" in msg
+        # the reason survives the writer processes (a disk full is not a plan that does not fit)
+        with pytest.raises(CheckpointError) as ei:
+            shard(tiny_v3, mnt / "p2", PLAN2, processes=2, space_check=False)
+        assert ei.value.reason == STORAGE_FULL, ei.value
         assert not (out / COMPLETE_MARKER).exists() and not (out / METADATA_FILE).exists()
         assert not list(out.rglob("*.tmp"))
         # the CLI says the same in one line, exit 2, and the termination log gets the error
@@ -284,7 +306,8 @@ def test_full_disk_mid_write(tiny_v3: Path, tmp_path: Path) -> None:
         )
         assert r.returncode == 2
         assert "Traceback" not in r.stderr and "not enough space" in r.stderr
-        assert "not enough space" in json.loads(log.read_text())["error"]
+        record = json.loads(log.read_text())
+        assert "not enough space" in record["error"] and record["reason"] == STORAGE_FULL
 
 
 def test_cli_bad_input_exit_2_no_traceback(ckpt: Path, tmp_path: Path) -> None:

@@ -14,25 +14,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import dsworker.tools.shard as sharder_mod
+import dsworker.tools.output_dir as output_dir
 from dsworker.checkpoint import number_formats
 from dsworker.checkpoint.hf_checkpoint import open_checkpoint
-from dsworker.checkpoint.safetensors_io import SafetensorsReader, save_arrays
+from dsworker.checkpoint.planned_files import OutEntry, OutFile
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
+from dsworker.checkpoint.safetensors_writer import save_arrays
 from dsworker.checkpoint.sharded_metadata import complete_token, is_complete, read_metadata
-from dsworker.checkpoint.writers import OutEntry, OutFile, run_jobs
+from dsworker.checkpoint.writer_processes import run_jobs
 from dsworker.contract.errors import EXIT_BUSY, CheckpointError
 from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE, ParallelPlan
 from dsworker.tools.lora_merge import lora_merge
 from dsworker.tools.merge import merge
+from dsworker.tools.output_dir import IN_PROGRESS_MARKER, lock_path
 from dsworker.tools.reshard import reshard
-from dsworker.tools.shard import IN_PROGRESS_MARKER, lock_path, shard
+from dsworker.tools.shard import shard
 from dsworker.tools.verify import verify_sharded
 from waiting import wait_until
 
 DSWORKER = str(Path(sys.executable).with_name("dsworker"))
 PLAN2 = ParallelPlan(2, 1, 2, 2, 1)
 PLAN4 = ParallelPlan(4, 2, 2, 2, 2)
-WORKER_IMAGE = Path(sharder_mod.__file__).resolve().parents[2]
+WORKER_IMAGE = Path(output_dir.__file__).resolve().parents[2]
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -77,16 +80,17 @@ def test_second_sharder_is_refused_while_the_first_runs(tiny_v3: Path, tmp_path:
         f"""
         import sys, time
         from pathlib import Path
-        import dsworker.tools.shard as s
+        import dsworker.tools.layout_writer as w
         from dsworker.contract.layout import ParallelPlan
-        real = s.run_jobs
+        from dsworker.tools.shard import shard
+        real = w.run_jobs
         def paused(*a, **k):
             Path({str(started)!r}).touch()
             while not Path({str(go)!r}).exists():
                 time.sleep(0.01)
             return real(*a, **k)
-        s.run_jobs = paused
-        s.shard({str(tiny_v3)!r}, {str(out)!r}, ParallelPlan(2, 1, 2, 2, 1), mtp=True)
+        w.run_jobs = paused
+        shard({str(tiny_v3)!r}, {str(out)!r}, ParallelPlan(2, 1, 2, 2, 1), mtp=True)
         """
     )
     env = dict(os.environ, PYTHONPATH=str(WORKER_IMAGE))
@@ -120,7 +124,7 @@ def test_second_sharder_is_refused_while_the_first_runs(tiny_v3: Path, tmp_path:
 
 def test_lock_is_released_after_a_failed_run(tiny_v3: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError), sharder_mod.output_lock(out):
+    with pytest.raises(CheckpointError), output_dir.output_lock(out):
         shard(tiny_v3, out, PLAN2)  # our own lock is held: refused
     shard(tiny_v3, out, PLAN2)
     assert is_complete(out) and lock_path(out).parent == tmp_path
@@ -135,7 +139,7 @@ def test_a_store_without_locks_still_shards_with_a_warning(
     def no_locks(fd: int, op: int) -> None:
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(sharder_mod.fcntl, "flock", no_locks)
+    monkeypatch.setattr(output_dir.fcntl, "flock", no_locks)
     out = tmp_path / "out"
     shard(tiny_v3, out, PLAN2)
     assert is_complete(out) and "cannot lock (No locks available)" in capsys.readouterr().err
@@ -159,7 +163,7 @@ def test_crash_while_wiping_a_corrupt_layout_leaves_it_unsealed(
             raise KeyboardInterrupt("killed mid-wipe")
         return real(p, *a, **k)
 
-    monkeypatch.setattr(sharder_mod.shutil, "rmtree", crashing)
+    monkeypatch.setattr(output_dir.shutil, "rmtree", crashing)
     with pytest.raises(KeyboardInterrupt):
         shard(tiny_v3, out, PLAN4, mtp=True)
     monkeypatch.undo()
@@ -338,7 +342,7 @@ def test_space_check_counts_aux_files(
         f_blocks = 1 << 30
         f_bavail = (40 << 20) // 4096  # the weights fit, the 64 MB tokenizer.model does not
 
-    monkeypatch.setattr(sharder_mod.os, "statvfs", lambda p: Fake if "out" in str(p) else real(p))
+    monkeypatch.setattr(output_dir.os, "statvfs", lambda p: Fake if "out" in str(p) else real(p))
     with pytest.raises(CheckpointError, match="not enough space"):
         shard(ck, tmp_path / "out", PLAN2)
 

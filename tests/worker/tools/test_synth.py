@@ -11,8 +11,9 @@ import torch
 
 from dsworker.checkpoint import number_formats
 from dsworker.checkpoint.hf_checkpoint import open_checkpoint
-from dsworker.checkpoint.safetensors_io import SafetensorsReader
-from dsworker.tools.synth import _TINY_FP8, synthesize
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
+from dsworker.tools.synth import synthesize
+from dsworker.tools.synth_presets import _TINY_FP8
 
 
 def _tensors(root: Path) -> dict[str, np.ndarray]:

@@ -14,13 +14,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dsworker.checkpoint.safetensors_io import (
-    DTYPE_SIZES,
-    SafetensorsReader,
-    SafetensorsWriter,
-    TensorInfo,
-    scratch,
-)
+from dsworker.checkpoint.io_buffers import scratch
+from dsworker.checkpoint.safetensors_format import NUMPY_DTYPES, TensorInfo, nbytes_of
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
+from dsworker.checkpoint.safetensors_writer import SafetensorsWriter
 
 if TYPE_CHECKING:
     import numpy as np
@@ -53,10 +50,7 @@ class GlobalTensor:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_SIZES[self.dtype]
-        for s in self.shape:
-            n *= s
-        return n
+        return nbytes_of(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
@@ -90,10 +84,7 @@ class Region:
 
     @property
     def nbytes(self) -> int:
-        n = DTYPE_SIZES[self.dtype]
-        for s in self.shape:
-            n *= s
-        return n
+        return nbytes_of(self.dtype, self.shape)
 
 
 def region(gt: GlobalTensor, dim: int | None, start: int = 0, stop: int | None = None) -> Region:
@@ -197,7 +188,7 @@ def copy_region(
         for pc, r, t in infos:
             unit = t.nbytes // (t.shape[0] * t.shape[1]) if t.shape[0] * t.shape[1] else 0
             width = (pc.hi - pc.lo) * unit
-            r.read_band(t, a, b, pc.lo * unit, pc.hi * unit, out, row_out, col)
+            r.read_bands(t, a, b, [(pc.lo * unit, pc.hi * unit)], out, [col], [row_out])
             col += width
         w.write(out)
         advance(len(out))
@@ -329,8 +320,6 @@ def iter_rows(
 def read_array(reg: Region, readers: ReaderCache) -> np.ndarray:
     """A (small) region as a numpy array of its dtype (BF16 as uint16 bits)."""
     import numpy as np
-
-    from dsworker.checkpoint.safetensors_io import NUMPY_DTYPES
 
     blocks = [b for _, b in iter_rows(reg, readers, 1 << 62, reuse=False)]
     raw = b"".join(b.tobytes() for b in blocks)

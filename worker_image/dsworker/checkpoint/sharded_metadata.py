@@ -2,7 +2,8 @@
 
 The sharder writes it, the stager reads per-rank file lists and sizes from it, the engine's loader
 reads the tensors of its rank and refuses shards cut for another plan (`plan_mismatch` names each
-differing field). Pure Python, no numpy/torch: every image can import it.
+differing field). Pure Python, no numpy/torch: every image can import it. Read through fsutil.read_regular: a FIFO in
+place of the metadata or `_COMPLETE` is refused, never waited on.
 
 Schema (camelCase keys, as in the operator's API):
   format, fingerprint, createdBy,
@@ -25,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsworker.contract.errors import CheckpointError
+from dsworker.checkpoint.fsutil import read_regular
+from dsworker.contract import strict_json
+from dsworker.contract.errors import SOURCE_MISSING, CheckpointError
 from dsworker.contract.layout import COMPLETE_MARKER, FORMAT, METADATA_FILE, ParallelPlan
 
 PLAN_FIELDS = ("worldSize", "dp", "tp", "moeTp", "moeEp", "mtp", "quantization", "dequantized")
@@ -141,8 +144,7 @@ class ShardedMetadata:
     created_by: str = ""
 
     def parallel_plan(self) -> ParallelPlan:
-        p = self.plan
-        return ParallelPlan(p["worldSize"], p["dp"], p["tp"], p["moeTp"], p["moeEp"])
+        return ParallelPlan.from_record(self.plan)
 
     def rank(self, r: int) -> RankEntry:
         for e in self.ranks:
@@ -205,12 +207,16 @@ class ShardedMetadata:
 def read_metadata(directory: str | Path) -> ShardedMetadata:
     """Parse <directory>/model_sharded_metadata.json (CheckpointError when missing or malformed)."""
     path = Path(directory) / METADATA_FILE
+    if not Path(directory).is_dir():
+        raise CheckpointError(
+            f"{directory}: does not exist or is not a directory", reason=SOURCE_MISSING
+        )
+    if not path.exists() and not path.is_symlink():
+        raise CheckpointError(f"{path}: not found; {directory} is not a sharded layout")
     try:
-        raw = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: not found; {directory} is not a sharded layout") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); re-shard") from None
+        raw = strict_json.loads(read_regular(path, METADATA_FILE))
+    except strict_json.JsonError as e:
+        raise CheckpointError(f"{path}: {e}; re-shard") from None
     return ShardedMetadata.from_json(raw, str(path))
 
 
@@ -236,9 +242,9 @@ def read_sealed(directory: str | Path) -> bytes | None:
     """
     d = Path(directory)
     try:
-        token = (d / COMPLETE_MARKER).read_text().strip()
-        raw = (d / METADATA_FILE).read_bytes()
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError):
+        token = read_regular(d / COMPLETE_MARKER, COMPLETE_MARKER).decode().strip()
+        raw = read_regular(d / METADATA_FILE, METADATA_FILE)
+    except (CheckpointError, NotADirectoryError, UnicodeDecodeError):
         return None
     return raw if token == complete_token(raw).strip() else None
 
@@ -252,25 +258,9 @@ def is_complete(directory: str | Path) -> bool:
     return read_sealed(directory) is not None
 
 
-def plan_dict(
-    plan: ParallelPlan, mtp: bool, quantization: str, dequantized: bool
-) -> dict[str, Any]:
-    """The metadata/runtime plan record in camelCase."""
-    return {
-        "worldSize": plan.world_size,
-        "dp": plan.dp,
-        "tp": plan.tp,
-        "moeTp": plan.moe_tp,
-        "moeEp": plan.moe_ep,
-        "mtp": bool(mtp),
-        "quantization": quantization,
-        "dequantized": bool(dequantized),
-    }
-
-
 def _normalise(plan: Mapping[str, Any] | ParallelPlan) -> dict[str, Any]:
     if isinstance(plan, ParallelPlan):
-        plan = plan.to_dict()
+        return plan.record()
     return {_SNAKE.get(k, k): v for k, v in plan.items()}
 
 

@@ -2,20 +2,24 @@
 
 The sharder, the loader, the merge/reshard tools and the operator's config checks all decide
 "which rank holds which slice of which tensor" here, so they can never disagree. No I/O, no
-numpy, no torch: the operator image imports this module too.
+numpy, no torch: the operator image imports this module too. PlanError (contract.errors),
+ModelDims (contract.model_config) and ParallelPlan (contract.parallel_plan) are imported here for
+the split rules and their callers.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+
+from dsworker.contract.errors import PlanError
+from dsworker.contract.model_config import FP8_BLOCK, ModelDims
+from dsworker.contract.parallel_plan import ParallelPlan, moe_dir, rank_dir
 
 FORMAT = "dsop-sharded/1"
 METADATA_FILE = "model_sharded_metadata.json"
 COMPLETE_MARKER = "_COMPLETE"
-FP8_BLOCK = 128
 
 # Directory groups of SHARDED_FORMAT.md.
 VOCAB = "vocab"  # model-{rank}: embed_tokens / lm_head, split over tp on dim 0
@@ -23,165 +27,6 @@ NORM = "norm"  # model-norm: replicated everywhere
 ATTN = "attn"  # model-attn-tp-{tp_rank}
 DENSE = "dense"  # model-dense-tp-{tp_rank}: dense MLP and shared experts
 MOE = "moe"  # model-moe-tp-{moe_tp_rank}-ep-{moe_ep_rank}: routed experts
-
-
-class PlanError(ValueError):
-    """A plan that does not fit the model; the message names the tensor/field and the fix."""
-
-
-@dataclass(frozen=True)
-class ParallelPlan:
-    """The parallel layout that sharding and runtime share (MindIE's --dp --tp --moe_tp --moe_ep)."""
-
-    world_size: int
-    dp: int
-    tp: int
-    moe_tp: int
-    moe_ep: int
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, int) or v < 1:
-                raise PlanError(f"{f.name} must be a positive integer, got {v!r}")
-        if self.dp * self.tp != self.world_size:
-            raise PlanError(
-                f"dp*tp must equal world_size: {self.dp}*{self.tp} != {self.world_size}; "
-                "set dp = world_size / tp"
-            )
-        if self.moe_tp * self.moe_ep != self.world_size:
-            raise PlanError(
-                f"moe_tp*moe_ep must equal world_size: {self.moe_tp}*{self.moe_ep} != "
-                f"{self.world_size}; set moe_ep = world_size / moe_tp"
-            )
-
-    def coords(self, rank: int) -> RankCoords:
-        """Rank arithmetic: dp_rank = r // tp, tp_rank = r % tp, moe_ep = r // moe_tp, moe_tp = r % moe_tp."""
-        if not 0 <= rank < self.world_size:
-            raise PlanError(f"rank {rank} outside world of {self.world_size}")
-        return RankCoords(
-            rank=rank,
-            dp_rank=rank // self.tp,
-            tp_rank=rank % self.tp,
-            moe_ep_rank=rank // self.moe_tp,
-            moe_tp_rank=rank % self.moe_tp,
-        )
-
-    def rank_dirs(self, rank: int) -> list[str]:
-        """The directories rank `rank` reads, in load order."""
-        c = self.coords(rank)
-        return [
-            rank_dir(rank),
-            "model-norm",
-            f"model-attn-tp-{c.tp_rank:03d}",
-            f"model-dense-tp-{c.tp_rank:03d}",
-            moe_dir(c.moe_tp_rank, c.moe_ep_rank),
-        ]
-
-    def all_dirs(self) -> list[str]:
-        """Every directory of the layout, each once."""
-        seen: dict[str, None] = {}
-        for r in range(self.world_size):
-            for d in self.rank_dirs(r):
-                seen.setdefault(d, None)
-        return list(seen)
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class RankCoords:
-    """Where one global rank sits in the attention and MoE grids."""
-
-    rank: int
-    dp_rank: int
-    tp_rank: int
-    moe_ep_rank: int
-    moe_tp_rank: int
-
-
-def rank_dir(rank: int) -> str:
-    return f"model-{rank:03d}"
-
-
-def moe_dir(moe_tp_rank: int, moe_ep_rank: int) -> str:
-    return f"model-moe-tp-{moe_tp_rank:03d}-ep-{moe_ep_rank:03d}"
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The config.json facts the split rules depend on (V2 and V3 names; see DEEPSEEK_REFERENCE.md)."""
-
-    architecture: str  # "DeepseekV2" | "DeepseekV3"
-    hidden_size: int
-    vocab_size: int
-    num_attention_heads: int
-    num_hidden_layers: int
-    first_k_dense_replace: int
-    intermediate_size: int
-    moe_intermediate_size: int
-    n_routed_experts: int
-    n_shared_experts: int
-    num_nextn_predict_layers: int
-    # weight_block_size when the checkpoint is FP8-block quantised
-    fp8_block: tuple[int, int] | None
-    # MLA head dims (0 when config.json lacks them): only used to check FP8 attention shards.
-    qk_nope_head_dim: int = 0
-    qk_rope_head_dim: int = 0
-    v_head_dim: int = 0
-
-    @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> ModelDims:
-        archs = cfg.get("architectures") or []
-        model_type = str(cfg.get("model_type", ""))
-        if any("V3" in a for a in archs) or model_type == "deepseek_v3":
-            arch = "DeepseekV3"
-        elif any("V2" in a for a in archs) or model_type == "deepseek_v2":
-            arch = "DeepseekV2"
-        else:
-            raise PlanError(
-                "config.json: architectures/model_type is neither DeepseekV2 nor DeepseekV3 "
-                f"(got {archs or model_type!r}); point model.source at a DeepSeek checkpoint"
-            )
-        required = [
-            "hidden_size",
-            "vocab_size",
-            "num_attention_heads",
-            "num_hidden_layers",
-            "intermediate_size",
-            "moe_intermediate_size",
-            "n_routed_experts",
-        ]
-        missing = [k for k in required if not isinstance(cfg.get(k), int)]
-        if missing:
-            raise PlanError(f"config.json: missing or non-integer {', '.join(missing)}")
-        qc = cfg.get("quantization_config") or {}
-        block = None
-        if qc.get("quant_method") == "fp8":
-            b = qc.get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
-            block = (int(b[0]), int(b[1]))
-        return cls(
-            architecture=arch,
-            hidden_size=cfg["hidden_size"],
-            vocab_size=cfg["vocab_size"],
-            num_attention_heads=cfg["num_attention_heads"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            first_k_dense_replace=int(cfg.get("first_k_dense_replace") or 0),
-            intermediate_size=cfg["intermediate_size"],
-            moe_intermediate_size=cfg["moe_intermediate_size"],
-            n_routed_experts=cfg["n_routed_experts"],
-            n_shared_experts=int(cfg.get("n_shared_experts") or 0),
-            num_nextn_predict_layers=int(cfg.get("num_nextn_predict_layers") or 0),
-            fp8_block=block,
-            qk_nope_head_dim=_int_or_zero(cfg.get("qk_nope_head_dim")),
-            qk_rope_head_dim=_int_or_zero(cfg.get("qk_rope_head_dim")),
-            v_head_dim=_int_or_zero(cfg.get("v_head_dim")),
-        )
-
-
-def _int_or_zero(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) else 0
 
 
 @dataclass(frozen=True)

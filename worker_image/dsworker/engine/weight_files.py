@@ -4,7 +4,7 @@ Sharded (model_sharded_metadata.json + _COMPLETE): refuse incomplete layouts and
 another plan (naming every differing field), then list exactly the files of the directories the
 rank's metadata entry names. Unsharded (V2, or any plain HF dir): read the index and cut this rank's
 slices with layout.place / owner_dirs / tensor_slice, the same rules the sharder uses. Bytes come
-from mmap'd files whose header safetensors_io parsed (never pickle).
+from mmap'd files whose header checkpoint.safetensors_format parsed (never pickle).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from dsworker.checkpoint.fsutil import safe_join
-from dsworker.checkpoint.safetensors_io import SafetensorsReader, TensorInfo
+from dsworker.checkpoint.hf_checkpoint import read_model_config
+from dsworker.checkpoint.safetensors_format import TensorInfo
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.checkpoint.sharded_metadata import is_complete, plan_mismatch, read_metadata
 from dsworker.contract.errors import CheckpointError
 from dsworker.contract.layout import (
@@ -128,10 +130,8 @@ class WeightFiles:
 
 
 def model_dims(root: Path) -> ModelDims:
-    try:
-        return ModelDims.from_config(json.loads((root / "config.json").read_text()))
-    except FileNotFoundError:
-        raise LoadError(f"{root}: no config.json; not a model directory") from None
+    """The validated config.json's dims (ModelConfigError naming the key when malformed)."""
+    return read_model_config(root).dims
 
 
 def is_sharded(model_dir: str | Path) -> bool:
@@ -152,7 +152,7 @@ def check_sharded(model_dir: str | Path, plan: ParallelPlan, mtp: bool) -> Any:
             "shard again"
         )
     md = read_metadata(root)
-    diff = plan_mismatch(md.plan, {**plan.to_dict(), "mtp": bool(mtp)})
+    diff = plan_mismatch(md.plan, plan.record(mtp=mtp))
     if diff:
         raise LoadError(
             f"{root}: shards were cut for another plan: "

@@ -7,11 +7,11 @@ else what the accelerator of local rank 0 reports; on cpu there is no limit to c
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
+from dsworker.checkpoint.hf_checkpoint import read_model_config
 from dsworker.contract.engine_config import EngineConfig, EngineConfigError
 from dsworker.contract.fit import MEMORY_ENV, Fit, engine_fit
 from dsworker.contract.kv_budget import GIB
@@ -40,7 +40,7 @@ def check_start(model_dir: Path, cfg: EngineConfig) -> Fit | None:
     mem = device_memory(cfg)
     if mem is None:
         return None
-    fit = engine_fit(json.loads((model_dir / "config.json").read_text()), cfg, mem)
+    fit = engine_fit(read_model_config(model_dir).raw, cfg, mem)
     if not fit.fits:
         raise EngineConfigError(f"{model_dir}: {fit.message()}")
     (log.warning if fit.low_headroom else log.info)("memory: %s", fit.message())

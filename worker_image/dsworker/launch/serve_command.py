@@ -1,8 +1,8 @@
 """`dsworker serve`: resolve the engine config, then launch this pod's ranks (see launcher.py).
 
 Everything that can be wrong with the configuration (unknown keys, a plan that does not match the
-world or the shards) is reported here, once, before any rank starts; the ranks get the resolved
-config as JSON and run dsworker.launch.rank_main.
+world or the shards, a malformed config.json) is reported here, once, before any rank starts (exit
+code 2); the ranks get the resolved config as JSON and run dsworker.launch.rank_main.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dsworker.checkpoint.hf_checkpoint import read_model_config
 from dsworker.contract.engine_config import EngineConfig, EngineConfigError, load_engine_config
-from dsworker.contract.errors import EXIT_BAD_INPUT
+from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError
 from dsworker.contract.layout import METADATA_FILE
 from dsworker.launch.fit_check import check_start
 from dsworker.launch.rank_processes import Launcher, python_module_command, rank_specs
@@ -196,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
             shard_plan(args.model),
             {"port": args.port, "device": args.device, "dtype": args.dtype},
         )
+        read_model_config(args.model)  # a malformed config.json fails here, once, not per rank
         check_start(args.model, cfg)  # before any rank allocates
         node_rank = node_rank_from_host(args.node_rank) if args.nodes > 1 else 0
         master = args.master_addr or "127.0.0.1"
@@ -206,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             )
         specs = rank_specs(args.nproc_per_node, args.nodes, node_rank, master, args.master_port)
         cfg = with_api_key_file(cfg, os.environ)
-    except (EngineConfigError, ValueError) as exc:
+    except (EngineConfigError, ValueError, CheckpointError) as exc:
         print(f"dsworker serve: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     rank_args = [

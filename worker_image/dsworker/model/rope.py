@@ -11,14 +11,15 @@ import math
 
 import torch
 
-from dsworker.model.config import ModelArgs, RopeArgs
+from dsworker.contract.model_config import RopeConfig
+from dsworker.model.config import ModelArgs
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def _yarn_inv_freq(r: RopeArgs, dim: int) -> torch.Tensor:
+def _yarn_inv_freq(r: RopeConfig, dim: int) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.float32) / dim
     extrapolated = 1.0 / (r.theta**exponents)
     interpolated = 1.0 / (r.factor * r.theta**exponents)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dsworker.contract.layout import ParallelPlan, RankCoords
+from dsworker.contract.parallel_plan import ParallelPlan, RankCoords
 from dsworker.parallel.device import HOST_BACKEND, Device
 
 

@@ -24,17 +24,20 @@ from dsworker.checkpoint.fsutil import (
     check_tensor_name,
     copy_file_atomic,
     load_json,
+    sha256_file,
     write_bytes_atomic,
     write_json_atomic,
 )
-from dsworker.checkpoint.hf_checkpoint import INDEX_FILE, HFCheckpoint, open_checkpoint, sha256_file
+from dsworker.checkpoint.hf_checkpoint import INDEX_FILE, HFCheckpoint, open_checkpoint
+from dsworker.checkpoint.planned_files import OutEntry, OutFile
 from dsworker.checkpoint.progress import emit_summary, summary
 from dsworker.checkpoint.regions import GlobalTensor, SourcePart, region
-from dsworker.checkpoint.safetensors_io import SafetensorsReader
-from dsworker.checkpoint.writers import OutEntry, OutFile, run_jobs
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
+from dsworker.checkpoint.writer_processes import run_jobs
 from dsworker.contract.errors import CheckpointError
 from dsworker.contract.layout import METADATA_FILE, split_name
-from dsworker.tools.shard import write_layout
+from dsworker.tools.layout_options import LayoutOptions
+from dsworker.tools.layout_writer import write_layout
 from dsworker.tools.sharded_source import open_sharded
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -216,9 +219,8 @@ def _lora_merge_sharded(base: Path, adapter: Path, out: Path, processes: int) ->
     salt = "lora:" + _adapter_sha(adapter)
     src.fingerprint_salt = f"{src.fingerprint_salt}+{salt}" if src.fingerprint_salt else salt
     plan = md.parallel_plan()
-    res = write_layout(
-        src, out, plan, mtp=bool(md.plan.get("mtp")), processes=processes, what="lora-merge"
-    )
+    options = LayoutOptions(mtp=bool(md.plan.get("mtp")), processes=processes)
+    res = write_layout(src, out, plan, options, what="lora-merge")
     res["mergedModules"] = len(touched)
     return res
 

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from dsworker.checkpoint.fsutil import copy_file_atomic, write_json_atomic
+from dsworker.checkpoint.planned_files import OutEntry, OutFile
 from dsworker.checkpoint.progress import emit_summary, summary
 from dsworker.checkpoint.regions import GlobalTensor, region
-from dsworker.checkpoint.writers import OutEntry, OutFile, run_jobs
+from dsworker.checkpoint.writer_processes import run_jobs
 from dsworker.contract.errors import CheckpointError
 from dsworker.tools.sharded_source import open_sharded
 

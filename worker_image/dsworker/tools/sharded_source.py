@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsworker.checkpoint.fsutil import check_tensor_name, load_json, safe_join
-from dsworker.checkpoint.hf_checkpoint import check_complete
+from dsworker.checkpoint.fsutil import check_tensor_name, safe_join
+from dsworker.checkpoint.hf_checkpoint import read_model_config
+from dsworker.checkpoint.implied_tensors import check_complete
 from dsworker.checkpoint.regions import GlobalTensor, SourcePart
 from dsworker.checkpoint.sharded_metadata import ShardedMetadata, read_metadata
 from dsworker.contract.errors import CheckpointError
-from dsworker.contract.layout import METADATA_FILE, ModelDims, PlanError
-from dsworker.tools.shard import LayoutSource
+from dsworker.contract.layout import METADATA_FILE
+from dsworker.tools.layout_source import LayoutSource
 from dsworker.tools.verify import verify_sharded
 
 
@@ -27,11 +28,7 @@ def open_sharded(root: str | Path) -> tuple[ShardedMetadata, LayoutSource]:
     if problems:
         more = f" (+{len(problems) - 1} more; run dsworker verify)" if len(problems) > 1 else ""
         raise CheckpointError(problems[0] + more)
-    config = load_json(root / "config.json", "config.json")
-    try:
-        dims = ModelDims.from_config(config)
-    except PlanError as e:
-        raise CheckpointError(f"{root / 'config.json'}: {e}") from None
+    model = read_model_config(root)
     tensors: dict[str, GlobalTensor] = {}
     seen: set[tuple[str, int | None, int]] = set()
     for t in md.tensors:
@@ -61,9 +58,7 @@ def open_sharded(root: str | Path) -> tuple[ShardedMetadata, LayoutSource]:
             gt.parts.append(
                 SourcePart(str(path), t.name, t.dim, t.part * size, (t.part + 1) * size)
             )
-    check_complete(
-        config, dims, tensors, root / METADATA_FILE, "the layout is damaged; shard it again"
-    )
+    check_complete(model, tensors, root / METADATA_FILE, "the layout is damaged; shard it again")
     # The metadata lists tensors in source order (the sharder keeps it): keep reading sequentially.
     for k, gt in enumerate(tensors.values()):
         gt.order = k
@@ -75,8 +70,8 @@ def open_sharded(root: str | Path) -> tuple[ShardedMetadata, LayoutSource]:
     src = LayoutSource(
         path=root,
         tensors=tensors,
-        dims=dims,
-        config=config,
+        dims=model.dims,
+        config=model.raw,
         config_sha256=str(md.source.get("configSha256", "")),
         index_sha256=md.source.get("indexSha256"),
         quantization=str(md.plan.get("quantization", "bf16")),

@@ -4,7 +4,8 @@ Used by the sharder before it trusts an existing output, by the stager before it
 people. For a sharded layout: metadata parses, `_COMPLETE` seals it, the files on disk are exactly
 the ones listed (sizes, checksums when recorded), every safetensors header parses and holds exactly
 the tensors the metadata places there, and the rank table follows the rank arithmetic. For a HF
-checkpoint: the index, the files and config.json agree (see checkpoint.py).
+checkpoint: the index, the files and config.json agree (see checkpoint.hf_checkpoint). Links and
+special files (FIFOs, devices) are refused, never followed or opened.
 """
 
 from __future__ import annotations
@@ -12,29 +13,46 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
-from dsworker.checkpoint.fsutil import safe_join
-from dsworker.checkpoint.hf_checkpoint import open_checkpoint, sha256_file
-from dsworker.checkpoint.safetensors_io import SafetensorsReader
-from dsworker.checkpoint.sharded_metadata import is_complete, read_metadata
-from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError
-from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE, PlanError
+from dsworker.checkpoint.fsutil import safe_join, sha256_file
+from dsworker.checkpoint.hf_checkpoint import open_checkpoint
+from dsworker.checkpoint.safetensors_reader import SafetensorsReader
+from dsworker.checkpoint.sharded_metadata import ShardedMetadata, is_complete, read_metadata
+from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError, PlanError
+from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE
 
 IGNORED = {METADATA_FILE, COMPLETE_MARKER}
 
 
-def _disk_files(root: Path) -> set[str]:
-    out = set()
+def _disk_files(root: Path) -> tuple[set[str], list[str]]:
+    """The layout's files on disk, and a problem for each one that is not a plain file.
+
+    The sharder writes regular files and directories only: a symbolic link (it could point at
+    /proc/self/environ or another tenant's data) or a FIFO, socket or device (reading it would
+    hang or never end) is refused and never opened.
+    """
+    out: set[str] = set()
+    problems: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if d != "lost+found"]
         rel = os.path.relpath(dirpath, root)
-        for f in filenames:
-            p = f if rel == "." else f"{rel}/{f}"
-            if p not in IGNORED:
+        for name in [*dirnames, *filenames]:
+            p = name if rel == "." else f"{rel}/{name}"
+            mode = os.lstat(os.path.join(dirpath, name)).st_mode
+            if stat.S_ISLNK(mode):
+                problems.append(f"{root / p}: is a symbolic link; a layout holds none - delete it")
+            elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                problems.append(f"{root / p}: is not a regular file (a FIFO, socket or device)")
+            elif stat.S_ISREG(mode) and p not in IGNORED:
                 out.add(p)
-    return out
+        dirnames[:] = [
+            d
+            for d in dirnames
+            if d != "lost+found" and not os.path.islink(os.path.join(dirpath, d))
+        ]
+    return out, problems
 
 
 def verify_sharded(root: str | Path, checksums: bool = True) -> list[str]:
@@ -61,11 +79,22 @@ def verify_sharded(root: str | Path, checksums: bool = True) -> list[str]:
             problems.append(str(e))
             continue
         listed.add(rel)
-    on_disk = _disk_files(root)
+    on_disk, odd = _disk_files(root)
+    problems += odd
     for rel in sorted(on_disk - listed):
         problems.append(f"{root / rel}: on disk but not listed in {METADATA_FILE}")
     for rel in sorted(listed - on_disk):
-        problems.append(f"{root / rel}: listed in {METADATA_FILE} but missing")
+        if not any(p.startswith(f"{root / rel}: ") for p in odd):
+            problems.append(f"{root / rel}: listed in {METADATA_FILE} but missing")
+    problems += _check_files(root, md, listed, on_disk, checksums)
+    return problems + _check_ranks(md)
+
+
+def _check_files(
+    root: Path, md: ShardedMetadata, listed: set[str], on_disk: set[str], checksums: bool
+) -> list[str]:
+    """Sizes, checksums and safetensors headers of the listed files against the metadata."""
+    problems: list[str] = []
     by_file: dict[str, dict[str, tuple[str, tuple[int, ...]]]] = {}
     for t in md.tensors:
         by_file.setdefault(t.file, {})[t.name] = (t.dtype, t.shape)
@@ -97,10 +126,16 @@ def verify_sharded(root: str | Path, checksums: bool = True) -> list[str]:
             for n in sorted(set(have) & set(want)):
                 if have[n] != want[n]:
                     problems.append(f"{path}: tensor {n} is {have[n]}, metadata says {want[n]}")
+    return problems
+
+
+def _check_ranks(md: ShardedMetadata) -> list[str]:
+    """The rank table against the plan's rank arithmetic."""
     try:
         plan = md.parallel_plan()
     except (PlanError, KeyError, TypeError) as e:
-        return [*problems, f"{METADATA_FILE}: bad plan ({e})"]
+        return [f"{METADATA_FILE}: bad plan ({e})"]
+    problems: list[str] = []
     # A node's part of a node-local store (dsworker shard --node-index) lists its ranks only.
     part = md.plan.get("ranks")
     want = range(*part) if isinstance(part, list) and len(part) == 2 else range(plan.world_size)
