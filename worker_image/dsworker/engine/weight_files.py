@@ -189,13 +189,16 @@ def _join(root: Path, rel: Any, what: str) -> Path:
 
 def _weight_map(root: Path) -> dict[str, str]:
     """The index's weight_map (read as the sharder reads it), else the lone model.safetensors'."""
-    weight_map = read_weight_map(root)
-    if weight_map:
-        return weight_map
-    single = root / SINGLE_FILE
-    if single.exists() or single.is_symlink():
-        with SafetensorsReader(member_file(root, SINGLE_FILE, "safetensors file")) as r:
-            return dict.fromkeys(r.tensors, SINGLE_FILE)
+    try:
+        weight_map = read_weight_map(root)
+        if weight_map:
+            return weight_map
+        single = root / SINGLE_FILE
+        if single.exists() or single.is_symlink():
+            with SafetensorsReader(member_file(root, SINGLE_FILE, "safetensors file")) as r:
+                return dict.fromkeys(r.tensors, SINGLE_FILE)
+    except CheckpointError as e:  # the loader's own type, keeping the termination reason
+        raise LoadError(str(e), reason=e.reason) from None
     raise LoadError(f"{root}: neither {INDEX_FILE} nor {SINGLE_FILE}; not a safetensors checkpoint")
 
 
