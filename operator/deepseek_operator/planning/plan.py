@@ -20,6 +20,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from dsworker.contract.model_config import ModelConfig, ModelConfigError, parse_model_config
+
 from ..api import DeepSeekDeploymentStatus, parse_deployment
 from ..api.config_rules import review_config
 from ..api.status import READY, SHARDED, VALIDATED, WORKERS_READY, Phase
@@ -48,24 +50,17 @@ def previous_status(body: Mapping[str, Any]) -> DeepSeekDeploymentStatus:
         return DeepSeekDeploymentStatus()
 
 
-def read_model_config(body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """The config.json given inline in the llm.dsop.io/model-config annotation, or an error."""
+def read_model_config(body: Mapping[str, Any]) -> tuple[ModelConfig | None, str | None]:
+    """The config.json given inline in the llm.dsop.io/model-config annotation, parsed and
+    validated once (contract.model_config), or the error naming the key."""
     raw = (meta(body).get("annotations") or {}).get(names.MODEL_CONFIG_ANNOTATION)
     if raw is None:
         return None, None
+    where = f"metadata.annotations[{names.MODEL_CONFIG_ANNOTATION}]"
     try:
-        config = json.loads(raw)
-    except ValueError as exc:
-        return None, (
-            f"metadata.annotations[{names.MODEL_CONFIG_ANNOTATION}] is not valid JSON ({exc}); "
-            "paste the checkpoint's config.json there or remove the annotation"
-        )
-    if not isinstance(config, dict):
-        return None, (
-            f"metadata.annotations[{names.MODEL_CONFIG_ANNOTATION}] must hold a JSON object "
-            "(the checkpoint's config.json)"
-        )
-    return config, None
+        return parse_model_config(str(raw), where=where), None
+    except ModelConfigError as exc:
+        return None, (f"{exc}; paste the checkpoint's config.json there, or remove the annotation")
 
 
 def _not_validated(generation: int, reason: str, message: str, previous: Any) -> Summary:
@@ -104,19 +99,15 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
         summary = _not_validated(generation, st.INVALID_MODEL_CONFIG, config_error, previous)
         return _finish(previous, summary, observed, [], [], [], [])
     if model_config is not None:
-        review = review_config(spec, model_config)
-        if review.errors:
-            summary = _not_validated(
-                generation, st.CONFIG_MISMATCH, "; ".join(review.errors), previous
-            )
-            return _finish(previous, summary, observed, [], [], [], [])
-        warnings += [w for w in review.warnings if w not in warnings]
-        memory = check_memory(spec, model_config, review.quantization)
-        if memory is not None and memory.error:
-            return _does_not_fit(generation, memory.error, previous, observed)
-        memory_warning = memory.warning if memory is not None else ""
+        reviewed = _review_model_config(spec, model_config, generation, previous, observed)
+        if isinstance(reviewed, Plan):
+            return reviewed
+        warnings += [w for w in reviewed[0] if w not in warnings]
+        memory_warning = reviewed[1]
 
-    fp = fingerprint(spec, model_config, owner=f"{dep.namespace}/{dep.name}")
+    fp = fingerprint(
+        spec, model_config.raw if model_config else None, owner=f"{dep.namespace}/{dep.name}"
+    )
     ctx = objects.Context(dep, str(md.get("uid") or ""), fp, generation)
     retry = previous.phase == "Failed" and previous.observed_generation not in (None, generation)
     # Failed for the workers holds until the spec changes: the budget is spent, or a worker said
@@ -129,6 +120,26 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
     state = PassState(ctx, observed, previous, warnings, retry, sticky)
     state.memory_warning = memory_warning
     return _run(state)
+
+
+def _review_model_config(
+    spec: Any, config: ModelConfig, generation: int, previous: Any, observed: Observed
+) -> Plan | tuple[list[str], str]:
+    """The rules and the memory fit that need config.json: a refusal (Validated False), or the
+    warnings and the memory warning to carry."""
+    review = review_config(spec, config)
+    if review.errors:
+        summary = _not_validated(generation, st.CONFIG_MISMATCH, "; ".join(review.errors), previous)
+        return _finish(previous, summary, observed, [], [], [], [])
+    try:
+        memory = check_memory(spec, config, review.quantization)
+    except ModelConfigError as exc:
+        message = f"{exc}; paste the checkpoint's config.json there, or remove the annotation"
+        summary = _not_validated(generation, st.INVALID_MODEL_CONFIG, message, previous)
+        return _finish(previous, summary, observed, [], [], [], [])
+    if memory is not None and memory.error:
+        return _does_not_fit(generation, memory.error, previous, observed)
+    return review.warnings, memory.warning if memory is not None else ""
 
 
 def _does_not_fit(generation: int, message: str, previous: Any, observed: Observed) -> Plan:
