@@ -208,7 +208,7 @@ def _run(state: PassState) -> Plan:
         and annotation(observed_sts, names.FINGERPRINT_ANNOTATION) != ctx.fingerprint
     )
     if shards.bad_input:
-        validated_cond = Cond(VALIDATED, "False", st.CONFIG_MISMATCH, shards.message)
+        validated_cond = Cond(VALIDATED, "False", shards.validated_reason, shards.message)
     if workers.bad_input:
         validated_cond = Cond(VALIDATED, "False", st.CONFIG_MISMATCH, workers.message)
     phase, message = _phase(state, shards, workers, serving_previous)
