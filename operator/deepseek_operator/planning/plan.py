@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,6 +35,7 @@ from .memory import check_memory
 from .node_shards import plan_node_shards
 from .observed import Obj, Observed, annotation, meta, terminating, uid
 from .pinning import plan_pins
+from .reported_fit import check_reported_fit
 from .shards import Shards, dir_bytes, plan_shards, shard_bytes, shards_status
 from .state import Delete, PassState, Plan
 from .status import Cond, EventSpec, Summary
@@ -119,6 +121,7 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
     )
     state = PassState(ctx, observed, previous, warnings, retry, sticky)
     state.memory_warning = memory_warning
+    state.config_known = model_config is not None
     return _run(state)
 
 
@@ -151,6 +154,15 @@ def _does_not_fit(generation: int, message: str, previous: Any, observed: Observ
     if old is None or old.reason != st.INSUFFICIENT_MEMORY or old.message != message:
         events.append(EventSpec("Warning", st.INSUFFICIENT_MEMORY, st.truncate(message)))
     return _finish(previous, summary, observed, [], [], events, [])
+
+
+def _insufficient_memory(state: PassState, message: str) -> Cond:
+    """Validated False for a plan the sharder's report shows does not fit; a Warning Event
+    when the message is new."""
+    old = st.condition(state.previous, VALIDATED)
+    if old is None or old.reason != st.INSUFFICIENT_MEMORY or old.message != message:
+        state.events.append(EventSpec("Warning", st.INSUFFICIENT_MEMORY, st.truncate(message)))
+    return Cond(VALIDATED, "False", st.INSUFFICIENT_MEMORY, message)
 
 
 def _reason(status: DeepSeekDeploymentStatus, kind: str) -> str | None:
@@ -191,11 +203,16 @@ def _run(state: PassState) -> Plan:
     ctx = state.ctx
     restart_budget(state)
     store = plan_store(state)
-    validated_cond = validated(state, store.warning if store else "")
     state.apply += [objects.headless_service(ctx), objects.client_service(ctx)]
     _network_policy(state)
     nodes = objects.store_nodes(state.spec)
     shards = plan_node_shards(state) if nodes else plan_shards(state, store)
+    does_not_fit = check_reported_fit(state, shards)
+    if does_not_fit:  # no worker starts; the shards stay for a plan or devices that fit
+        shards = replace(shards, failed=True, message=does_not_fit)
+    validated_cond = validated(state, store.warning if store else "")
+    if does_not_fit:
+        validated_cond = _insufficient_memory(state, does_not_fit)
     observed_sts = state.observed.statefulset(names.statefulset(ctx.name))
     if observed_sts is not None and terminating(observed_sts):
         observed_sts = None

@@ -329,7 +329,8 @@ def shards_status(state: PassState, shards: Shards) -> dict[str, Any] | None:
     if not shards.complete:
         return out
     if shards.summary:
-        keys = ("bytes", "files", "seconds", "throughputMBps", "dirBytes")
+        keys = ("bytes", "files", "seconds", "throughputMBps", "dirBytes", "modelConfig")
+        keys += ("quantization",)
         out.update({k: shards.summary[k] for k in keys if k in shards.summary})
     elif same and old is not None:
         out = {**old.to_dict(), **out}

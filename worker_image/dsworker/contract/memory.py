@@ -40,6 +40,57 @@ MLA_SIZES = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim
 MAX_EXPERT_MLPS = 1 << 17
 
 
+# config.json's keys the memory fit reads (and parse_model_config needs): what the sharder reports
+# of the real checkpoint, small enough for the termination log (4 KiB with the rest).
+FIT_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "topk_method",
+    "first_k_dense_replace",
+    "moe_layer_freq",
+    "num_nextn_predict_layers",
+    "max_position_embeddings",
+    "q_lora_rank",
+    *MLA_SIZES,
+    "quantize",
+)
+_QUANT_KEYS = ("quant_method", "weight_block_size")
+_QUANT_PART_KEYS = ("num_bits", "type", "strategy", "group_size")
+
+
+def fit_inputs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a (validated) config.json the memory fit reads: FIT_KEYS, and of
+    quantization_config its method, FP8 block and 8-bit groups (not its module lists)."""
+    out = {k: cfg[k] for k in FIT_KEYS if cfg.get(k) is not None}
+    qc = cfg.get("quantization_config")
+    if isinstance(qc, Mapping) and qc:
+        small: dict[str, Any] = {k: qc[k] for k in _QUANT_KEYS if k in qc}
+        groups = qc.get("config_groups")
+        if isinstance(groups, Mapping):
+            small["config_groups"] = {
+                name: {
+                    part: {k: spec[k] for k in _QUANT_PART_KEYS if k in spec}
+                    for part, spec in group.items()
+                    if part in ("weights", "input_activations") and isinstance(spec, Mapping)
+                }
+                for name, group in groups.items()
+                if isinstance(group, Mapping)
+            }
+        out["quantization_config"] = small
+    return out
+
+
 def memory_config(cfg: Mapping[str, Any] | ModelConfig) -> dict[str, Any]:
     """config.json validated for the memory model (ModelConfigError naming the key), as a dict:
     every value the counting below reads is then of the right type and range."""
