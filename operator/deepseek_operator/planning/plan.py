@@ -156,13 +156,18 @@ def _does_not_fit(generation: int, message: str, previous: Any, observed: Observ
     return _finish(previous, summary, observed, [], [], events, [])
 
 
-def _insufficient_memory(state: PassState, message: str) -> Cond:
-    """Validated False for a plan the sharder's report shows does not fit; a Warning Event
-    when the message is new."""
+def _validated_and_fit(state: PassState, shards: Shards, store_warning: str) -> tuple[Shards, Cond]:
+    """The Validated condition, and the shards; a plan that the sharder's report shows does not
+    fit is Validated False InsufficientMemory (a Warning Event when the message is new), and
+    its shards count as failed so that no worker starts (they stay for devices that fit)."""
+    message = check_reported_fit(state, shards)
+    if not message:
+        return shards, validated(state, store_warning)
     old = st.condition(state.previous, VALIDATED)
     if old is None or old.reason != st.INSUFFICIENT_MEMORY or old.message != message:
         state.events.append(EventSpec("Warning", st.INSUFFICIENT_MEMORY, st.truncate(message)))
-    return Cond(VALIDATED, "False", st.INSUFFICIENT_MEMORY, message)
+    failed = replace(shards, failed=True, message=message)
+    return failed, Cond(VALIDATED, "False", st.INSUFFICIENT_MEMORY, message)
 
 
 def _reason(status: DeepSeekDeploymentStatus, kind: str) -> str | None:
@@ -207,12 +212,7 @@ def _run(state: PassState) -> Plan:
     _network_policy(state)
     nodes = objects.store_nodes(state.spec)
     shards = plan_node_shards(state) if nodes else plan_shards(state, store)
-    does_not_fit = check_reported_fit(state, shards)
-    if does_not_fit:  # no worker starts; the shards stay for a plan or devices that fit
-        shards = replace(shards, failed=True, message=does_not_fit)
-    validated_cond = validated(state, store.warning if store else "")
-    if does_not_fit:
-        validated_cond = _insufficient_memory(state, does_not_fit)
+    shards, validated_cond = _validated_and_fit(state, shards, store.warning if store else "")
     observed_sts = state.observed.statefulset(names.statefulset(ctx.name))
     if observed_sts is not None and terminating(observed_sts):
         observed_sts = None
