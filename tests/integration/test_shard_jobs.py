@@ -1,6 +1,7 @@
 """The sharding Job and its neighbours against a real control plane (issue 16): a completed Job
-deleted by hand, a Job replaced after the spec fixes its pod, a plan reverted while the new one
-still shards, pods a ResourceQuota refuses, a child the API server fails to store."""
+deleted by hand (also one node's Job of node-local shards), a Job replaced after the spec fixes
+its pod, a plan reverted while the new one still shards, pods a ResourceQuota refuses, a child
+the API server fails to store."""
 
 from __future__ import annotations
 
@@ -42,6 +43,39 @@ def test_deleting_the_completed_sharding_job_keeps_a_serving_deployment_serving(
     sharded = dsd.condition("keep", "Sharded")
     assert sharded["reason"] == "ShardsComplete" and "recorded in the status" in sharded["message"]
     assert sts_of(dsd, "keep").metadata.generation == sts_generation
+
+
+def test_deleting_a_completed_node_local_sharding_job_keeps_serving(
+    running_operator: OperatorProcess, dsd: Dsd
+) -> None:
+    """Node-local shards on two nodes: one node's completed Job deleted by hand is not run again;
+    its completion stays recorded per node in the status."""
+    nodes = ["kwok-npu-0", "kwok-npu-1"]
+    dsd.create(
+        deployment(
+            "keepn",
+            parallelism={"nodes": 2, "devicesPerNode": 2, "tp": 2, "moeTp": 2},
+            sharding={"store": {"pvc": None, "hostPath": {"path": "/dev/shm/dsd", "nodes": nodes}}},
+        )
+    )
+    status = dsd.wait_phase("keepn", "Ready", timeout=120)
+    recorded = status["shards"]["nodes"]
+    assert [(n["node"], n.get("complete")) for n in recorded] == [(m, True) for m in nodes]
+    jobs = sharders(dsd)
+    first = names.shard_job("keepn", status["fingerprint"], 0)
+    assert recorded[0]["jobUid"] == jobs[first].metadata.uid
+    sts_generation = sts_of(dsd, "keepn").metadata.generation
+    dsd.batch.delete_namespaced_job(first, dsd.namespace, propagation_policy="Background")
+    dsd.wait("node Job gone", lambda: first not in sharders(dsd))
+    deadline = time.monotonic() + 8  # events of the deletion, and a pass or two after them
+    while time.monotonic() < deadline:
+        status = dsd.status("keepn")
+        assert status["phase"] == "Ready", status
+        assert first not in sharders(dsd), "node 0's shards were written again"
+        time.sleep(0.5)
+    assert dsd.condition("keepn", "Sharded")["reason"] == "ShardsComplete"
+    assert status["shards"]["nodes"][0]["complete"] is True
+    assert sts_of(dsd, "keepn").metadata.generation == sts_generation
 
 
 def test_fixing_an_unschedulable_sharding_pod_replaces_the_job(

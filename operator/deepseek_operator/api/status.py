@@ -58,6 +58,26 @@ class Condition(StatusModel):
     )
 
 
+class NodeShardsStatus(StatusModel):
+    """The sharding Job of one node of a node-local store, and what it wrote there."""
+
+    index: int = Field(ge=0, description="Index in spec.sharding.store.hostPath.nodes.")
+    node: str = Field(description="The node the Job writes on.")
+    job: str = Field(description="Name of the node's sharding Job.")
+    job_uid: str | None = Field(None, description="uid of the Job that wrote these shards.")
+    complete: bool | None = Field(
+        None,
+        description="True once the node's Job completed. Kept when the Job is deleted afterwards, "
+        "so that node is not sharded again.",
+    )
+    bytes: int | None = Field(None, ge=0, description="Bytes written on this node.")
+    files: int | None = Field(None, ge=0, description="Files written on this node.")
+    seconds: float | None = Field(None, ge=0, description="Duration of the node's Job.")
+    dir_bytes: dict[str, int] | None = Field(
+        None, description="Bytes of one directory of each group, as the node's sharder reported."
+    )
+
+
 class ShardsStatus(StatusModel):
     """The shards of the current plan."""
 
@@ -98,6 +118,11 @@ class ShardsStatus(StatusModel):
         description="Bytes of one directory of each group of the layout (vocab, norm, attn, "
         "dense, moe; top: the top-level files), as the sharder reported: what a worker pod's "
         "staging memory is computed from.",
+    )
+    nodes: list[NodeShardsStatus] | None = Field(
+        None,
+        description="Node-local shards on several nodes: each node's sharding Job, and its "
+        "completion as recorded when it completed.",
     )
 
 

@@ -1,19 +1,22 @@
 """Node-local shards on several nodes (spec.sharding.store.hostPath.nodes): one sharding Job per
 node, pinned to it, each writing the ranks of the worker pod that runs there plus the files every
-rank reads. The shards are complete when every node's Job is; one failed Job fails them all."""
+rank reads. Each Job lives as the single Job does (shards.plan_shard_job: recorded completion,
+replacement, cleanup of the same directory); the shards are complete when every node's Job is,
+and one failed Job fails them all."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from ..api.status import SHARDED
-from . import names, objects
+from . import names
 from . import status as st
 from .objects.placement import store_nodes
-from .observed import job_state, pods_of_job, terminating, termination
-from .shards import Shards, _complete, _failed_job, _running_job, plan_text
+from .shards import Shards, plan_shard_job, plan_text, recorded
 from .state import PassState
 from .status import Cond
+
+SUMMARY_KEYS = ("bytes", "files", "seconds", "dirBytes")
 
 
 def node_job_names(state: PassState) -> list[str]:
@@ -24,45 +27,60 @@ def node_job_names(state: PassState) -> list[str]:
 def plan_node_shards(state: PassState) -> Shards:
     ctx, spec = state.ctx, state.spec
     nodes = store_nodes(spec) or []
+    entries = [_entry(state, i, node, None) for i, node in enumerate(nodes)]
     done: list[Shards] = []
     pending: list[Shards] = []
     for i, node in enumerate(nodes):
-        job_name = names.shard_job(ctx.name, ctx.fingerprint, i)
-        job = state.observed.job(job_name)
-        if job is not None and terminating(job):
-            text = f"restarting sharding on {node}: waiting for the failed Job {job_name} to go"
-            pending.append(Shards(Cond(SHARDED, "False", st.SHARDING_PENDING, text), message=text))
-            continue
-        if job is None:
-            state.apply.append(objects.shard_job(ctx, i))
-            text = f"sharding Jobs created for {plan_text(spec)} on {', '.join(nodes)}"
-            pending.append(Shards(Cond(SHARDED, "False", st.SHARDING_PENDING, text), message=text))
-            continue
-        pods = pods_of_job(job_name, state.observed.pods)
-        job_status = job_state(job)
-        if job_status == "failed":
-            failed = _failed_job(state, job_name, job, pods)
-            if failed.failed:
-                failed.message = f"node {node}: {failed.message}"
-                return failed
-            pending.append(failed)
-        elif job_status == "complete":
-            done.append(_complete(state, job, termination(pods, succeeded=True)))
-        else:
-            pending.append(_running_job(state, job_name, pods, ""))
+        one = plan_shard_job(state, i)
+        entries[i] = _entry(state, i, node, one)
+        if one.failed:
+            one.message = f"node {node}: {one.message}"
+            one.nodes = entries  # the later nodes as recorded
+            return one
+        (done if one.complete else pending).append(one)
     if pending:
         first = pending[0]
         first.message = f"{len(done)}/{len(nodes)} nodes sharded; {first.message}"
         first.cond = Cond(SHARDED, "False", first.cond.reason, first.message)
         first.summary = None
         first.complete = False
+        first.nodes = entries
         return first
     summary = _combined([s.summary for s in done])
     text = (
         f"node-local shards of {plan_text(spec)} complete in {names.shard_dir(ctx.fingerprint)} "
         f"on {', '.join(nodes)}"
     )
-    return Shards(Cond(SHARDED, "True", st.SHARDS_COMPLETE, text), complete=True, summary=summary)
+    return Shards(
+        Cond(SHARDED, "True", st.SHARDS_COMPLETE, text),
+        complete=True,
+        summary=summary,
+        nodes=entries,
+    )
+
+
+def _entry(state: PassState, index: int, node: str, shards: Shards | None) -> dict[str, Any]:
+    """Node `index`'s entry of status.shards.nodes: its Job, and once complete, its completion
+    (this pass's, else as recorded) and what it wrote."""
+    out: dict[str, Any] = {
+        "index": index,
+        "node": node,
+        "job": names.shard_job(state.ctx.name, state.ctx.fingerprint, index),
+    }
+    if shards is None:
+        record = recorded(state, index)
+        if record is None:
+            return out
+        job_uid, summary = record.job_uid, record.summary
+    elif not shards.complete:
+        return out
+    else:
+        job_uid, summary = shards.job_uid, shards.summary
+    out["complete"] = True
+    if job_uid:
+        out["jobUid"] = job_uid
+    out.update({k: (summary or {})[k] for k in SUMMARY_KEYS if k in (summary or {})})
+    return out
 
 
 def _combined(summaries: list[dict[str, Any] | None]) -> dict[str, Any] | None:

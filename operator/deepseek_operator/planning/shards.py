@@ -1,6 +1,8 @@
 """The shards of the current plan: the store claim and the sharding Job (created, retried after a
 spec change, replaced while it has not completed, failed, complete), the completion recorded in
-the status, and the bytes they hold. Earlier plans' shards are removed by cleanup.py."""
+the status, and the bytes they hold. One Job's life (plan_shard_job) is the same for the single
+Job and for each node's Job of a node-local store (node_shards.py). Earlier plans' shards are
+removed by cleanup.py."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..api import DeepSeekDeploymentSpec
-from ..api.status import SHARDED, ShardsStatus
+from ..api.status import SHARDED
 from . import names, objects
 from . import status as st
 from .observed import (
@@ -45,10 +47,20 @@ class Shards:
     message: str = ""
     summary: dict[str, Any] | None = None
     job_uid: str | None = None  # of the Job that wrote the complete shards
+    # Node-local shards on several nodes: each node's entry of status.shards.nodes.
+    nodes: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A sharding Job's completion as the status recorded it (the Job may be gone since)."""
+
+    job_uid: str | None
+    summary: dict[str, Any] | None = None
 
 
 def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
-    ctx, spec = state.ctx, state.spec
+    spec = state.spec
     if not spec.sharding.enabled:
         return Shards(
             Cond(
@@ -59,10 +71,17 @@ def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
             ),
             complete=True,
         )
-    claim_pending = _store_claim(state, store)
-    job_name = names.shard_job(ctx.name, ctx.fingerprint)
+    return plan_shard_job(state, None, _store_claim(state, store))
+
+
+def plan_shard_job(state: PassState, node: int | None, claim_pending: str = "") -> Shards:
+    """One sharding Job of the current plan (`node`: the Job of that node of a node-local store):
+    created, replaced, retried, or taken as complete (from the Job, else from the status)."""
+    ctx, spec = state.ctx, state.spec
+    job_name = names.shard_job(ctx.name, ctx.fingerprint, node)
     job = state.observed.job(job_name)
-    blocked = _cleanup_of_this_plan(state, job)
+    record = recorded(state, node)
+    blocked = _cleanup_of_this_plan(state, job, node, record)
     if blocked:
         return blocked
     if job is not None and terminating(job):
@@ -71,9 +90,9 @@ def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
             message=f"restarting sharding: waiting for the old Job {job_name} to go",
         )
     if job is None:
-        if recorded_complete(state):
-            return _complete(state, None, recorded=True)
-        state.apply.append(objects.shard_job(ctx))
+        if record is not None:
+            return _complete(state, None, record=record, gone=True)
+        state.apply.append(objects.shard_job(ctx, node))
         state.recheck = True  # its pod may not come (see _running_job)
         text = claim_pending or f"sharding Job {job_name} created for {plan_text(spec)}"
         return Shards(
@@ -91,28 +110,48 @@ def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
     if job_status == "failed":
         return _failed_job(state, job_name, job, pods)
     if job_status == "complete":
-        return _complete(state, job, termination(pods, succeeded=True))
-    replaced = _replace_changed_job(state, job_name, job)
+        return _complete(state, job, termination(pods, succeeded=True), record)
+    replaced = _replace_changed_job(state, job_name, job, node)
     if replaced:
         return replaced
     return _running_job(state, job_name, pods, claim_pending)
 
 
-def recorded_complete(state: PassState) -> bool:
-    """Whether the status records the shards of this plan as complete (the sharding Job may have
-    been deleted since: by hand, by a TTL controller)."""
+def recorded(state: PassState, node: int | None) -> Recorded | None:
+    """The completion of this plan's sharding Job (of node `node`) as the status records it: the
+    Job may have been deleted since (by hand, by a TTL controller). None when not recorded."""
     old = state.previous.shards
-    return bool(old and old.complete and old.fingerprint == state.ctx.fingerprint)
+    if old is None or old.fingerprint != state.ctx.fingerprint:
+        return None
+    if node is None:
+        return Recorded(old.job_uid) if old.complete else None
+    nodes = objects.store_nodes(state.spec) or []
+    for entry in old.nodes or ():
+        if entry.index == node and entry.node == nodes[node] and entry.complete:
+            summary = entry.to_dict()
+            keys = ("bytes", "files", "seconds", "dirBytes")
+            return Recorded(entry.job_uid, {k: summary[k] for k in keys if k in summary} or None)
+    return None
 
 
-def _cleanup_of_this_plan(state: PassState, job: Obj | None) -> Shards | None:
+def _where(state: PassState, node: int | None) -> str:
+    """The directory of this plan's shards (on its node, for a node's Job)."""
+    directory = names.shard_dir(state.ctx.fingerprint)
+    nodes = objects.store_nodes(state.spec)
+    return directory if node is None or not nodes else f"{directory} on node {nodes[node]}"
+
+
+def _cleanup_of_this_plan(
+    state: PassState, job: Obj | None, node: int | None, record: Recorded | None
+) -> Shards | None:
     """A cleanup Job of this plan's directory (left from a plan switched away from and back): the
     shards are not written beside it, nor taken as complete once it ran on them."""
     ctx = state.ctx
-    cleanup = state.observed.job(names.cleanup_job(ctx.name, ctx.fingerprint))
+    index = None if node is None else str(node)
+    cleanup = state.observed.job(names.cleanup_job(ctx.name, ctx.fingerprint, index))
     if cleanup is None or terminating(cleanup):
         return None
-    directory = names.shard_dir(ctx.fingerprint)
+    directory = _where(state, node)
     cleanup_name = str(meta(cleanup).get("name"))
     if suspended(cleanup):  # never ran: the directory is as its sharder left it
         state.delete.append(Delete("Job", cleanup_name, uid(cleanup)))
@@ -125,11 +164,7 @@ def _cleanup_of_this_plan(state: PassState, job: Obj | None) -> Shards | None:
         )
         return Shards(Cond(SHARDED, "False", st.SHARDING_PENDING, text), message=text)
     cleaned = annotation(cleanup, names.CLEANS_UID_ANNOTATION)
-    if job is not None:
-        current: str | None = uid(job)
-    else:
-        current = (state.previous.shards or ShardsStatus()).job_uid
-        current = current if recorded_complete(state) else None
+    current = uid(job) if job is not None else (record.job_uid if record else None)
     if current is None or cleaned != current:
         # History: it removed the output of an earlier Job of this plan (or of none the status
         # knows), not these shards.
@@ -150,13 +185,15 @@ def _cleanup_of_this_plan(state: PassState, job: Obj | None) -> Shards | None:
     return Shards(Cond(SHARDED, "False", st.SHARDING_PENDING, text), message=text)
 
 
-def _replace_changed_job(state: PassState, job_name: str, job: Obj) -> Shards | None:
+def _replace_changed_job(
+    state: PassState, job_name: str, job: Obj, node: int | None
+) -> Shards | None:
     """A sharding Job that has not completed, built from a pod template the spec no longer asks
     for (placement, resources, image: a pod that may never be scheduled), is replaced: deleted in
     the foreground, so the new one starts only once its pod is gone. A Job of an earlier operator
     version (no digest) is left to finish."""
     have = annotation(job, names.TEMPLATE_ANNOTATION)
-    want = objects.template_digest(objects.shard_job(state.ctx)["spec"]["template"])
+    want = objects.template_digest(objects.shard_job(state.ctx, node)["spec"]["template"])
     if have is None or have == want:
         return None
     state.delete.append(Delete("Job", job_name, uid(job), propagation="Foreground"))
@@ -218,20 +255,24 @@ def _failed_job(state: PassState, job_name: str, job: Obj, pods: list[Obj]) -> S
 
 
 def _complete(
-    state: PassState, job: Obj | None, term: Termination | None = None, recorded: bool = False
+    state: PassState,
+    job: Obj | None,
+    term: Termination | None = None,
+    record: Recorded | None = None,
+    gone: bool = False,
 ) -> Shards:
-    summary = term.summary if term and term.summary else None
+    summary = term.summary if term and term.summary else (record.summary if record else None)
     directory = names.shard_dir(state.ctx.fingerprint)
     text = f"shards of {plan_text(state.spec)} complete in {directory} (sealed by its _COMPLETE)"
     if summary and summary.get("bytes") is not None:
         text += f" ({summary.get('files')} files, {int(summary['bytes']) / 1e9:.2f} GB)"
-    if recorded:
+    if gone:
         text += "; the sharding Job is gone, its completion is recorded in the status"
     return Shards(
         Cond(SHARDED, "True", st.SHARDS_COMPLETE, text),
         complete=True,
         summary=summary,
-        job_uid=uid(job) if job is not None else None,
+        job_uid=uid(job) if job is not None else (record.job_uid if record else None),
     )
 
 
@@ -326,6 +367,8 @@ def shards_status(state: PassState, shards: Shards) -> dict[str, Any] | None:
     old = state.previous.shards
     same = old is not None and old.fingerprint in (fp, None) and state.previous.fingerprint == fp
     out: dict[str, Any] = {"job": job, "fingerprint": fp}
+    if shards.nodes is not None:
+        out["nodes"] = shards.nodes
     if not shards.complete:
         return out
     if shards.summary:

@@ -26,7 +26,22 @@ def kernels(name: str) -> ModuleType:
         if not all(isinstance(v, InterpretedFunction) for v in jitted):
             os.environ["TRITON_INTERPRET"] = "1"
             module = importlib.reload(module)
+        _interpret_triton_language(InterpretedFunction)
     return module
+
+
+def _interpret_triton_language(interpreted: type) -> None:
+    """triton.language's own jitted helpers (tl.sum, tl.max, ...) are decorated when triton is
+    first imported: if an earlier test imported it before TRITON_INTERPRET was set, they stay
+    compiled-only and an interpreted kernel calling them fails ("Cannot call @triton.jit'd outside
+    of the scope of a kernel"). Reload them (and the names tl re-exports) in interpreter mode."""
+    import triton.language as tl
+    import triton.language.standard as standard
+
+    if isinstance(standard.sum, interpreted):
+        return
+    importlib.reload(standard)
+    importlib.reload(tl)
 
 
 def preset_args(preset: str, arch: str = "v3") -> ModelArgs:
