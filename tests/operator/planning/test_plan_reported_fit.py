@@ -56,6 +56,22 @@ def test_a_reported_model_that_does_not_fit_starts_no_worker() -> None:
     assert any(k == "StatefulSet" for k, _ in cluster.objects)
 
 
+def test_node_local_shards_report_the_model_too() -> None:
+    store = {"hostPath": {"path": "/dev/shm/dsd", "nodes": ["npu-a", "npu-b"]}}
+    body = unannotated({"spec": {"parallelism": {"nodes": 2, "dp": 2, "moeEp": 16}}})
+    body["spec"]["sharding"] = {"store": store}
+    cluster = FakeCluster(body)
+    cluster.step()
+    report = SUMMARY | {"modelConfig": fit_inputs(R1_BF16), "quantization": "bf16"}
+    for (kind, _), job in list(cluster.objects.items()):
+        if kind == "Job":
+            cluster.finish_job(job, message=json.dumps(report))
+    result = cluster.step()
+    validated = cond(result, "Validated")
+    assert (validated["status"], validated["reason"]) == ("False", "InsufficientMemory")
+    assert not any(k == "StatefulSet" for k, _ in cluster.objects)
+
+
 def test_a_reported_model_that_fits_starts_the_workers() -> None:
     cluster = FakeCluster(unannotated(TWO_SERVERS))
     result = sharded(cluster, R1_W8A8, "w8a8")
