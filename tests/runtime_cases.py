@@ -68,13 +68,6 @@ RUNTIME_RULE_CASES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         mindie(worker={"accelerator": {"type": "npu"}}),
         mindie(worker={"accelerator": {"type": "gpu"}}),
     ),
-    "mindie-rank-table": (
-        {
-            "runtime": {**MINDIE["runtime"], "rankTableConfigMap": "r1-rank-table"},
-            "parallelism": {"nodes": 2},
-        },
-        mindie(parallelism={"nodes": 2}),
-    ),
     "mindie-port": (mindie(serving={"port": 1025}), mindie(serving={"port": 29499})),
     "mindie-batch": (
         mindie(serving={"maxBatchSize": 5000}),

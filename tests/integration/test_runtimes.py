@@ -161,15 +161,6 @@ def test_vllm_on_two_gpu_nodes_reaches_ready(running_operator: OperatorProcess, 
             "spec.sharding.enabled: runtime vllm loads the HuggingFace checkpoint itself",
         ),
         (
-            "mindie-rank-table",
-            {
-                "runtime": {"engine": "mindie", "image": "mindie:test"},
-                "parallelism": TWO_BY_EIGHT,
-                "worker": {"accelerator": {"type": "npu"}},
-            },
-            "spec.runtime.rankTableConfigMap is required by runtime mindie with more than one node",
-        ),
-        (
             "mindie-gpu",
             {
                 "runtime": {"engine": "mindie", "image": "mindie:test"},

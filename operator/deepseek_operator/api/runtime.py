@@ -243,7 +243,8 @@ class Runtime(ApiModel):
         pattern=DNS_SUBDOMAIN,
         description="mindie: a ConfigMap in the namespace whose key hccl.json is the HCCL rank "
         "table of the worker nodes (written by the cluster's Ascend tooling or by hand). "
-        "Required with more than one node.",
+        "Optional: with more than one node and none named, the operator builds the table from the "
+        "Ascend device plugin's pod annotations (ConfigMap <name>-hccl).",
     )
     extra_args: list[ExtraArg] | None = Field(
         None,

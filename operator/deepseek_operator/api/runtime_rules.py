@@ -209,14 +209,6 @@ MINDIE_RULES: tuple[Rule, ...] = (
     ),
     _refuse(
         "mindie",
-        "rank-table",
-        "spec.runtime.rankTableConfigMap is required by runtime mindie with more than one node: "
-        "name the ConfigMap holding the nodes' HCCL rank table (key hccl.json), or set nodes: 1",
-        lambda s: s.parallelism.nodes == 1 or s.runtime.rank_table_config_map is not None,
-        f"{_P}.nodes == 1 || has(self.runtime.rankTableConfigMap)",
-    ),
-    _refuse(
-        "mindie",
         "port",
         f"spec.serving.port: runtime mindie serves on port, port+1 (management) and port+2 "
         f"(metrics), each in [{MINDIE_MIN_PORT}, 65535] and clear of {MINDIE_GROUP_PORT} (its "

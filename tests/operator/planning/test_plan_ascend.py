@@ -311,3 +311,29 @@ def test_replacing_a_lost_node_reshards_for_the_new_placement() -> None:
         if result.status.fingerprint[:10] in j["metadata"]["name"]
     }
     assert sorted(placed.values()) == ["npu-a", "npu-c"]
+
+
+@pytest.mark.parametrize("own_table", [False, True])
+def test_mindie_on_two_nodes_names_each_variable_once_and_uses_one_rank_table(
+    own_table: bool,
+) -> None:
+    """MindIE and the Ascend pod settings both set POD_IP and the rank table variables: the API
+    server refuses a container naming one twice. The operator's table serves unless the user
+    names their own, and then no init container waits for the operator's."""
+    body = copy.deepcopy(TWO_NODES)
+    body["spec"]["runtime"] = {"engine": "mindie", "image": "mindie:test"}
+    if own_table:
+        body["spec"]["runtime"]["rankTableConfigMap"] = "r1-rank-table"
+    cluster = FakeCluster(body)
+    cluster.until_ready()
+    pod = cluster.sts()["spec"]["template"]["spec"]
+    names_ = [e["name"] for e in container(cluster.sts(), "engine")["env"]]
+    assert len(names_) == len(set(names_)), names_
+    env = {e["name"]: e for e in container(cluster.sts(), "engine")["env"]}
+    init = [c["name"] for c in pod.get("initContainers") or ()]
+    if own_table:
+        assert env["RANK_TABLE_FILE"]["value"] == "/etc/mindie/ranktable/hccl.json"
+        assert "rank-table" not in init
+    else:
+        assert env["RANK_TABLE_FILE"]["value"] == rank_table.TABLE_PATH
+        assert "rank-table" in init

@@ -34,8 +34,13 @@ def is_ascend(spec: DeepSeekDeploymentSpec) -> bool:
 
 
 def needs_rank_table(spec: DeepSeekDeploymentSpec) -> bool:
-    """HCCL needs a rank table across nodes; on one node it finds the devices itself."""
-    return is_ascend(spec) and spec.parallelism.nodes > 1
+    """HCCL needs a rank table across nodes (on one node it finds the devices itself); the
+    operator builds it unless spec.runtime.rankTableConfigMap names the user's own."""
+    return (
+        is_ascend(spec)
+        and spec.parallelism.nodes > 1
+        and spec.runtime.rank_table_config_map is None
+    )
 
 
 def hccl_buffer_mb(spec: DeepSeekDeploymentSpec) -> int | None:

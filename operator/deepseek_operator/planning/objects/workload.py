@@ -192,7 +192,9 @@ def _engine_container(ctx: Context, mounts: list[Obj]) -> Obj:
     """The serving container of spec.runtime's engine, with spec.worker.env merged in."""
     spec = ctx.spec
     out = rendering(ctx)
-    own = [*out.env, *(hccl_env(spec) if is_ascend(spec) else [])]  # user's env replaces these
+    named = {e["name"] for e in out.env}
+    hccl = [e for e in (hccl_env(spec) if is_ascend(spec) else []) if e["name"] not in named]
+    own = [*out.env, *hccl]  # user's env replaces these
     env = merge_env(own, [e.to_dict() for e in spec.worker.env or ()])
     return runtimes.serving_container(spec, out, env, mounts, container_security_context())
 

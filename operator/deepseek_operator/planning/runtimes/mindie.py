@@ -189,8 +189,9 @@ def env(spec: DeepSeekDeploymentSpec, config_dir: str) -> list[Obj]:
         # MindIE writes its logs under $HOME: the root file system is read-only, /tmp is not.
         {"name": "HOME", "value": "/tmp"},
     ]
-    if spec.parallelism.nodes > 1:
-        # MindIE 1.0.x reads RANKTABLEFILE, later versions RANK_TABLE_FILE.
+    if rank_table_volume(spec) is not None:
+        # The user's table; without one the operator builds it (planning/hccl.py, whose
+        # environment names its own path). MindIE 1.0.x reads RANKTABLEFILE, later RANK_TABLE_FILE.
         out += [
             {"name": "RANK_TABLE_FILE", "value": RANK_TABLE_PATH},
             {"name": "RANKTABLEFILE", "value": RANK_TABLE_PATH},
