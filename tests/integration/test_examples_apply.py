@@ -131,8 +131,10 @@ def test_operator_reconciles_every_example_to_its_sharding_job(
                         return None
                     out[name] = obj
                     continue
-                job = (status.get("shards") or {}).get("job")
-                if not job or get_json(kube, "job", job, "-n", namespace) is None:
+                shards = status.get("shards") or {}
+                # Node-local shards: one Job per node, listed in status.shards.nodes.
+                jobs = [n["job"] for n in shards.get("nodes") or ()] or [shards.get("job")]
+                if not all(j and get_json(kube, "job", j, "-n", namespace) for j in jobs):
                     return None
                 out[name] = obj
             return out
@@ -163,12 +165,14 @@ def test_operator_reconciles_every_example_to_its_sharding_job(
         ), (name, conditions["Sharded"])
         assert conditions["Ready"]["status"] == "False"
         assert status["message"], name
-        job = get_json(kube, "job", status["shards"]["job"], "-n", namespace)
-        assert job is not None
-        owners = job["metadata"]["ownerReferences"]
-        assert owners[0]["kind"] == "DeepSeekDeployment" and owners[0]["name"] == name
-        command = job["spec"]["template"]["spec"]["containers"][0]
-        assert [*command["command"], *command["args"]][:2] == ["dsworker", "shard"]
+        shards = status["shards"]
+        for job_name in [n["job"] for n in shards.get("nodes") or ()] or [shards["job"]]:
+            job = get_json(kube, "job", job_name, "-n", namespace)
+            assert job is not None, job_name
+            owners = job["metadata"]["ownerReferences"]
+            assert owners[0]["kind"] == "DeepSeekDeployment" and owners[0]["name"] == name
+            command = job["spec"]["template"]["spec"]["containers"][0]
+            assert [*command["command"], *command["args"]][:2] == ["dsworker", "shard"]
 
     # The operator-created claim of the pvc-store example, waiting for a provisioner.
     r1 = found["deepseek-r1-w8a8"]

@@ -12,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from dsworker.contract.layout import ModelDims, ParallelPlan, PlanError, check_plan
+from dsworker.contract.layout import ModelDims, ParallelPlan, check_plan
+from dsworker.contract.model_config import ModelConfig, ModelConfigError, parse_model_config
 
 from .spec import DeepSeekDeploymentSpec
 
@@ -124,20 +125,19 @@ def _fp8_extra(dims: ModelDims, plan: ParallelPlan) -> list[str]:
 
 def review_config(
     spec: DeepSeekDeploymentSpec,
-    config: Mapping[str, Any],
+    config: ModelConfig | Mapping[str, Any],
     quant_description_files: Iterable[str] = (),
 ) -> ConfigReview:
     """Every config-dependent rule for a validated spec: architecture, offline sharding,
-    quantization, MTP, sequence length and the divisibility of the parallel plan."""
+    quantization, MTP, sequence length and the divisibility of the parallel plan. A dict is
+    validated first (parse_model_config): a malformed one is an error naming the key."""
     review = ConfigReview()
-    if not isinstance(config, Mapping):
-        review.errors.append("spec.model.source: config.json is not a JSON object")
-        return review
     try:
-        dims = ModelDims.from_config(dict(config))
-    except PlanError as exc:
+        mc = config if isinstance(config, ModelConfig) else parse_model_config(config)
+    except ModelConfigError as exc:
         review.errors.append(f"spec.model.source: {exc}")
         return review
+    config, dims = mc.raw, mc.dims
     review.dims, review.architecture = dims, dims.architecture
     model, errs, warns = spec.model, review.errors, review.warnings
 
@@ -181,8 +181,8 @@ def review_config(
             "BF16 weights"
         )
 
-    max_pos = config.get("max_position_embeddings")
-    if isinstance(max_pos, int) and spec.serving.max_seq_len > max_pos:
+    max_pos = mc.max_position_embeddings
+    if max_pos is not None and spec.serving.max_seq_len > max_pos:
         errs.append(
             f"spec.serving.maxSeqLen ({spec.serving.max_seq_len}) exceeds the model's "
             f"max_position_embeddings ({max_pos}); lower maxSeqLen"
@@ -197,7 +197,7 @@ def review_config(
 
 def check_against_config(
     spec: DeepSeekDeploymentSpec,
-    config: Mapping[str, Any],
+    config: ModelConfig | Mapping[str, Any],
     quant_description_files: Iterable[str] = (),
 ) -> list[str]:
     """The errors of review_config: empty when the spec fits the checkpoint."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -102,6 +102,16 @@ class ShardsStatus(StatusModel):
         "_COMPLETE marker the sharder writes last (the workers stage nothing without it). Kept "
         "when the Job is deleted afterwards (by hand, by a TTL), so the shards are not written "
         "again.",
+    )
+    model_config_keys: dict[str, Any] | None = Field(
+        None,
+        alias="modelConfig",
+        description="The sharded checkpoint's config.json as the sharder read it (the keys the "
+        "memory fit reads): without the llm.dsop.io/model-config annotation, the operator checks "
+        "that the plan fits the devices with it before any worker starts.",
+    )
+    quantization: str | None = Field(
+        None, description="The sharded checkpoint's weight format (bf16, fp8, w8a8, w8a16)."
     )
     dir_bytes: dict[str, int] | None = Field(
         None,

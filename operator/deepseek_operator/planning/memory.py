@@ -13,7 +13,8 @@ from typing import Any
 
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.contract.fit import Fit, engine_fit
-from dsworker.contract.memory import HEADROOM_WARN
+from dsworker.contract.memory import HEADROOM_WARN, memory_config
+from dsworker.contract.model_config import ModelConfig
 from dsworker.contract.quant import quant_format
 
 from ..api import DeepSeekDeploymentSpec
@@ -43,11 +44,11 @@ class MemoryVerdict:
 
 
 def weights_config(
-    config: Mapping[str, Any], quantization: str | None, dequantize_fp8: bool
+    config: ModelConfig | Mapping[str, Any], quantization: str | None, dequantize_fp8: bool
 ) -> dict[str, Any]:
     """config.json as the workers will hold the weights: BF16 after dequantizeFp8, and the
     format the spec or the checkpoint's description files name when config.json is silent."""
-    cfg = dict(config)
+    cfg = dict(config.raw if isinstance(config, ModelConfig) else config)
     fmt = quant_format(cfg)
     if dequantize_fp8 and fmt is not None and fmt.kind == "fp8":
         cfg.pop("quantization_config", None)
@@ -57,12 +58,14 @@ def weights_config(
 
 
 def check_memory(
-    spec: DeepSeekDeploymentSpec, config: Mapping[str, Any], quantization: str | None
+    spec: DeepSeekDeploymentSpec, config: ModelConfig | Mapping[str, Any], quantization: str | None
 ) -> MemoryVerdict | None:
-    """The verdict for a spec whose device memory is known (None when it is not)."""
+    """The verdict for a spec whose device memory is known (None when it is not). The memory
+    model validates the config it counts: ModelConfigError names a key it lacks or cannot use."""
     device = spec.worker.accelerator.memory_bytes()
     if device is None:
         return None
+    memory_config(config)  # a malformed key named as the config's source names it
     cfg = weights_config(config, quantization, spec.model.dequantize_fp8)
     fit = _fit(json.dumps(cfg, sort_keys=True), engine_config(spec).to_json(), device)
     where = _source(spec)

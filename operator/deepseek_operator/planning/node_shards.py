@@ -99,4 +99,6 @@ def _combined(summaries: list[dict[str, Any] | None]) -> dict[str, Any] | None:
             groups[k] = max(groups.get(k, 0), int(v))
     if groups and all((s or {}).get("dirBytes") for s in summaries):
         out["dirBytes"] = groups
+    first = summaries[0] or {}  # the model, as every node's sharder read it (reported_fit.py)
+    out.update({k: first[k] for k in ("modelConfig", "quantization") if k in first})
     return out

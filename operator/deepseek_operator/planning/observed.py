@@ -158,6 +158,7 @@ class Termination:
     message: str
     summary: dict[str, Any] | None = None
     error: str | None = None
+    reason: str | None = None  # dsworker's termination reason (contract.errors), when it gave one
 
     @property
     def bad_input(self) -> bool:
@@ -196,6 +197,8 @@ def termination(pods: Iterable[Obj], succeeded: bool) -> Termination | None:
     if isinstance(parsed, dict):
         if "error" in parsed:
             out.error = str(parsed["error"])[:MAX_MESSAGE]
+            if isinstance(parsed.get("reason"), str):
+                out.reason = parsed["reason"][:64]
         else:
             out.summary = parsed
     elif not succeeded:

@@ -16,9 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
+
+from dsworker.contract.model_config import ModelConfig, ModelConfigError, parse_model_config
 
 from ..api import DeepSeekDeploymentStatus, parse_deployment
 from ..api.config_rules import review_config
@@ -32,6 +35,7 @@ from .memory import check_memory
 from .node_shards import plan_node_shards
 from .observed import Obj, Observed, annotation, meta, terminating, uid
 from .pinning import plan_pins
+from .reported_fit import check_reported_fit
 from .shards import Shards, dir_bytes, plan_shards, shard_bytes, shards_status
 from .state import Delete, PassState, Plan
 from .status import Cond, EventSpec, Summary
@@ -48,24 +52,17 @@ def previous_status(body: Mapping[str, Any]) -> DeepSeekDeploymentStatus:
         return DeepSeekDeploymentStatus()
 
 
-def read_model_config(body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-    """The config.json given inline in the llm.dsop.io/model-config annotation, or an error."""
+def read_model_config(body: Mapping[str, Any]) -> tuple[ModelConfig | None, str | None]:
+    """The config.json given inline in the llm.dsop.io/model-config annotation, parsed and
+    validated once (contract.model_config), or the error naming the key."""
     raw = (meta(body).get("annotations") or {}).get(names.MODEL_CONFIG_ANNOTATION)
     if raw is None:
         return None, None
+    where = f"metadata.annotations[{names.MODEL_CONFIG_ANNOTATION}]"
     try:
-        config = json.loads(raw)
-    except ValueError as exc:
-        return None, (
-            f"metadata.annotations[{names.MODEL_CONFIG_ANNOTATION}] is not valid JSON ({exc}); "
-            "paste the checkpoint's config.json there or remove the annotation"
-        )
-    if not isinstance(config, dict):
-        return None, (
-            f"metadata.annotations[{names.MODEL_CONFIG_ANNOTATION}] must hold a JSON object "
-            "(the checkpoint's config.json)"
-        )
-    return config, None
+        return parse_model_config(str(raw), where=where), None
+    except ModelConfigError as exc:
+        return None, (f"{exc}; paste the checkpoint's config.json there, or remove the annotation")
 
 
 def _not_validated(generation: int, reason: str, message: str, previous: Any) -> Summary:
@@ -104,19 +101,15 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
         summary = _not_validated(generation, st.INVALID_MODEL_CONFIG, config_error, previous)
         return _finish(previous, summary, observed, [], [], [], [])
     if model_config is not None:
-        review = review_config(spec, model_config)
-        if review.errors:
-            summary = _not_validated(
-                generation, st.CONFIG_MISMATCH, "; ".join(review.errors), previous
-            )
-            return _finish(previous, summary, observed, [], [], [], [])
-        warnings += [w for w in review.warnings if w not in warnings]
-        memory = check_memory(spec, model_config, review.quantization)
-        if memory is not None and memory.error:
-            return _does_not_fit(generation, memory.error, previous, observed)
-        memory_warning = memory.warning if memory is not None else ""
+        reviewed = _review_model_config(spec, model_config, generation, previous, observed)
+        if isinstance(reviewed, Plan):
+            return reviewed
+        warnings += [w for w in reviewed[0] if w not in warnings]
+        memory_warning = reviewed[1]
 
-    fp = fingerprint(spec, model_config, owner=f"{dep.namespace}/{dep.name}")
+    fp = fingerprint(
+        spec, model_config.raw if model_config else None, owner=f"{dep.namespace}/{dep.name}"
+    )
     ctx = objects.Context(dep, str(md.get("uid") or ""), fp, generation)
     retry = previous.phase == "Failed" and previous.observed_generation not in (None, generation)
     # Failed for the workers holds until the spec changes: the budget is spent, or a worker said
@@ -128,7 +121,28 @@ def plan(body: Mapping[str, Any], observed: Observed) -> Plan:
     )
     state = PassState(ctx, observed, previous, warnings, retry, sticky)
     state.memory_warning = memory_warning
+    state.config_known = model_config is not None
     return _run(state)
+
+
+def _review_model_config(
+    spec: Any, config: ModelConfig, generation: int, previous: Any, observed: Observed
+) -> Plan | tuple[list[str], str]:
+    """The rules and the memory fit that need config.json: a refusal (Validated False), or the
+    warnings and the memory warning to carry."""
+    review = review_config(spec, config)
+    if review.errors:
+        summary = _not_validated(generation, st.CONFIG_MISMATCH, "; ".join(review.errors), previous)
+        return _finish(previous, summary, observed, [], [], [], [])
+    try:
+        memory = check_memory(spec, config, review.quantization)
+    except ModelConfigError as exc:
+        message = f"{exc}; paste the checkpoint's config.json there, or remove the annotation"
+        summary = _not_validated(generation, st.INVALID_MODEL_CONFIG, message, previous)
+        return _finish(previous, summary, observed, [], [], [], [])
+    if memory is not None and memory.error:
+        return _does_not_fit(generation, memory.error, previous, observed)
+    return review.warnings, memory.warning if memory is not None else ""
 
 
 def _does_not_fit(generation: int, message: str, previous: Any, observed: Observed) -> Plan:
@@ -140,6 +154,20 @@ def _does_not_fit(generation: int, message: str, previous: Any, observed: Observ
     if old is None or old.reason != st.INSUFFICIENT_MEMORY or old.message != message:
         events.append(EventSpec("Warning", st.INSUFFICIENT_MEMORY, st.truncate(message)))
     return _finish(previous, summary, observed, [], [], events, [])
+
+
+def _validated_and_fit(state: PassState, shards: Shards, store_warning: str) -> tuple[Shards, Cond]:
+    """The Validated condition, and the shards; a plan that the sharder's report shows does not
+    fit is Validated False InsufficientMemory (a Warning Event when the message is new), and
+    its shards count as failed so that no worker starts (they stay for devices that fit)."""
+    message = check_reported_fit(state, shards)
+    if not message:
+        return shards, validated(state, store_warning)
+    old = st.condition(state.previous, VALIDATED)
+    if old is None or old.reason != st.INSUFFICIENT_MEMORY or old.message != message:
+        state.events.append(EventSpec("Warning", st.INSUFFICIENT_MEMORY, st.truncate(message)))
+    failed = replace(shards, failed=True, message=message)
+    return failed, Cond(VALIDATED, "False", st.INSUFFICIENT_MEMORY, message)
 
 
 def _reason(status: DeepSeekDeploymentStatus, kind: str) -> str | None:
@@ -180,11 +208,11 @@ def _run(state: PassState) -> Plan:
     ctx = state.ctx
     restart_budget(state)
     store = plan_store(state)
-    validated_cond = validated(state, store.warning if store else "")
     state.apply += [objects.headless_service(ctx), objects.client_service(ctx)]
     _network_policy(state)
     nodes = objects.store_nodes(state.spec)
     shards = plan_node_shards(state) if nodes else plan_shards(state, store)
+    shards, validated_cond = _validated_and_fit(state, shards, store.warning if store else "")
     observed_sts = state.observed.statefulset(names.statefulset(ctx.name))
     if observed_sts is not None and terminating(observed_sts):
         observed_sts = None
@@ -197,7 +225,7 @@ def _run(state: PassState) -> Plan:
         and annotation(observed_sts, names.FINGERPRINT_ANNOTATION) != ctx.fingerprint
     )
     if shards.bad_input:
-        validated_cond = Cond(VALIDATED, "False", st.CONFIG_MISMATCH, shards.message)
+        validated_cond = Cond(VALIDATED, "False", shards.validated_reason, shards.message)
     if workers.bad_input:
         validated_cond = Cond(VALIDATED, "False", st.CONFIG_MISMATCH, workers.message)
     phase, message = _phase(state, shards, workers, serving_previous)

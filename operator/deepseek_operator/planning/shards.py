@@ -28,6 +28,7 @@ from .observed import (
     uid,
     unschedulable,
 )
+from .sharder_failure import sharder_failure
 from .state import Delete, PassState
 from .status import Cond, EventSpec
 from .store import StoreChange
@@ -41,6 +42,7 @@ class Shards:
     complete: bool = False
     failed: bool = False
     bad_input: bool = False
+    validated_reason: str = st.CONFIG_MISMATCH  # Validated's reason when bad_input
     waiting: bool = False  # for something outside (a claim to bind, a node to fit the pod)
     message: str = ""
     summary: dict[str, Any] | None = None
@@ -238,12 +240,18 @@ def _failed_job(state: PassState, job_name: str, job: Obj, pods: list[Obj]) -> S
     term = termination(pods, succeeded=False)
     detail = (term.error if term and term.error else None) or job_failure_reason(job)
     text = f"sharding Job {job_name} failed: {detail}"
-    return Shards(
-        Cond(SHARDED, "False", st.SHARDING_FAILED, text),
-        failed=True,
-        bad_input=bool(term and term.bad_input),
-        message=detail if term and term.bad_input else text,
-    )
+    if term is not None and (term.bad_input or term.reason == st.OUTPUT_BUSY):
+        why = sharder_failure(term.reason, detail, job_name, state.spec)
+        return Shards(
+            Cond(
+                SHARDED, "False", why.sharded_reason, text if why.validated_reason else why.message
+            ),
+            failed=True,
+            bad_input=why.validated_reason is not None,
+            validated_reason=why.validated_reason or st.CONFIG_MISMATCH,
+            message=why.message,
+        )
+    return Shards(Cond(SHARDED, "False", st.SHARDING_FAILED, text), failed=True, message=text)
 
 
 def _complete(
@@ -364,7 +372,8 @@ def shards_status(state: PassState, shards: Shards) -> dict[str, Any] | None:
     if not shards.complete:
         return out
     if shards.summary:
-        keys = ("bytes", "files", "seconds", "throughputMBps", "dirBytes")
+        keys = ("bytes", "files", "seconds", "throughputMBps", "dirBytes", "modelConfig")
+        keys += ("quantization",)
         out.update({k: shards.summary[k] for k in keys if k in shards.summary})
     elif same and old is not None:
         out = {**old.to_dict(), **out}

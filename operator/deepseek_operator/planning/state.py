@@ -78,6 +78,7 @@ class PassState:
     restarts: int = 0  # group restarts spent of the budget
     recheck: bool = False  # see Plan.recheck
     memory_warning: str = ""  # the plan fits its devices with little headroom (memory.py)
+    config_known: bool = False  # the model-config annotation gave config.json (checked already)
 
     @property
     def spec(self) -> DeepSeekDeploymentSpec:

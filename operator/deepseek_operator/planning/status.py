@@ -56,6 +56,12 @@ STORE_NOT_BOUND = "StoreNotBound"
 SHARDING_PENDING = "ShardingPending"
 SHARDING_IN_PROGRESS = "ShardingInProgress"
 SHARDING_FAILED = "ShardingFailed"
+# The sharder's termination reasons for infrastructure (dsworker.contract.errors): Sharded False
+# with the fix, the spec still valid.
+SOURCE_MISSING = "SourceMissing"
+STORAGE_FULL = "StorageFull"
+STORAGE_NOT_WRITABLE = "StorageNotWritable"
+OUTPUT_BUSY = "OutputBusy"
 
 # A container (the sharder's or a worker's) cannot start: Sharded or WorkersReady False.
 IMAGE_PULL_FAILED = "ImagePullFailed"

@@ -170,7 +170,7 @@ def test_a_config_that_is_not_deepseek(cfg: dict[str, Any]) -> None:
 
 def test_a_config_that_is_not_an_object() -> None:
     assert check_against_config(spec(), ["not", "a", "dict"]) == [  # type: ignore[arg-type]
-        "spec.model.source: config.json is not a JSON object"
+        "spec.model.source: config.json: not a JSON object (config.json must be one)"
     ]
 
 

@@ -13,6 +13,7 @@ from dsworker.checkpoint.safetensors_format import NUMPY_DTYPES
 from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.checkpoint.sharded_metadata import read_metadata
 from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE, ParallelPlan
+from dsworker.contract.memory import fit_inputs, weight_bytes
 from dsworker.tools.merge import merge
 from dsworker.tools.output_dir import IN_PROGRESS_MARKER
 from dsworker.tools.reshard import reshard
@@ -306,6 +307,20 @@ def test_rerun_over_complete_output_verifies_and_skips(tiny_v3: Path, tmp_path: 
     again = shard(tiny_v3, out, plan)
     assert again["skipped"] is True and again["fingerprint"] == first["fingerprint"]
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+
+
+def test_the_summary_reports_the_model_for_the_operators_memory_fit(
+    tiny_v3: Path, tmp_path: Path
+) -> None:
+    """Without the model-config annotation, the operator checks the fit with what the sharder
+    read (issue 17): the keys the memory model counts with, whether written or skipped."""
+    config = json.loads((tiny_v3 / "config.json").read_text())
+    plan = ParallelPlan(2, 1, 2, 2, 1)
+    for res in (shard(tiny_v3, tmp_path / "s", plan), shard(tiny_v3, tmp_path / "s", plan)):
+        assert res["modelConfig"] == fit_inputs(config) and res["quantization"] == "bf16"
+        assert res["modelConfig"]["kv_lora_rank"] == config["kv_lora_rank"]
+        assert weight_bytes(res["modelConfig"], plan).shard == weight_bytes(config, plan).shard
+        assert len(json.dumps(res, separators=(",", ":"))) < 4096  # the termination log's limit
 
 
 def test_rerun_over_corrupt_complete_output_reshards(tiny_v3: Path, tmp_path: Path) -> None:

@@ -8,13 +8,21 @@ the table of known accelerators below (GiB as sold; what the runtime reports is 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.contract.kv_budget import GIB
 from dsworker.contract.layout import ParallelPlan
-from dsworker.contract.memory import HEADROOM_WARN, kv_cache_bytes, weight_bytes, workspace_bytes
+from dsworker.contract.memory import (
+    HEADROOM_WARN,
+    kv_cache_bytes,
+    memory_config,
+    weight_bytes,
+    workspace_bytes,
+)
+from dsworker.contract.model_config import ModelConfig
 from dsworker.contract.quant import quant_format
 
 # Bytes per element of the engine config's compute dtypes.
@@ -89,7 +97,7 @@ class Fit:
 
 
 def check_fit(
-    cfg: dict[str, Any],
+    cfg: Mapping[str, Any] | ModelConfig,
     plan: ParallelPlan,
     device_bytes: int,
     *,
@@ -101,7 +109,9 @@ def check_fit(
     mtp: bool = False,
     dtype_bytes: int = 2,
 ) -> Fit:
-    """The largest rank's budget for this plan (config.json dict, engine-config numbers)."""
+    """The largest rank's budget for this plan (config.json, validated here when a dict, and
+    engine-config numbers); ModelConfigError names a malformed key."""
+    cfg = memory_config(cfg)
     weights = max(weight_bytes(cfg, plan, mtp, dtype_bytes).device)
     page = min(page_size, max_seq_len)
     one, wanted = kv_cache_bytes(cfg, plan, max_seq_len, max_batch_size, page, mtp, dtype_bytes)
@@ -110,7 +120,9 @@ def check_fit(
     return Fit(weights, kv, one, work, device_bytes, quant_format(cfg) is not None)
 
 
-def engine_fit(cfg: dict[str, Any], engine: EngineConfig, device_bytes: int) -> Fit:
+def engine_fit(
+    cfg: Mapping[str, Any] | ModelConfig, engine: EngineConfig, device_bytes: int
+) -> Fit:
     """check_fit with an engine config's numbers: the one mapping the operator and `dsworker
     serve` share, so both reach the same verdict."""
     return check_fit(

@@ -11,7 +11,7 @@ tensors in the compute dtype, the router in fp32, and kv_b_proj dequantised to t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +26,86 @@ from dsworker.contract.layout import (
     split_name,
     tensor_slice,
 )
+from dsworker.contract.model_config import ModelConfig, ModelConfigError, parse_model_config
 from dsworker.contract.quant import DTYPE_BYTES, QuantFormat, quant_format, stored
 
 # Activations, MoE exchange buffers, logits and allocator slack: a stated allowance per rank.
 WORKSPACE_MIN_BYTES = 2 * GIB
 HEADROOM_WARN = 0.10  # under 10% of device memory left over: warn
 UNQUANTISED_ON_DEVICE = ("self_attn.kv_b_proj",)  # held in the compute dtype (see above)
+# The MLA sizes the model counts with: optional to config.json's parser, required here.
+MLA_SIZES = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+# The weights are counted tensor by tensor (about a second for R1's 62 x 256 expert MLPs): more
+# expert MLPs than this (8x R1) is no DeepSeek checkpoint, and would hold the operator for minutes.
+MAX_EXPERT_MLPS = 1 << 17
+
+
+# config.json's keys the memory fit reads (and parse_model_config needs): what the sharder reports
+# of the real checkpoint, small enough for the termination log (4 KiB with the rest).
+FIT_KEYS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "vocab_size",
+    "num_attention_heads",
+    "num_hidden_layers",
+    "intermediate_size",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "n_shared_experts",
+    "num_experts_per_tok",
+    "n_group",
+    "topk_group",
+    "topk_method",
+    "first_k_dense_replace",
+    "moe_layer_freq",
+    "num_nextn_predict_layers",
+    "max_position_embeddings",
+    "q_lora_rank",
+    *MLA_SIZES,
+    "quantize",
+)
+_QUANT_KEYS = ("quant_method", "weight_block_size")
+_QUANT_PART_KEYS = ("num_bits", "type", "strategy", "group_size")
+
+
+def fit_inputs(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a (validated) config.json the memory fit reads: FIT_KEYS, and of
+    quantization_config its method, FP8 block and 8-bit groups (not its module lists)."""
+    out = {k: cfg[k] for k in FIT_KEYS if cfg.get(k) is not None}
+    qc = cfg.get("quantization_config")
+    if isinstance(qc, Mapping) and qc:
+        small: dict[str, Any] = {k: qc[k] for k in _QUANT_KEYS if k in qc}
+        groups = qc.get("config_groups")
+        if isinstance(groups, Mapping):
+            small["config_groups"] = {
+                name: {
+                    part: {k: spec[k] for k in _QUANT_PART_KEYS if k in spec}
+                    for part, spec in group.items()
+                    if part in ("weights", "input_activations") and isinstance(spec, Mapping)
+                }
+                for name, group in groups.items()
+                if isinstance(group, Mapping)
+            }
+        out["quantization_config"] = small
+    return out
+
+
+def memory_config(cfg: Mapping[str, Any] | ModelConfig) -> dict[str, Any]:
+    """config.json validated for the memory model (ModelConfigError naming the key), as a dict:
+    every value the counting below reads is then of the right type and range."""
+    mc = cfg if isinstance(cfg, ModelConfig) else parse_model_config(cfg)
+    for key in MLA_SIZES:
+        mc.require(key)
+    layers = mc.sizes["num_hidden_layers"] + mc.num_nextn_predict_layers
+    if layers * (mc.sizes["n_routed_experts"] + 1) > MAX_EXPERT_MLPS:
+        raise ModelConfigError(
+            f"{mc.where}: n_routed_experts ({mc.sizes['n_routed_experts']}) x layers ({layers}) "
+            f"is over {MAX_EXPERT_MLPS} expert MLPs, more than any DeepSeek checkpoint; "
+            "fix config.json",
+            "n_routed_experts",
+        )
+    return mc.raw
 
 
 @dataclass(frozen=True)
@@ -154,9 +228,13 @@ class WeightBytes:
 
 
 def weight_bytes(
-    cfg: dict[str, Any], plan: ParallelPlan, mtp: bool = False, dtype_bytes: int = 2
+    cfg: Mapping[str, Any] | ModelConfig,
+    plan: ParallelPlan,
+    mtp: bool = False,
+    dtype_bytes: int = 2,
 ) -> WeightBytes:
     """Weight bytes of every rank of `plan` (dtype_bytes: the compute dtype's, 2 for bf16)."""
+    cfg = memory_config(cfg)
     dims = ModelDims.from_config(cfg)
     fmt = quant_format(cfg)
     shard: dict[str, int] = {}
@@ -176,7 +254,7 @@ def weight_bytes(
 
 
 def kv_cache_bytes(
-    cfg: dict[str, Any],
+    cfg: Mapping[str, Any] | ModelConfig,
     plan: ParallelPlan,
     max_seq_len: int,
     max_batch_size: int,
@@ -188,6 +266,7 @@ def kv_cache_bytes(
 
     MLA caches one latent plus the rope key per token and layer, not split over tp.
     """
+    cfg = memory_config(cfg)
     layers = int(cfg["num_hidden_layers"]) + (
         int(cfg.get("num_nextn_predict_layers") or 0) if mtp else 0
     )
@@ -198,8 +277,11 @@ def kv_cache_bytes(
     return per_seq, per_seq * wanted_slots(max_batch_size, plan.dp)
 
 
-def workspace_bytes(cfg: dict[str, Any], prefill_tokens: int, dtype_bytes: int = 2) -> int:
+def workspace_bytes(
+    cfg: Mapping[str, Any] | ModelConfig, prefill_tokens: int, dtype_bytes: int = 2
+) -> int:
     """Activations of one prefill step (about 16 hidden-wide rows each) plus fp32 logits, at least
     WORKSPACE_MIN_BYTES: a stated allowance, not a measurement."""
+    cfg = memory_config(cfg)
     per_token = 16 * int(cfg["hidden_size"]) * dtype_bytes + 4 * int(cfg["vocab_size"])
     return max(WORKSPACE_MIN_BYTES, prefill_tokens * per_token)

@@ -182,7 +182,7 @@ def parse_model_config(
         except strict_json.JsonError as e:
             raise ModelConfigError(f"{where}: {e}", e.key) from None
     if not isinstance(source, Mapping):
-        raise ModelConfigError(f"{where}: config.json is not a JSON object", "")
+        raise ModelConfigError(f"{where}: not a JSON object (config.json must be one)", "")
     deep = strict_json.too_deep(source, MAX_DEPTH)
     if deep is not None:
         raise ModelConfigError(f"{where}: {deep} nests deeper than {MAX_DEPTH} levels", deep)

@@ -41,6 +41,7 @@ from dsworker.contract.layout import (
     ParallelPlan,
     dir_bytes_by_group,
 )
+from dsworker.contract.memory import fit_inputs
 from dsworker.tools.layout_options import LayoutOptions
 from dsworker.tools.layout_plan import only_ranks, plan_layout
 from dsworker.tools.layout_source import LayoutSource
@@ -88,7 +89,7 @@ def write_layout(
             out = summary(total, len(md.files), time.monotonic() - t0, fingerprint=fp, skipped=True)
             out["outputDir"] = str(dst)
             out["dirBytes"] = _dir_bytes(dst, {k: int(v["bytes"]) for k, v in md.files.items()})
-            return out
+            return out | _model_report(src)
         write_json_atomic(
             dst / IN_PROGRESS_MARKER, {"format": FORMAT, "fingerprint": fp, "pid": os.getpid()}
         )
@@ -113,7 +114,13 @@ def write_layout(
         out = summary(written, len(files), time.monotonic() - t0, fingerprint=fp, skipped=False)
         out["outputDir"] = str(dst)
         out["dirBytes"] = _dir_bytes(dst, {k: int(v["bytes"]) for k, v in files.items()})
-        return out
+        return out | _model_report(src)
+
+
+def _model_report(src: LayoutSource) -> dict[str, Any]:
+    """What the operator checks the memory fit with when no model-config annotation gives it:
+    the real checkpoint's config.json (the keys the fit reads) and its weight format."""
+    return {"modelConfig": fit_inputs(src.config), "quantization": src.quantization}
 
 
 def _written_config(config: dict[str, Any], dequantized: bool) -> bytes:
