@@ -32,6 +32,9 @@ from localcluster import LocalCluster  # noqa: E402
 WORK = REPO / ".demo"
 NAME, NAMESPACE = "tiny", "demo"
 PLAN = {"worldSize": 2, "tp": 2, "moeTp": 1, "moeEp": 2}
+# Room for a prompt offering tools (tests/data/weather_tool.json is ~700 tokens of system prompt
+# with the tiny model's byte-level tokenizer); the tiny model's context is 4096.
+SEQ = {"maxSeqLen": 2048, "maxInputTokenLen": 1536, "maxBatchSize": 4}
 
 
 def say(msg: str) -> None:
@@ -69,7 +72,7 @@ def custom_resource(model_dir: Path) -> dict:
             "parallelism": {"devicesPerNode": 2, "tp": 2, "moeEp": 2},
             "expertParallel": {"level": 2},
             "sharding": {"store": {"hostPath": {"path": "/dev/shm/dsd"}}, "processes": 2},
-            "serving": {"maxSeqLen": 256, "maxInputTokenLen": 128, "maxBatchSize": 4},
+            "serving": dict(SEQ),
             "worker": {
                 "accelerator": {"type": "cpu"},
                 "nodeSelector": {"kubernetes.io/hostname": "kwok-npu-0"},
@@ -172,9 +175,7 @@ def serve_locally(cluster: LocalCluster, model_dir: Path, py: str) -> None:
                 "tp": 2,
                 "moe_ep": 2,
                 "ep_level": 2,
-                "maxSeqLen": 256,
-                "maxInputTokenLen": 128,
-                "maxBatchSize": 4,
+                **SEQ,
                 "dtype": "float32",
                 "device": "cpu",
             }

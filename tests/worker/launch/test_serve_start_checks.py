@@ -5,6 +5,7 @@ an API key from the environment guards the /v1 endpoints (16.11)."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import pytest
 from serving_helpers import dsworker_serve, free_port
 
 from dsworker.contract.errors import EXIT_BAD_INPUT
-from dsworker.contract.layout import COMPLETE_MARKER
+from dsworker.contract.layout import COMPLETE_MARKER, METADATA_FILE
 
 CONFIG = {"device": "cpu", "dtype": "float32", "maxSeqLen": 64, "maxInputTokenLen": 32}
 
@@ -52,6 +53,12 @@ def broken_copy(sharded: Path, tmp: Path, how: str) -> Path:
     shutil.copytree(sharded, model)
     if how == "no-tokenizer":
         (model / "tokenizer.json").unlink()
+    elif how == "fifo-tokenizer-config":  # opening it for reading would block forever
+        (model / "tokenizer_config.json").unlink()
+        os.mkfifo(model / "tokenizer_config.json")
+    elif how == "fifo-metadata":
+        (model / METADATA_FILE).unlink()
+        os.mkfifo(model / METADATA_FILE)
     elif how == "no-complete":
         (model / COMPLETE_MARKER).unlink()
     else:  # a truncated shard
@@ -65,6 +72,7 @@ def broken_copy(sharded: Path, tmp: Path, how: str) -> Path:
     ("how", "says"),
     [
         ("no-tokenizer", "tokenizer.json: missing; the model directory needs tokenizer.json"),
+        ("fifo-tokenizer-config", "tokenizer_config.json is a FIFO (named pipe)"),
         ("no-complete", f"{COMPLETE_MARKER} is missing, so sharding did not finish"),
         ("truncated", "truncated (header of"),
     ],
@@ -78,6 +86,17 @@ def test_a_broken_model_directory_exits_2_in_one_line(
     assert "Traceback" not in log, log[-3000:]
     [line] = [ln for ln in log.splitlines() if says in ln]
     assert "loading failed: " in line
+
+
+def test_a_fifo_for_the_shards_metadata_is_refused_before_any_rank(
+    sharded: Path, tmp_path: Path
+) -> None:
+    """The launcher reads the plan from the metadata: a FIFO there would block it forever."""
+    done = serve(broken_copy(sharded, tmp_path, "fifo-metadata"), tmp_path)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.stderr.startswith("dsworker serve: error: "), done.stderr[-3000:]
+    assert f"{METADATA_FILE} is a FIFO (named pipe), not a regular file" in done.stderr
 
 
 def test_an_unreadable_api_key_file_stops_the_launch_before_any_rank(

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from serving_helpers import dsworker_serve, stream_choices
 from tokenizers import AddedToken, Tokenizer
 
-from dsworker.chat.byte_level import ASSISTANT, BOS, EOS, EOS_ID
+from dsworker.chat.byte_level import ASSISTANT, BOS, CHAT_TEMPLATE, EOS, EOS_ID
 from dsworker.chat.template import render_chat
 from dsworker.chat.tool_calls import CALL_BEGIN, CALL_END, CALLS_BEGIN, CALLS_END, SEP, tools_prompt
 
@@ -62,14 +62,15 @@ def served(synth_checkpoint, tmp_path_factory) -> Iterator[tuple[str, Tokenizer]
     tmp = tmp_path_factory.mktemp("tools")
     model = tmp / "model"
     script_checkpoint(synth_checkpoint("v3", "tiny", "bf16"), model)
-    config = {"modelName": "tiny", "dtype": "float32", "device": "cpu", "maxSeqLen": 1024,
-              "maxInputTokenLen": 960, "maxNewTokens": 32, "toolCallParser": "deepseek_v3"}  # fmt: skip
+    # The serving defaults for maxSeqLen and maxInputTokenLen: the tiny model's context holds them.
+    config = {"modelName": "tiny", "dtype": "float32", "device": "cpu", "maxNewTokens": 32,
+              "toolCallParser": "deepseek_v3"}  # fmt: skip
     with dsworker_serve(model, config, tmp) as (url, _):
         yield url, Tokenizer.from_file(str(model / "tokenizer.json"))
 
 
-def chat(url: str, **extra: object) -> dict:
-    body = {"messages": MESSAGES, "tools": [TOOL], "max_tokens": 32, "temperature": 0} | extra
+def chat(url: str, messages: list[dict] = MESSAGES, **extra: object) -> dict:
+    body = {"messages": messages, "tools": [TOOL], "max_tokens": 32, "temperature": 0} | extra
     r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
@@ -108,16 +109,16 @@ def test_tools_reach_the_prompt_and_tool_choice_none_keeps_the_raw_text(served) 
     assert message == {"role": "assistant", "content": "".join(SCRIPT)}
     assert plain["choices"][0]["finish_reason"] == "stop"
 
-    def tokens(messages: list[dict]) -> int:
-        from dsworker.chat.byte_level import CHAT_TEMPLATE
-
-        text = render_chat(messages, CHAT_TEMPLATE, bos_token=BOS, eos_token=EOS)
-        return len(tok.encode(text, add_special_tokens=False).ids)
-
     with_tools = [{"role": "system", "content": tools_prompt([TOOL])}, *MESSAGES]
-    assert offered["usage"]["prompt_tokens"] == tokens(with_tools)
-    assert plain["usage"]["prompt_tokens"] == tokens(MESSAGES)
-    assert tokens(with_tools) > tokens(MESSAGES) + 100
+    assert offered["usage"]["prompt_tokens"] == tokens(tok, with_tools)
+    assert plain["usage"]["prompt_tokens"] == tokens(tok, MESSAGES)
+    assert tokens(tok, with_tools) > tokens(tok, MESSAGES) + 100
+
+
+def tokens(tok: Tokenizer, messages: list[dict]) -> int:
+    """The prompt's token count through the synthesized checkpoint's chat template."""
+    text = render_chat(messages, CHAT_TEMPLATE, bos_token=BOS, eos_token=EOS)
+    return len(tok.encode(text, add_special_tokens=False).ids)
 
 
 def test_forcing_the_call_lets_the_models_own_marker_tokens_through(served) -> None:
@@ -131,3 +132,21 @@ def test_forcing_the_call_lets_the_models_own_marker_tokens_through(served) -> N
         [call] = body["choices"][0]["message"]["tool_calls"]
         assert call["function"] == {"name": "get_weather", "arguments": ARGUMENTS}
         assert body["usage"]["completion_tokens"] == len(SCRIPT) + 1
+
+
+def test_a_two_turn_tool_round_trip(served) -> None:
+    """The client sends the call back as the answer said it (content None), then the tool's
+    output: the second turn is answered, with the call and the output in its prompt."""
+    url, tok = served
+    first = chat(url)["choices"][0]["message"]
+    assert first["content"] is None and first["tool_calls"]
+    output = {"role": "tool", "tool_call_id": first["tool_calls"][0]["id"], "content": "18C, sunny"}
+    messages = [*MESSAGES, first, output]
+    second = chat(url, messages)
+    assert second["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
+    system = {"role": "system", "content": tools_prompt([TOOL])}
+    assert second["usage"]["prompt_tokens"] == tokens(tok, [system, *messages])
+    rendered = render_chat([system, *messages], CHAT_TEMPLATE, bos_token=BOS, eos_token=EOS)
+    assert rendered.endswith(f"{CALLS_END}{EOS}<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>"
+                             "18C, sunny<｜tool▁output▁end｜><｜tool▁outputs▁end｜>")  # fmt: skip
+    assert f"{CALL_BEGIN}function{SEP}get_weather\n```json\n{ARGUMENTS}\n```{CALL_END}" in rendered

@@ -173,3 +173,23 @@ def test_cli_synth_small_and_config_override(tmp_path: Path) -> None:
         text=True,
     )
     assert r.returncode == 2 and "JSON object" in r.stderr
+
+
+@pytest.mark.parametrize(("arch", "fmt"), [("v3", "bf16"), ("v3", "fp8"), ("v2", "bf16")])
+def test_tiny_context_holds_the_serving_defaults_and_a_tools_prompt(arch: str, fmt: str) -> None:
+    """`maxSeqLen` over max_position_embeddings is refused by the operator: the tiny model must
+    take the serving defaults, and a prompt offering tests/data/weather_tool.json must fit."""
+    from dsworker.chat.byte_level import BOS, CHAT_TEMPLATE, EOS
+    from dsworker.chat.template import render_chat
+    from dsworker.contract.engine_config import EngineConfig
+    from dsworker.tools.synth_presets import make_config
+
+    tool = json.loads((Path(__file__).parents[2] / "data/weather_tool.json").read_text())
+    defaults = EngineConfig()
+    cfg = make_config(arch, "tiny", fmt)
+    assert cfg["max_position_embeddings"] >= defaults.maxSeqLen
+    prompt = render_chat(
+        [{"role": "user", "content": "Weather in Paris?"}], CHAT_TEMPLATE, bos_token=BOS,
+        eos_token=EOS, tools=[tool],
+    )  # fmt: skip
+    assert len(prompt.encode()) + 256 < defaults.maxInputTokenLen  # byte-level: a token a byte

@@ -10,6 +10,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dsworker.chat.tool_calls import (
+    CALL_BEGIN,
+    CALL_END,
+    CALLS_BEGIN,
+    CALLS_END,
+    OUTPUT_BEGIN,
+    OUTPUT_END,
+    OUTPUTS_BEGIN,
+    OUTPUTS_END,
+    SEP,
+)
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 USER = "<｜User｜>"
@@ -19,16 +31,43 @@ SPECIALS = [BOS, EOS, USER, ASSISTANT, PAD]
 BOS_ID, EOS_ID = 0, 1
 MIN_VOCAB = 256 + len(SPECIALS)
 
+# DeepSeek-V3/R1's chat format (the markers and their order are those of the real template,
+# whose shape dsworker.chat.tool_calls parses): the last system message is the system prompt; an
+# assistant turn with tool_calls writes them in the call markup (its content may be None); tool
+# outputs are grouped in one block, and the turn after them follows the block's end directly,
+# without <｜Assistant｜>, as the model wrote its answer there. R1's reasoning (up to </think>)
+# is left out of earlier turns.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}{{ '" + USER + "' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}"
-    "{{ '" + ASSISTANT + "' + message['content'] + eos_token }}"
+    "{% set ns = namespace(system='', tool=false) %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}"
+    "{% endif %}{% endfor %}"
+    "{{ bos_token }}{{ ns.system or '' }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}"
+    "{% if ns.tool %}{{ '" + OUTPUTS_END + "' }}{% set ns.tool = false %}{% endif %}"
+    "{{ '" + USER + "' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}"
+    "{% if ns.tool %}{{ '" + OUTPUTS_END + "' }}{% set ns.tool = false %}"
+    "{% else %}{{ '" + ASSISTANT + "' }}{% endif %}"
+    "{% set text = m['content'] or '' %}"
+    "{% if '</think>' in text %}{% set text = text.split('</think>')[-1] %}{% endif %}"
+    "{{ text }}"
+    "{% if m['tool_calls'] %}{{ '" + CALLS_BEGIN + "' }}"
+    "{% for c in m['tool_calls'] %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '" + CALL_BEGIN + "' + (c['type'] | default('function')) + '" + SEP + "' }}"
+    "{{ c['function']['name'] + '\\n```json\\n' + c['function']['arguments'] }}"
+    "{{ '\\n```" + CALL_END + "' }}"
+    "{% endfor %}{{ '" + CALLS_END + "' }}{% endif %}"
+    "{{ eos_token }}"
+    "{% elif m['role'] == 'tool' %}"
+    "{% if ns.tool %}{{ '\\n' }}{% else %}{{ '" + OUTPUTS_BEGIN + "' }}"
+    "{% set ns.tool = true %}{% endif %}"
+    "{{ '" + OUTPUT_BEGIN + "' + m['content'] + '" + OUTPUT_END + "' }}"
+    "{% elif m['role'] != 'system' %}{{ raise_exception('unsupported role ' + m['role']) }}"
     "{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+    "{% if ns.tool %}{{ '" + OUTPUTS_END + "' }}"
+    "{% elif add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
 )
 
 

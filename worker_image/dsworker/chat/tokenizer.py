@@ -2,7 +2,9 @@
 
 Never imports remote code and never unpickles: tokenizer_config.json supplies the special tokens,
 whether to prepend BOS and the chat template (or chat_template.jinja beside it);
-generation_config.json and config.json supply the end-of-sequence ids.
+generation_config.json and config.json supply the end-of-sequence ids. Each is read as the
+checkpoint's other files are: only a regular file inside the model directory (a FIFO would hang the
+server's start, a symlink could read any file), as strict JSON (a key given twice is refused).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from tokenizers import Tokenizer
 
 from dsworker.chat.byte_level import byte_alphabet
 from dsworker.chat.template import pick_template
+from dsworker.checkpoint.fsutil import member_file, read_regular
+from dsworker.contract import strict_json
+from dsworker.contract.errors import CheckpointError
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
@@ -25,14 +30,34 @@ class TokenizerError(RuntimeError):
     """The model directory has no usable tokenizer; the message names the file."""
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
+def _read_member(d: Path, name: str) -> str | None:
+    """The text of d/name, None when there is no such entry; refused unless a regular file
+    inside `d`."""
+    path = d / name
+    if not path.exists() and not path.is_symlink():
+        return None
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path}: unreadable JSON ({exc})") from None
-    return data if isinstance(data, dict) else {}
+        return read_regular(member_file(d, name, name), name).decode()
+    except CheckpointError as exc:
+        raise TokenizerError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{path}: not UTF-8 text ({exc}); re-download it") from None
+
+
+def _parse_json(d: Path, name: str, text: str) -> dict[str, Any]:
+    try:
+        data = strict_json.loads(text)
+    except strict_json.JsonError as exc:
+        raise TokenizerError(f"{d / name}: {exc}; fix or re-download it") from None
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{d / name}: not a JSON object; fix or re-download it")
+    return data
+
+
+def _read_json(d: Path, name: str) -> dict[str, Any]:
+    """A side file's JSON object; {} when the file is absent."""
+    text = _read_member(d, name)
+    return {} if text is None else _parse_json(d, name, text)
 
 
 def _token_text(value: Any) -> str | None:
@@ -67,15 +92,17 @@ class TextTokenizer:
     def __init__(self, model_dir: str | Path) -> None:
         d = Path(model_dir)
         path = d / "tokenizer.json"
-        if not path.exists():
+        text = _read_member(d, "tokenizer.json")
+        if text is None:
             raise TokenizerError(f"{path}: missing; the model directory needs tokenizer.json")
+        _parse_json(d, "tokenizer.json", text)  # the Rust parser keeps a repeated vocab key's last
         try:
-            self._tok = Tokenizer.from_file(str(path))
+            self._tok = Tokenizer.from_str(text)
         except Exception as exc:  # the Rust side raises its own exception type
             raise TokenizerError(f"{path}: cannot load ({exc})") from None
-        cfg = _read_json(d / "tokenizer_config.json")
-        gen = _read_json(d / "generation_config.json")
-        model_cfg = _read_json(d / "config.json")
+        cfg = _read_json(d, "tokenizer_config.json")
+        gen = _read_json(d, "generation_config.json")
+        model_cfg = _read_json(d, "config.json")
         self.bos_token = _token_text(cfg.get("bos_token")) or ""
         self.eos_token = _token_text(cfg.get("eos_token")) or ""
         self.bos_token_id = self._tok.token_to_id(self.bos_token) if self.bos_token else None
@@ -98,9 +125,8 @@ class TextTokenizer:
         byte_level = decoder is not None and _byte_level(json.loads(decoder.__getstate__()))
         self._unbyte = {c: b for b, c in enumerate(byte_alphabet())} if byte_level else {}
         template = pick_template(cfg.get("chat_template"))
-        jinja_file = d / "chat_template.jinja"
-        if template is None and jinja_file.exists():
-            template = jinja_file.read_text()
+        if template is None:
+            template = _read_member(d, "chat_template.jinja")
         self.chat_template: str | None = template
         # Prompt token ids must index the model's embedding, whatever the tokenizer knows.
         self.vocab_size = int(

@@ -31,6 +31,11 @@ CALL_BEGIN = "<｜tool▁call▁begin｜>"
 CALL_END = "<｜tool▁call▁end｜>"
 SEP = "<｜tool▁sep｜>"
 MARKERS = (CALLS_BEGIN, CALLS_END, CALL_BEGIN, CALL_END, SEP)
+# How the chat template hands the calls' results back: one block, an output per tool message.
+OUTPUTS_BEGIN = "<｜tool▁outputs▁begin｜>"
+OUTPUTS_END = "<｜tool▁outputs▁end｜>"
+OUTPUT_BEGIN = "<｜tool▁output▁begin｜>"
+OUTPUT_END = "<｜tool▁output▁end｜>"
 
 # Between CALL_BEGIN and CALL_END; whitespace around the parts is tolerated, the parts are not.
 _CALL = re.compile(

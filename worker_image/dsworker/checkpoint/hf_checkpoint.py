@@ -145,9 +145,16 @@ def _side_files(root: Path) -> list[str]:
 
 def _read_index(root: Path) -> tuple[dict[str, str], str | None]:
     """The index's weight_map (names and file names checked) and its sha256; empty without one."""
+    weight_map = read_weight_map(root)
+    return weight_map, sha256_file(root / INDEX_FILE) if weight_map else None
+
+
+def read_weight_map(root: Path) -> dict[str, str]:
+    """The index's weight_map, tensor name -> file name, both checked; {} without an index.
+    The index is read only as a regular file inside `root`, as strict JSON."""
     index_path = root / INDEX_FILE
     if not index_path.exists() and not index_path.is_symlink():
-        return {}, None
+        return {}
     index = load_json(member_file(root, INDEX_FILE, INDEX_FILE), INDEX_FILE)
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not wm:
@@ -157,7 +164,7 @@ def _read_index(root: Path) -> tuple[dict[str, str], str | None]:
         check_tensor_name(name, f"{index_path} weight_map")
         safe_join(root, fname, f"{index_path} weight_map[{name!r}]")
         weight_map[name] = fname
-    return weight_map, sha256_file(index_path)
+    return weight_map
 
 
 def _lone_file(root: Path) -> list[str]:

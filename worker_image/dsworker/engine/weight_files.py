@@ -10,7 +10,6 @@ from mmap'd files whose header checkpoint.safetensors_format parsed (never pickl
 from __future__ import annotations
 
 import contextlib
-import json
 import mmap
 import warnings
 from collections.abc import Callable, Iterator
@@ -20,8 +19,8 @@ from typing import Any
 
 import torch
 
-from dsworker.checkpoint.fsutil import safe_join
-from dsworker.checkpoint.hf_checkpoint import read_model_config
+from dsworker.checkpoint.fsutil import inside, member_file, safe_join
+from dsworker.checkpoint.hf_checkpoint import INDEX_FILE, read_model_config, read_weight_map
 from dsworker.checkpoint.safetensors_format import TensorInfo
 from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.checkpoint.sharded_metadata import is_complete, plan_mismatch, read_metadata
@@ -40,7 +39,6 @@ from dsworker.contract.layout import (
     tensor_slice,
 )
 
-INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_offset", "weight_shape")
 TORCH_DTYPES = {
@@ -181,22 +179,26 @@ def sharded_items(
 
 
 def _join(root: Path, rel: Any, what: str) -> Path:
-    """root/rel for a file name read from an index or the metadata; never outside the model dir."""
+    """root/rel for a file name read from an index or the metadata; never outside the model dir,
+    by name or through a symlink."""
     try:
-        return safe_join(root, rel, what)
+        return inside(root, safe_join(root, rel, what), what)
     except CheckpointError as e:
         raise LoadError(str(e)) from None
 
 
 def _weight_map(root: Path) -> dict[str, str]:
-    idx = root / INDEX_FILE
-    if idx.exists():
-        try:
-            return dict(json.loads(idx.read_text())["weight_map"])
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise LoadError(f"{idx}: unreadable index ({e}); re-download it") from None
-    if (root / SINGLE_FILE).exists():
-        return dict.fromkeys(SafetensorsReader(root / SINGLE_FILE).tensors, SINGLE_FILE)
+    """The index's weight_map (read as the sharder reads it), else the lone model.safetensors'."""
+    try:
+        weight_map = read_weight_map(root)
+        if weight_map:
+            return weight_map
+        single = root / SINGLE_FILE
+        if single.exists() or single.is_symlink():
+            with SafetensorsReader(member_file(root, SINGLE_FILE, "safetensors file")) as r:
+                return dict.fromkeys(r.tensors, SINGLE_FILE)
+    except CheckpointError as e:  # the loader's own type, keeping the termination reason
+        raise LoadError(str(e), reason=e.reason) from None
     raise LoadError(f"{root}: neither {INDEX_FILE} nor {SINGLE_FILE}; not a safetensors checkpoint")
 
 

@@ -8,7 +8,6 @@ code 2); the ranks get the resolved config as JSON and run dsworker.launch.rank_
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from dsworker.checkpoint.fsutil import load_json, member_file
 from dsworker.checkpoint.hf_checkpoint import read_model_config
 from dsworker.contract.engine_config import EngineConfig, EngineConfigError, load_engine_config
 from dsworker.contract.errors import EXIT_BAD_INPUT, CheckpointError
@@ -32,12 +32,10 @@ DEFAULT_MASTER_PORT = 29500
 def shard_plan(model_dir: Path) -> dict[str, Any] | None:
     """The plan recorded in the sharded layout's metadata, or None for a plain HF checkpoint."""
     path = model_dir / METADATA_FILE
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return None
-    try:
-        plan = json.loads(path.read_text()).get("plan")
-    except (OSError, json.JSONDecodeError) as exc:
-        raise EngineConfigError(f"{path}: unreadable ({exc}); re-shard the model") from None
+    metadata = load_json(member_file(model_dir, METADATA_FILE, METADATA_FILE), METADATA_FILE)
+    plan = metadata.get("plan") if isinstance(metadata, dict) else None
     return plan if isinstance(plan, dict) else None
 
 
