@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -223,9 +224,12 @@ def main() -> int:
 
     say("Synthesizing a tiny random DeepSeek-V3 checkpoint: dsworker synth")
     model_dir = WORK / "model"
-    if not (model_dir / "config.json").exists():
-        run([py, "-m", "dsworker.cli", "synth", "--arch", "v3", "--preset", "tiny",
-             "--format", "bf16", "--seed", "0", "--out", str(model_dir)])  # fmt: skip
+    # Afresh each run (a second or two): a model or shards left by an older demo may not fit
+    # this spec, and the sharder rightly refuses a directory sealed for another plan.
+    for old in (model_dir, WORK / "shards"):
+        shutil.rmtree(old, ignore_errors=True)
+    run([py, "-m", "dsworker.cli", "synth", "--arch", "v3", "--preset", "tiny",
+         "--format", "bf16", "--seed", "0", "--out", str(model_dir)])  # fmt: skip
     print(f"    {model_dir}")
 
     say("Starting the local control plane (etcd, kube-apiserver, controllers, kwok nodes)")
