@@ -24,8 +24,9 @@ from serving_helpers import engine_config
 
 from dsworker.contract.layout import ParallelPlan
 from dsworker.engine.loader import load_weights
-from dsworker.model import DeepseekModel, EngineOptions, ModelArgs
+from dsworker.model import Batch, DeepseekModel, EngineOptions, ModelArgs
 from dsworker.model.decode_graphs import DecodeGraphs
+from dsworker.model.moe import MoE, MoEOptions
 from dsworker.parallel.device import Device
 from dsworker.parallel.groups import build_groups, spawn_local
 
@@ -193,3 +194,44 @@ def test_the_draft_step_keeps_the_decode_steps_key_bucket(tiny_v3: Path) -> None
         ("decode", 1, 256),
         ("draft", 1, 256),
     ]
+
+
+def exchanged_drafts(ckpt: Path, kind: str, capture: bool, ep_level: int) -> list[Any]:
+    """A world of one rank told to exchange (its collectives are no-ops), two drafts a step:
+    each step's logits and drafts, every sequence moving on by its first row's argmax."""
+    plan, dev = ParallelPlan(1, 1, 1, 1, 1), Device.create(kind)
+    model = DeepseekModel(ModelArgs.from_dir(ckpt), build_groups(plan, 0, dev.backend),
+                          EngineOptions(MoEOptions(ep_level=ep_level), mtp=True), torch.float32,
+                          dev.torch)  # fmt: skip
+    load_weights(model.targets(), ckpt, plan, 0, dev)
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.local_only = False
+    graphs = DecodeGraphs(model, model.new_cache(4, 64), 4, capture=capture, draft_tokens=2)
+    out = model.forward(Batch.build([(i, 0, p) for i, p in enumerate(PROMPTS)], dev.torch),
+                        graphs.cache)  # fmt: skip
+    last = out.logits.argmax(-1).tolist()
+    drafts = [(0, 0)] * len(PROMPTS)
+    seen: list[Any] = []
+    for s in range(4):
+        pos = [len(p) + s for p in PROMPTS]
+        tokens = [[t, *d] for t, d in zip(last, drafts, strict=True)]
+        logits = graphs.run(list(range(len(PROMPTS))), pos, tokens)
+        last = logits.view(len(PROMPTS), 3, -1)[:, 0].argmax(-1).tolist()
+        drafts = graphs.draft([[t] for t in last])
+        seen += [logits.cpu(), drafts]
+    assert bool(graphs.graphs) == capture
+    return seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: capture needs one")
+@pytest.mark.parametrize("ep_level", [1, 2])
+def test_captured_mtp_steps_with_fixed_exchanges_on_one_gpu(tiny_v3: Path, ep_level: int) -> None:
+    """The decode and draft steps' fixed exchanges (the chain's padding rows masked) captured."""
+    eager = exchanged_drafts(tiny_v3, "cuda", False, ep_level)
+    replay = exchanged_drafts(tiny_v3, "cuda", True, ep_level)
+    for want, got in zip(eager, replay, strict=True):
+        if isinstance(want, torch.Tensor):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        else:
+            assert got == want
