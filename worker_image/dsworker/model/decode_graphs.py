@@ -4,9 +4,9 @@ At batch 1 a decode step is hundreds of small kernels; launched one by one from 
 more than their math, and a captured graph launches them in one call. Inputs go through static
 buffers; rows past the real batch decode token 0 into the cache's scratch slot and are dropped.
 Without capture (cpu, npu, tests) the same padded step runs eagerly, so it is checked everywhere.
-A step of one token per sequence qualifies. With an MTP layer each sequence brings 1 + d tokens (the last one and its d drafts), and the MTP
-pass that proposes the next drafts is a fixed-shape step of its own over the same rows (`draft`),
-chaining the layer on its own drafts for d > 1.
+A step of one token per sequence qualifies. With an MTP layer each sequence brings 1 + d tokens
+(the last one and its d drafts), and the MTP pass that proposes the next drafts is a fixed-shape
+step of its own over the same rows (`draft`), chaining the layer on its own drafts for d > 1.
 
 On a world of several ranks every rank runs every step at the same bucket (the caller passes the
 most sequences any dp group has, and the furthest key), so the MoE exchanges have the same shapes
