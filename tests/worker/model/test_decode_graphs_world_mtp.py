@@ -1,4 +1,4 @@
-"""Fixed-shape MTP decode and draft steps on worlds of 2 and 4 ranks (gloo on CPU) equal eager steps.
+"""Fixed-shape MTP decode and draft steps on worlds of 2 and 4 gloo ranks equal the eager steps.
 
 Every prompt goes through the serving loop (rank 0 schedules, the other ranks follow its messages)
 twice: with ordinary eager steps, and with the padded fixed-shape steps a captured graph replays
