@@ -50,7 +50,7 @@ raise SystemExit(0 if cuda else 3)'
 # Captured decode steps (world 1, MTP drafts, fixed exchanges) against their eager twins.
 check graph-tests 100 "${PYTEST[@]}" -k "cuda or captured" \
     tests/worker/model/test_decode_graphs.py tests/worker/model/test_decode_graphs_world.py \
-    tests/worker/engine/test_mtp_decode.py
+    tests/worker/model/test_decode_graphs_world_mtp.py tests/worker/engine/test_mtp_decode.py
 # The issue's table: loader, prefill, decode with graphs, beside transformers; one step profiled.
 check engine 200 "${ENGINE[@]}" --repeat 2 --profile
 # The eager fallback's decode figures (what a world without graphs runs).

@@ -22,6 +22,7 @@ from engine_helpers import NEW_TOKENS, PROMPTS
 from dsworker.contract.engine_config import EngineConfig
 from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
+from dsworker.engine.model_runner import ModelRunner
 from dsworker.engine.rank_setup import Loaded, build_runner
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
 from dsworker.engine.step_wire import STOP, Message
@@ -58,18 +59,7 @@ def generate(
     """
     loaded = build_runner(ckpt, cfg, rank=rank, world_size=world, local_rank=rank)
     if fixed is not None:
-        runner = loaded.runner
-        backend = None if fixed in ("eager-step", "capture") else fixed
-        graphs = DecodeGraphs(
-            runner.model,
-            runner.cache,
-            4,
-            capture=fixed == "capture",
-            compile_backend=backend,
-            draft_tokens=cfg.num_speculative_tokens,
-        )
-        count(graphs, calls if calls is not None else {})
-        runner.graphs = graphs
+        use_fixed_steps(loaded.runner, cfg, fixed, calls if calls is not None else {})
     greedy = params or SamplingParams(temperature=0.0)
     requests = [
         GenRequest(
@@ -91,11 +81,33 @@ def generate(
     return [[t for o in mine for t in o.token_ids] for mine in outs], metrics, steps
 
 
+def use_fixed_steps(
+    runner: ModelRunner, cfg: EngineConfig, fixed: str, calls: dict[str, int]
+) -> None:
+    """Give the runner decode graphs of the kind `fixed` names (see `generate`), counted."""
+    backend = None if fixed in ("eager-step", "capture") else fixed
+    graphs = DecodeGraphs(
+        runner.model,
+        runner.cache,
+        4,
+        capture=fixed == "capture",
+        compile_backend=backend,
+        draft_tokens=cfg.num_speculative_tokens,
+    )
+    count(graphs, calls)
+    runner.graphs = graphs
+
+
 def serve(
-    loaded: Loaded, cfg: EngineConfig, requests: Sequence[GenRequest], one_by_one: bool = False
+    loaded: Loaded,
+    cfg: EngineConfig,
+    requests: Sequence[GenRequest],
+    one_by_one: bool = False,
+    errors: list[str] | None = None,
 ) -> tuple[list[list[Output]], Metrics, int]:
     """The requests through one rank-0 engine loop, submitted together or each after the one
-    before has ended: every request's Outputs, the metrics and the steps taken."""
+    before has ended: every request's Outputs, the metrics and the steps taken. An Output's
+    error fails the call unless `errors` is given, which then receives them."""
     metrics = Metrics()
     loop = EngineLoop(loaded.runner, loaded.scheduler(cfg), lambda ids: "", loaded.channel, metrics)
     outs: list[list[Output]] = [[] for _ in requests]
@@ -104,7 +116,10 @@ def serve(
     for i, req in enumerate(requests):
 
         def sink(out: Output, i: int = i) -> None:
-            assert out.error is None, out.error
+            if out.error is not None and errors is not None:
+                errors.append(out.error)
+            else:
+                assert out.error is None, out.error
             with lock:
                 outs[i].append(out)
 

@@ -126,8 +126,8 @@ class Serving(ApiModel):
     cuda_graphs: bool = Field(
         True,
         description="Replay decode steps as device graphs (NVIDIA GPUs; Ascend NPUs where "
-        "torch_npu has NPUGraph), at every world size; not with the routing cutoff, nor with MTP "
-        "past one rank. false runs every step eagerly.",
+        "torch_npu has NPUGraph), at every world size, MTP draft steps included; not with the "
+        "routing cutoff. false runs every step eagerly.",
     )
     torch_compile: bool = Field(
         False,

@@ -8,14 +8,13 @@ decode steps; 2-rank worlds (dp 2, and tp 2 with EP level 2) follow the draft me
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from engine_helpers import NEW_TOKENS, PROMPTS, Reference, hf_penalized_greedy, hf_reference
-from safetensors.torch import load_file, save_file
+from mtp_helpers import agreeing_mtp_copy, steps_when_all_drafts_hold
 from serving_helpers import MAX_LEN, counter, engine_config, generate
 
 from dsworker.contract.engine_config import EngineConfig
@@ -89,54 +88,6 @@ def test_seeded_sampling_with_drafts_repeats(tiny_v3: Path) -> None:
     assert first == again
     assert all(len(t) == NEW_TOKENS for t in first)
     assert counter(metrics, "dsworker_spec_draft_tokens_total") > 0
-
-
-def agreeing_mtp_copy(src: Path, dst: Path) -> Path:
-    """A checkpoint whose MTP layer predicts exactly what the main model will say next.
-
-    Attention outputs are zeroed everywhere and every main layer but the last is an identity, so
-    the main model's next token is a function F of the current token alone; the MTP block is a
-    copy of that last layer fed the (unit-RMS) embedding of the token it is given, so its draft is
-    F of the token after, which is what the main model computes one position later.
-    """
-    shutil.copytree(src, dst)
-    cfg = json.loads((src / "config.json").read_text())
-    last, mtp = cfg["num_hidden_layers"] - 1, cfg["num_hidden_layers"]
-    files = sorted(dst.glob("*.safetensors"))
-    tensors = {f: load_file(f) for f in files}
-    every = {k: v for t in tensors.values() for k, v in t.items()}
-    emb = every["model.embed_tokens.weight"].float()
-    emb = (emb / emb.pow(2).mean(-1, keepdim=True).sqrt()).to(every["model.embed_tokens.weight"])
-    h = emb.shape[1]
-    want: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": emb,
-        f"model.layers.{mtp}.embed_tokens.weight": emb.clone(),
-        f"model.layers.{mtp}.enorm.weight": torch.ones_like(
-            every[f"model.layers.{mtp}.enorm.weight"]
-        ),
-        f"model.layers.{mtp}.eh_proj.weight": torch.cat([torch.eye(h), torch.zeros(h, h)], 1).to(
-            emb
-        ),
-        f"model.layers.{mtp}.shared_head.norm.weight": every["model.norm.weight"].clone(),
-        f"model.layers.{mtp}.shared_head.head.weight": every["lm_head.weight"].clone(),
-    }
-    for name, t in every.items():
-        layer = name.split(".")[2] if name.startswith("model.layers.") else None
-        if name.endswith("self_attn.o_proj.weight") or (
-            layer is not None and int(layer) < last and name.endswith("down_proj.weight")
-        ):
-            want[name] = torch.zeros_like(t)
-        prefix = f"model.layers.{last}."
-        if name.startswith(prefix) and not name.endswith("o_proj.weight"):
-            want[f"model.layers.{mtp}." + name[len(prefix) :]] = t.clone()
-    for f, t in tensors.items():
-        save_file({k: want.get(k, v).contiguous() for k, v in t.items()}, str(f))
-    return dst
-
-
-def steps_when_all_drafts_hold(drafts: int) -> int:
-    """Prefill (the first token), then 1 + drafts tokens a step for the rest."""
-    return 1 + -(-(NEW_TOKENS - 1) // (1 + drafts))
 
 
 @pytest.mark.parametrize("drafts", [1, 3])

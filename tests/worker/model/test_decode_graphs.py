@@ -21,7 +21,7 @@ from dsworker.engine.loader import load_weights
 from dsworker.engine.loop import EngineLoop
 from dsworker.engine.metrics import Metrics
 from dsworker.engine.model_runner import ModelRunner
-from dsworker.engine.rank_setup import fixed_shape_decode
+from dsworker.engine.rank_setup import fixed_shape_decode, fixed_shape_mode
 from dsworker.engine.requests import GenRequest, Output, SamplingParams
 from dsworker.engine.scheduler import Scheduler
 from dsworker.model import Batch, DeepseekModel, EngineOptions, KVCache, ModelArgs, MoEOptions
@@ -145,12 +145,11 @@ def test_graphs_refuse_what_they_cannot_run(tiny_v3: Path) -> None:
     two = ParallelPlan(2, 2, 1, 1, 2)  # rank 1 of a world of two: its MoE exchanges span both
     args = ModelArgs.from_dir(tiny_v3)
     wide = DeepseekModel(args, build_groups(two, 1, "gloo"), EngineOptions(mtp=True))
-    with pytest.raises(ValueError, match="MTP draft steps need a world of one rank"):
-        DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False)
-    wide = DeepseekModel(args, build_groups(two, 1, "gloo"))
     with pytest.raises(ValueError, match="compiled fixed-shape steps need a world of one rank"):
         DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False, compile_backend="eager")
-    assert DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False).max_batch == 2
+    # MTP draft steps take fixed shapes on a wider world too (test_decode_graphs_world_mtp.py).
+    graphs = DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False, draft_tokens=2)
+    assert graphs.max_batch == 2 and graphs.width == 3 and set(graphs.inputs) == {"decode", "draft"}
 
 
 def test_fixed_shape_steps_are_chosen_where_they_apply(tiny_v3: Path) -> None:
@@ -163,6 +162,26 @@ def test_fixed_shape_steps_are_chosen_where_they_apply(tiny_v3: Path) -> None:
     assert fixed_shape_decode(model, cache, cutoff, 4) is None
     wider = EngineConfig(torchCompile=True, worldSize=2, dp=2, moe_ep=2)
     assert fixed_shape_decode(model, cache, wider, 4) is None  # graphs only there: none on cpu
+
+
+@pytest.mark.parametrize("mtp", [False, True], ids=["plain", "mtp"])
+def test_wider_worlds_capture_their_decode_steps(
+    mtp: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """worldSize 2 on a GPU captures the decode steps, with MTP drafts too (they used to run
+    eagerly there); only the routing cutoff, or a device without a graph API, runs them eagerly."""
+    import sys
+
+    wide = {"worldSize": 2, "dp": 2, "moe_ep": 2, "mtp": mtp, "num_speculative_tokens": 2}
+    assert fixed_shape_mode(EngineConfig(**wide), "cuda") == (True, None)
+    assert fixed_shape_mode(EngineConfig(**wide, torchCompile=True), "cuda") == (True, None)
+    assert fixed_shape_mode(EngineConfig(**wide, enable_init_routing_cutoff=True), "cuda") is None
+    assert fixed_shape_mode(EngineConfig(**wide, cudaGraphs=False), "cuda") is None
+    assert fixed_shape_mode(EngineConfig(**wide), "cpu") is None
+    monkeypatch.setitem(sys.modules, "torch_npu", None)  # an image without torch_npu
+    assert fixed_shape_mode(EngineConfig(**wide), "npu") is None
+    one = {k: v for k, v in wide.items() if k not in ("worldSize", "dp", "moe_ep")}
+    assert fixed_shape_mode(EngineConfig(**one, torchCompile=True), "cuda") == (True, "inductor")
 
 
 @pytest.mark.parametrize("path", ["grouped", "dense"])

@@ -125,7 +125,7 @@ class EngineConfig(BaseModel):
     cudaGraphs: bool = Field(
         True,
         description="Replay decode steps as device graphs (CUDA; NPU through torch_npu's "
-        "NPUGraph) at every worldSize; not with the routing cutoff, nor with MTP past worldSize 1.",
+        "NPUGraph) at every worldSize, MTP draft steps included; not with the routing cutoff.",
     )
     torchCompile: bool = Field(False, description="torch.compile the graphed decode step.")
     dtype: Literal["bfloat16", "float16", "float32"] = Field(

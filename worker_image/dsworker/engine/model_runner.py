@@ -122,29 +122,21 @@ class ModelRunner:
     ) -> dict[int, tuple[int, ...]] | None:
         """The MTP pass after `step`: seq_id -> greedy drafts on rank 0 (others None).
 
-        Every rank runs it (the MTP block's MoE exchanges span the world), an empty batch where
-        none of the inputs are its own; with no inputs at all every rank skips it alike. The
-        first pass reads the step's hidden states; each further draft runs the MTP layer on the
+        Every rank runs it (the MTP block's MoE exchanges span the world): after a graphed step
+        the graphs' draft step (padded where none of the inputs are its own), else an ordinary
+        one (an empty batch there); with no inputs at all every rank skips it alike. The first
+        pass reads the step's hidden states; each further draft runs the MTP layer on the
         previous draft and the layer's own hidden state, one position on.
         """
         hidden, offsets = self._hidden, self._offsets
         self._hidden, self._offsets = None, {}
         if not inputs:
             return {} if self.groups.rank == 0 else None
-        if self._graphed:  # MTP graphs need world 1: every item is this rank's, in step order
-            assert self.graphs is not None
-            given = {d.index: d.tokens(step.items[d.index]) for d in inputs}
-            drafts = self.graphs.draft([given.get(i) for i in range(len(step.items))])
-            return {it.seq_id: d for it, d in zip(step.items, drafts, strict=True) if d}
-        assert hidden is not None, "run_drafts follows a step of this runner"
-        mine = [d for d in inputs if d.index in offsets]
-        rows = [offsets[d.index] + j for d in mine for j in range(d.count)]
-        items = [step.items[d.index] for d in mine]
-        seqs = [
-            (it.slot // self.dp, it.start, d.tokens(it)) for d, it in zip(mine, items, strict=True)
-        ]
-        picked = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-        tokens = self._mtp(Batch.build(seqs, self.device), hidden[picked], [s[:2] for s in seqs])
+        if self._graphed:
+            mine, tokens = self._graph_drafts(step, inputs)
+        else:
+            assert hidden is not None, "run_drafts follows a step of this runner"
+            mine, tokens = self._eager_drafts(step, inputs, hidden, offsets)
         if self.dp > 1:  # every group's drafts on every rank: -1 where a group had none
             where = {d.index: i for i, d in enumerate(inputs)}
             flat = torch.full((len(inputs), self.draft_tokens), -1, dtype=torch.int64)
@@ -156,6 +148,46 @@ class ModelRunner:
             step.items[d.index].seq_id: tuple(t for t in row if t >= 0)
             for d, row in zip(mine, tokens.tolist(), strict=True)
         }
+
+    def _eager_drafts(
+        self,
+        step: Step,
+        inputs: tuple[DraftInput, ...],
+        hidden: torch.Tensor,
+        offsets: dict[int, int],
+    ) -> tuple[list[DraftInput], torch.Tensor]:
+        """Ordinary MTP passes over this rank's inputs, on the step's hidden states (`offsets`:
+        each of its items' first row there): the inputs and their drafts, -1 past room."""
+        mine = [d for d in inputs if d.index in offsets]
+        rows = [offsets[d.index] + j for d in mine for j in range(d.count)]
+        items = [step.items[d.index] for d in mine]
+        seqs = [
+            (it.slot // self.dp, it.start, d.tokens(it)) for d, it in zip(mine, items, strict=True)
+        ]
+        picked = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
+        return mine, self._mtp(
+            Batch.build(seqs, self.device), hidden[picked], [s[:2] for s in seqs]
+        )
+
+    def _graph_drafts(
+        self, step: Step, inputs: tuple[DraftInput, ...]
+    ) -> tuple[list[DraftInput], torch.Tensor]:
+        """The graphs' draft step over this rank's items of the graphed `step` (padded where it
+        has none): the inputs it drafted for and their drafts [n, draft_tokens], -1 past room."""
+        g = self.graphs
+        assert g is not None
+        given = {d.index: d for d in inputs}
+        indexed = self._mine(step)
+        try:
+            drafts = g.draft([given[i].tokens(it) if i in given else None for i, it in indexed])
+        except ExpertBufferOverflow as exc:  # summed over the world: raised on every rank
+            raise StepError(str(exc)) from None
+        mine = [given[i] for i, _ in indexed if i in given]
+        tokens = torch.full((len(mine), self.draft_tokens), -1, dtype=torch.int64)
+        kept = [d for (i, _), d in zip(indexed, drafts, strict=True) if i in given]
+        for row, d in enumerate(kept):
+            tokens[row, : len(d)] = torch.tensor(d, dtype=torch.int64)
+        return mine, tokens
 
     def _mtp(
         self, batch: Batch, hidden: torch.Tensor, where: list[tuple[int, int]]

@@ -78,24 +78,28 @@ def engine_options(cfg: EngineConfig) -> EngineOptions:
     return EngineOptions(moe=moe, mtp=cfg.mtp)
 
 
-def fixed_shape_decode(
-    model: DeepseekModel, cache: KVCache, cfg: EngineConfig, max_batch: int
-) -> DecodeGraphs | None:
-    """Graphed and/or compiled decode steps where they apply: no routing cutoff (it drops rows
-    by the data); on a world of several ranks graphs only, without MTP (its drafts run eagerly)."""
-    capture = (
-        cfg.cudaGraphs and model.device.type != "cpu" and graph_api(model.device.type) is not None
-    )
+def fixed_shape_mode(cfg: EngineConfig, device_type: str) -> tuple[bool, str | None] | None:
+    """(capture, compile backend) of the decode steps, or None where they run eagerly: with a
+    routing cutoff (it drops rows by the data), or with neither capture nor compile to gain.
+    Every world size and MTP take them; a world of several ranks graphs only (no compile)."""
+    capture = cfg.cudaGraphs and device_type != "cpu" and graph_api(device_type) is not None
     multi = cfg.worldSize > 1
-    if multi and cfg.mtp:
-        log.info("worldSize %d with MTP drafts: decode steps run eagerly", cfg.worldSize)
-        return None
     compile_steps = cfg.torchCompile and not multi
     if multi and cfg.torchCompile:
         log.info("torchCompile applies to worldSize 1; graphs of eager steps here")
     if cfg.enable_init_routing_cutoff or not (capture or compile_steps):
         return None
-    backend = "inductor" if compile_steps else None
+    return capture, "inductor" if compile_steps else None
+
+
+def fixed_shape_decode(
+    model: DeepseekModel, cache: KVCache, cfg: EngineConfig, max_batch: int
+) -> DecodeGraphs | None:
+    """Graphed and/or compiled decode (and MTP draft) steps where `fixed_shape_mode` has them."""
+    mode = fixed_shape_mode(cfg, model.device.type)
+    if mode is None:
+        return None
+    capture, backend = mode
     return DecodeGraphs(
         model,
         cache,

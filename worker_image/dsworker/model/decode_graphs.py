@@ -4,15 +4,16 @@ At batch 1 a decode step is hundreds of small kernels; launched one by one from 
 more than their math, and a captured graph launches them in one call. Inputs go through static
 buffers; rows past the real batch decode token 0 into the cache's scratch slot and are dropped.
 Without capture (cpu, npu, tests) the same padded step runs eagerly, so it is checked everywhere.
-A step of one token per sequence on a world of one rank qualifies (MoE then needs no exchange).
-With an MTP layer each sequence brings 1 + d tokens (the last one and its d drafts), and the MTP
-pass that proposes the next drafts is a fixed-shape step of its own over the same rows (`draft`),
-chaining the layer on its own drafts for d > 1.
+A step of one token per sequence qualifies. With an MTP layer each sequence brings 1 + d tokens
+(the last one and its d drafts), and the MTP pass that proposes the next drafts is a fixed-shape
+step of its own over the same rows (`draft`), chaining the layer on its own drafts for d > 1.
 
 On a world of several ranks every rank runs every step at the same bucket (the caller passes the
 most sequences any dp group has, and the furthest key), so the MoE exchanges have the same shapes
 everywhere and their collectives are captured with the step (model/moe_fixed.py); a rank with no
-sequences runs the padded step. NPUs capture through torch_npu's NPUGraph where it is present.
+sequences runs the padded step. So does the draft step: its bucket and key length follow the
+decode step's, and rows the EP level 2 buffers dropped in any of its MTP passes refuse it on every
+rank. NPUs capture through torch_npu's NPUGraph where it is present.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class _Run(NamedTuple):
     b: int  # their batch bucket
     slots: list[int]
     positions: list[int]  # per row, padded to b * width
+    reach: int  # keys the step read: the furthest over the world, so every rank agrees
 
 
 class DecodeGraphs:
@@ -59,8 +61,6 @@ class DecodeGraphs:
         draft_tokens: int = 1,
     ) -> None:
         multi = model.groups.world.size > 1
-        if multi and draft_tokens and len(model.mtp):
-            raise ValueError("fixed-shape MTP draft steps need a world of one rank")
         if multi and compile_backend:
             raise ValueError("compiled fixed-shape steps need a world of one rank")
         self.api: GraphApi | None = graph_api(model.device.type) if capture else None
@@ -112,15 +112,22 @@ class DecodeGraphs:
 
     def _batch(self, kind: str, b: int, k: int) -> Batch:
         ids, positions, slots = self.inputs[kind][:, :b]
-        valid = (slots != self.cache.scratch_slot).reshape(-1)  # padding rows send no MoE rows
-        return Batch.decode(ids, positions, slots[:, 0], k, valid)
+        return Batch.decode(ids, positions, slots[:, 0], k, self._real(slots))
+
+    def _real(self, slots: torch.Tensor) -> torch.Tensor:
+        """Rows outside the scratch slot: padding rows send no MoE rows (and take no room)."""
+        return (slots != self.cache.scratch_slot).reshape(-1)
+
+    def _sum_excess(self) -> None:
+        """Every rank learns of any rank's dropped rows, at the end of each step."""
+        if self.excess is not None:
+            self.model.groups.world.all_reduce(self.excess)
 
     def _verify_step(self, b: int, k: int) -> torch.Tensor:
         out = self.model.forward(self._batch(VERIFY, b, k), self.cache, all_logits=True)
         if self.hidden is not None:
             self.hidden[: b * self.width].copy_(out.hidden)
-        if self.excess is not None:  # every rank learns of any rank's dropped rows
-            self.model.groups.world.all_reduce(self.excess)
+        self._sum_excess()
         return out.logits
 
     def _draft_step(self, b: int, k: int) -> torch.Tensor:
@@ -142,10 +149,11 @@ class DecodeGraphs:
             inside = pos + j < self.capacity[:b]
             at = torch.where(inside, pos + j, 0)
             slots = torch.where(inside, batch.slots, cache.scratch_slot)
-            chain = Batch.decode(draft[:, None], at[:, None], slots, k)
+            chain = Batch.decode(draft[:, None], at[:, None], slots, k, self._real(slots))
             step = self.model.forward_mtp(chain, h, cache, all_logits=True)
             draft, h = step.logits.argmax(-1), step.hidden
             drafts.append(draft)
+        self._sum_excess()
         return torch.stack(drafts, dim=1)
 
     def _load(self, kind: str, b: int, ids: list[int], slots: list[int]) -> None:
@@ -184,29 +192,35 @@ class DecodeGraphs:
         if not max(n, rows):
             raise ValueError("a fixed-shape step needs a sequence on some rank")
         b = pick(self.batch_sizes, max(n, rows))
-        k = pick(self.key_lens, max([reach, *(p + w for p in positions)]))
+        reach = max([reach, *(p + w for p in positions)])
         pos = [p + j for p in positions for j in range(w)] + [
             j for _ in range(b - n) for j in range(w)
         ]
-        self._last = _Run(n, b, list(slots), pos)
+        self._last = _Run(n, b, list(slots), pos, reach)
         self._load(
             VERIFY, b, [t for row in tokens for t in row], [s for s in slots for _ in range(w)]
         )
-        logits = self._launch(VERIFY, b, k)[: n * w]
-        excess = int(self.excess.item()) if self.excess is not None else 0
-        if excess:  # the same sum on every rank, so every rank refuses the step
-            self._refuse(excess, b * w)
+        logits = self._launch(VERIFY, b, pick(self.key_lens, reach))[: n * w]
+        self._check(VERIFY, b * w)
         return logits.clone() if self.capture else logits  # the next replay overwrites it
 
-    def _refuse(self, excess: int, tokens: int) -> None:
+    def _check(self, kind: str, *tokens: int) -> None:
+        """Refuse the step that dropped rows: the sum is the same on every rank, so every rank
+        refuses it. `tokens`: what each of the step's MoE passes dispatched per dp group."""
+        excess = int(self.excess.item()) if self.excess is not None else 0
+        if not excess:
+            return
         moe = self._a2a[0]
-        chunk = -(-tokens // moe.g.tp.size)
+        chunks = sorted({-(-t // moe.g.tp.size) for t in tokens}, reverse=True)
+        sizes = ", ".join(
+            f"{fixed_capacity(moe, c)} rows for {c} tokens per rank (factor "
+            f"{moe.opts.buffer_factor(c)})"
+            for c in chunks
+        )
         raise ExpertBufferOverflow(
-            f"EP level 2 (fixed-shape decode step): {excess} routed rows did not fit the AllToAll "
-            f"buffers of {fixed_capacity(moe, chunk)} rows (factor "
-            f"{moe.opts.buffer_factor(chunk)} of alltoall_ep_buffer_scale_factors for {chunk} "
-            f"tokens per rank, top_k {moe.args.top_k}, moe_ep {moe.g.moe_ep.size}); raise that "
-            f"factor"
+            f"EP level 2 (fixed-shape {kind} step): {excess} routed rows did not fit the AllToAll "
+            f"buffers of {sizes} from alltoall_ep_buffer_scale_factors (top_k "
+            f"{moe.args.top_k}, moe_ep {moe.g.moe_ep.size}); raise that factor"
         )
 
     @torch.inference_mode(False)
@@ -222,7 +236,7 @@ class DecodeGraphs:
             raise ValueError("draft needs a model with an MTP layer")
         if self._last is None or len(rows) != self._last.n:
             raise ValueError("draft follows a run over the same sequences")
-        n, b, slots, positions = self._last
+        n, b, slots, positions, reach = self._last
         ids: list[int] = []
         where: list[int] = []
         ends: list[int] = []
@@ -239,10 +253,11 @@ class DecodeGraphs:
         pad = [0] * (b - n)
         self.last_row[:b].copy_(torch.tensor(ends + pad), non_blocking=True)
         self.capacity[:b].copy_(torch.tensor(caps + pad), non_blocking=True)
-        # Keys up to the last chained position: the furthest row end plus the chain.
-        reach = max(positions[: n * self.width]) + self.draft_tokens
-        k = pick(self.key_lens, min(reach, self.cache.max_len))
-        best = self._launch(DRAFT, b, k)[:n].tolist()
+        # Keys up to the last chained position: the furthest row end (reach - 1) plus the chain.
+        k = pick(self.key_lens, min(reach - 1 + self.draft_tokens, self.cache.max_len))
+        best = self._launch(DRAFT, b, k)
+        self._check(DRAFT, b * self.width, *([b] if self.draft_tokens > 1 else []))
+        best = best[:n].tolist()
         out: list[tuple[int, ...]] = []
         for i, row in enumerate(rows):
             if not row:
