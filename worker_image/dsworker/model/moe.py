@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsworker.contract.engine_config import DEFAULT_BUFFER_SCALE_FACTORS
-from dsworker.model.config import ModelArgs
 from dsworker.model import shared_fold
+from dsworker.model.config import ModelArgs
 from dsworker.model.experts import LocalExperts
 from dsworker.model.layers import MLP, weight
 from dsworker.model.moe_fixed import allgather_fixed, alltoall_fixed

@@ -61,9 +61,7 @@ def chunks(args: ModelArgs, groups: ParallelGroups, opts: MoEOptions) -> tuple[i
 class FoldedShared(nn.Module):
     """The shared experts' tp slice as S chunk MLPs over views of the expert stacks' tail."""
 
-    def __init__(
-        self, experts: LocalExperts, count: int, hidden: int, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, experts: LocalExperts, count: int, hidden: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.experts = [experts]  # a list: not a submodule, its parameters count there once
         meta = torch.device("meta")  # unused: the MLPs hold the stack's views, allocate nothing

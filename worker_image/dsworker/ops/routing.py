@@ -94,7 +94,9 @@ def route_reference(
     weights = scores.gather(1, ids)
     if norm_topk_prob and top_k > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return append_shared(weights * routed_scaling_factor, ids.to(torch.int32), n_shared, shared_first)
+    return append_shared(
+        weights * routed_scaling_factor, ids.to(torch.int32), n_shared, shared_first
+    )
 
 
 @torch.library.custom_op("dsworker::moe_route", mutates_args=())
