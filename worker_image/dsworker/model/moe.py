@@ -6,6 +6,10 @@ local experts on the rows routed to them and reduce-scatters the sums back. EP l
 sends each routed row only to the ranks owning its expert (all moe_tp slices), with fixed-size
 buffers from alltoall_ep_buffer_scale_factors, and sends the results back. Either way the chunk's
 routed output is added to the shared experts' partial sum and one tp all-reduce completes both.
+Where this rank's shared slice folds into the routed stack (model/shared_fold.py), the decode
+path runs it inside the fused expert ops instead: at world 1 for every token, at EP level 1 for
+the gathered rows of this rank's own dp group, whose reduce-scatter then adds the slices of its
+tp peers to the routed sums (the tp all-reduce stays and completes the rows as before).
 gloo implements all_to_all_single too, so CPU runs exercise the same AllToAll path as nccl/hccl.
 A world of one rank needs no exchange: fixed-shape steps (captured or compiled decode) and, where
 the grouped matmul runs natively, every step take a path with static shapes and no host sync. On a

@@ -3,7 +3,8 @@
 A graph replays the same collectives with the same sizes on every rank, so each rank sends the same
 padded chunk of its tp group's tokens whatever it holds (a rank with no sequences sends padding
 rows, whose results are dropped). EP level 1 gathers the chunks and reduce-scatters the sums, as the
-eager path does, without first gathering the row counts. EP level 2 sends into buffers of the fixed
+eager path does, without first gathering the row counts (at decode sizes with the folded shared
+experts inside, model/shared_fold.py). EP level 2 sends into buffers of the fixed
 capacity that alltoall_ep_buffer_scale_factors gives for the chunk (`a2a_capacity`); a row that
 does not fit is not sent, and is counted on the device (`MoEStats.a2a_excess`) so the step that
 lost it is refused after it ran, on every rank alike, as the eager path refuses before sending.
@@ -58,6 +59,8 @@ def fixed_capacity(moe: MoE, tokens: int) -> int:
 def alltoall_fixed(moe: MoE, xs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """EP level 2 over the padded chunk xs [m, H]: fixed-capacity AllToAll out and back; padding
     rows (`valid` False) take no buffer room, so they never cause a refusal."""
+    from dsworker.model.moe import FUSED_MAX_ROWS
+
     world, k = moe.g.world, moe.args.top_k
     moe_tp, per = moe.g.moe_tp.size, moe.experts.num
     size, (m, h), dev = world.size, xs.shape, xs.device
@@ -85,8 +88,6 @@ def alltoall_fixed(moe: MoE, xs: torch.Tensor, valid: torch.Tensor) -> tuple[tor
     recv = world.all_to_all(send[:dump])
     recv_eid = world.all_to_all(send_eid[:dump])
     ones = torch.ones((dump, 1), dtype=torch.float32, device=dev)
-    from dsworker.model.moe import FUSED_MAX_ROWS
-
     done = run_experts(moe, recv, recv_eid[:, None], ones, dump <= FUSED_MAX_ROWS)
     back = torch.cat([world.all_to_all(done), done.new_zeros(1, h)])[where]  # [m*k*moe_tp, H]
     back = back.view(m, k * moe_tp, h).float() * weights.repeat_interleave(moe_tp, 1)[..., None]
