@@ -118,9 +118,9 @@ def test_fixed_exchange_expert_paths_agree() -> None:
     class Holder:
         experts = ex
 
-    combined = run_experts(Holder(), x, ids, weights)  # type: ignore[arg-type]
+    assert ids.numel() > FUSED_MAX_ROWS  # what the exchanges then ask for: fused=False
+    combined = run_experts(Holder(), x, ids, weights, False)  # type: ignore[arg-type]
     torch.testing.assert_close(combined, ex.fused(x, ids, weights), rtol=1e-5, atol=1e-5)
-    assert ids.numel() > FUSED_MAX_ROWS
 
 
 needs_cuda = pytest.mark.skipif(

@@ -42,18 +42,10 @@ def _inputs(args: ModelArgs, rows: int, seed: int) -> tuple[torch.Tensor, torch.
     return logits, bias if args.topk_method == "noaux_tc" else None
 
 
-def _op(args: ModelArgs, logits: torch.Tensor, bias: torch.Tensor | None):
-    return moe_route(
-        logits,
-        bias,
-        args.top_k,
-        args.n_group,
-        args.topk_group,
-        args.topk_method,
-        args.scoring_func,
-        args.norm_topk_prob,
-        args.routed_scaling_factor,
-    )
+def _op(args: ModelArgs, logits: torch.Tensor, bias: torch.Tensor | None, *shared: int):
+    return moe_route(logits, bias, args.top_k, args.n_group, args.topk_group, args.topk_method,
+                     args.scoring_func, args.norm_topk_prob, args.routed_scaling_factor,
+                     *shared)  # fmt: skip
 
 
 def _assert_same_routing(w, ids, ref_w, ref_ids) -> None:
@@ -147,3 +139,56 @@ def test_router_logits_are_fp32_of_fp32_operands() -> None:
     assert torch.equal(out, torch.nn.functional.linear(x.float(), gate))
     assert router_logits(x[:0], gate).shape == (0, 16)
     torch.library.opcheck(torch.ops.dsworker.router_logits.default, (x, gate))
+
+
+def _assert_shared_columns(w, ids, k: int, n_shared: int, first: int) -> None:
+    assert w.shape == ids.shape == (w.shape[0], k + n_shared)
+    assert torch.equal(w[:, k:], torch.ones(w.shape[0], n_shared))
+    want = torch.arange(first, first + n_shared, dtype=torch.int32).expand(w.shape[0], -1)
+    assert torch.equal(ids[:, k:], want)
+
+
+@pytest.mark.parametrize("case", ["v3-tiny", "v3-small", "v2-greedy", "v3-r1"])
+def test_shared_columns_follow_the_routed_ones(case: str) -> None:
+    """n_shared appends always-selected columns (ids shared_first.., weight 1); the routed
+    columns are unchanged, so the renormalisation never sees the shared ones."""
+    args = CASES[case]
+    for rows in (0, *ODD_ROWS):
+        logits, bias = _inputs(args, rows, rows)
+        w, ids = _op(args, logits, bias)
+        ws, ids_s = _op(args, logits, bias, 2, args.n_routed_experts)
+        assert torch.equal(ws[:, : args.top_k], w) and torch.equal(ids_s[:, : args.top_k], ids)
+        _assert_shared_columns(ws, ids_s, args.top_k, 2, args.n_routed_experts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["v3-tiny", "v3-small", "v2-greedy", "v3-no-renorm"])
+def test_triton_shared_columns_equal_reference(case: str, dtype: torch.dtype) -> None:
+    args = CASES[case]
+    k = kernels("routing")
+    for rows, n_shared in zip(ODD_ROWS, (1, 2, 3), strict=True):
+        logits, bias = _inputs(args, rows, rows)
+        logits = logits.to(dtype).to(DEVICE)
+        bias = bias.to(DEVICE) if bias is not None else None
+        first = 5 * rows  # any id: a rank's first shared slot follows its own experts
+        ref_w, ref_ids = _op(args, logits.cpu(), bias.cpu() if bias is not None else None,
+                             n_shared, first)  # fmt: skip
+        w, ids = k.moe_route_triton(logits, bias, args.top_k, args.n_group, args.topk_group,
+                                    group_mode(args.topk_method), args.scoring_func == "softmax",
+                                    args.norm_topk_prob, args.routed_scaling_factor, n_shared,
+                                    first)  # fmt: skip
+        top = args.top_k
+        _assert_same_routing(w[:, :top].cpu(), ids[:, :top].cpu(), ref_w[:, :top], ref_ids[:, :top])
+        _assert_shared_columns(w.cpu(), ids.cpu(), top, n_shared, first)
+
+
+def test_shared_opcheck_and_bad_counts() -> None:
+    args = CASES["v3-small"]
+    logits, bias = _inputs(args, 5, 0)
+    torch.library.opcheck(
+        torch.ops.dsworker.moe_route.default,
+        (logits, bias, args.top_k, args.n_group, args.topk_group, "noaux_tc", "sigmoid", True,
+         2.5, 2, 32),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="n_shared and shared_first must be >= 0"):
+        _op(args, logits, bias, -1, 0)

@@ -176,21 +176,43 @@ def _fill_float(
     }
     shape = _logical_shape(item, src, comp) if kind == "w8a16" else tuple(src.shape)
     _check_shape(item, shape, dst)
-    if kind is None and src.dtype == dst.dtype and dst.is_contiguous():
+    if kind is None:
+        _copy(copier, src.view(dst.shape), dst)
+        return
+    raw = copier.to_device(src)
+    with copier.device.on_stream(copier.stream):
+        r0 = item.start if item.dim == 0 else 0
+        c0 = (item.start * (4 if kind == "w8a16" else 1)) if item.dim == 1 else 0
+        full = dequantize(kind, raw, comp, shape, r0, c0, dst.dtype, block)
+        dst.copy_(full.view(dst.shape))
+
+
+def _copy(copier: HostToDevice, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """src (host, dst's shape) into dst: straight in where dst is one contiguous block of its
+    dtype, else through a device copy (a cast, or the strided view of a chunked target)."""
+    if src.dtype == dst.dtype and dst.is_contiguous():
         copier.to_device(src, out=dst)
         return
     raw = copier.to_device(src)
     with copier.device.on_stream(copier.stream):
-        if kind is None:
-            dst.copy_(raw)
-        else:
-            r0 = item.start if item.dim == 0 else 0
-            c0 = (item.start * (4 if kind == "w8a16" else 1)) if item.dim == 1 else 0
-            dst.copy_(dequantize(kind, raw, comp, shape, r0, c0, dst.dtype, block))
+        dst.copy_(raw)
+
+
+def _splits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """`target` is `shape` with one dimension split in two (a view the slice fills by a reshape:
+    e.g. the shared experts' slice held as chunks of an expert stack, model/shared_fold.py)."""
+    if len(target) != len(shape) + 1:
+        return False
+    return any(
+        target[:d] == shape[:d]
+        and target[d] * target[d + 1] == shape[d]
+        and target[d + 2 :] == shape[d + 1 :]
+        for d in range(len(shape))
+    )
 
 
 def _check_shape(item: WeightItem, shape: tuple[int, ...], dst: torch.Tensor) -> None:
-    if tuple(dst.shape) != tuple(shape):
+    if tuple(dst.shape) != tuple(shape) and not _splits(tuple(shape), tuple(dst.shape)):
         raise LoadError(
             f"{item.path}: {item.name} gives a {list(shape)} slice but this rank's model "
             f"expects {list(dst.shape)}; the checkpoint does not match config.json or plan"
@@ -227,10 +249,10 @@ def _fill_quant(
         _check_shape(item, shape, dst)
         raw = copier.to_device(src)
         with copier.device.on_stream(copier.stream):
-            dst.copy_(unpack_w8a16(raw, shape[1]))
+            dst.copy_(unpack_w8a16(raw, shape[1]).view(dst.shape))
     else:
         _check_shape(item, tuple(src.shape), dst)
-        copier.to_device(src.view(torch.uint8), out=dst.view(torch.uint8))
+        _copy(copier, src.view(torch.uint8).view(dst.shape), dst.view(torch.uint8))
     done = []
     for suffix, c in comp_items.items():
         if suffix == "weight_shape":
@@ -243,12 +265,7 @@ def _fill_quant(
             )
         csrc = _sliced(files.tensor(c), c)
         _check_shape(c, tuple(csrc.shape), slot)
-        if csrc.dtype == slot.dtype:
-            copier.to_device(csrc, out=slot)
-        else:
-            raw = copier.to_device(csrc)
-            with copier.device.on_stream(copier.stream):
-                slot.copy_(raw)
+        _copy(copier, csrc.view(slot.shape), slot)
         done.append(f"{module}.{suffix}")
     if f"{module}.weight_offset" in targets and "weight_offset" not in comp_items:
         targets[f"{module}.weight_offset"].zero_()  # symmetric: no offset stored

@@ -18,7 +18,6 @@ from torch import nn
 
 from dsworker.contract.quant import QuantFormat
 from dsworker.model import quant_weights
-from dsworker.model.layers import weight
 from dsworker.ops.moe_experts import moe_down, moe_gate_up
 from dsworker.ops.quant_formats import QuantWeight
 from dsworker.ops.quant_moe import quant_experts
@@ -28,7 +27,12 @@ log = logging.getLogger("dsworker.model")
 
 
 class LocalExperts(nn.Module):
-    """w13 [E_loc, 2*I_loc, H] (gate rows then up rows) and w2 [E_loc, H, I_loc]."""
+    """w13 [E_loc, 2*I_loc, H] (gate rows then up rows) and w2 [E_loc, H, I_loc].
+
+    `extra` > 0 allocates that many more experts at the end of the same stacks: the shared
+    experts' chunks (model/shared_fold.py), which `fused` runs for ids E_loc.. and nothing else
+    sees. The parameters registered here are the routed part only, so each byte counts once.
+    """
 
     def __init__(
         self,
@@ -39,20 +43,35 @@ class LocalExperts(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         quant: QuantFormat | None = None,
+        extra: int = 0,
     ) -> None:
         super().__init__()
-        self.num, self.first, self.inter = num, first, inter
+        self.num, self.first, self.inter, self.extra = num, first, inter, extra
         self.q13: QuantWeight | None = None
         self.q2: QuantWeight | None = None
+        total = num + extra
         if quant is None:
-            self.w13 = weight(num, 2 * inter, hidden, dtype=dtype, device=device)
-            self.w2 = weight(num, hidden, inter, dtype=dtype, device=device)
+            self.all13 = torch.empty(total, 2 * inter, hidden, dtype=dtype, device=device)
+            self.all2 = torch.empty(total, hidden, inter, dtype=dtype, device=device)
+            self.w13 = nn.Parameter(self.all13[:num], requires_grad=False)
+            self.w2 = nn.Parameter(self.all2[:num], requires_grad=False)
         else:  # 8-bit stacks: every path runs the quantised grouped ops (ops/quant_moe.py)
-            self.q13 = quant_weights.alloc(quant, (num,), 2 * inter, hidden, device, halves=2)
-            self.q2 = quant_weights.alloc(quant, (num,), hidden, inter, device)
+            self.qall13 = quant_weights.alloc(quant, (total,), 2 * inter, hidden, device, halves=2)
+            self.qall2 = quant_weights.alloc(quant, (total,), hidden, inter, device)
+            self.q13 = quant_weights.part(self.qall13, slice(0, num))
+            self.q2 = quant_weights.part(self.qall2, slice(0, num))
             quant_weights.register(self, "w13", self.q13)
             quant_weights.register(self, "w2", self.q2)
         self._native_grouped = True
+
+    def shared_storage(
+        self, chunk: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[QuantWeight, QuantWeight]:
+        """Views (w13 [2I, H], w2 [H, I]) of extra expert `chunk`, for the MLP that holds it."""
+        e = self.num + chunk
+        if self.q13 is not None:
+            return quant_weights.part(self.qall13, e), quant_weights.part(self.qall2, e)
+        return self.all13[e], self.all2[e]
 
     def targets(self, prefix: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -106,12 +125,13 @@ class LocalExperts(nn.Module):
 
     def fused(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert ids[t, k] (x[t]) for local ids [T, k] (-1: an expert of
-        another rank, adds nothing) in two ops that read only the routed experts' weights
-        (dsworker::moe_gate_up / moe_down): the small-token-count (decode) path, no host sync.
-        8-bit experts take their own grouped op, which reads only the routed experts too."""
-        if self.q13 is not None and self.q2 is not None:
-            return quant_experts(x, ids, weights.float(), self.q13, self.q2)
-        return moe_down(moe_gate_up(x, ids, self.w13), ids, weights, self.w2)
+        another rank, adds nothing; E_loc.. the extra experts) in two ops that read only the
+        routed experts' weights (dsworker::moe_gate_up / moe_down): the small-token-count
+        (decode) path, no host sync. 8-bit experts take their own grouped op, which reads only
+        the routed experts too."""
+        if self.q13 is not None:
+            return quant_experts(x, ids, weights.float(), self.qall13, self.qall2)
+        return moe_down(moe_gate_up(x, ids, self.all13), ids, weights, self.all2)
 
     def combine(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert ids[t, k] (x[t]) for local ids [T, k]; no host sync."""

@@ -110,7 +110,11 @@ class Linear(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU with gate and up fused into one [2I, H] weight; returns a partial sum over tp."""
+    """SwiGLU with gate and up fused into one [2I, H] weight; returns a partial sum over tp.
+
+    `storage` (w13, w2): tensors (or 8-bit weights) it holds instead of allocating its own, e.g.
+    views of an expert stack that the fused expert ops read too (model/shared_fold.py).
+    """
 
     def __init__(
         self,
@@ -119,19 +123,31 @@ class MLP(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         quant: QuantFormat | None = None,
+        storage: tuple[torch.Tensor, torch.Tensor] | tuple[QuantWeight, QuantWeight] | None = None,
     ) -> None:
         super().__init__()
         self.inter = inter
         self.q13: QuantWeight | None = None
         self.q2: QuantWeight | None = None
-        if quant is None:
-            self.w13 = weight(2 * inter, hidden, dtype=dtype, device=device)
-            self.w2 = weight(hidden, inter, dtype=dtype, device=device)
+        if storage is None and quant is not None:
+            storage = (
+                quant_weights.alloc(quant, (), 2 * inter, hidden, device, halves=2),
+                quant_weights.alloc(quant, (), hidden, inter, device),
+            )
+        elif storage is None:
+            storage = (
+                torch.empty(2 * inter, hidden, dtype=dtype, device=device),
+                torch.empty(hidden, inter, dtype=dtype, device=device),
+            )
+        w13, w2 = storage
+        if isinstance(w13, QuantWeight) and isinstance(w2, QuantWeight):
+            self.q13, self.q2 = w13, w2
+            quant_weights.register(self, "w13", w13)
+            quant_weights.register(self, "w2", w2)
         else:
-            self.q13 = quant_weights.alloc(quant, (), 2 * inter, hidden, device, halves=2)
-            self.q2 = quant_weights.alloc(quant, (), hidden, inter, device)
-            quant_weights.register(self, "w13", self.q13)
-            quant_weights.register(self, "w2", self.q2)
+            assert isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor)
+            self.w13 = nn.Parameter(w13, requires_grad=False)
+            self.w2 = nn.Parameter(w2, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.q13 is not None and self.q2 is not None:

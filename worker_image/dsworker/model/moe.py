@@ -6,6 +6,10 @@ local experts on the rows routed to them and reduce-scatters the sums back. EP l
 sends each routed row only to the ranks owning its expert (all moe_tp slices), with fixed-size
 buffers from alltoall_ep_buffer_scale_factors, and sends the results back. Either way the chunk's
 routed output is added to the shared experts' partial sum and one tp all-reduce completes both.
+Where this rank's shared slice folds into the routed stack (model/shared_fold.py), the decode
+path runs it inside the fused expert ops instead: at world 1 for every token, at EP level 1 for
+the gathered rows of this rank's own dp group, whose reduce-scatter then adds the slices of its
+tp peers to the routed sums (the tp all-reduce stays and completes the rows as before).
 gloo implements all_to_all_single too, so CPU runs exercise the same AllToAll path as nccl/hccl.
 A world of one rank needs no exchange: fixed-shape steps (captured or compiled decode) and, where
 the grouped matmul runs natively, every step take a path with static shapes and no host sync. On a
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsworker.contract.engine_config import DEFAULT_BUFFER_SCALE_FACTORS
+from dsworker.model import shared_fold
 from dsworker.model.config import ModelArgs
 from dsworker.model.experts import LocalExperts
 from dsworker.model.layers import MLP, weight
@@ -97,20 +102,20 @@ class MoE(nn.Module):
             else None
         )
         shared = args.n_shared_experts * args.moe_intermediate_size
-        self.shared = (
-            MLP(h, shared // groups.tp.size, dtype, device, args.quant) if shared else None
-        )
         per = e // groups.moe_ep.size
-        self.experts = LocalExperts(
-            per,
-            groups.coords.moe_ep_rank * per,
-            h,
-            args.moe_intermediate_size // groups.moe_tp.size,
-            dtype,
-            device,
-            args.quant,
-        )
+        self.fold, self.fold_reason = shared_fold.chunks(args, groups, opts)
+        self.experts = LocalExperts(per, groups.coords.moe_ep_rank * per, h,
+                                    args.moe_intermediate_size // groups.moe_tp.size, dtype,
+                                    device, args.quant, extra=self.fold)  # fmt: skip
+        self.shared: nn.Module | None = None
+        if self.fold:
+            self.shared = shared_fold.FoldedShared(self.experts, self.fold, h, dtype)
+        elif shared:
+            self.shared = MLP(h, shared // groups.tp.size, dtype, device, args.quant)
         self.local_only = groups.world.size == 1 and opts.routing_cutoff is None
+        # Which world ranks share this rank's dp group (rank-major rows of a world all-gather).
+        self.peers = torch.tensor([r in groups.tp.ranks for r in groups.world.ranks],
+                                  dtype=torch.bool, device=device)  # fmt: skip
 
     def targets(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.gate.weight": self.gate}
@@ -121,12 +126,15 @@ class MoE(nn.Module):
         out.update(self.experts.targets(f"{prefix}.experts"))
         return out
 
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights [T, k] fp32, global expert ids [T, k] int32): two ops, fp32 only inside."""
-        a = self.args
+    def _route(self, x: torch.Tensor, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, k] fp32, global expert ids [T, k] int32): two ops, fp32 only inside.
+        `shared`: the folded shared chunks follow as columns k.. (ids after this rank's experts,
+        weight 1), so the fused ops run them too."""
+        a, ex = self.args, self.experts
+        n = self.fold if shared else 0
         return moe_route(router_logits(x, self.gate), self.bias, a.top_k, a.n_group,
                          a.topk_group, a.topk_method, a.scoring_func, a.norm_topk_prob,
-                         a.routed_scaling_factor)  # fmt: skip
+                         a.routed_scaling_factor, n, ex.first + ex.num)  # fmt: skip
 
     def _sync_free(self, x: torch.Tensor, fixed_shape: bool) -> bool:
         """Take the static path: for fixed-shape steps (graphs, compile), and wherever the grouped
@@ -138,16 +146,20 @@ class MoE(nn.Module):
     ) -> torch.Tensor:
         """Routed plus shared experts of x [T, H]; `valid` [T] (fixed-shape steps) marks the rows
         that are not padding, which the exchanges of a wider world then skip."""
-        small = x.shape[0] * self.args.top_k <= FUSED_MAX_ROWS
+        k = self.args.top_k
+        small = x.shape[0] * k <= FUSED_MAX_ROWS
         if self.local_only and (small or self._sync_free(x, fixed_shape)):
-            weights, ids = self._route(x)
+            folded = small and self.fold > 0
+            weights, ids = self._route(x, folded)
             if not torch.compiler.is_compiling():  # a traced Python counter would recompile
-                self.stats.routed_rows += ids.numel()
-            if small:  # decode: two ops reading only the routed experts' weights
+                self.stats.routed_rows += x.shape[0] * k
+            if small:  # decode: two ops reading only the routed (and shared) experts' weights
                 routed = self.experts.fused(x, ids, weights)
             else:
                 routed = self.experts.combine(x, ids.long(), weights)
-            return routed + self.shared(x) if self.shared is not None else routed
+            if folded or self.shared is None:
+                return routed
+            return routed + self.shared(x)
         tp = self.g.tp
         t = x.shape[0]
         chunk = -(-t // tp.size)
@@ -156,18 +168,20 @@ class MoE(nn.Module):
             pad = chunk - (hi - lo)
             real = torch.ones(t, dtype=torch.bool, device=x.device) if valid is None else valid
             fixed = alltoall_fixed if self.opts.ep_level == 2 else allgather_fixed
-            routed = fixed(self, F.pad(x[lo:hi], (0, 0, 0, pad)), F.pad(real[lo:hi], (0, pad)))
+            routed, folded = fixed(self, F.pad(x[lo:hi], (0, 0, 0, pad)),
+                                   F.pad(real[lo:hi], (0, pad)))  # fmt: skip
             routed = routed[: hi - lo]
         else:
             exchange = self._alltoall if self.opts.ep_level == 2 else self._allgather
-            routed = exchange(x[lo:hi])
-        out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
+            routed, folded = exchange(x[lo:hi])
+        # Folded: the reduce-scatter already summed the shared slices into this chunk's rows.
+        out = torch.zeros_like(x) if folded or self.shared is None else self.shared(x)
         out[lo:hi] += routed
         return tp.all_reduce(out)
 
     # -- EP level 1 ---------------------------------------------------------------------------
 
-    def _allgather(self, xs: torch.Tensor) -> torch.Tensor:
+    def _allgather(self, xs: torch.Tensor) -> tuple[torch.Tensor, bool]:
         world, k = self.g.world, self.args.top_k
         n = xs.shape[0]
         counts = world.all_gather(torch.tensor([n], device=xs.device))
@@ -175,14 +189,17 @@ class MoE(nn.Module):
         padded = F.pad(xs, (0, 0, 0, m - n))
         everyone = world.all_gather(padded)  # [W*m, H]
         valid = (torch.arange(m, device=xs.device)[None, :] < counts[:, None]).reshape(-1)
-        weights, ids = self._route(everyone)
+        fused = self.opts.routing_cutoff is None and everyone.shape[0] * k <= FUSED_MAX_ROWS
+        folded = fused and self.fold > 0
+        weights, ids = self._route(everyone, folded)
+        if fused:
+            # Decode: every gathered token through the fused ops, other ranks' experts as -1.
+            local = shared_fold.local_ids(self, ids, valid, folded)
+            self.stats.routed_rows += int((local[:, :k] >= 0).sum())
+            total = self.experts.fused(everyone, local, weights)
+            return world.reduce_scatter(total)[:n], folded
         local = ids - self.experts.first
         hit = (local >= 0) & (local < self.experts.num) & valid[:, None]
-        if self.opts.routing_cutoff is None and everyone.shape[0] * k <= FUSED_MAX_ROWS:
-            # Decode: every gathered token through the fused ops, other ranks' experts as -1.
-            self.stats.routed_rows += int(hit.sum())
-            total = self.experts.fused(everyone, local.masked_fill(~hit, -1), weights)
-            return world.reduce_scatter(total)[:n]
         local = local.long()
         tok, slot = hit.nonzero(as_tuple=True)
         eid = local[tok, slot]
@@ -196,11 +213,11 @@ class MoE(nn.Module):
         y = self.experts(everyone[tok], eid, self.opts.grouped_matmul)
         y = (y * weights[tok, slot, None]).to(y.dtype)  # weight in fp32, like the reference
         total = torch.zeros_like(everyone).index_add_(0, tok, y)
-        return world.reduce_scatter(total)[:n]
+        return world.reduce_scatter(total)[:n], False
 
     # -- EP level 2 ---------------------------------------------------------------------------
 
-    def _alltoall(self, xs: torch.Tensor) -> torch.Tensor:
+    def _alltoall(self, xs: torch.Tensor) -> tuple[torch.Tensor, bool]:
         world, k = self.g.world, self.args.top_k
         moe_tp, moe_ep, per = self.g.moe_tp.size, self.g.moe_ep.size, self.experts.num
         size, n, dev = world.size, xs.shape[0], xs.device
@@ -241,4 +258,4 @@ class MoE(nn.Module):
         done[rows] = self.experts(recv[rows], recv_eid[rows], self.opts.grouped_matmul)
         back = world.all_to_all(done).view(size, cap, -1)[dest, pos]
         back = (back * weights[tok, slot, None]).to(back.dtype)
-        return torch.zeros_like(xs).index_add_(0, tok, back)
+        return torch.zeros_like(xs).index_add_(0, tok, back), False

@@ -3,7 +3,8 @@
 A graph replays the same collectives with the same sizes on every rank, so each rank sends the same
 padded chunk of its tp group's tokens whatever it holds (a rank with no sequences sends padding
 rows, whose results are dropped). EP level 1 gathers the chunks and reduce-scatters the sums, as the
-eager path does, without first gathering the row counts. EP level 2 sends into buffers of the fixed
+eager path does, without first gathering the row counts (at decode sizes with the folded shared
+experts inside, model/shared_fold.py). EP level 2 sends into buffers of the fixed
 capacity that alltoall_ep_buffer_scale_factors gives for the chunk (`a2a_capacity`); a row that
 does not fit is not sent, and is counted on the device (`MoEStats.a2a_excess`) so the step that
 lost it is refused after it ran, on every rank alike, as the eager path refuses before sending.
@@ -20,29 +21,31 @@ if TYPE_CHECKING:
 
 
 def run_experts(
-    moe: MoE, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    moe: MoE, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, fused: bool
 ) -> torch.Tensor:
     """sum_k weights * local expert ids (x) for local ids [T, k], -1 where the expert is elsewhere:
     the fused ops at decode sizes, else the static combine (-1 slots weigh nothing there)."""
-    from dsworker.model.moe import FUSED_MAX_ROWS
-
-    if ids.numel() <= FUSED_MAX_ROWS:
+    if fused:
         return moe.experts.fused(x, ids, weights)
     hit = ids >= 0
     return moe.experts.combine(x, ids.clamp(min=0).long(), weights.masked_fill(~hit, 0.0))
 
 
-def allgather_fixed(moe: MoE, xs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def allgather_fixed(moe: MoE, xs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """EP level 1 over the padded chunk xs [m, H] (m the same on every rank; `valid` [m] its real
-    rows) -> its routed sums; padding rows run no expert."""
+    rows) -> (its routed sums, whether the folded shared experts are in them too); padding rows
+    run no expert."""
+    from dsworker.model.moe import FUSED_MAX_ROWS
+    from dsworker.model.shared_fold import local_ids
+
     world = moe.g.world
     everyone = world.all_gather(xs)  # [W*m, H]
     real = world.all_gather(valid)
-    weights, ids = moe._route(everyone)
-    local = ids - moe.experts.first
-    hit = (local >= 0) & (local < moe.experts.num) & real[:, None]
-    total = run_experts(moe, everyone, local.masked_fill(~hit, -1), weights)
-    return world.reduce_scatter(total)
+    fused = everyone.shape[0] * moe.args.top_k <= FUSED_MAX_ROWS
+    folded = fused and moe.fold > 0
+    weights, ids = moe._route(everyone, folded)
+    total = run_experts(moe, everyone, local_ids(moe, ids, real, folded), weights, fused)
+    return world.reduce_scatter(total), folded
 
 
 def fixed_capacity(moe: MoE, tokens: int) -> int:
@@ -53,9 +56,11 @@ def fixed_capacity(moe: MoE, tokens: int) -> int:
     return a2a_capacity(factor, tokens, moe.args.top_k, moe.g.moe_ep.size, moe.experts.num)
 
 
-def alltoall_fixed(moe: MoE, xs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def alltoall_fixed(moe: MoE, xs: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """EP level 2 over the padded chunk xs [m, H]: fixed-capacity AllToAll out and back; padding
     rows (`valid` False) take no buffer room, so they never cause a refusal."""
+    from dsworker.model.moe import FUSED_MAX_ROWS
+
     world, k = moe.g.world, moe.args.top_k
     moe_tp, per = moe.g.moe_tp.size, moe.experts.num
     size, (m, h), dev = world.size, xs.shape, xs.device
@@ -83,7 +88,7 @@ def alltoall_fixed(moe: MoE, xs: torch.Tensor, valid: torch.Tensor) -> torch.Ten
     recv = world.all_to_all(send[:dump])
     recv_eid = world.all_to_all(send_eid[:dump])
     ones = torch.ones((dump, 1), dtype=torch.float32, device=dev)
-    done = run_experts(moe, recv, recv_eid[:, None], ones)
+    done = run_experts(moe, recv, recv_eid[:, None], ones, dump <= FUSED_MAX_ROWS)
     back = torch.cat([world.all_to_all(done), done.new_zeros(1, h)])[where]  # [m*k*moe_tp, H]
     back = back.view(m, k * moe_tp, h).float() * weights.repeat_interleave(moe_tp, 1)[..., None]
-    return back.sum(1).to(xs.dtype)
+    return back.sum(1).to(xs.dtype), False

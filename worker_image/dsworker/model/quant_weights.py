@@ -83,3 +83,29 @@ def slots(
 def held_bytes(model: nn.Module) -> int:
     """Device bytes of every weight the model holds (8-bit ones as stored)."""
     return sum(p.nbytes for p in model.parameters())
+
+
+def part(qw: QuantWeight, index: int | slice) -> QuantWeight:
+    """Views of one expert (int) or a run of experts (slice) of a stack: the same bytes."""
+    offset = qw.offset[index] if qw.offset is not None else None
+    return QuantWeight(qw.kind, qw.data[index], qw.scale[index], offset, qw.group_size, qw.block)
+
+
+def chunk_slots(name: str, qw: QuantWeight, half: int | None = None) -> dict[str, torch.Tensor]:
+    """Checkpoint `<module>.weight` [N, K] and companions -> views of a stack [S, ...] of S chunks
+    that split it: half 0/1 takes the gate/up rows of each w13 chunk ([S, N/S, K], the rows split),
+    half None a w2 chunk stack transposed to [N, S, K/S] (the columns split). The loader fills a
+    view whose shape is the slice's with one dimension split in two (engine/loader.py)."""
+    module = name[: -len(".weight")]
+    parts = [qw.data, qw.scale] + ([qw.offset] if qw.offset is not None else [])
+    if half is None:
+        views = [t.transpose(0, 1) for t in parts]
+    else:
+        views = []
+        for t in parts:
+            rows = t.shape[1] // 2  # FP8 keeps gate blocks apart from up blocks, so halves hold
+            views.append(t[:, half * rows : (half + 1) * rows])
+    out = {name: views[0], f"{module}.{scale_name(qw.kind)}": views[1]}
+    if qw.offset is not None:
+        out[f"{module}.{OFFSET_NAME}"] = views[2]
+    return out

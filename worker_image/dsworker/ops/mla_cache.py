@@ -9,7 +9,7 @@ norm and Rope.apply's rotation: fp32 inside, rounded to the cache dtype once.
 
 import torch
 
-from dsworker.ops import backends
+from dsworker.ops import backends, npu_fused, quant_npu
 from dsworker.ops.mla_decode import rotate
 from dsworker.ops.norm import rms_norm_reference
 
@@ -112,3 +112,7 @@ if backends.triton_available():
         mla_cache_store_triton(
             kv_a, norm_weight, eps, cos, sin, kv_cache[layer], pe_cache[layer], write, interleave
         )
+
+
+if backends.npu_available() and quant_npu.load():
+    mla_cache_store.register_kernel("npu")(npu_fused.mla_cache_store_npu)

@@ -4,12 +4,14 @@ One op does what model/routing.py spreads over sigmoid/softmax, topk, scatter, g
 score, add the correction bias (noaux_tc only; it steers the choice, the weights stay unbiased),
 keep the best groups, take the top k, renormalise, scale. Every rank routing the same token gets
 the same experts, so the op needs no collective and is the same at every world size.
+`n_shared` > 0 appends that many always-selected columns (ids shared_first.., weight 1): the shared
+experts, held as extra experts of the routed stack, then run inside the same fused expert ops.
 """
 
 import torch
 import torch.nn.functional as F
 
-from dsworker.ops import backends
+from dsworker.ops import backends, npu_fused, quant_npu
 
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
 SCORE_FUNCS = ("sigmoid", "softmax")
@@ -25,6 +27,28 @@ def _check(top_k: int, n_group: int, topk_group: int, topk_method: str, score_fu
             f"moe_route: need top_k >= 1 and 1 <= topk_group <= n_group, got top_k={top_k}, "
             f"n_group={n_group}, topk_group={topk_group}"
         )
+
+
+def _check_shared(n_shared: int, shared_first: int) -> None:
+    if n_shared < 0 or shared_first < 0:
+        raise ValueError(
+            f"moe_route: n_shared and shared_first must be >= 0, got {n_shared}, {shared_first}"
+        )
+
+
+def append_shared(
+    weights: torch.Tensor, ids: torch.Tensor, n_shared: int, shared_first: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) [T, k] -> [T, k + n_shared]: the shared columns, ids shared_first.. and
+    weight 1, after the routed ones."""
+    if not n_shared:
+        return weights, ids
+    t = ids.shape[0]
+    extra = torch.arange(shared_first, shared_first + n_shared, dtype=ids.dtype, device=ids.device)
+    return (
+        torch.cat([weights, weights.new_ones(t, n_shared)], 1),
+        torch.cat([ids, extra.expand(t, n_shared)], 1),
+    )
 
 
 def _keep_top_groups(choice: torch.Tensor, group_score: torch.Tensor, keep: int) -> torch.Tensor:
@@ -45,12 +69,16 @@ def route_reference(
     score_func: str,
     norm_topk_prob: bool,
     routed_scaling_factor: float,
+    n_shared: int = 0,
+    shared_first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The torch reference: model/routing.py's math in fp32, ids as int32."""
     _check(top_k, n_group, topk_group, topk_method, score_func)
+    _check_shared(n_shared, shared_first)
     x = logits.float()
     if x.shape[0] == 0:  # a rank with no tokens this step (an EP exchange still calls it)
-        return x.new_empty(0, top_k), torch.empty(0, top_k, dtype=torch.int32, device=x.device)
+        cols = top_k + n_shared
+        return x.new_empty(0, cols), torch.empty(0, cols, dtype=torch.int32, device=x.device)
     scores = x.sigmoid() if score_func == "sigmoid" else x.softmax(dim=-1)
     choice = scores
     if topk_method == "noaux_tc" and bias is not None:
@@ -66,7 +94,9 @@ def route_reference(
     weights = scores.gather(1, ids)
     if norm_topk_prob and top_k > 1:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids.to(torch.int32)
+    return append_shared(
+        weights * routed_scaling_factor, ids.to(torch.int32), n_shared, shared_first
+    )
 
 
 @torch.library.custom_op("dsworker::moe_route", mutates_args=())
@@ -80,23 +110,17 @@ def moe_route(
     score_func: str,
     norm_topk_prob: bool,
     routed_scaling_factor: float,
+    n_shared: int = 0,
+    shared_first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] (any float dtype), bias [E] or None -> (weights [T, k] fp32, ids [T, k] int32).
+    """logits [T, E] (any float dtype), bias [E] or None -> (weights [T, k+S] fp32, ids [T, k+S]
+    int32), S = n_shared (the appended shared columns, see the module docstring).
 
     topk_method: noaux_tc (V3: bias, groups scored by their top-2 sum), group_limited_greedy
     (V2: groups scored by their max), greedy (no groups). The bias is read only by noaux_tc.
     """
-    return route_reference(
-        logits,
-        bias,
-        top_k,
-        n_group,
-        topk_group,
-        topk_method,
-        score_func,
-        norm_topk_prob,
-        routed_scaling_factor,
-    )
+    return route_reference(logits, bias, top_k, n_group, topk_group, topk_method, score_func,
+                           norm_topk_prob, routed_scaling_factor, n_shared, shared_first)  # fmt: skip
 
 
 @moe_route.register_fake
@@ -110,11 +134,13 @@ def _moe_route_fake(
     score_func: str,
     norm_topk_prob: bool,
     routed_scaling_factor: float,
+    n_shared: int = 0,
+    shared_first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    t = logits.shape[0]
+    t, cols = logits.shape[0], top_k + n_shared
     return (
-        logits.new_empty(t, top_k, dtype=torch.float32),
-        logits.new_empty(t, top_k, dtype=torch.int32),
+        logits.new_empty(t, cols, dtype=torch.float32),
+        logits.new_empty(t, cols, dtype=torch.int32),
     )
 
 
@@ -148,55 +174,19 @@ if backends.triton_available():
         score_func: str,
         norm_topk_prob: bool,
         routed_scaling_factor: float,
+        n_shared: int = 0,
+        shared_first: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from dsworker.ops.triton.routing import moe_route_triton
 
         _check(top_k, n_group, topk_group, topk_method, score_func)
-        return moe_route_triton(
-            logits,
-            bias if topk_method == "noaux_tc" else None,
-            top_k,
-            n_group,
-            topk_group,
-            group_mode(topk_method),
-            score_func == "softmax",
-            norm_topk_prob,
-            routed_scaling_factor,
-        )
+        _check_shared(n_shared, shared_first)
+        return moe_route_triton(logits, bias if topk_method == "noaux_tc" else None, top_k,
+                                n_group, topk_group, group_mode(topk_method),
+                                score_func == "softmax", norm_topk_prob, routed_scaling_factor,
+                                n_shared, shared_first)  # fmt: skip
 
 
-if backends.npu_available():
-
-    @moe_route.register_kernel("npu")
-    def _moe_route_npu(
-        logits: torch.Tensor,
-        bias: torch.Tensor | None,
-        top_k: int,
-        n_group: int,
-        topk_group: int,
-        topk_method: str,
-        score_func: str,
-        norm_topk_prob: bool,
-        routed_scaling_factor: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """npu_moe_gating_top_k covers V3's rule (it always renormalises); others take the reference."""
-        args = (top_k, n_group, topk_group, topk_method, score_func, norm_topk_prob)
-        if topk_method != "noaux_tc" or bias is None or not norm_topk_prob or not logits.shape[0]:
-            return route_reference(logits, bias, *args, routed_scaling_factor)
-        import torch_npu
-
-        x = logits.float()
-        weights, ids, _ = torch_npu.npu_moe_gating_top_k(
-            x,
-            top_k,
-            bias=bias.float(),
-            k_group=topk_group,
-            group_count=n_group,
-            group_select_mode=1,  # groups ranked by the sum of their top two
-            renorm=0,
-            norm_type=1 if score_func == "sigmoid" else 0,
-            out_flag=False,
-            routed_scaling_factor=routed_scaling_factor,
-            eps=1e-20,
-        )
-        return weights.float(), ids.to(torch.int32)
+if backends.npu_available() and quant_npu.load():
+    moe_route.register_kernel("npu")(npu_fused.moe_route_npu)
+    router_logits.register_kernel("npu")(npu_fused.router_logits_npu)

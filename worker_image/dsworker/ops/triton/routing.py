@@ -1,7 +1,8 @@
 """Triton kernel of `dsworker::moe_route`: one program routes one token row, all in registers.
 
 Selections are argmax loops (lowest index wins a tie), so no sort, no scatter and no host sync; the
-expert count (256 for V3) fits one block. Scores are fp32 whatever the logits' dtype.
+expert count (256 for V3) fits one block. Scores are fp32 whatever the logits' dtype. N_SHARED
+always-selected columns (the shared experts: ids shared_first.., weight 1) follow the top k.
 """
 
 from __future__ import annotations
@@ -53,12 +54,14 @@ def _route_kernel(
     n_experts,
     per_group,
     scale,
+    shared_first,
     HAS_BIAS: tl.constexpr,
     SOFTMAX: tl.constexpr,
     GROUP_MODE: tl.constexpr,
     N_GROUP: tl.constexpr,
     TOPK_GROUP: tl.constexpr,
     TOP_K: tl.constexpr,
+    N_SHARED: tl.constexpr,
     RENORM: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -90,9 +93,12 @@ def _route_kernel(
         choice = tl.where(offs == i, float("-inf"), choice)
     if RENORM:
         weights = weights / (tl.sum(weights, 0) + 1e-20)
-    kmask = koffs < TOP_K
-    tl.store(weights_ptr + t * TOP_K + koffs, weights * scale, mask=kmask)
-    tl.store(ids_ptr + t * TOP_K + koffs, ids, mask=kmask)
+    shared = koffs >= TOP_K
+    weights = tl.where(shared, 1.0, weights * scale)
+    ids = tl.where(shared, shared_first + koffs - TOP_K, ids)
+    kmask = koffs < TOP_K + N_SHARED
+    tl.store(weights_ptr + t * (TOP_K + N_SHARED) + koffs, weights, mask=kmask)
+    tl.store(ids_ptr + t * (TOP_K + N_SHARED) + koffs, ids, mask=kmask)
 
 
 def moe_route_triton(
@@ -105,12 +111,14 @@ def moe_route_triton(
     softmax: bool,
     norm_topk_prob: bool,
     routed_scaling_factor: float,
+    n_shared: int = 0,
+    shared_first: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch one program per row; `group_mode` is GROUP_NONE, GROUP_MAX or GROUP_TOP2."""
     t, e = logits.shape
     logits = logits if logits.stride(-1) == 1 else logits.contiguous()
-    weights = torch.empty(t, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
+    weights = torch.empty(t, top_k + n_shared, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(t, top_k + n_shared, dtype=torch.int32, device=logits.device)
     if t == 0:
         return weights, ids
     _route_kernel[(t,)](
@@ -122,15 +130,17 @@ def moe_route_triton(
         e,
         e // max(n_group, 1),
         float(routed_scaling_factor),
+        shared_first,
         HAS_BIAS=bias is not None,
         SOFTMAX=softmax,
         GROUP_MODE=group_mode if n_group > 1 else GROUP_NONE,
         N_GROUP=n_group,
         TOPK_GROUP=topk_group,
         TOP_K=top_k,
+        N_SHARED=n_shared,
         RENORM=norm_topk_prob and top_k > 1,
         BLOCK_E=triton.next_power_of_2(e),
         BLOCK_G=triton.next_power_of_2(max(n_group, 2)),
-        BLOCK_K=triton.next_power_of_2(max(top_k, 2)),
+        BLOCK_K=triton.next_power_of_2(max(top_k + n_shared, 2)),
     )
     return weights, ids
