@@ -110,7 +110,10 @@ class Linear(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU with gate and up fused into one [2I, H] weight; returns a partial sum over tp."""
+    """SwiGLU with gate and up fused into one [2I, H] weight; returns a partial sum over tp.
+
+    `quant`: the (gate+up, down) formats, each None for a weight held in the compute dtype (a
+    checkpoint may keep down_proj in float and quantise gate/up, or the reverse)."""
 
     def __init__(
         self,
@@ -118,37 +121,40 @@ class MLP(nn.Module):
         inter: int,
         dtype: torch.dtype,
         device: torch.device,
-        quant: QuantFormat | None = None,
+        quant: tuple[QuantFormat | None, QuantFormat | None] = (None, None),
     ) -> None:
         super().__init__()
         self.inter = inter
         self.q13: QuantWeight | None = None
         self.q2: QuantWeight | None = None
-        if quant is None:
+        if quant[0] is None:
             self.w13 = weight(2 * inter, hidden, dtype=dtype, device=device)
+        else:
+            self.q13 = quant_weights.alloc(quant[0], (), 2 * inter, hidden, device, halves=2)
+            quant_weights.register(self, "w13", self.q13)
+        if quant[1] is None:
             self.w2 = weight(hidden, inter, dtype=dtype, device=device)
         else:
-            self.q13 = quant_weights.alloc(quant, (), 2 * inter, hidden, device, halves=2)
-            self.q2 = quant_weights.alloc(quant, (), hidden, inter, device)
-            quant_weights.register(self, "w13", self.q13)
+            self.q2 = quant_weights.alloc(quant[1], (), hidden, inter, device)
             quant_weights.register(self, "w2", self.q2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q13 is not None and self.q2 is not None:
-            gate, up = quant_linear(x, self.q13).chunk(2, dim=-1)
-            return quant_linear(F.silu(gate) * up, self.q2)
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2)
+        h = quant_linear(x, self.q13) if self.q13 is not None else F.linear(x, self.w13)
+        gate, up = h.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        return quant_linear(h, self.q2) if self.q2 is not None else F.linear(h, self.w2)
 
     def targets(self, prefix: str) -> dict[str, torch.Tensor]:
         """HF names -> the views the loader fills."""
-        if self.q13 is not None and self.q2 is not None:
-            out = quant_weights.slots(f"{prefix}.gate_proj.weight", self.q13, half=0)
+        out: dict[str, torch.Tensor] = {}
+        if self.q13 is not None:
+            out.update(quant_weights.slots(f"{prefix}.gate_proj.weight", self.q13, half=0))
             out.update(quant_weights.slots(f"{prefix}.up_proj.weight", self.q13, half=1))
+        else:
+            out[f"{prefix}.gate_proj.weight"] = self.w13[: self.inter]
+            out[f"{prefix}.up_proj.weight"] = self.w13[self.inter :]
+        if self.q2 is not None:
             out.update(quant_weights.slots(f"{prefix}.down_proj.weight", self.q2))
-            return out
-        return {
-            f"{prefix}.gate_proj.weight": self.w13[: self.inter],
-            f"{prefix}.up_proj.weight": self.w13[self.inter :],
-            f"{prefix}.down_proj.weight": self.w2,
-        }
+        else:
+            out[f"{prefix}.down_proj.weight"] = self.w2
+        return out

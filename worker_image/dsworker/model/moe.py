@@ -86,6 +86,7 @@ class MoE(nn.Module):
         stats: MoEStats,
         dtype: torch.dtype,
         device: torch.device,
+        prefix: str = "model.layers.1.mlp",
     ) -> None:
         super().__init__()
         self.args, self.g, self.opts, self.stats = args, groups, opts, stats
@@ -98,7 +99,15 @@ class MoE(nn.Module):
         )
         shared = args.n_shared_experts * args.moe_intermediate_size
         self.shared = (
-            MLP(h, shared // groups.tp.size, dtype, device, args.quant) if shared else None
+            MLP(
+                h,
+                shared // groups.tp.size,
+                dtype,
+                device,
+                args.mlp_formats(f"{prefix}.shared_experts"),
+            )
+            if shared
+            else None
         )
         per = e // groups.moe_ep.size
         self.experts = LocalExperts(
@@ -108,7 +117,7 @@ class MoE(nn.Module):
             args.moe_intermediate_size // groups.moe_tp.size,
             dtype,
             device,
-            args.quant,
+            args.expert_formats(f"{prefix}.experts"),
         )
         self.local_only = groups.world.size == 1 and opts.routing_cutoff is None
 
