@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from quant_reference import per_token_int8_inputs
 
 from dsworker.checkpoint import number_formats
 from dsworker.checkpoint.safetensors_reader import SafetensorsReader
@@ -139,59 +140,20 @@ class Reference:
     model: Any
 
 
-# Weights a W8A8 checkpoint keeps 8-bit (kv_b_proj, eh_proj, router, embeddings and head do not).
-_FLOAT_ON_DEVICE = ("kv_b_proj", "eh_proj", "mlp.gate.", "embed_tokens", "lm_head", "head.")
-
-
-def _k_parts(name: str, tp: int, moe_tp: int) -> int:
-    """How many ranks' slices the input of a row-parallel weight is quantised in (1: whole rows)."""
-    if name.endswith("mlp.experts.down_proj"):
-        return moe_tp
-    return tp if ("o_proj" in name or "down_proj" in name) else 1
-
-
-@contextlib.contextmanager
-def per_token_int8_inputs(model: Any, tp: int = 1, moe_tp: int = 1) -> Iterator[None]:
-    """Every matmul on a W8A8-quantised weight sees its input rounded as the engine's op rounds it
-    (symmetric int8 per token, per rank's slice of a row-parallel input): transformers then
-    computes what W8A8 serving on tp / moe_tp ranks should."""
-    from dsworker.ops.quant_formats import quantize_per_token
-
-    parts = {
-        p.untyped_storage().data_ptr(): _k_parts(n.removesuffix(".weight"), tp, moe_tp)
-        for n, p in model.named_parameters()
-        if p.dim() >= 2 and not any(f in n for f in _FLOAT_ON_DEVICE)
-    }
-    linear = torch.nn.functional.linear
-
-    def fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        n = parts.get(w.untyped_storage().data_ptr())
-        if n:
-            flat = x.reshape(-1, x.shape[-1])
-            cols = []
-            for chunk in flat.chunk(n, dim=-1):
-                q, s = quantize_per_token(chunk)
-                cols.append(q.float() * s[:, None])
-            x = torch.cat(cols, -1).reshape(x.shape).to(x.dtype)
-        return linear(x, w, b)
-
-    impl = getattr(model.config, "_experts_implementation", None)
-    model.config._experts_implementation = "eager"  # the expert loop calls functional.linear
-    torch.nn.functional.linear = fake
-    try:
-        yield
-    finally:
-        torch.nn.functional.linear = linear
-        model.config._experts_implementation = impl
-
-
 @torch.no_grad()
 def hf_reference(
-    path: Path, generate: bool = True, int8_inputs: bool = False, tp: int = 1, moe_tp: int = 1
+    path: Path,
+    generate: bool = True,
+    int8_inputs: bool = False,
+    tp: int = 1,
+    moe_tp: int = 1,
+    also_float: tuple[str, ...] = (),
 ) -> Reference:
-    """transformers' logits, greedy ids and hidden states; int8_inputs: W8A8 on tp x moe_tp."""
+    """transformers' logits, greedy ids and hidden states; int8_inputs: W8A8 on tp x moe_tp
+    (with the parameters `also_float` names kept in float)."""
     model = load_hf(path)
-    with per_token_int8_inputs(model, tp, moe_tp) if int8_inputs else contextlib.nullcontext():
+    int8 = per_token_int8_inputs(model, tp, moe_tp, also_float)
+    with int8 if int8_inputs else contextlib.nullcontext():
         return _hf_run(model, generate)
 
 

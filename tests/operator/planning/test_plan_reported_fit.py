@@ -82,11 +82,22 @@ def test_a_reported_model_that_fits_starts_the_workers() -> None:
 def test_the_report_gives_the_same_fit_as_the_whole_config_and_is_small() -> None:
     plan = ParallelPlan(16, 2, 8, 1, 16)
     kw = {"max_seq_len": 2560, "max_batch_size": 16}
-    for cfg in (R1_BF16, R1_W8A8, {**R1_BF16, **{"quantization_config": _FP8}}):
+    fp8 = {**R1_BF16, "quantization_config": _FP8}
+    for cfg in (R1_BF16, R1_W8A8, fp8, _FP8_MIXED):
         assert check_fit(fit_inputs(cfg), plan, 1 << 36, **kw) == check_fit(
             cfg, plan, 1 << 36, **kw
         )
         assert len(json.dumps(fit_inputs(cfg), separators=(",", ":"))) < 1024
+    # the modules config.json keeps in BF16 count: more weights than all-FP8
+    assert (
+        check_fit(_FP8_MIXED, plan, 1 << 36, **kw).weights
+        > check_fit(fp8, plan, 1 << 36, **kw).weights
+    )
 
 
 _FP8 = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+_FP8_MIXED = {
+    **R1_BF16,
+    "quantization_config": _FP8
+    | {"modules_to_not_convert": ["model.layers.3.mlp.shared_experts", "kv_b_proj", "o_proj"]},
+}

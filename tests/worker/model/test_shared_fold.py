@@ -27,14 +27,17 @@ from dsworker.tools.synth_presets import make_config
 
 P1 = ParallelPlan(1, 1, 1, 1, 1)
 LONG = [(7 * i) % 300 + 1 for i in range(70)]  # 70 tokens * top_k 2 > 128: the separate path
-# (arch, format, config overrides): n_shared 2 folds as 2 chunks (BF16, FP8 on whole blocks);
-# W8A8 and W8A16 per channel fold a single chunk, V3/R1's one shared expert.
+ALL_DOWN = (r"re:.*mlp\..*down_proj$",)  # every MLP's down_proj kept in BF16, gate/up 8-bit
+# (arch, format, config overrides, keep_float): n_shared 2 folds as 2 chunks (BF16, FP8 on whole
+# blocks); W8A8 and W8A16 per channel fold a single chunk, V3/R1's one shared expert; a
+# checkpoint keeping every down_proj in BF16 folds with a float down stack beside 8-bit gate/up.
 CASES = {
-    "v3-bf16": ("v3", "bf16", None),
-    "v2-bf16": ("v2", "bf16", None),
-    "v3-fp8": ("v3", "fp8", None),
-    "v3-w8a8-one-shared": ("v3", "w8a8", {"n_shared_experts": 1}),
-    "v3-w8a16-one-shared": ("v3", "w8a16", {"n_shared_experts": 1}),
+    "v3-bf16": ("v3", "bf16", None, ()),
+    "v2-bf16": ("v2", "bf16", None, ()),
+    "v3-fp8": ("v3", "fp8", None, ()),
+    "v3-w8a8-one-shared": ("v3", "w8a8", {"n_shared_experts": 1}, ()),
+    "v3-w8a16-one-shared": ("v3", "w8a16", {"n_shared_experts": 1}, ()),
+    "v3-w8a16-one-shared-float-down": ("v3", "w8a16", {"n_shared_experts": 1}, ALL_DOWN),
 }
 
 
@@ -63,8 +66,11 @@ def test_which_plans_fold() -> None:
         (QuantFormat(FP8), 2),
         (QuantFormat(FP8, block=(96, 128)), 0),  # a chunk edge inside a block
     ):
-        assert _fold(dataclasses.replace(big, quant=fmt), 1, 1, 1)[0] == s, fmt
-    assert _fold(dataclasses.replace(one, quant=QuantFormat(W8A8)), 1, 1, 1) == (1, "")
+        assert _fold(dataclasses.replace(big, quant=fmt, precision=None), 1, 1, 1)[0] == s, fmt
+    assert _fold(dataclasses.replace(one, quant=QuantFormat(W8A8), precision=None), 1, 1, 1) == (
+        1,
+        "",
+    )
 
 
 def test_a_chunked_target_is_one_split_dimension() -> None:
@@ -85,11 +91,14 @@ def _model(ckpt: Path, fold: bool, monkeypatch: pytest.MonkeyPatch) -> DeepseekM
 
 
 def _stack_tensors(moe: MoE) -> list[torch.Tensor]:
-    ex = moe.experts
-    if ex.q13 is None:
-        return [ex.all13, ex.all2]
-    parts = [(q.data, q.scale, q.offset) for q in (ex.qall13, ex.qall2)]
-    return [t for trio in parts for t in trio if t is not None]
+    ex, out = moe.experts, []
+    for q, whole in ((ex.q13, "13"), (ex.q2, "2")):
+        if q is None:
+            out.append(getattr(ex, f"all{whole}"))
+        else:
+            qw = getattr(ex, f"qall{whole}")
+            out += [t for t in (qw.data, qw.scale, qw.offset) if t is not None]
+    return out
 
 
 def _logits(model: DeepseekModel) -> list[torch.Tensor]:
@@ -110,8 +119,8 @@ def _logits(model: DeepseekModel) -> list[torch.Tensor]:
 def test_folded_model_loads_and_equals_the_separate_mlp(
     case: str, synth_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    arch, fmt, overrides = CASES[case]
-    ckpt = synth_checkpoint(arch, "tiny", fmt, overrides=overrides)
+    arch, fmt, overrides, keep = CASES[case]
+    ckpt = synth_checkpoint(arch, "tiny", fmt, overrides=overrides, keep_float=keep)
     folded, separate = _model(ckpt, True, monkeypatch), _model(ckpt, False, monkeypatch)
     moes = [m for m in folded.modules() if isinstance(m, MoE)]
     assert moes and all(m.fold > 0 for m in moes), [m.fold_reason for m in moes]
@@ -127,3 +136,19 @@ def test_folded_model_loads_and_equals_the_separate_mlp(
                           strict=True):  # fmt: skip
         err = (a - b).abs().max().item()
         assert err <= tol, f"{case} {name}: folded differs from the separate MLP by {err:.2e}"
+
+
+def test_shared_experts_in_another_precision_than_the_routed_ones_stay_separate(
+    synth_checkpoint: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer whose shared experts the checkpoint keeps in BF16 beside FP8 routed experts keeps
+    the separate MLP (its stack could not hold both); the other layer still folds."""
+    keep = ("model.layers.1.mlp.shared_experts",)
+    ckpt = synth_checkpoint("v3", "tiny", "fp8", keep_float=keep)
+    model = _model(ckpt, True, monkeypatch)
+    moes = {n: m for n, m in model.named_modules() if isinstance(m, MoE)}
+    assert moes["layers.1.mlp"].fold == 0
+    assert "different precisions" in moes["layers.1.mlp"].fold_reason
+    assert moes["layers.2.mlp"].fold > 0, moes["layers.2.mlp"].fold_reason
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert held_bytes(model) == weight_bytes(cfg, P1, dtype_bytes=4).device[0]

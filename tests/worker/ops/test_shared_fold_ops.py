@@ -99,7 +99,7 @@ def test_quant_fused_shared_columns_equal_the_separate_mlp(name: str) -> None:
     routed ones plus the chunk MLPs (quant_linear), on the same stored bytes."""
     fmt, chunks = FORMATS[name]
     h, inter, num, k = 256, 128, 4, 2  # whole 128-blocks per chunk for FP8
-    ex = LocalExperts(num, 0, h, inter, torch.float32, CPU, fmt, extra=chunks)
+    ex = LocalExperts(num, 0, h, inter, torch.float32, CPU, (fmt, fmt), extra=chunks)
     _fill_quant(ex, chunks)
     shared = FoldedShared(ex, chunks, h, torch.float32)
     for rows in ODD_ROWS:

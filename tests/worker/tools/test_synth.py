@@ -175,6 +175,42 @@ def test_cli_synth_small_and_config_override(tmp_path: Path) -> None:
     assert r.returncode == 2 and "JSON object" in r.stderr
 
 
+def test_cli_keep_float_writes_and_declares_bf16_modules(tmp_path: Path) -> None:
+    """--keep-float: the named modules are stored BF16 (no companions) and declared so in the
+    format's own way; a BF16 checkpoint or a pattern naming nothing is refused."""
+    import subprocess
+    import sys
+
+    dsworker = str(Path(sys.executable).with_name("dsworker"))
+
+    def synth(fmt: str, *patterns: str) -> subprocess.CompletedProcess[str]:
+        keep = [a for p in patterns for a in ("--keep-float", p)]
+        out = str(tmp_path / fmt)
+        cmd = [dsworker, "synth", "--format", fmt, *keep, "--out", out]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    r = synth(
+        "w8a16", "model.layers.0.self_attn.o_proj", r"re:.*layers\.2\.mlp\.shared_experts\..*"
+    )
+    assert r.returncode == 0, r.stderr
+    t = _tensors(tmp_path / "w8a16")
+    assert t["model.layers.0.self_attn.o_proj.weight"].dtype == np.uint16  # BF16 bits
+    assert "model.layers.0.self_attn.o_proj.weight_packed" not in t
+    assert "model.layers.2.mlp.shared_experts.up_proj.weight" in t
+    assert "model.layers.1.self_attn.o_proj.weight_packed" in t
+    cfg = json.loads((tmp_path / "w8a16" / "config.json").read_text())
+    assert cfg["quantization_config"]["ignore"][-1] == r"re:.*layers\.2\.mlp\.shared_experts\..*"
+    open_checkpoint(tmp_path / "w8a16")  # the sharder's check: stored as declared
+    assert synth("w8a8", "model.layers.0.mlp.down_proj").returncode == 0
+    desc = json.loads((tmp_path / "w8a8" / "quant_model_description_w8a8_dynamic.json").read_text())
+    assert desc["model.layers.0.mlp.down_proj.weight"] == "FLOAT"
+    assert desc["model.layers.0.mlp.up_proj.weight"] == "W8A8_DYNAMIC"
+    r = synth("bf16", "lm_head")
+    assert r.returncode == 2 and "needs a quantised --format" in r.stderr
+    r = synth("fp8", "model.layers.9.self_attn.o_proj")
+    assert r.returncode == 2 and "names none of the model's linear modules" in r.stderr
+
+
 @pytest.mark.parametrize(("arch", "fmt"), [("v3", "bf16"), ("v3", "fp8"), ("v2", "bf16")])
 def test_tiny_context_holds_the_serving_defaults_and_a_tools_prompt(arch: str, fmt: str) -> None:
     """`maxSeqLen` over max_position_embeddings is refused by the operator: the tiny model must

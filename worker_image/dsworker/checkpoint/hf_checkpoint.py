@@ -8,7 +8,6 @@ error names the file or tensor and the fix.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -23,6 +22,11 @@ from dsworker.checkpoint.fsutil import (
     sha256_file,
 )
 from dsworker.checkpoint.implied_tensors import check_complete, check_shapes
+from dsworker.checkpoint.quant_description import (
+    DESCRIPTION_PATTERN,
+    check_declared,
+    read_precision,
+)
 from dsworker.checkpoint.regions import GlobalTensor, SourcePart
 from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.contract.errors import SOURCE_MISSING, CheckpointError
@@ -44,12 +48,11 @@ AUX_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-_AUX_PATTERN = re.compile(r"^quant_model_description[A-Za-z0-9_.\-]*\.json$")
 
 
 def is_aux_file(name: str) -> bool:
     """Whether a top-level file of a checkpoint travels with the weights."""
-    return name in AUX_FILES or bool(_AUX_PATTERN.match(name))
+    return name in AUX_FILES or bool(DESCRIPTION_PATTERN.match(name))
 
 
 def read_model_config(root: Path) -> ModelConfig:
@@ -116,6 +119,7 @@ def open_checkpoint(path: str | Path) -> HFCheckpoint:
     files = list(dict.fromkeys(weight_map.values())) if weight_map else _lone_file(root)
     tensors = _read_tensors(root, files, weight_map)
     quantization = detect_quantization(model, tensors, root)
+    check_declared(read_precision(root, model), tensors, cfg_path)
     for t in tensors.values():
         if t.name.endswith(".weight_shape") and t.dtype in ("I64", "I32") and t.shape == (2,):
             with SafetensorsReader(t.parts[0].path) as r:

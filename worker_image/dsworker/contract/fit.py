@@ -23,6 +23,7 @@ from dsworker.contract.memory import (
     workspace_bytes,
 )
 from dsworker.contract.model_config import ModelConfig
+from dsworker.contract.precision import QuantDescription
 from dsworker.contract.quant import quant_format
 
 # Bytes per element of the engine config's compute dtypes.
@@ -108,11 +109,13 @@ def check_fit(
     npu_mem_size: int = -1,
     mtp: bool = False,
     dtype_bytes: int = 2,
+    description: QuantDescription | None = None,
 ) -> Fit:
     """The largest rank's budget for this plan (config.json, validated here when a dict, and
-    engine-config numbers); ModelConfigError names a malformed key."""
+    engine-config numbers; msModelSlim's description where the caller has the checkpoint);
+    ModelConfigError names a malformed key."""
     cfg = memory_config(cfg)
-    weights = max(weight_bytes(cfg, plan, mtp, dtype_bytes).device)
+    weights = max(weight_bytes(cfg, plan, mtp, dtype_bytes, description).device)
     page = min(page_size, max_seq_len)
     one, wanted = kv_cache_bytes(cfg, plan, max_seq_len, max_batch_size, page, mtp, dtype_bytes)
     kv = npu_mem_size * GIB if npu_mem_size >= 0 else wanted
@@ -121,7 +124,10 @@ def check_fit(
 
 
 def engine_fit(
-    cfg: Mapping[str, Any] | ModelConfig, engine: EngineConfig, device_bytes: int
+    cfg: Mapping[str, Any] | ModelConfig,
+    engine: EngineConfig,
+    device_bytes: int,
+    description: QuantDescription | None = None,
 ) -> Fit:
     """check_fit with an engine config's numbers: the one mapping the operator and `dsworker
     serve` share, so both reach the same verdict."""
@@ -136,4 +142,5 @@ def engine_fit(
         npu_mem_size=engine.npuMemSize,
         mtp=engine.mtp,
         dtype_bytes=COMPUTE_DTYPE_BYTES[engine.dtype],
+        description=description,
     )

@@ -11,6 +11,7 @@ tensors in the compute dtype, the router in fp32, and kv_b_proj dequantised to t
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,13 @@ from dsworker.contract.layout import (
     tensor_slice,
 )
 from dsworker.contract.model_config import ModelConfig, ModelConfigError, parse_model_config
-from dsworker.contract.quant import DTYPE_BYTES, QuantFormat, quant_format, stored
+from dsworker.contract.precision import (
+    MODULE_LIST_KEYS,
+    Precision,
+    QuantDescription,
+    module_precision,
+)
+from dsworker.contract.quant import DTYPE_BYTES, QuantFormat, stored
 
 # Activations, MoE exchange buffers, logits and allocator slack: a stated allowance per rank.
 WORKSPACE_MIN_BYTES = 2 * GIB
@@ -67,27 +74,42 @@ FIT_KEYS = (
 )
 _QUANT_KEYS = ("quant_method", "weight_block_size")
 _QUANT_PART_KEYS = ("num_bits", "type", "strategy", "group_size")
+# The module lists (and targets) travel in the sharder's report up to this many characters of
+# JSON: the termination log holds 4 KiB. Longer ones are left out, and the operator then counts
+# those modules as quantised (docs/memory.md); the worker's start-up check sees them all.
+MODULE_LISTS_MAX_CHARS = 2048
 
 
 def fit_inputs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The part of a (validated) config.json the memory fit reads: FIT_KEYS, and of
-    quantization_config its method, FP8 block and 8-bit groups (not its module lists)."""
+    quantization_config its method, FP8 block, 8-bit groups and module lists (when short)."""
     out = {k: cfg[k] for k in FIT_KEYS if cfg.get(k) is not None}
     qc = cfg.get("quantization_config")
     if isinstance(qc, Mapping) and qc:
         small: dict[str, Any] = {k: qc[k] for k in _QUANT_KEYS if k in qc}
+        lists = {k: qc[k] for k in MODULE_LIST_KEYS if qc.get(k)}
         groups = qc.get("config_groups")
         if isinstance(groups, Mapping):
             small["config_groups"] = {
-                name: {
-                    part: {k: spec[k] for k in _QUANT_PART_KEYS if k in spec}
-                    for part, spec in group.items()
-                    if part in ("weights", "input_activations") and isinstance(spec, Mapping)
-                }
-                for name, group in groups.items()
+                name: _group_inputs(group) for name, group in groups.items()
                 if isinstance(group, Mapping)
-            }
-        out["quantization_config"] = small
+            }  # fmt: skip
+        if len(json.dumps([lists, small], separators=(",", ":"))) > MODULE_LISTS_MAX_CHARS:
+            lists = {}
+            for group in small.get("config_groups", {}).values():
+                group.pop("targets", None)
+        out["quantization_config"] = small | lists
+    return out
+
+
+def _group_inputs(group: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        part: {k: spec[k] for k in _QUANT_PART_KEYS if k in spec}
+        for part, spec in group.items()
+        if part in ("weights", "input_activations") and isinstance(spec, Mapping)
+    }
+    if isinstance(group.get("targets"), list):
+        out["targets"] = group["targets"]
     return out
 
 
@@ -164,9 +186,12 @@ def _layer(i: int, cfg: dict[str, Any]) -> tuple[list[Tensor], list[tuple[str, t
     return floats, linears
 
 
-def checkpoint_tensors(cfg: dict[str, Any], mtp: bool) -> Iterator[Tensor]:
-    """Every stored tensor of a DeepSeek checkpoint in config.json's format (MTP when asked)."""
-    fmt = quant_format(cfg)
+def checkpoint_tensors(
+    cfg: dict[str, Any], mtp: bool, precision: Precision | None = None
+) -> Iterator[Tensor]:
+    """Every stored tensor of a DeepSeek checkpoint in config.json's format (MTP when asked),
+    each linear module as `precision` (default: config.json's) stores it."""
+    prec = precision or module_precision(cfg)
     h, v, nl = cfg["hidden_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
     yield Tensor("model.embed_tokens.weight", "BF16", (v, h))
     n_mtp = int(cfg.get("num_nextn_predict_layers") or 0) if mtp else 0
@@ -185,6 +210,7 @@ def checkpoint_tensors(cfg: dict[str, Any], mtp: bool) -> Iterator[Tensor]:
         yield from floats
         for module, shape in linears:
             name = f"{module}.weight"
+            fmt = prec.format_of(module)
             if fmt is None:
                 yield Tensor(name, "BF16", shape)
             else:
@@ -232,14 +258,17 @@ def weight_bytes(
     plan: ParallelPlan,
     mtp: bool = False,
     dtype_bytes: int = 2,
+    description: QuantDescription | None = None,
 ) -> WeightBytes:
-    """Weight bytes of every rank of `plan` (dtype_bytes: the compute dtype's, 2 for bf16)."""
+    """Weight bytes of every rank of `plan` (dtype_bytes: the compute dtype's, 2 for bf16;
+    description: msModelSlim's, when the checkpoint has one)."""
     cfg = memory_config(cfg)
     dims = ModelDims.from_config(cfg)
-    fmt = quant_format(cfg)
+    prec = module_precision(cfg, description)
+    fmt = prec.fmt
     shard: dict[str, int] = {}
     device: dict[str, int] = {}
-    for t in checkpoint_tensors(cfg, mtp):
+    for t in checkpoint_tensors(cfg, mtp, prec):
         pl = place(t.name, dims)
         parts = parts_for(pl.group, plan)
         for d, part in owner_dirs(pl, dims, plan):

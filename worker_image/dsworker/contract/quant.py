@@ -4,7 +4,8 @@ Pure (the operator and the memory model read it from config.json alone): FP8 blo
 `quantization_config.quant_method: fp8`, W8A16 from compressed-tensors pack-quantized 8-bit weights
 without activation quantisation, W8A8 from MindIE's `quantize: w8a8*` (msModelSlim). The stored
 companion tensors of each format (names, dtypes, shapes) are listed here once, for the memory model
-and the synthesizer's conventions alike.
+and the synthesizer's conventions alike. Which linear modules a checkpoint stores in its format
+(and which it keeps in BF16) is contract/precision.py's decision.
 """
 
 from __future__ import annotations

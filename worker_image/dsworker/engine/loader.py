@@ -4,7 +4,9 @@
 their bytes; `host_to_device` moves them to the accelerator. Here each lands in its model tensor,
 checked against the shape the model expects. 8-bit weights go as stored into the model's 8-bit
 slots (their companions into the companion slots); only a float target (kv_b_proj, a BF16-built
-model) is dequantised on the device after its bytes arrive.
+model) is dequantised on the device after its bytes arrive. Which slots are 8-bit is the model
+builder's decision, contract.precision's per module (config.json's module lists, msModelSlim's
+description): a module a checkpoint keeps in BF16 has a BF16 slot and is copied as is.
 """
 
 from __future__ import annotations
@@ -236,8 +238,10 @@ def _fill_quant(
     if kind not in _SLOT_KIND[dst.dtype]:
         raise LoadError(
             f"{item.path}: {item.name} is stored as {kind or src.dtype} but config.json declares "
-            f"{'/'.join(_SLOT_KIND[dst.dtype])} for it; the checkpoint's quantization_config (or "
-            "MindIE's `quantize`) does not match its tensors"
+            f"{'/'.join(_SLOT_KIND[dst.dtype])} for it and nothing keeps {module} unquantised; "
+            "list it in quantization_config.ignore (compressed-tensors) or "
+            'modules_to_not_convert (fp8), or as "FLOAT" in the msModelSlim description '
+            "(quant_model_description*.json), or fix quantization_config / `quantize`"
         )
     if kind == "w8a16":
         comp_shape = (

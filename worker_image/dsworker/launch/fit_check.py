@@ -1,7 +1,7 @@
 """The start-up memory check of `dsworker serve`: refuse a plan that cannot fit before any rank starts.
 
-The same arithmetic the operator runs (contract/fit.py), on the real config.json and the engine
-config. Device memory: DSWORKER_DEVICE_MEMORY_GIB (the operator's spec.worker.accelerator.memory),
+The same arithmetic the operator runs (contract/fit.py), on the real config.json (and msModelSlim's
+description, which the operator cannot see) and the engine config. Device memory: DSWORKER_DEVICE_MEMORY_GIB (the operator's spec.worker.accelerator.memory),
 else what the accelerator of local rank 0 reports; on cpu there is no limit to check.
 """
 
@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from dsworker.checkpoint.hf_checkpoint import read_model_config
+from dsworker.checkpoint.quant_description import read_quant_description
 from dsworker.contract.engine_config import EngineConfig, EngineConfigError
 from dsworker.contract.fit import MEMORY_ENV, Fit, engine_fit
 from dsworker.contract.kv_budget import GIB
@@ -40,7 +41,8 @@ def check_start(model_dir: Path, cfg: EngineConfig) -> Fit | None:
     mem = device_memory(cfg)
     if mem is None:
         return None
-    fit = engine_fit(read_model_config(model_dir).raw, cfg, mem)
+    desc = read_quant_description(Path(model_dir))  # the modules msModelSlim kept in float
+    fit = engine_fit(read_model_config(model_dir).raw, cfg, mem, desc)
     if not fit.fits:
         raise EngineConfigError(f"{model_dir}: {fit.message()}")
     (log.warning if fit.low_headroom else log.info)("memory: %s", fit.message())

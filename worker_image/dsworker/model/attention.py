@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 
+from dsworker.contract.quant import QuantFormat
 from dsworker.model.batch import DECODE_MAX_Q, Batch, LayerKV
 from dsworker.model.config import ModelArgs
 from dsworker.model.layers import Linear, RMSNorm
@@ -37,7 +38,12 @@ def heads_per_block(heads: int, keys: int, width: int, elem: int) -> int:
 
 class MLA(nn.Module):
     def __init__(
-        self, args: ModelArgs, tp: Group, dtype: torch.dtype, device: torch.device
+        self,
+        args: ModelArgs,
+        tp: Group,
+        dtype: torch.dtype,
+        device: torch.device,
+        prefix: str = "model.layers.0.self_attn",
     ) -> None:
         super().__init__()
         self.tp = tp
@@ -46,17 +52,25 @@ class MLA(nn.Module):
         self.rank = args.kv_lora_rank
         self.eps = args.rms_norm_eps
         h, qk = args.hidden_size, args.qk_head_dim
+
+        def fmt(name: str) -> QuantFormat | None:
+            return args.linear_format(f"{prefix}.{name}")
+
         if args.q_lora_rank:
-            self.q_a_proj = Linear(args.q_lora_rank, h, dtype, device, args.quant)
+            self.q_a_proj = Linear(args.q_lora_rank, h, dtype, device, fmt("q_a_proj"))
             self.q_a_layernorm = RMSNorm(args.q_lora_rank, self.eps, dtype, device)
-            self.q_b_proj = Linear(self.heads * qk, args.q_lora_rank, dtype, device, args.quant)
+            self.q_b_proj = Linear(
+                self.heads * qk, args.q_lora_rank, dtype, device, fmt("q_b_proj")
+            )
         else:
-            self.q_proj = Linear(self.heads * qk, h, dtype, device, args.quant)
-        self.kv_a_proj_with_mqa = Linear(self.rank + self.dr, h, dtype, device, args.quant)
+            self.q_proj = Linear(self.heads * qk, h, dtype, device, fmt("q_proj"))
+        self.kv_a_proj_with_mqa = Linear(
+            self.rank + self.dr, h, dtype, device, fmt("kv_a_proj_with_mqa")
+        )
         self.kv_a_layernorm = RMSNorm(self.rank, self.eps, dtype, device)
         # kv_b stays in the compute dtype (dequantised at load): absorbed MLA uses it both ways
         self.kv_b_proj = Linear(self.heads * (self.dn + self.dv), self.rank, dtype, device)
-        self.o_proj = Linear(h, self.heads * self.dv, dtype, device, args.quant)
+        self.o_proj = Linear(h, self.heads * self.dv, dtype, device, fmt("o_proj"))
 
     def forward(
         self,

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from dsworker.checkpoint.hf_checkpoint import read_model_config
+from dsworker.checkpoint.quant_description import read_quant_description
 from dsworker.contract.model_config import ModelConfig, ModelDims, RopeConfig, parse_model_config
-from dsworker.contract.quant import QuantFormat, quant_format
+from dsworker.contract.precision import Precision, QuantDescription, module_precision
+from dsworker.contract.quant import QuantFormat
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,30 @@ class ModelArgs:
     eos_token_ids: tuple[int, ...] = ()
     dims: ModelDims | None = None
     quant: QuantFormat | None = None  # 8-bit format of the linear weights (kept 8-bit on device)
+    precision: Precision | None = None  # which linear modules are stored in `quant` (None: all)
+
+    def linear_format(self, module: str) -> QuantFormat | None:
+        """The format a linear module's weight is held in (None: the compute dtype)."""
+        return self.precision.format_of(module) if self.precision else self.quant
+
+    def fused_format(self, modules: list[str], what: str) -> QuantFormat | None:
+        """The one format of weights fused into one tensor (ModelConfigError if they differ)."""
+        return self.precision.stack_format(modules, what) if self.precision else self.quant
+
+    def mlp_formats(self, prefix: str) -> tuple[QuantFormat | None, QuantFormat | None]:
+        """(gate+up, down) formats of the MLP at `prefix`."""
+        w13 = self.fused_format([f"{prefix}.gate_proj", f"{prefix}.up_proj"], prefix)
+        return w13, self.linear_format(f"{prefix}.down_proj")
+
+    def expert_formats(self, prefix: str) -> tuple[QuantFormat | None, QuantFormat | None]:
+        """(gate+up, down) formats of the routed experts at `prefix` (one stack per layer)."""
+        ids = range(self.n_routed_experts)
+        w13 = [f"{prefix}.{j}.{p}" for j in ids for p in ("gate_proj", "up_proj")]
+        w2 = [f"{prefix}.{j}.down_proj" for j in ids]
+        return (
+            self.fused_format(w13, f"{prefix}.*.gate_proj/up_proj"),
+            self.fused_format(w2, f"{prefix}.*.down_proj"),
+        )
 
     @property
     def qk_head_dim(self) -> int:
@@ -60,11 +86,16 @@ class ModelArgs:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> ModelArgs:
-        return cls.from_model_config(read_model_config(Path(model_dir)))
+        """From a checkpoint or layout directory: config.json and msModelSlim's description."""
+        root = Path(model_dir)
+        return cls.from_model_config(read_model_config(root), read_quant_description(root))
 
     @classmethod
-    def from_model_config(cls, mc: ModelConfig) -> ModelArgs:
+    def from_model_config(
+        cls, mc: ModelConfig, description: QuantDescription | None = None
+    ) -> ModelArgs:
         dims = mc.dims
+        precision = module_precision(mc.raw, description, mc.where)
         return cls(
             arch=dims.architecture,
             vocab_size=dims.vocab_size,
@@ -94,5 +125,6 @@ class ModelArgs:
             rope=mc.rope,
             eos_token_ids=mc.eos_token_ids,
             dims=dims,
-            quant=quant_format(mc.raw),
+            quant=precision.fmt,
+            precision=precision,
         )

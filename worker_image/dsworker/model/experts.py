@@ -20,7 +20,7 @@ from dsworker.contract.quant import QuantFormat
 from dsworker.model import quant_weights
 from dsworker.ops.moe_experts import moe_down, moe_gate_up
 from dsworker.ops.quant_formats import QuantWeight
-from dsworker.ops.quant_moe import quant_experts
+from dsworker.ops.quant_moe import quant_down, quant_gate_up
 from dsworker.parallel.device import native_grouped_mm
 
 log = logging.getLogger("dsworker.model")
@@ -42,7 +42,7 @@ class LocalExperts(nn.Module):
         inter: int,
         dtype: torch.dtype,
         device: torch.device,
-        quant: QuantFormat | None = None,
+        quant: tuple[QuantFormat | None, QuantFormat | None] = (None, None),
         extra: int = 0,
     ) -> None:
         super().__init__()
@@ -50,50 +50,70 @@ class LocalExperts(nn.Module):
         self.q13: QuantWeight | None = None
         self.q2: QuantWeight | None = None
         total = num + extra
-        if quant is None:
+        # A checkpoint may keep one half in float (contract/precision.py): each half on its own.
+        if quant[0] is None:
             self.all13 = torch.empty(total, 2 * inter, hidden, dtype=dtype, device=device)
-            self.all2 = torch.empty(total, hidden, inter, dtype=dtype, device=device)
             self.w13 = nn.Parameter(self.all13[:num], requires_grad=False)
-            self.w2 = nn.Parameter(self.all2[:num], requires_grad=False)
-        else:  # 8-bit stacks: every path runs the quantised grouped ops (ops/quant_moe.py)
-            self.qall13 = quant_weights.alloc(quant, (total,), 2 * inter, hidden, device, halves=2)
-            self.qall2 = quant_weights.alloc(quant, (total,), hidden, inter, device)
+        else:
+            self.qall13 = quant_weights.alloc(quant[0], (total,), 2 * inter, hidden, device, 2)
             self.q13 = quant_weights.part(self.qall13, slice(0, num))
-            self.q2 = quant_weights.part(self.qall2, slice(0, num))
             quant_weights.register(self, "w13", self.q13)
+        if quant[1] is None:
+            self.all2 = torch.empty(total, hidden, inter, dtype=dtype, device=device)
+            self.w2 = nn.Parameter(self.all2[:num], requires_grad=False)
+        else:
+            self.qall2 = quant_weights.alloc(quant[1], (total,), hidden, inter, device)
+            self.q2 = quant_weights.part(self.qall2, slice(0, num))
             quant_weights.register(self, "w2", self.q2)
+        self.quantised = self.q13 is not None or self.q2 is not None  # 8-bit ops on every path
         self._native_grouped = True
 
     def shared_storage(
         self, chunk: int
-    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[QuantWeight, QuantWeight]:
+    ) -> tuple[torch.Tensor | QuantWeight, torch.Tensor | QuantWeight]:
         """Views (w13 [2I, H], w2 [H, I]) of extra expert `chunk`, for the MLP that holds it."""
         e = self.num + chunk
-        if self.q13 is not None:
-            return quant_weights.part(self.qall13, e), quant_weights.part(self.qall2, e)
-        return self.all13[e], self.all2[e]
+        w13 = quant_weights.part(self.qall13, e) if self.q13 is not None else self.all13[e]
+        w2 = quant_weights.part(self.qall2, e) if self.q2 is not None else self.all2[e]
+        return w13, w2
 
     def targets(self, prefix: str) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for i in range(self.num):
             p = f"{prefix}.{self.first + i}"
-            if self.q13 is not None and self.q2 is not None:
+            if self.q13 is not None:
                 out.update(quant_weights.slots(f"{p}.gate_proj.weight", self.q13, (i,), 0))
                 out.update(quant_weights.slots(f"{p}.up_proj.weight", self.q13, (i,), 1))
+            else:
+                out[f"{p}.gate_proj.weight"] = self.w13[i, : self.inter]
+                out[f"{p}.up_proj.weight"] = self.w13[i, self.inter :]
+            if self.q2 is not None:
                 out.update(quant_weights.slots(f"{p}.down_proj.weight", self.q2, (i,)))
-                continue
-            out[f"{p}.gate_proj.weight"] = self.w13[i, : self.inter]
-            out[f"{p}.up_proj.weight"] = self.w13[i, self.inter :]
-            out[f"{p}.down_proj.weight"] = self.w2[i]
+            else:
+                out[f"{p}.down_proj.weight"] = self.w2[i]
         return out
+
+    def _routed(
+        self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, whole: bool = False
+    ) -> torch.Tensor:
+        """An 8-bit stack's path: the quantised op for an 8-bit half, the float op for a float
+        one (a checkpoint may keep down_proj in float); both read only the routed experts.
+        `whole`: the stacks with their extra (shared) experts, for ids E_loc.."""
+        if self.q13 is not None:
+            h = quant_gate_up(x, ids, self.qall13 if whole else self.q13)
+        else:
+            h = moe_gate_up(x, ids, self.all13 if whole else self.w13)
+        if self.q2 is not None:
+            return quant_down(h, ids, weights, self.qall2 if whole else self.q2)
+        return moe_down(h, ids, weights, self.all2 if whole else self.w2)
 
     def forward(self, x: torch.Tensor, eid: torch.Tensor, grouped: bool) -> torch.Tensor:
         """Rows x [R, H] through local expert eid [R] each (partial over moe_tp)."""
         if x.shape[0] == 0:
             return x.new_zeros(x.shape)
-        if self.q13 is not None and self.q2 is not None:
+        if self.quantised:
             ones = torch.ones((x.shape[0], 1), dtype=torch.float32, device=x.device)
-            return quant_experts(x, eid[:, None], ones, self.q13, self.q2)
+            return self._routed(x, eid[:, None], ones)
         return self._grouped(x, eid) if grouped else self._loop(x, eid)
 
     def _loop(self, x: torch.Tensor, eid: torch.Tensor) -> torch.Tensor:
@@ -129,14 +149,14 @@ class LocalExperts(nn.Module):
         routed experts' weights (dsworker::moe_gate_up / moe_down): the small-token-count
         (decode) path, no host sync. 8-bit experts take their own grouped op, which reads only
         the routed experts too."""
-        if self.q13 is not None:
-            return quant_experts(x, ids, weights.float(), self.qall13, self.qall2)
+        if self.quantised:
+            return self._routed(x, ids, weights.float(), whole=True)
         return moe_down(moe_gate_up(x, ids, self.all13), ids, weights, self.all2)
 
     def combine(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert ids[t, k] (x[t]) for local ids [T, k]; no host sync."""
-        if self.q13 is not None and self.q2 is not None:
-            return quant_experts(x, ids, weights.float(), self.q13, self.q2)
+        if self.quantised:
+            return self._routed(x, ids, weights.float())
         if self._native_grouped and native_grouped_mm(x):
             try:
                 return self.combine_grouped(x, ids, weights)

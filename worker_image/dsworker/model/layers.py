@@ -109,11 +109,26 @@ class Linear(nn.Module):
         return F.linear(x, self.weight)
 
 
+def _held(
+    fmt: QuantFormat | None,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    halves: int = 1,
+) -> torch.Tensor | QuantWeight:
+    """An empty [n, k] weight: 8-bit in `fmt` with its scales, or in the compute dtype."""
+    if fmt is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return quant_weights.alloc(fmt, (), *shape, device, halves=halves)
+
+
 class MLP(nn.Module):
     """SwiGLU with gate and up fused into one [2I, H] weight; returns a partial sum over tp.
 
-    `storage` (w13, w2): tensors (or 8-bit weights) it holds instead of allocating its own, e.g.
-    views of an expert stack that the fused expert ops read too (model/shared_fold.py).
+    `quant`: the (gate+up, down) formats, each None for a weight held in the compute dtype (a
+    checkpoint may keep down_proj in float and quantise gate/up, or the reverse). `storage`
+    (w13, w2): tensors or 8-bit weights it holds instead of allocating its own, e.g. views of an
+    expert stack that the fused expert ops read too (model/shared_fold.py).
     """
 
     def __init__(
@@ -122,49 +137,47 @@ class MLP(nn.Module):
         inter: int,
         dtype: torch.dtype,
         device: torch.device,
-        quant: QuantFormat | None = None,
-        storage: tuple[torch.Tensor, torch.Tensor] | tuple[QuantWeight, QuantWeight] | None = None,
+        quant: tuple[QuantFormat | None, QuantFormat | None] = (None, None),
+        storage: tuple[torch.Tensor | QuantWeight, torch.Tensor | QuantWeight] | None = None,
     ) -> None:
         super().__init__()
         self.inter = inter
         self.q13: QuantWeight | None = None
         self.q2: QuantWeight | None = None
-        if storage is None and quant is not None:
+        if storage is None:
             storage = (
-                quant_weights.alloc(quant, (), 2 * inter, hidden, device, halves=2),
-                quant_weights.alloc(quant, (), hidden, inter, device),
-            )
-        elif storage is None:
-            storage = (
-                torch.empty(2 * inter, hidden, dtype=dtype, device=device),
-                torch.empty(hidden, inter, dtype=dtype, device=device),
+                _held(quant[0], (2 * inter, hidden), dtype, device, halves=2),
+                _held(quant[1], (hidden, inter), dtype, device),
             )
         w13, w2 = storage
-        if isinstance(w13, QuantWeight) and isinstance(w2, QuantWeight):
-            self.q13, self.q2 = w13, w2
+        if isinstance(w13, QuantWeight):
+            self.q13 = w13
             quant_weights.register(self, "w13", w13)
+        else:
+            self.w13 = nn.Parameter(w13, requires_grad=False)
+        if isinstance(w2, QuantWeight):
+            self.q2 = w2
             quant_weights.register(self, "w2", w2)
         else:
-            assert isinstance(w13, torch.Tensor) and isinstance(w2, torch.Tensor)
-            self.w13 = nn.Parameter(w13, requires_grad=False)
             self.w2 = nn.Parameter(w2, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q13 is not None and self.q2 is not None:
-            gate, up = quant_linear(x, self.q13).chunk(2, dim=-1)
-            return quant_linear(F.silu(gate) * up, self.q2)
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2)
+        h = quant_linear(x, self.q13) if self.q13 is not None else F.linear(x, self.w13)
+        gate, up = h.chunk(2, dim=-1)
+        h = F.silu(gate) * up
+        return quant_linear(h, self.q2) if self.q2 is not None else F.linear(h, self.w2)
 
     def targets(self, prefix: str) -> dict[str, torch.Tensor]:
         """HF names -> the views the loader fills."""
-        if self.q13 is not None and self.q2 is not None:
-            out = quant_weights.slots(f"{prefix}.gate_proj.weight", self.q13, half=0)
+        out: dict[str, torch.Tensor] = {}
+        if self.q13 is not None:
+            out.update(quant_weights.slots(f"{prefix}.gate_proj.weight", self.q13, half=0))
             out.update(quant_weights.slots(f"{prefix}.up_proj.weight", self.q13, half=1))
+        else:
+            out[f"{prefix}.gate_proj.weight"] = self.w13[: self.inter]
+            out[f"{prefix}.up_proj.weight"] = self.w13[self.inter :]
+        if self.q2 is not None:
             out.update(quant_weights.slots(f"{prefix}.down_proj.weight", self.q2))
-            return out
-        return {
-            f"{prefix}.gate_proj.weight": self.w13[: self.inter],
-            f"{prefix}.up_proj.weight": self.w13[self.inter :],
-            f"{prefix}.down_proj.weight": self.w2,
-        }
+        else:
+            out[f"{prefix}.down_proj.weight"] = self.w2
+        return out

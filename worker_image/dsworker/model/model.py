@@ -46,10 +46,15 @@ class DenseMLP(MLP):
     """A dense layer's MLP: column/row-parallel over tp, reduced here."""
 
     def __init__(
-        self, args: ModelArgs, groups: ParallelGroups, dtype: torch.dtype, device: torch.device
+        self,
+        args: ModelArgs,
+        groups: ParallelGroups,
+        dtype: torch.dtype,
+        device: torch.device,
+        prefix: str = "model.layers.0.mlp",
     ) -> None:
         inter = args.intermediate_size // groups.tp.size
-        super().__init__(args.hidden_size, inter, dtype, device, args.quant)
+        super().__init__(args.hidden_size, inter, dtype, device, args.mlp_formats(prefix))
         self.tp = groups.tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,11 +76,12 @@ class DecoderLayer(nn.Module):
         h, eps = args.hidden_size, args.rms_norm_eps
         self.input_layernorm = RMSNorm(h, eps, dtype, device)
         self.post_attention_layernorm = RMSNorm(h, eps, dtype, device)
-        self.self_attn = MLA(args, groups.tp, dtype, device)
+        p = f"model.layers.{index}"
+        self.self_attn = MLA(args, groups.tp, dtype, device, f"{p}.self_attn")
         self.mlp: nn.Module = (
-            DenseMLP(args, groups, dtype, device)
+            DenseMLP(args, groups, dtype, device, f"{p}.mlp")
             if index < args.first_k_dense
-            else MoE(args, groups, opts.moe, stats, dtype, device)
+            else MoE(args, groups, opts.moe, stats, dtype, device, f"{p}.mlp")
         )
 
     def targets(self, prefix: str) -> dict[str, torch.Tensor]:

@@ -91,6 +91,7 @@ class MoE(nn.Module):
         stats: MoEStats,
         dtype: torch.dtype,
         device: torch.device,
+        prefix: str = "model.layers.1.mlp",
     ) -> None:
         super().__init__()
         self.args, self.g, self.opts, self.stats = args, groups, opts, stats
@@ -103,15 +104,17 @@ class MoE(nn.Module):
         )
         shared = args.n_shared_experts * args.moe_intermediate_size
         per = e // groups.moe_ep.size
-        self.fold, self.fold_reason = shared_fold.chunks(args, groups, opts)
+        formats = args.expert_formats(f"{prefix}.experts")
+        self.fold, self.fold_reason = shared_fold.chunks(args, groups, opts, prefix)
         self.experts = LocalExperts(per, groups.coords.moe_ep_rank * per, h,
                                     args.moe_intermediate_size // groups.moe_tp.size, dtype,
-                                    device, args.quant, extra=self.fold)  # fmt: skip
+                                    device, formats, extra=self.fold)  # fmt: skip
         self.shared: nn.Module | None = None
         if self.fold:
             self.shared = shared_fold.FoldedShared(self.experts, self.fold, h, dtype)
         elif shared:
-            self.shared = MLP(h, shared // groups.tp.size, dtype, device, args.quant)
+            self.shared = MLP(h, shared // groups.tp.size, dtype, device,
+                              args.mlp_formats(f"{prefix}.shared_experts"))  # fmt: skip
         self.local_only = groups.world.size == 1 and opts.routing_cutoff is None
         # Which world ranks share this rank's dp group (rank-major rows of a world all-gather).
         self.peers = torch.tensor([r in groups.tp.ranks for r in groups.world.ranks],

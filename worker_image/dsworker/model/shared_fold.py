@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from dsworker.contract.quant import FP8, W8A16
+from dsworker.contract.quant import FP8, W8A16, QuantFormat
 from dsworker.model import quant_weights
 from dsworker.model.config import ModelArgs
 from dsworker.model.layers import MLP
@@ -36,26 +36,36 @@ if TYPE_CHECKING:
     from dsworker.model.moe import MoE, MoEOptions
 
 
-def chunks(args: ModelArgs, groups: ParallelGroups, opts: MoEOptions) -> tuple[int, str]:
-    """(S, "") when this rank's shared slice folds into S extra experts, else (0, why not)."""
+def chunks(
+    args: ModelArgs, groups: ParallelGroups, opts: MoEOptions, prefix: str = "model.layers.1.mlp"
+) -> tuple[int, str]:
+    """(S, "") when this rank's shared slice of the MoE at `prefix` folds into S extra experts,
+    else (0, why not)."""
     if not args.n_shared_experts:
         return 0, "no shared experts"
     if opts.routing_cutoff is not None:
         return 0, "the routing cutoff takes no fused path"
     if groups.world.size > 1 and opts.ep_level == 2:
         return 0, "EP level 2 sends routed rows to their owners; the shared slice stays home"
+    formats = args.expert_formats(f"{prefix}.experts")
+    if args.mlp_formats(f"{prefix}.shared_experts") != formats:
+        return 0, "the checkpoint keeps the shared and routed experts in different precisions"
     slice_inter = args.n_shared_experts * args.moe_intermediate_size // groups.tp.size
     inter = args.moe_intermediate_size // groups.moe_tp.size
     if slice_inter % inter:
         return 0, f"the shared slice ({slice_inter}) is no multiple of a routed expert ({inter})"
-    s, q = slice_inter // inter, args.quant
-    if s == 1 or q is None:
-        return s, ""
-    if q.kind == FP8 and inter % q.block[0] == 0 and inter % q.block[1] == 0:
-        return s, ""
-    if q.kind == W8A16 and q.group_size and inter % q.group_size == 0:
-        return s, ""
-    return 0, f"{q.kind} weights of a {s}-chunk slice do not split into chunks without copies"
+    s = slice_inter // inter
+    for q in {f for f in formats if f is not None}:
+        if s > 1 and not _splits(q, inter):
+            return 0, f"{q.kind} weights of {s} chunks do not split without copies"
+    return s, ""
+
+
+def _splits(q: QuantFormat, inter: int) -> bool:
+    """Whether chunks `inter` wide cut q's scales without copies (see the module docstring)."""
+    if q.kind == FP8:
+        return inter % q.block[0] == 0 and inter % q.block[1] == 0
+    return q.kind == W8A16 and bool(q.group_size) and inter % q.group_size == 0
 
 
 class FoldedShared(nn.Module):
@@ -82,19 +92,20 @@ class FoldedShared(nn.Module):
         if len(self.chunks) == 1:
             return self.chunks[0].targets(prefix)
         ex = self.experts[0]
-        tail = slice(ex.num, ex.num + len(self.chunks))
+        tail, i = slice(ex.num, ex.num + len(self.chunks)), ex.inter
+        gate, up, down = (f"{prefix}.{p}_proj.weight" for p in ("gate", "up", "down"))
+        out: dict[str, torch.Tensor] = {}
         if ex.q13 is not None:
-            q13, q2 = quant_weights.part(ex.qall13, tail), quant_weights.part(ex.qall2, tail)
-            out = quant_weights.chunk_slots(f"{prefix}.gate_proj.weight", q13, half=0)
-            out.update(quant_weights.chunk_slots(f"{prefix}.up_proj.weight", q13, half=1))
-            out.update(quant_weights.chunk_slots(f"{prefix}.down_proj.weight", q2))
-            return out
-        w13, w2, i = ex.all13[tail], ex.all2[tail], ex.inter
-        return {
-            f"{prefix}.gate_proj.weight": w13[:, :i],  # [S, I_c, H]: the slice's rows, split
-            f"{prefix}.up_proj.weight": w13[:, i:],
-            f"{prefix}.down_proj.weight": w2.transpose(0, 1),  # [H, S, I_c]: columns, split
-        }
+            q13 = quant_weights.part(ex.qall13, tail)
+            out.update(quant_weights.chunk_slots(gate, q13, half=0))
+            out.update(quant_weights.chunk_slots(up, q13, half=1))
+        else:  # [S, I_c, H]: the slice's rows, split
+            out.update({gate: ex.all13[tail, :i], up: ex.all13[tail, i:]})
+        if ex.q2 is not None:
+            out.update(quant_weights.chunk_slots(down, quant_weights.part(ex.qall2, tail)))
+        else:  # [H, S, I_c]: columns, split
+            out[down] = ex.all2[tail].transpose(0, 1)
+        return out
 
 
 def local_ids(moe: MoE, ids: torch.Tensor, real: torch.Tensor, folded: bool) -> torch.Tensor:

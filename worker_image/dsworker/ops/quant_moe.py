@@ -214,12 +214,23 @@ def _tail(qw: QuantWeight) -> tuple[object, ...]:
     return (qw.group_size,) if qw.kind == W8A16 else (qw.offset,)
 
 
+def quant_gate_up(x: torch.Tensor, ids: torch.Tensor, w13: QuantWeight) -> torch.Tensor:
+    """silu(gate) * up of the k routed local experts of each token -> [T, k, I]."""
+    return GATE_UP[w13.kind](x, ids, w13.data, w13.scale, *_tail(w13))
+
+
+def quant_down(
+    h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w2: QuantWeight
+) -> torch.Tensor:
+    """The down projections of h [T, k, I], weighted (fp32) and summed over k -> [T, H]."""
+    return DOWN[w2.kind](h, ids, weights, w2.data, w2.scale, *_tail(w2))
+
+
 def quant_experts(
     x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: QuantWeight, w2: QuantWeight
 ) -> torch.Tensor:
     """x [T, H] through the k routed local experts of each token, weighted and summed -> [T, H]."""
-    h = GATE_UP[w13.kind](x, ids, w13.data, w13.scale, *_tail(w13))
-    return DOWN[w2.kind](h, ids, weights, w2.data, w2.scale, *_tail(w2))
+    return quant_down(quant_gate_up(x, ids, w13), ids, weights, w2)
 
 
 def _register_cuda() -> None:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from dsworker.chat.byte_level import BOS_ID, EOS_ID, write_tokenizer
 from dsworker.contract.errors import CheckpointError
+from dsworker.contract.precision import matching, module_precision
 from dsworker.tools.synth_presets import FORMATS, PRESETS, make_config, quant_config
 from dsworker.tools.synth_tensors import ModelTensor, model_tensors, out_specs, write_file
 
@@ -32,12 +35,15 @@ def synthesize(
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
     max_file_bytes: int = 2 << 30,
+    keep_float: Sequence[str] = (),
 ) -> Path:
     """Write a random, well-formed HF checkpoint into out_dir and return its path.
 
     Files: config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
     model-0000k-of-0000n.safetensors (at least 3 when the model has enough layers, split at layer
     boundaries), model.safetensors.index.json, and for w8a8 MindIE's quant description.
+    `keep_float`: linear modules left in BF16, declared as the format's own tools declare them
+    (see _declare_float).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +53,7 @@ def synthesize(
         cfg["quantization_config"] = qc
     if fmt == "w8a8":
         cfg["quantize"] = "w8a8_dynamic"
-    groups = model_tensors(cfg)
+    groups = _declare_float(cfg, fmt, list(keep_float), model_tensors(cfg))
 
     def gbytes(g: list[ModelTensor]) -> int:
         return sum(s.nbytes for t in g for s in out_specs(t, fmt))
@@ -88,6 +94,39 @@ def synthesize(
     return out
 
 
+def _declare_float(
+    cfg: dict[str, Any], fmt: str, keep: list[str], groups: list[list[ModelTensor]]
+) -> list[list[ModelTensor]]:
+    """The tensors with the linear modules `keep` names left in BF16, declared in config.json.
+
+    fp8: `keep` becomes quantization_config.modules_to_not_convert (transformers' rule: a name, a
+    parent module, a suffix); w8a16: it joins compressed-tensors' `ignore` (exact names, `re:`);
+    w8a8: the modules it names (as `ignore` would) become "FLOAT" in msModelSlim's description.
+    Which modules end up in BF16 is then contract.precision's decision on what was written.
+    """
+    if not keep:
+        return groups
+    if fmt == "bf16":
+        raise CheckpointError("--keep-float needs a quantised --format (fp8, w8a8, w8a16)")
+    linears = [t.name[: -len(".weight")] for g in groups for t in g if t.kind == "linear"]
+    qc = cfg.get("quantization_config") or {}
+    if fmt == "fp8":
+        qc["modules_to_not_convert"] = keep
+    elif fmt == "w8a16":
+        qc["ignore"] = [*qc.get("ignore", []), *keep]
+    if fmt == "w8a8":
+        floats = set(matching(keep, linears))
+    else:
+        prec = module_precision(cfg)
+        floats = {m for m in linears if not prec.quantised(m)}
+    if not floats:
+        raise CheckpointError(f"--keep-float {keep}: names none of the model's linear modules")
+    return [
+        [replace(t, kind="dense_linear") if t.name[: -len(".weight")] in floats else t for t in g]
+        for g in groups
+    ]
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
@@ -100,6 +139,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="bf16")
     p.add_argument(
         "--mtp", action="store_true", help="include the MTP layer (num_nextn_predict_layers 1)"
+    )
+    p.add_argument(
+        "--keep-float",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave these linear modules in BF16 and declare them so (repeatable; fp8: a "
+        "modules_to_not_convert entry, w8a16/w8a8: a module name or 're:' regex)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-file-size", type=int, default=2 << 30, help="bytes per safetensors file")
@@ -127,6 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         args.seed,
         overrides,
         args.max_file_size,
+        args.keep_float,
     )
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(json.dumps({"out": str(out), "bytes": size}))
