@@ -25,6 +25,7 @@ from dsworker.checkpoint.safetensors_format import TensorInfo
 from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.checkpoint.sharded_metadata import is_complete, plan_mismatch, read_metadata
 from dsworker.contract.errors import CheckpointError
+from dsworker.contract.quant import STATIC_COMPANIONS
 from dsworker.contract.layout import (
     COMPLETE_MARKER,
     METADATA_FILE,
@@ -40,7 +41,7 @@ from dsworker.contract.layout import (
 )
 
 SINGLE_FILE = "model.safetensors"
-COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_offset", "weight_shape")
+COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_offset", "weight_shape", *STATIC_COMPANIONS)
 TORCH_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
