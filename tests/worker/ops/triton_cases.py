@@ -130,9 +130,7 @@ def test_moe_kernels(tk: SimpleNamespace, kind: str, dtype: torch.dtype) -> None
     [(1, 130, 300, torch.float32, True), (17, 77, 130, torch.float32, False),
      (3, 64, 200, torch.bfloat16, True)],
 )  # fmt: skip
-def test_w8a8_static_gemm(
-    m: int, n: int, k: int, dtype: torch.dtype, bias: bool
-) -> None:
+def test_w8a8_static_gemm(m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> None:
     ts = importlib.import_module("dsworker.ops.triton.quant_static")
     q, s = quant_int8(torch.randn(n, k))
     deq = (s.reshape(n) * 0.03).float()
@@ -155,5 +153,10 @@ def test_static_quant_is_bit_exact_ties_to_even() -> None:
         got = ts.static_quant(x, s, o)
         assert torch.equal(got, qf.quantize_static(x, s, o)), (sc, off)
     assert ts.static_quant(x, torch.tensor([1.0]), torch.tensor([0.0]))[0, :6].tolist() == [
-        0, 2, 2, 0, -2, -2
+        0,
+        2,
+        2,
+        0,
+        -2,
+        -2,
     ]

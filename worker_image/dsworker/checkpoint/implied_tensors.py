@@ -201,9 +201,14 @@ def missing_tensors(mc: ModelConfig, tensors: Mapping[str, Any]) -> list[str]:
     for name, t in tensors.items():
         module, suffix = split_name(name)
         has_weight = any(f"{module}.{w}" in tensors for w in _WEIGHT_NAMES)
-        if suffix in ("weight_scale_inv", "weight_scale", "weight_offset", *STATIC_COMPANIONS):
-            if not has_weight:
-                missing.append(f"{module}.weight")  # a companion without its weight
+        companion = suffix in (
+            "weight_scale_inv",
+            "weight_scale",
+            "weight_offset",
+            *STATIC_COMPANIONS,
+        )
+        if companion and not has_weight:
+            missing.append(f"{module}.weight")  # a companion without its weight
         int_weight = (suffix == "weight" and getattr(t, "dtype", None) == "I8") or (
             suffix == "weight_packed"
         )

@@ -17,13 +17,13 @@ from dsworker.checkpoint.regions import GlobalTensor
 from dsworker.contract.errors import CheckpointError
 from dsworker.contract.layout import split_name
 from dsworker.contract.model_config import ModelConfig
-from dsworker.contract.quant import STATIC_COMPANIONS, W8A8_STATIC
 from dsworker.contract.precision import (
     LINEAR_LEAVES,
     Precision,
     QuantDescription,
     module_precision,
 )
+from dsworker.contract.quant import STATIC_COMPANIONS, W8A8_STATIC
 
 DESCRIPTION_PATTERN = re.compile(r"^quant_model_description[A-Za-z0-9_.\-]*\.json$")
 _QUANT_DTYPES = ("F8_E4M3", "I8")
@@ -73,7 +73,7 @@ def check_declared(prec: Precision, tensors: Mapping[str, GlobalTensor], cfg: Pa
             for c in STATIC_COMPANIONS:
                 if f"{module}.{c}" not in tensors:
                     raise CheckpointError(
-                        f"{t.source_file}: {name} is static W8A8 (\"W8A8\" in the msModelSlim "
+                        f'{t.source_file}: {name} is static W8A8 ("W8A8" in the msModelSlim '
                         f"description) but {module}.{c} is missing; static W8A8 needs "
                         f"{', '.join(STATIC_COMPANIONS)}: re-export the checkpoint with msModelSlim"
                     )

@@ -161,6 +161,9 @@ def _fill(
 QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 _SLOT_KIND = {torch.float8_e4m3fn: ("fp8",), torch.int8: ("w8a8", "w8a16", "w8a8_static")}
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A static W8A8 module's weight scale and offset, which vllm-ascend also accepts: folded into
+# deq_scale and quant_bias already, so not held (the memory model does not count them either).
+_STATIC_UNUSED = ("weight_scale", "weight_offset")
 
 
 def _fill_float(
@@ -262,7 +265,7 @@ def _fill_quant(
         _copy(copier, src.view(torch.uint8).view(dst.shape), dst.view(torch.uint8))
     done = []
     for suffix, c in comp_items.items():
-        if suffix == "weight_shape":
+        if suffix == "weight_shape" or (kind == "w8a8_static" and suffix in _STATIC_UNUSED):
             continue
         slot = targets.get(f"{module}.{suffix}")
         if slot is None:
@@ -298,7 +301,7 @@ def _check_static(
         )
     if held_static and kind != "w8a8_static":
         raise LoadError(
-            f"{module}: the msModelSlim description types it \"W8A8\" (static) but the "
+            f'{module}: the msModelSlim description types it "W8A8" (static) but the '
             f"checkpoint stores {kind or 'no'} companions; static W8A8 needs "
             "input_scale, input_offset, quant_bias and deq_scale: re-export it with msModelSlim"
         )

@@ -25,7 +25,6 @@ from dsworker.checkpoint.safetensors_format import TensorInfo
 from dsworker.checkpoint.safetensors_reader import SafetensorsReader
 from dsworker.checkpoint.sharded_metadata import is_complete, plan_mismatch, read_metadata
 from dsworker.contract.errors import CheckpointError
-from dsworker.contract.quant import STATIC_COMPANIONS
 from dsworker.contract.layout import (
     COMPLETE_MARKER,
     METADATA_FILE,
@@ -39,9 +38,16 @@ from dsworker.contract.layout import (
     split_name,
     tensor_slice,
 )
+from dsworker.contract.quant import STATIC_COMPANIONS
 
 SINGLE_FILE = "model.safetensors"
-COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_offset", "weight_shape", *STATIC_COMPANIONS)
+COMPANIONS = (
+    "weight_scale_inv",
+    "weight_scale",
+    "weight_offset",
+    "weight_shape",
+    *STATIC_COMPANIONS,
+)
 TORCH_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,

@@ -30,14 +30,14 @@ def kind_of(suffix: str, dtype: torch.dtype, companions: Iterable[str]) -> str |
     only look for one of those names are what breaks W8A16 checkpoints elsewhere.
     """
     names = set(companions)
+    if "deq_scale" in names:  # before weight_scale: vllm-ascend allows static's unused one too
+        return W8A8_STATIC
     if "weight_scale_inv" in names:
         return FP8
     if suffix == "weight_packed" or (dtype == torch.int32 and "weight_scale" in names):
         return W8A16
     if "weight_scale" in names:
         return W8A8
-    if "deq_scale" in names:
-        return W8A8_STATIC
     return None
 
 

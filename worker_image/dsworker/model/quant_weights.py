@@ -40,7 +40,9 @@ def alloc(
     if fmt.kind == W8A8_STATIC:
         assert not lead and halves == 1, "static W8A8 is served for single linear weights only"
         one = torch.empty((1,), dtype=torch.float32, device=device)
-        st = StaticInput(one, torch.empty_like(one), torch.empty((n,), dtype=torch.int32, device=device))
+        st = StaticInput(
+            one, torch.empty_like(one), torch.empty((n,), dtype=torch.int32, device=device)
+        )
         deq = torch.empty((n,), dtype=torch.float32, device=device)
         return QuantWeight(W8A8_STATIC, data, deq, static=st)
     if fmt.kind == W8A8:

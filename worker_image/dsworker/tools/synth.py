@@ -184,7 +184,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="with --format w8a8: write these attention projections as static W8A8 (\"W8A8\" "
+        help='with --format w8a8: write these attention projections as static W8A8 ("W8A8" '
         "in the description, a module name or 're:' regex; repeatable), as msModelSlim's "
         "DeepSeek mix does",
     )

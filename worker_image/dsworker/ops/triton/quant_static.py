@@ -75,7 +75,9 @@ def _static_gemm_kernel(
     tl.store(y_ptr + rm[:, None] * sym + rn[None, :], y, mask=m_mask[:, None] & n_mask[None, :])
 
 
-def static_quant(x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor) -> torch.Tensor:
+def static_quant(
+    x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor
+) -> torch.Tensor:
     """int8 [M, K] of x by the per-tensor scale and offset; matches quant_formats.quantize_static."""
     x = _rowmajor(x)
     m, k = x.shape
