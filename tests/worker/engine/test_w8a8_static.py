@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from engine_helpers import Reference, dequantized_copy, hf_reference, run_local, spawn_world
 from quant_reference import static_inputs
 from safetensors.torch import load_file, save_file
@@ -70,18 +71,35 @@ def test_world2_tp2_layout(
     assert_holds_modelled_bytes(out, ckpts["layout"], TP2)
 
 
+def _edited(src: Path, dst: Path, name: str, to: torch.dtype | None) -> Path:
+    """A copy of the checkpoint with tensor `name` removed (to None) or cast to `to`."""
+    shutil.copytree(src, dst)
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    f = dst / index["weight_map"][name]
+    tensors = load_file(str(f))
+    if to is None:
+        del tensors[name], index["weight_map"][name]
+    else:
+        tensors[name] = tensors[name].to(to)
+    save_file(tensors, str(f))
+    index_path.write_text(json.dumps(index))
+    return dst
+
+
 def test_a_static_module_missing_a_companion_is_refused_naming_it(
     ckpts: dict[str, Path], tmp_path: Path
 ) -> None:
-    bad = tmp_path / "bad"
-    shutil.copytree(ckpts["src"], bad)
     gone = "model.layers.1.self_attn.o_proj.quant_bias"
-    index_path = bad / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    f = bad / index["weight_map"].pop(gone)
-    tensors = load_file(str(f))
-    del tensors[gone]
-    save_file(tensors, str(f))
-    index_path.write_text(json.dumps(index))
+    bad = _edited(ckpts["src"], tmp_path / "bad", gone, None)
     with pytest.raises(CheckpointError, match=gone.replace(".", r"\.")):
         shard(bad, tmp_path / "out", P1)
+
+
+def test_a_float16_exports_packed_deq_scale_is_refused_naming_it(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    name = "model.layers.0.self_attn.q_a_proj.deq_scale"
+    bad = _edited(ckpts["src"], tmp_path / "bad", name, torch.int64)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + " is I64"):
+        run_local(job(bad, P1))
