@@ -8,7 +8,9 @@ wraps the few collectives the model needs and skips them for groups of one.
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -164,6 +166,17 @@ def _entry(
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    _end_rank()
+
+
+def _end_rank() -> None:
+    """End a rank that finished cleanly without the interpreter's teardown: there gloo's C++
+    threads, still referenced from Python, can abort the process ("terminate called without an
+    active exception", SIGABRT) after its work is done, and spawn would report a failed rank."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_local(nproc: int, fn: Callable[..., None], *args: Any) -> None:
