@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from jsonschema import Draft202012Validator
+
+from dsworker.contract.quant import W8A8_STATIC, QuantFormat, stored
+from dsworker.ops.quant_formats import quantize_static
 
 REPO = Path(__file__).resolve().parents[2]
 FORMATS = REPO / "tests" / "data" / "formats"
@@ -299,3 +303,20 @@ def test_built_volcano_crd_has_the_pinned_bytes() -> None:
     assert hashlib.sha256(data).hexdigest() == source["rendered_sha256"]
     assert b"name: podgroups.scheduling.volcano.sh" in data
     assert b"name: v1beta1" in data
+
+
+def test_w8a8_static_record_is_what_the_engine_stores_and_computes() -> None:
+    """contract.quant.stored writes MindIE's bfloat16 table; the rounding cases hold."""
+    rec = load(FORMATS / "w8a8_static.json")
+    want = {k: v["dtype"] for k, v in rec["tensors"]["bfloat16"].items()}
+    got = {
+        n.rsplit(".", 1)[-1]: d for n, d, _ in stored("m.weight", (6, 4), QuantFormat(W8A8_STATIC))
+    }
+    assert got == want
+    for case in rec["compute"]["cases"]:
+        q = quantize_static(
+            torch.tensor([case["x"]]),
+            torch.tensor([case["input_scale"]]),
+            torch.tensor([float(case["input_offset"])]),
+        )
+        assert q[0].tolist() == case["q"], case

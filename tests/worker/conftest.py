@@ -1,7 +1,7 @@
 """Shared fixtures for the data-plane tests: synthesized DeepSeek checkpoints, built once per session.
 
 `synth_checkpoint(arch="v3", preset="tiny", fmt="bf16", mtp=False, seed=0, overrides=None,
-keep_float=())` returns the path of a cached checkpoint; treat it as read-only (copy it first if a
+keep_float=(), static=())` returns the path of a cached checkpoint; treat it as read-only (copy it first if a
 test must modify it).
 """
 
@@ -31,12 +31,15 @@ def synth_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> SynthFactory:
         seed: int = 0,
         overrides: dict[str, Any] | None = None,
         keep_float: tuple[str, ...] = (),
+        static: tuple[str, ...] = (),
     ) -> Path:
-        key = json.dumps([arch, preset, fmt, mtp, seed, overrides, keep_float], sort_keys=True)
+        key = json.dumps(
+            [arch, preset, fmt, mtp, seed, overrides, keep_float, static], sort_keys=True
+        )
         if key not in cache:
             out = tmp_path_factory.mktemp(f"ckpt-{arch}-{preset}-{fmt}{'-mtp' if mtp else ''}")
             cache[key] = synthesize(
-                out, arch, preset, fmt, mtp, seed, overrides, keep_float=keep_float
+                out, arch, preset, fmt, mtp, seed, overrides, keep_float=keep_float, static=static
             )
         return cache[key]
 

@@ -148,11 +148,13 @@ def hf_reference(
     tp: int = 1,
     moe_tp: int = 1,
     also_float: tuple[str, ...] = (),
+    static: dict[str, tuple[float, float]] | None = None,
 ) -> Reference:
     """transformers' logits, greedy ids and hidden states; int8_inputs: W8A8 on tp x moe_tp
-    (with the parameters `also_float` names kept in float)."""
+    (with the parameters `also_float` names kept in float, those `static` names quantised
+    statically: quant_reference.static_inputs)."""
     model = load_hf(path)
-    int8 = per_token_int8_inputs(model, tp, moe_tp, also_float)
+    int8 = per_token_int8_inputs(model, tp, moe_tp, also_float, static or {})
     with int8 if int8_inputs else contextlib.nullcontext():
         return _hf_run(model, generate)
 
@@ -180,6 +182,17 @@ def _tensor(reader: SafetensorsReader, name: str) -> np.ndarray:
     return a.astype(np.float32) if t.dtype in ("F32", "F16", "F64", "I8") else a
 
 
+def _static_weight(r: SafetensorsReader, base: str) -> np.ndarray:
+    """Static W8A8: w = q * deq_scale / input_scale; its quant_bias must be the input offset's
+    -offset * rowsum(q) (no float bias), which the reference's input rounding then models."""
+    q = _tensor(r, f"{base}.weight")
+    scale = _tensor(r, f"{base}.input_scale")[0]
+    off = _tensor(r, f"{base}.input_offset")[0]
+    bias = r.array(r.info(f"{base}.quant_bias")).astype(np.int64)
+    assert np.array_equal(bias, (-off * q.astype(np.int64).sum(1)).astype(np.int64)), base
+    return q * (_tensor(r, f"{base}.deq_scale")[:, None] / scale)
+
+
 def dequantized_copy(src: Path, dst: Path) -> Path:
     """An fp32 HF checkpoint of a quantised one, dequantised with numpy (independent of ours)."""
     from safetensors.torch import save_file
@@ -198,6 +211,8 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
             base, _, suffix = name.rpartition(".")
             if suffix in ("weight_scale_inv", "weight_scale", "weight_offset", "weight_shape"):
                 continue
+            if suffix in ("input_scale", "input_offset", "quant_bias", "deq_scale"):
+                continue  # static W8A8: read with its weight
             if suffix == "weight_packed":
                 shape = [int(v) for v in r.array(f"{base}.weight_shape")]
                 q = number_formats.unpack_int32_to_int8(r.array(name))[:, : shape[1]].astype(
@@ -211,6 +226,8 @@ def dequantized_copy(src: Path, dst: Path) -> Path:
                 w = codes * number_formats.expand_block_scale(
                     scale, 0, codes.shape[0], 0, codes.shape[1]
                 )
+            elif f"{base}.deq_scale" in names:
+                w = _static_weight(r, base)
             elif f"{base}.weight_scale" in names:
                 off = _tensor(r, f"{base}.weight_offset") if f"{base}.weight_offset" in names else 0
                 w = (_tensor(r, name) - off) * _tensor(r, f"{base}.weight_scale")

@@ -60,27 +60,62 @@ def float_params(ckpt: Path) -> tuple[str, ...]:
     return tuple(sorted(n.removesuffix(".weight") for n in out))
 
 
+def static_inputs(ckpt: Path) -> dict[str, tuple[float, float]]:
+    """module -> (input_scale, input_offset) of the static W8A8 modules of a checkpoint, as
+    stored (bf16 values, exact in fp32); kv_b_proj, held dequantised, is left out."""
+    from dsworker.checkpoint import number_formats
+
+    out = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with SafetensorsReader(f) as r:
+            for name in r.tensors:
+                if name.endswith(".input_scale") and "kv_b_proj" not in name:
+                    m = name.removesuffix(".input_scale")
+                    vals = [
+                        float(number_formats.bf16_to_f32(r.array(r.info(f"{m}.{c}")))[0])
+                        for c in ("input_scale", "input_offset")
+                    ]
+                    out[m] = (vals[0], vals[1])
+    return out
+
+
 @contextlib.contextmanager
 def per_token_int8_inputs(
-    model: Any, tp: int = 1, moe_tp: int = 1, also_float: tuple[str, ...] = ()
+    model: Any,
+    tp: int = 1,
+    moe_tp: int = 1,
+    also_float: tuple[str, ...] = (),
+    static: dict[str, tuple[float, float]] | None = None,
 ) -> Iterator[None]:
     """Every matmul on a W8A8-quantised weight sees its input rounded as the engine's op rounds it
-    (symmetric int8 per token, per rank's slice of a row-parallel input): transformers then
-    computes what W8A8 serving on tp / moe_tp ranks should. `also_float`: parameters the
-    checkpoint keeps in BF16 (float_params), whose inputs stay unrounded."""
-    from dsworker.ops.quant_formats import quantize_per_token
+    (symmetric int8 per token, per rank's slice of a row-parallel input; `static` modules by their
+    per-tensor scale and offset, elementwise, so the same on any tp): transformers then computes
+    what W8A8 serving on tp / moe_tp ranks should. `also_float`: parameters the checkpoint keeps
+    in BF16 (float_params), whose inputs stay unrounded."""
+    from dsworker.ops.quant_formats import quantize_per_token, quantize_static
 
+    static = static or {}
+    fixed = {
+        p.untyped_storage().data_ptr(): static[n.removesuffix(".weight")]
+        for n, p in model.named_parameters()
+        if n.removesuffix(".weight") in static
+    }
     parts = {
         p.untyped_storage().data_ptr(): _k_parts(n.removesuffix(".weight"), tp, moe_tp)
         for n, p in model.named_parameters()
         if p.dim() >= 2
         and not any(f in n for f in _FLOAT_ON_DEVICE)
         and n.removesuffix(".weight") not in also_float
+        and n.removesuffix(".weight") not in static
     }
     linear = torch.nn.functional.linear
 
     def fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         n = parts.get(w.untyped_storage().data_ptr())
+        st = fixed.get(w.untyped_storage().data_ptr())
+        if st:
+            s, o = torch.tensor([st[0]]), torch.tensor([st[1]])
+            x = ((quantize_static(x, s, o).float() - o) * s).to(x.dtype)
         if n:
             flat = x.reshape(-1, x.shape[-1])
             cols = []

@@ -33,6 +33,8 @@ PLANS = {
 }
 FORMATS = ("bf16", "fp8", "w8a8", "w8a16")
 MIXED = ("fp8-mixed", "w8a8-mixed", "w8a16-mixed")  # some linear modules kept in BF16
+STATIC = ("w8a8-static",)  # msModelSlim's mix: attention static W8A8, MLPs dynamic
+STATIC_ATTN = (r"re:.*self_attn\..*",)
 TINY_FP8_DIMS = {  # synth's tiny FP8 dims (whole 128-blocks), for every format
     "hidden_size": 256,
     "intermediate_size": 512,
@@ -43,6 +45,14 @@ TINY_FP8_DIMS = {  # synth's tiny FP8 dims (whole 128-blocks), for every format
     "qk_rope_head_dim": 64,
     "v_head_dim": 64,
 }
+
+
+def synth_args(fmt: str) -> tuple[str, dict[str, tuple[str, ...]]]:
+    """'w8a8-static' -> ('w8a8', {'static': ...}); 'fp8-mixed' -> ('fp8', {'keep_float': ...})."""
+    base, _, variant = fmt.partition("-")
+    if variant == "static":
+        return base, {"static": STATIC_ATTN}
+    return base, {"keep_float": KEEP_FLOAT[base] if variant else ()}
 
 
 def data_bytes(path: Path) -> int:
@@ -66,10 +76,9 @@ def layouts(
 ) -> dict[tuple[str, str, bool], Path]:
     root = tmp_path_factory.mktemp("mem-layouts")
     out = {}
-    for fmt in FORMATS + MIXED:
-        base, _, mixed = fmt.partition("-")
-        keep = KEEP_FLOAT[base] if mixed else ()
-        ck = synth_checkpoint("v3", "tiny", base, mtp=True, keep_float=keep)
+    for fmt in FORMATS + MIXED + STATIC:
+        base, extra = synth_args(fmt)
+        ck = synth_checkpoint("v3", "tiny", base, mtp=True, **extra)
         for pname, plan in PLANS.items():
             for mtp in (False, True):
                 dst = root / f"{fmt}-{pname}-{int(mtp)}"
@@ -78,7 +87,7 @@ def layouts(
     return out
 
 
-@pytest.mark.parametrize("fmt", FORMATS + MIXED)
+@pytest.mark.parametrize("fmt", FORMATS + MIXED + STATIC)
 def test_weight_bytes_equal_the_sharders_per_rank(
     fmt: str, layouts: dict[tuple[str, str, bool], Path]
 ) -> None:
@@ -92,7 +101,7 @@ def test_weight_bytes_equal_the_sharders_per_rank(
             assert model == real, f"{fmt} {pname} mtp={mtp}: model {model} != sharder {real}"
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "w8a8", "w8a16", *MIXED])
+@pytest.mark.parametrize("fmt", ["fp8", "w8a8", "w8a16", *MIXED, *STATIC])
 def test_loaded_model_holds_the_modelled_bytes(
     fmt: str, synth_checkpoint: Callable[..., Path], tmp_path: Path
 ) -> None:
@@ -102,8 +111,8 @@ def test_loaded_model_holds_the_modelled_bytes(
     router are 6% of a w8a16 rank; at R1's dims they are under 1%. `-mixed`: the checkpoint keeps
     the modules of quant_reference.KEEP_FLOAT in BF16.
     """
-    fmt, _, mixed = fmt.partition("-")
-    keep = KEEP_FLOAT[fmt] if mixed else ()
+    mixed = "mixed" in fmt
+    fmt, extra = synth_args(fmt)
     from dsworker.engine.loader import load_weights
     from dsworker.model import DeepseekModel, EngineOptions, ModelArgs
     from dsworker.model.quant_weights import held_bytes
@@ -112,7 +121,7 @@ def test_loaded_model_holds_the_modelled_bytes(
 
     plan = PLANS["w1"]
     shard(
-        synth_checkpoint("v3", "tiny", fmt, mtp=True, overrides=TINY_FP8_DIMS, keep_float=keep),
+        synth_checkpoint("v3", "tiny", fmt, mtp=True, overrides=TINY_FP8_DIMS, **extra),
         tmp_path,
         plan,
         mtp=True,

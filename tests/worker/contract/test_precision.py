@@ -7,6 +7,7 @@ fused weights, malformed lists and descriptions, and the operator's view through
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -161,3 +162,38 @@ def test_fit_inputs_carry_the_module_lists_the_operator_counts() -> None:
     cfg["quantization_config"]["ignore"] = long
     assert len(json.dumps(long)) > MODULE_LISTS_MAX_CHARS
     assert "ignore" not in fit_inputs(cfg)["quantization_config"]  # too long for the report
+
+
+def test_description_types_pick_static_or_dynamic_per_module() -> None:
+    """msModelSlim's DeepSeek mix: "W8A8" attention is static, "W8A8_DYNAMIC" MLPs dynamic."""
+    desc = QuantDescription("/m/d.json", {
+        "model.layers.0.self_attn.o_proj.weight": "W8A8",
+        "model.layers.1.mlp.experts.0.up_proj.weight": "W8A8_DYNAMIC",
+        "model.layers.1.mlp.experts.0.gate_proj.weight": "W8A8_DYNAMIC",
+        "model.layers.0.self_attn.kv_b_proj.weight": "FLOAT",
+    })  # fmt: skip
+    prec = module_precision({"quantize": "w8a8_dynamic"}, desc)
+    assert prec.format_of("model.layers.0.self_attn.o_proj") == QuantFormat("w8a8_static")
+    up = "model.layers.1.mlp.experts.0.up_proj"
+    assert prec.format_of(up) == QuantFormat("w8a8")
+    assert prec.format_of("model.layers.0.self_attn.kv_b_proj") is None
+    assert prec.stack_format([up, up.replace("up", "gate")], "x") == QuantFormat("w8a8")
+
+
+def test_static_mlp_weights_are_refused_naming_the_module() -> None:
+    desc = QuantDescription("/m/d.json", {
+        "model.layers.0.mlp.gate_proj.weight": "W8A8",
+        "model.layers.0.mlp.up_proj.weight": "W8A8",
+        "model.layers.1.mlp.shared_experts.down_proj.weight": "W8A8",
+    })  # fmt: skip
+    prec = module_precision({"quantize": "w8a8_dynamic"}, desc)
+    gate_up = ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
+    with pytest.raises(ModelConfigError, match=r"model\.layers\.0\.mlp\.gate_proj is static"):
+        prec.stack_format(gate_up, "model.layers.0.mlp")
+    from dsworker.model import ModelArgs
+
+    cfg = make_config("v3", "tiny", "w8a8", False, None) | {"quantize": "w8a8_dynamic"}
+    args = ModelArgs.from_config(cfg)
+    args = dataclasses.replace(args, precision=prec)
+    with pytest.raises(ModelConfigError, match=r"shared_experts\.down_proj is static W8A8"):
+        args.mlp_formats("model.layers.1.mlp.shared_experts")

@@ -150,3 +150,38 @@ def test_opcheck_dense_ops() -> None:
         if args[1].dtype == torch.int8:
             utils = ("test_schema", "test_autograd_registration", *utils)
         torch.library.opcheck(op, args, test_utils=utils)
+
+
+def _static_expected(x: torch.Tensor, q: torch.Tensor, deq: torch.Tensor, sc: float, off: float,
+                     qb: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """float64: (clamp(rint(x * (1 / scale) + offset)) @ q.T + quant_bias) * deq_scale."""
+    v = x.double() * (1.0 / np.float32(sc)) + off
+    xq = torch.clamp(torch.round(v), -128, 127)
+    acc = xq @ q.double().T + (qb.double() if qb is not None else 0.0)
+    return acc * deq.double()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_w8a8_static_linear(m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> None:
+    q, s = quant_int8(torch.randn(n, k))
+    deq = s.reshape(n).float() * 0.02
+    qb = torch.randint(-3000, 3000, (n,), dtype=torch.int32) if bias else None
+    x = _x(m, k, dtype) * 2
+    sc, off = torch.tensor([0.02], dtype=torch.bfloat16), torch.tensor([-3.0])
+    y = torch.ops.dsworker.w8a8_static_linear(x, q, deq, sc, off, qb)
+    assert y.dtype == dtype and y.shape == (m, n)
+    want = _static_expected(x.float(), q, deq, float(sc.float()), -3.0, qb)
+    assert rel_err(y, want) < TOL[dtype]
+
+
+def test_w8a8_static_saturates_rounds_to_even_and_sums_exactly_at_r1_width() -> None:
+    """K = 7168 saturated at -128 (past 2**24 in fp32 sums); ties round to even."""
+    q = torch.full((2, 7168), -127, dtype=torch.int8)
+    x = torch.full((1, 7168), -1e6)
+    one = torch.ones(1)
+    y = torch.ops.dsworker.w8a8_static_linear(x, q, torch.ones(2), one, torch.zeros(1), None)
+    assert torch.equal(y, torch.full((1, 2), float(128 * 127 * 7168)))
+    ties = torch.tensor([[0.5, 1.5, 2.5, -2.5]])
+    assert qf.quantize_static(ties, one, torch.zeros(1)).tolist() == [[0, 2, 2, -2]]

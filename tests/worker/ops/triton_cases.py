@@ -123,3 +123,40 @@ def test_moe_kernels(tk: SimpleNamespace, kind: str, dtype: torch.dtype) -> None
     out_ref = DOWN[kind](h_ref, ids, wts, w2["data"], w2["scale"], *tail(kind, w2))
     assert out.dtype == dtype and not out[0].any()
     assert rel_err(out, out_ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "dtype", "bias"),
+    [(1, 130, 300, torch.float32, True), (17, 77, 130, torch.float32, False),
+     (3, 64, 200, torch.bfloat16, True)],
+)  # fmt: skip
+def test_w8a8_static_gemm(m: int, n: int, k: int, dtype: torch.dtype, bias: bool) -> None:
+    ts = importlib.import_module("dsworker.ops.triton.quant_static")
+    q, s = quant_int8(torch.randn(n, k))
+    deq = (s.reshape(n) * 0.03).float()
+    qb = torch.randint(-5000, 5000, (n,), dtype=torch.int32) if bias else None
+    x = _x(m, k, dtype) * 2
+    sc, off = torch.tensor([0.03], dtype=torch.bfloat16), torch.tensor([3.0], dtype=torch.bfloat16)
+    got = ts.w8a8_static_linear(x, q, deq, sc, off, qb)
+    assert got.dtype == dtype
+    want = torch.ops.dsworker.w8a8_static_linear(x, q, deq, sc, off, qb)
+    assert rel_err(got, want) < TOL[dtype]
+
+
+def test_static_quant_is_bit_exact_ties_to_even() -> None:
+    ts = importlib.import_module("dsworker.ops.triton.quant_static")
+    x = torch.randn(4, 700) * 3
+    x[0, :6] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5])  # ties at scale 1, offset 0
+    x[1] = 1e4  # saturates
+    for sc, off in ((1.0, 0.0), (0.02, -3.0)):
+        s, o = torch.tensor([sc]), torch.tensor([off])
+        got = ts.static_quant(x, s, o)
+        assert torch.equal(got, qf.quantize_static(x, s, o)), (sc, off)
+    assert ts.static_quant(x, torch.tensor([1.0]), torch.tensor([0.0]))[0, :6].tolist() == [
+        0,
+        2,
+        2,
+        0,
+        -2,
+        -2,
+    ]

@@ -17,6 +17,7 @@ from dsworker.checkpoint.regions import GlobalTensor
 from dsworker.contract.errors import CheckpointError
 from dsworker.contract.layout import layer_index, split_name
 from dsworker.contract.model_config import ModelConfig
+from dsworker.contract.quant import STATIC_COMPANIONS
 
 # dtypes an FP8 weight_scale_inv may have (DeepSeek ships F32); decoded by float_to_f32
 FLOAT_SCALE_DTYPES = ("F32", "BF16", "F16")
@@ -200,14 +201,29 @@ def missing_tensors(mc: ModelConfig, tensors: Mapping[str, Any]) -> list[str]:
     for name, t in tensors.items():
         module, suffix = split_name(name)
         has_weight = any(f"{module}.{w}" in tensors for w in _WEIGHT_NAMES)
-        if suffix in ("weight_scale_inv", "weight_scale", "weight_offset") and not has_weight:
+        companion = suffix in (
+            "weight_scale_inv",
+            "weight_scale",
+            "weight_offset",
+            *STATIC_COMPANIONS,
+        )
+        if companion and not has_weight:
             missing.append(f"{module}.weight")  # a companion without its weight
         int_weight = (suffix == "weight" and getattr(t, "dtype", None) == "I8") or (
             suffix == "weight_packed"
         )
-        if int_weight and f"{module}.weight_scale" not in tensors:
-            missing.append(f"{module}.weight_scale")
+        if int_weight:
+            missing += _missing_scales(module, tensors)
     return list(dict.fromkeys(missing))
+
+
+def _missing_scales(module: str, tensors: Mapping[str, Any]) -> list[str]:
+    """An int8 weight's missing companions: all of static W8A8's once it has one of them (its
+    description type "W8A8"), else the per-channel weight_scale."""
+    static = [f"{module}.{c}" for c in STATIC_COMPANIONS]
+    if any(n in tensors for n in static):
+        return [n for n in static if n not in tensors]
+    return [] if f"{module}.weight_scale" in tensors else [f"{module}.weight_scale"]
 
 
 def check_complete(

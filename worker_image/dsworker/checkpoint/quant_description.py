@@ -23,6 +23,7 @@ from dsworker.contract.precision import (
     QuantDescription,
     module_precision,
 )
+from dsworker.contract.quant import STATIC_COMPANIONS, W8A8_STATIC
 
 DESCRIPTION_PATTERN = re.compile(r"^quant_model_description[A-Za-z0-9_.\-]*\.json$")
 _QUANT_DTYPES = ("F8_E4M3", "I8")
@@ -67,6 +68,15 @@ def check_declared(prec: Precision, tensors: Mapping[str, GlobalTensor], cfg: Pa
         if module.rsplit(".", 1)[-1] not in LINEAR_LEAVES:
             continue
         why = prec.why_float(module)
+        fmt = prec.format_of(module)
+        if fmt is not None and fmt.kind == W8A8_STATIC:
+            for c in STATIC_COMPANIONS:
+                if f"{module}.{c}" not in tensors:
+                    raise CheckpointError(
+                        f'{t.source_file}: {name} is static W8A8 ("W8A8" in the msModelSlim '
+                        f"description) but {module}.{c} is missing; static W8A8 needs "
+                        f"{', '.join(STATIC_COMPANIONS)}: re-export the checkpoint with msModelSlim"
+                    )
         if _stored_quantised(suffix, t.dtype) and why is not None:
             raise CheckpointError(
                 f"{t.source_file}: {name} is stored quantised ({t.dtype}) but it is declared "

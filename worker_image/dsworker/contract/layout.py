@@ -48,6 +48,10 @@ WEIGHT_SUFFIXES = (
     ".weight_shape",
     ".weight_scale",
     ".weight_offset",
+    ".input_scale",  # static W8A8 (contract.quant.STATIC_COMPANIONS): [1], whole on every rank
+    ".input_offset",
+    ".quant_bias",  # [N]: split with a dim-0 split, whole with a dim-1 split
+    ".deq_scale",
     ".weight",
 )
 
@@ -140,7 +144,8 @@ def tensor_slice(
     """The slice of tensor `name` (a weight or a companion) that part `part` of `parts` holds.
 
     Companions follow their weight: FP8 block scales split in whole blocks along the same dim,
-    per-channel [out, 1] scales split with a dim-0 split and stay whole with a dim-1 split, W8A16
+    per-channel [out, 1] scales (and static W8A8's [out] deq_scale and quant_bias) split with a
+    dim-0 split and stay whole with a dim-1 split, per-tensor [1] input scales stay whole, W8A16
     packed int32 columns split by 4-column words. Raises PlanError naming the tensor and dim.
     """
     shape = tuple(shape)

@@ -5,7 +5,8 @@ worker checks the same numbers at start-up. Weights are counted by the sharder's
 (layout.place / owner_dirs / tensor_slice): `shard_bytes` is exactly what `dsworker shard` writes
 into the directories a rank reads (tensor data, not file headers). `device_bytes` is what the loaded
 model holds: 8-bit weights as stored (W8A16 unpacked to one int8 a weight, the same bytes), float
-tensors in the compute dtype, the router in fp32, and kv_b_proj dequantised to the compute dtype
+tensors in the compute dtype, the router in fp32, static W8A8's [1] input scale and offset in fp32,
+and kv_b_proj dequantised to the compute dtype
 (absorbed MLA multiplies by it in both orientations; vLLM keeps it so too).
 """
 
@@ -240,6 +241,8 @@ def _device_bytes(
             cols = shape[1] * 4 if suffix == "weight_packed" else shape[1]
             return shape[0] * cols * dtype_bytes
         return 0  # its scales are folded into the dequantised weight
+    if suffix in ("input_scale", "input_offset"):
+        return _numel(shape) * 4  # static W8A8's per-tensor input quantisation, held in fp32
     if t.dtype in ("BF16", "F16") and suffix in ("weight", ""):
         return _numel(shape) * dtype_bytes
     return _numel(shape) * DTYPE_BYTES[t.dtype]

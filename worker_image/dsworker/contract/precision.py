@@ -14,6 +14,9 @@ in tests/data/formats/quant_precision.json):
   covers its children) or a suffix of the name;
 - the msModelSlim description: `<module>.weight` (or `.weight_packed`) "FLOAT" is float, any other
   type quantised; a module it does not list is float (vllm-ascend: MTP layers are absent = FLOAT).
+  Of a W8A8 checkpoint's quantised modules, those typed "W8A8" are static (per-tensor activation
+  scale, W8A8_STATIC), the others ("W8A8_DYNAMIC") dynamic: msModelSlim's DeepSeek exports mix them
+  (attention static, MLPs dynamic), and vllm-ascend picks each module's scheme so too.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from typing import Any
 
 from dsworker.contract.errors import CheckpointError
 from dsworker.contract.model_config import ModelConfigError
-from dsworker.contract.quant import QuantFormat, quant_format
+from dsworker.contract.quant import W8A8, W8A8_STATIC, QuantFormat, quant_format
 
 FLOAT = "FLOAT"  # msModelSlim's type of a tensor it left unquantised
+STATIC = "W8A8"  # msModelSlim's type of a statically quantised module (vs "W8A8_DYNAMIC")
 MODULE_LIST_KEYS = ("ignore", "modules_to_not_convert", "ignored_layers")
 # The last name part of the linear modules a DeepSeek checkpoint may store quantised (embeddings,
 # heads, the router and MTP's eh_proj are always float here).
@@ -81,7 +85,16 @@ class Precision:
         return self.fmt is not None and self.why_float(module) is None
 
     def format_of(self, module: str) -> QuantFormat | None:
-        return self.fmt if self.quantised(module) else None
+        """The format `module` is stored in: None (float), config.json's, or for a W8A8 module
+        the description types "W8A8", W8A8_STATIC."""
+        if not self.quantised(module):
+            return None
+        assert self.fmt is not None
+        if self.fmt.kind == W8A8 and self.description is not None:
+            d = self.description.entries
+            if d.get(f"{module}.weight", d.get(f"{module}.weight_packed")) == STATIC:
+                return QuantFormat(W8A8_STATIC)
+        return self.fmt
 
     def why_float(self, module: str) -> str | None:
         """The declaration that keeps `module` in float, None when it is stored quantised."""
@@ -114,6 +127,9 @@ class Precision:
         if self.fmt is None or len(floats) == len(names):
             return None
         if not floats:
+            static = [m for m in names if self.format_of(m) == QuantFormat(W8A8_STATIC)]
+            if static:
+                raise ModelConfigError(static_unsupported(static[0], what), "quantization_config")
             return self.fmt
         m, why = floats[0]
         raise ModelConfigError(
@@ -122,6 +138,16 @@ class Precision:
             "one precision: declare all of them unquantised or none",
             "quantization_config",
         )
+
+
+def static_unsupported(module: str, what: str) -> str:
+    """The refusal of a static W8A8 MLP weight (the model fuses gate/up and stacks experts, which
+    share one input quantisation only when dynamic); msModelSlim quantises MLPs dynamically."""
+    return (
+        f'{what}: {module} is static W8A8 ("W8A8" in the msModelSlim description); static '
+        "activation quantisation is served for attention projections only; re-export the MLPs "
+        'as "W8A8_DYNAMIC" (msModelSlim\'s DeepSeek mix: *.mlp.* w8a8_dynamic)'
+    )
 
 
 def _list(qc: Mapping[str, Any], key: str, where: str) -> list[str]:

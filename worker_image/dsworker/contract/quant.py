@@ -2,7 +2,9 @@
 
 Pure (the operator and the memory model read it from config.json alone): FP8 block from
 `quantization_config.quant_method: fp8`, W8A16 from compressed-tensors pack-quantized 8-bit weights
-without activation quantisation, W8A8 from MindIE's `quantize: w8a8*` (msModelSlim). The stored
+without activation quantisation, W8A8 from MindIE's `quantize: w8a8*` (msModelSlim). msModelSlim's
+description may mark single modules "W8A8" (static: per-tensor input scale and offset, per-channel
+deq_scale and int32 quant_bias) beside "W8A8_DYNAMIC" ones: W8A8_STATIC, a kind of its own. The stored
 companion tensors of each format (names, dtypes, shapes) are listed here once, for the memory model
 and the synthesizer's conventions alike. Which linear modules a checkpoint stores in its format
 (and which it keeps in BF16) is contract/precision.py's decision.
@@ -17,7 +19,11 @@ from typing import Any
 FP8 = "fp8"
 W8A8 = "w8a8"
 W8A16 = "w8a16"
-KINDS = (FP8, W8A8, W8A16)
+W8A8_STATIC = "w8a8_static"  # msModelSlim "W8A8": static per-tensor activation quantisation
+KINDS = (FP8, W8A8, W8A16, W8A8_STATIC)
+# A static W8A8 module's companions (tests/data/formats/w8a8_static.json: MindIE's table for
+# bfloat16 models): y = (int8(x / input_scale + input_offset) @ W.T + quant_bias) * deq_scale.
+STATIC_COMPANIONS = ("input_scale", "input_offset", "quant_bias", "deq_scale")
 DTYPE_BYTES = {"F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "I8": 1, "I32": 4, "I64": 8}
 
 
@@ -71,6 +77,14 @@ def stored(name: str, shape: tuple[int, int], fmt: QuantFormat) -> list[tuple[st
         return [
             (name, "F8_E4M3", shape),
             (f"{base}.weight_scale_inv", "F32", (math.ceil(n / bn), math.ceil(k / bk))),
+        ]
+    if fmt.kind == W8A8_STATIC:
+        return [
+            (name, "I8", shape),
+            (f"{base}.input_scale", "BF16", (1,)),
+            (f"{base}.input_offset", "BF16", (1,)),
+            (f"{base}.quant_bias", "I32", (n,)),
+            (f"{base}.deq_scale", "F32", (n,)),
         ]
     if fmt.kind == W8A8:
         return [

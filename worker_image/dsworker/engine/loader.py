@@ -149,6 +149,7 @@ def _fill(
     dst = targets[key]
     src = _sliced(files.tensor(item), item)
     kind = kind_of(suffix, src.dtype, comp_items)
+    _check_deq_scale(comp_items, files)  # fp16 exports pack deq_scale in int64
     done: list[str] = []
     if dst.dtype in QUANT_DTYPES:
         done = _fill_quant(targets, module, item, src, kind, comp_items, files, copier)
@@ -158,7 +159,11 @@ def _fill(
 
 
 QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
-_SLOT_KIND = {torch.float8_e4m3fn: ("fp8",), torch.int8: ("w8a8", "w8a16")}
+_SLOT_KIND = {torch.float8_e4m3fn: ("fp8",), torch.int8: ("w8a8", "w8a16", "w8a8_static")}
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# A static W8A8 module's weight scale and offset, which vllm-ascend also accepts: folded into
+# deq_scale and quant_bias already, so not held (the memory model does not count them either).
+_STATIC_UNUSED = ("weight_scale", "weight_offset")
 
 
 def _fill_float(
@@ -235,6 +240,7 @@ def _fill_quant(
     companion's slice (the sharder's cut) into its slot. Returns the companion keys filled."""
     key = f"{module}.weight"
     dst = targets[key]
+    _check_static(module, kind, comp_items, files, targets)
     if kind not in _SLOT_KIND[dst.dtype]:
         raise LoadError(
             f"{item.path}: {item.name} is stored as {kind or src.dtype} but config.json declares "
@@ -259,7 +265,7 @@ def _fill_quant(
         _copy(copier, src.view(torch.uint8).view(dst.shape), dst.view(torch.uint8))
     done = []
     for suffix, c in comp_items.items():
-        if suffix == "weight_shape":
+        if suffix == "weight_shape" or (kind == "w8a8_static" and suffix in _STATIC_UNUSED):
             continue
         slot = targets.get(f"{module}.{suffix}")
         if slot is None:
@@ -275,6 +281,39 @@ def _fill_quant(
         targets[f"{module}.weight_offset"].zero_()  # symmetric: no offset stored
         done.append(f"{module}.weight_offset")
     return done
+
+
+def _check_static(
+    module: str,
+    kind: str | None,
+    comp_items: dict[str, WeightItem],
+    files: WeightFiles,
+    targets: dict[str, torch.Tensor],
+) -> None:
+    """A static W8A8 module (stored, or held by the model) is static on both sides: LoadError
+    naming the module otherwise."""
+    held_static = f"{module}.deq_scale" in targets
+    if kind == "w8a8_static" and not held_static:
+        c = comp_items["deq_scale"]
+        raise LoadError(
+            f"{c.path}: {module} is stored as static W8A8 (deq_scale, quant_bias, input_scale) but "
+            'the description does not type it "W8A8"; fix quant_model_description*.json'
+        )
+    if held_static and kind != "w8a8_static":
+        raise LoadError(
+            f'{module}: the msModelSlim description types it "W8A8" (static) but the '
+            f"checkpoint stores {kind or 'no'} companions; static W8A8 needs "
+            "input_scale, input_offset, quant_bias and deq_scale: re-export it with msModelSlim"
+        )
+
+
+def _check_deq_scale(comp_items: dict[str, WeightItem], files: WeightFiles) -> None:
+    c = comp_items.get("deq_scale")
+    if c is not None and files.tensor(c).dtype not in _FLOAT_DTYPES:
+        raise LoadError(
+            f"{c.path}: {c.name} is {c.info.dtype}: a float16 model's packed deq_scale; only "
+            "bfloat16 exports (float32 deq_scale) are served: quantise the bfloat16 weights"
+        )
 
 
 def _check_complete(root: Path, rank: int, unfilled: set[str]) -> None:

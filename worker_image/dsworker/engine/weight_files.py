@@ -38,9 +38,16 @@ from dsworker.contract.layout import (
     split_name,
     tensor_slice,
 )
+from dsworker.contract.quant import STATIC_COMPANIONS
 
 SINGLE_FILE = "model.safetensors"
-COMPANIONS = ("weight_scale_inv", "weight_scale", "weight_offset", "weight_shape")
+COMPANIONS = (
+    "weight_scale_inv",
+    "weight_scale",
+    "weight_offset",
+    "weight_shape",
+    *STATIC_COMPANIONS,
+)
 TORCH_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,

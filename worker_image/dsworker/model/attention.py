@@ -70,7 +70,9 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.rank, self.eps, dtype, device)
         # kv_b stays in the compute dtype (dequantised at load): absorbed MLA uses it both ways
         self.kv_b_proj = Linear(self.heads * (self.dn + self.dv), self.rank, dtype, device)
-        self.o_proj = Linear(h, self.heads * self.dv, dtype, device, fmt("o_proj"))
+        self.o_proj = Linear(
+            h, self.heads * self.dv, dtype, device, fmt("o_proj"), partial=tp.rank > 0
+        )
 
     def forward(
         self,

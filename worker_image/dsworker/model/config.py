@@ -14,9 +14,20 @@ from typing import Any
 
 from dsworker.checkpoint.hf_checkpoint import read_model_config
 from dsworker.checkpoint.quant_description import read_quant_description
-from dsworker.contract.model_config import ModelConfig, ModelDims, RopeConfig, parse_model_config
-from dsworker.contract.precision import Precision, QuantDescription, module_precision
-from dsworker.contract.quant import QuantFormat
+from dsworker.contract.model_config import (
+    ModelConfig,
+    ModelConfigError,
+    ModelDims,
+    RopeConfig,
+    parse_model_config,
+)
+from dsworker.contract.precision import (
+    Precision,
+    QuantDescription,
+    module_precision,
+    static_unsupported,
+)
+from dsworker.contract.quant import W8A8_STATIC, QuantFormat
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,10 @@ class ModelArgs:
     def mlp_formats(self, prefix: str) -> tuple[QuantFormat | None, QuantFormat | None]:
         """(gate+up, down) formats of the MLP at `prefix`."""
         w13 = self.fused_format([f"{prefix}.gate_proj", f"{prefix}.up_proj"], prefix)
-        return w13, self.linear_format(f"{prefix}.down_proj")
+        w2 = self.linear_format(f"{prefix}.down_proj")
+        if w2 is not None and w2.kind == W8A8_STATIC:
+            raise ModelConfigError(static_unsupported(f"{prefix}.down_proj", prefix), "quantize")
+        return w13, w2
 
     def expert_formats(self, prefix: str) -> tuple[QuantFormat | None, QuantFormat | None]:
         """(gate+up, down) formats of the routed experts at `prefix` (one stack per layer)."""

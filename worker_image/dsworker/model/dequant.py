@@ -1,7 +1,9 @@
 """Quantised checkpoint weights -> compute dtype, on the device the raw bytes were copied to.
 
 FP8 block (DeepSeek-V3): w = e4m3(q) * scale_inv[i // 128, j // 128]. W8A8 (MindIE msModelSlim):
-w = (int8 - offset) * scale per output channel. W8A16 compressed-tensors pack-quantized: int32 words
+w = (int8 - offset) * scale per output channel; its static modules ("W8A8"): w = int8 * deq_scale /
+input_scale (deq_scale = input_scale * weight scale; DeepSeek's linears have no bias, so quant_bias
+is -input_offset * sum(int8) and belongs to the activation side: a float target drops it). W8A16 compressed-tensors pack-quantized: int32 words
 of four bytes (q + 128, column 4j+b in byte b, little-endian), w = q * scale per channel or group.
 `r0`/`c0` say where a slice sits in the tensor the companions describe, so a rank can cut any slice
 of an unsharded checkpoint and still pick the right scales (block edges need not align).
@@ -16,6 +18,7 @@ import torch
 FP8 = "fp8"
 W8A8 = "w8a8"
 W8A16 = "w8a16"
+W8A8_STATIC = "w8a8_static"
 _ROWS = 2048  # rows dequantised at a time: bounds the fp32 temporaries
 _E4M3: dict[torch.device, torch.Tensor] = {}
 
@@ -27,6 +30,8 @@ def kind_of(suffix: str, dtype: torch.dtype, companions: Iterable[str]) -> str |
     only look for one of those names are what breaks W8A16 checkpoints elsewhere.
     """
     names = set(companions)
+    if "deq_scale" in names:  # before weight_scale: vllm-ascend allows static's unused one too
+        return W8A8_STATIC
     if "weight_scale_inv" in names:
         return FP8
     if suffix == "weight_packed" or (dtype == torch.int32 and "weight_scale" in names):
@@ -75,6 +80,9 @@ def dequantize(
             off = comp.get("weight_offset")
             q = raw[a:b].float()
             w = (q - _rows(off, r0 + a, b - a).float() if off is not None else q) * s
+        elif kind == W8A8_STATIC:
+            s = comp["deq_scale"].reshape(-1, 1)[r0 + a : r0 + b].float()
+            w = raw[a:b].float() * (s / comp["input_scale"].float().reshape(1, 1))
         elif kind == W8A16:
             q = raw[a:b].contiguous().view(torch.uint8)[:, :cols].float() - 128.0
             s = comp["weight_scale"].float()

@@ -85,7 +85,11 @@ class VocabHead(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x @ W.T; with `quant`, W stays 8-bit (its parameters carry the checkpoint's names)."""
+    """y = x @ W.T; with `quant`, W stays 8-bit (its parameters carry the checkpoint's names).
+
+    `partial`: a row-parallel rank other than the first, whose output is summed with the others'
+    (a static W8A8 weight's quant_bias is added once, by the first).
+    """
 
     def __init__(
         self,
@@ -94,8 +98,10 @@ class Linear(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         quant: QuantFormat | None = None,
+        partial: bool = False,
     ) -> None:
         super().__init__()
+        self.partial = partial
         self.qweight: QuantWeight | None = None
         if quant is None:
             self.weight = weight(out, inp, dtype=dtype, device=device)
@@ -105,7 +111,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.qweight is not None:
-            return quant_linear(x, self.qweight)
+            return quant_linear(x, self.qweight, self.partial)
         return F.linear(x, self.weight)
 
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsworker.contract.quant import FP8, W8A8, QuantFormat
-from dsworker.ops.quant_formats import QuantWeight, cdiv
+from dsworker.contract.quant import FP8, W8A8, W8A8_STATIC, QuantFormat
+from dsworker.ops.quant_formats import QuantWeight, StaticInput, cdiv
 
-SCALE_NAME = {FP8: "weight_scale_inv"}
+SCALE_NAME = {FP8: "weight_scale_inv", W8A8_STATIC: "deq_scale"}
+# static W8A8's per-tensor input scale and offset are held in fp32 whatever their stored dtype
+STATIC_NAMES = ("input_scale", "input_offset", "quant_bias")
 OFFSET_NAME = "weight_offset"
 
 
@@ -35,6 +37,14 @@ def alloc(
         )
         return QuantWeight(FP8, data, scale, block=fmt.block)
     data = torch.empty((*lead, n, k), dtype=torch.int8, device=device)
+    if fmt.kind == W8A8_STATIC:
+        assert not lead and halves == 1, "static W8A8 is served for single linear weights only"
+        one = torch.empty((1,), dtype=torch.float32, device=device)
+        st = StaticInput(
+            one, torch.empty_like(one), torch.empty((n,), dtype=torch.int32, device=device)
+        )
+        deq = torch.empty((n,), dtype=torch.float32, device=device)
+        return QuantWeight(W8A8_STATIC, data, deq, static=st)
     if fmt.kind == W8A8:
         scale = torch.empty((*lead, n, 1), dtype=torch.float32, device=device)
         offset = torch.zeros((*lead, n, 1), dtype=torch.float32, device=device)
@@ -56,6 +66,10 @@ def register(module: nn.Module, prefix: str, qw: QuantWeight) -> None:
     module.register_parameter(scale, nn.Parameter(qw.scale, requires_grad=False))
     if qw.offset is not None:
         module.register_parameter(offset, nn.Parameter(qw.offset, requires_grad=False))
+    if qw.static is not None:
+        assert prefix == "weight", "static W8A8 is served for single linear weights only"
+        for name, t in zip(STATIC_NAMES, qw.static.tensors(), strict=True):
+            module.register_parameter(name, nn.Parameter(t, requires_grad=False))
 
 
 def slots(
@@ -77,6 +91,8 @@ def slots(
     out = {name: data, f"{module}.{scale_name(qw.kind)}": scale}
     if offset is not None:
         out[f"{module}.{OFFSET_NAME}"] = offset
+    if qw.static is not None:
+        out.update(zip((f"{module}.{s}" for s in STATIC_NAMES), qw.static.tensors(), strict=True))
     return out
 
 

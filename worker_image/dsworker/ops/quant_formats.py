@@ -7,6 +7,10 @@ Ascend or an 80 GB H100), so every op reads these layouts directly:
   w = e4m3(q) * scale[n // bn, k // bk] with `block` = (bn, bk), normally (128, 128).
 - W8A8 (MindIE msModelSlim): `data` int8 [N, K], `scale` [N, 1], optional `offset` [N, 1];
   w = (q - offset) * scale; the activation is quantised per token inside the op.
+- W8A8 static (msModelSlim "W8A8"): `data` int8 [N, K], `scale` the fp32 `deq_scale` [N], `static`
+  the per-tensor `input_scale` and `input_offset` ([1] each, fp32) and the int32 `quant_bias` [N]:
+  y = (q(x) @ data.T + quant_bias) * deq_scale, q(x) = int8(rint(x * (1 / input_scale) + input_offset))
+  (quantize_static; conventions recorded in tests/data/formats/w8a8_static.json).
 - W8A16 (compressed-tensors pack-quantized, 8 bits): the checkpoint's int32 words (q + 128, four per
   word, little-endian) are unpacked once at load to int8 [N, K], still 8 bits a weight, so the kernels
   need no byte shuffling; `scale` [N, 1] per channel or [N, G] per group of `group_size` columns.
@@ -25,11 +29,13 @@ import torch
 FP8 = "fp8"
 W8A8 = "w8a8"
 W8A16 = "w8a16"
+W8A8_STATIC = "w8a8_static"  # dense linears only (attention): no expert-stack ops take it
 KINDS = (FP8, W8A8, W8A16)
 TILE_ROWS = (
     2048  # weight rows dequantised at a time by the references: bounds their fp32 temporaries
 )
 INT8_MAX = 127.0
+INT8_MIN = -128.0
 _E4M3: dict[torch.device, torch.Tensor] = {}
 
 
@@ -47,9 +53,14 @@ class QuantWeight:
     offset: torch.Tensor | None = None
     group_size: int = 0  # W8A16 group scales: columns per group; 0 = per output channel
     block: tuple[int, int] = (128, 128)  # FP8 scale block (rows, cols)
+    static: StaticInput | None = None  # W8A8 static: the activation quantisation and quant_bias
 
     def __post_init__(self) -> None:
         check_weight(self.kind, self.data, self.scale, self.offset, self.group_size, self.block)
+        _expect(
+            (self.kind == W8A8_STATIC) == (self.static is not None),
+            "static input quantisation goes with kind w8a8_static only",
+        )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -59,7 +70,21 @@ class QuantWeight:
     def nbytes(self) -> int:
         """Bytes on the device: equals the checkpoint's bytes for the weight and its companions."""
         extra = self.offset.nbytes if self.offset is not None else 0
+        if self.static is not None:
+            extra += sum(t.nbytes for t in self.static.tensors())
         return self.data.nbytes + self.scale.nbytes + extra
+
+
+@dataclass(frozen=True)
+class StaticInput:
+    """Static W8A8's per-tensor activation quantisation ([1] fp32 each) and int32 quant_bias [N]."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+    bias: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.scale, self.offset, self.bias
 
 
 def _expect(ok: bool, what: str) -> None:
@@ -76,7 +101,7 @@ def check_weight(
     block: tuple[int, int],
 ) -> None:
     """Reject a weight whose dtype or scale shape does not match its format, naming the field."""
-    _expect(kind in KINDS, f"quantisation kind {kind!r} is not one of {KINDS}")
+    _expect(kind in (*KINDS, W8A8_STATIC), f"quantisation kind {kind!r} is not one of {KINDS}")
     _expect(data.dim() >= 2, f"{kind} weight must be [..., N, K], got shape {tuple(data.shape)}")
     n, k = data.shape[-2:]
     lead = tuple(data.shape[:-2])
@@ -94,6 +119,13 @@ def check_weight(
         )
         return
     _expect(data.dtype == torch.int8, f"{kind} weight must be int8 [N, K], not {data.dtype}")
+    if kind == W8A8_STATIC:
+        _expect(
+            scale.dtype == torch.float32 and tuple(scale.shape) == (*lead, n),
+            f"w8a8_static deq_scale must be float32 [{n}] (bfloat16 models), got {scale.dtype} "
+            f"{tuple(scale.shape)}",
+        )
+        return
     groups = scale.shape[-1] if scale.dim() == data.dim() else 1
     _expect(
         tuple(scale.shape[:-1]) == (*lead, n) or tuple(scale.shape) == (*lead, n),
@@ -191,6 +223,21 @@ def dequant_rows(
     if s.shape[1] > 1:
         s = s[:, torch.arange(k, device=dev) // group_size]
     return q * s
+
+
+def round_half_even(v: torch.Tensor) -> torch.Tensor:
+    """Ties to even (torch.round): Ascend's AscendQuant rounding, mirrored by the Triton kernel."""
+    return torch.round(v)
+
+
+def quantize_static(
+    x: torch.Tensor, input_scale: torch.Tensor, input_offset: torch.Tensor
+) -> torch.Tensor:
+    """Static per-tensor int8 [..., K]: rint(x * (1 / input_scale) + input_offset), saturated to
+    [-128, 127]. The reciprocal is taken in x's dtype, as vllm-ascend feeds npu_quantize."""
+    inv = input_scale.to(x.dtype).reciprocal().float()
+    v = x.float() * inv + input_offset.float()
+    return round_half_even(v).clamp(INT8_MIN, INT8_MAX).to(torch.int8)
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

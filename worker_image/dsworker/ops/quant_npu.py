@@ -2,6 +2,8 @@
 
 Written against torch_npu's public API reference (hiascend.com, PyTorch adapter 6.0/7.0 "apilist"):
   npu_dynamic_quant(x) -> (int8 y, fp32 scale per row)
+  npu_quantize(x, scales, zero_points, torch.qint8, axis=-1, div_mode=False) -> int8 x*scales+zp
+  npu_quant_matmul(x1 int8, x2 int8 [K, N], scale [N] fp32, *, bias [N] int32, output_dtype)
   npu_quant_matmul(x1 int8, x2 int8 [K, N], scale [N], *, pertoken_scale [M], output_dtype)
   npu_weight_quant_batchmatmul(x, weight int8 [K, N], antiquant_scale [1|G, N], ..., antiquant_group_size)
   npu_grouped_matmul([x], [w [E, K, N]], *, scale, antiquant_scale, per_token_scale, group_list,
@@ -64,6 +66,26 @@ def w8a8_linear(
     if offset is not None:
         y = (y.float() - _channel_term(xq, xs, scale, offset)).to(x.dtype)
     return y
+
+
+def w8a8_static_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    deq_scale: torch.Tensor,
+    input_scale: torch.Tensor,
+    input_offset: torch.Tensor,
+    quant_bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """npu_quantize by the reciprocal input scale (div_mode False, scale and offset repeated over
+    K in x's dtype, as vllm-ascend's AscendW8A8LinearMethod), then npu_quant_matmul with the
+    int32 quant_bias and the fp32 deq_scale (bfloat16 output)."""
+    k = x.shape[-1]
+    inv = input_scale.to(x.dtype).reciprocal().reshape(1).expand(k).contiguous()
+    off = input_offset.to(x.dtype).reshape(1).expand(k).contiguous()
+    xq = _npu().npu_quantize(x, inv, off, torch.qint8, -1, False)
+    return _npu().npu_quant_matmul(
+        xq, w.t(), deq_scale.float(), bias=quant_bias, output_dtype=x.dtype
+    )
 
 
 def sort_rows(

@@ -19,6 +19,7 @@ from typing import Any
 
 from dsworker.chat.byte_level import BOS_ID, EOS_ID, write_tokenizer
 from dsworker.contract.errors import CheckpointError
+from dsworker.contract.layout import split_name
 from dsworker.contract.precision import matching, module_precision
 from dsworker.tools.synth_presets import FORMATS, PRESETS, make_config, quant_config
 from dsworker.tools.synth_tensors import ModelTensor, model_tensors, out_specs, write_file
@@ -36,6 +37,7 @@ def synthesize(
     overrides: dict[str, Any] | None = None,
     max_file_bytes: int = 2 << 30,
     keep_float: Sequence[str] = (),
+    static: Sequence[str] = (),
 ) -> Path:
     """Write a random, well-formed HF checkpoint into out_dir and return its path.
 
@@ -43,7 +45,8 @@ def synthesize(
     model-0000k-of-0000n.safetensors (at least 3 when the model has enough layers, split at layer
     boundaries), model.safetensors.index.json, and for w8a8 MindIE's quant description.
     `keep_float`: linear modules left in BF16, declared as the format's own tools declare them
-    (see _declare_float).
+    (see _declare_float). `static` (w8a8): the attention projections (names or `re:` regexes)
+    written as msModelSlim's static "W8A8", the rest stays "W8A8_DYNAMIC" (its DeepSeek mix).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -54,6 +57,7 @@ def synthesize(
     if fmt == "w8a8":
         cfg["quantize"] = "w8a8_dynamic"
     groups = _declare_float(cfg, fmt, list(keep_float), model_tensors(cfg))
+    groups = _declare_static(fmt, list(static), groups)
 
     def gbytes(g: list[ModelTensor]) -> int:
         return sum(s.nbytes for t in g for s in out_specs(t, fmt))
@@ -69,6 +73,9 @@ def synthesize(
         files[-1].extend(g)
         acc += gbytes(g)
     weight_map: dict[str, str] = {}
+    static_modules = {
+        t.name[: -len(".weight")] for g in groups for t in g if t.kind == "static_linear"
+    }
     total_size = 0
     quant_desc: dict[str, Any] = {
         "model_quant_type": "W8A8_DYNAMIC",
@@ -83,6 +90,9 @@ def synthesize(
             total_size += s.nbytes
             is_q = s.dtype == "I8" or s.name.endswith((".weight_scale", ".weight_offset"))
             quant_desc[s.name] = "W8A8_DYNAMIC" if is_q else "FLOAT"
+            if split_name(s.name)[0] in static_modules:
+                quant_desc[s.name] = "W8A8"
+                quant_desc["model_quant_type"] = "W8A8"  # msModelSlim: the highest type present
     index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
@@ -127,6 +137,27 @@ def _declare_float(
     ]
 
 
+def _declare_static(
+    fmt: str, static: list[str], groups: list[list[ModelTensor]]
+) -> list[list[ModelTensor]]:
+    """The attention projections `static` names (and not kept in BF16) as static W8A8 tensors."""
+    if not static:
+        return groups
+    if fmt != "w8a8":
+        raise CheckpointError("--w8a8-static needs --format w8a8")
+    linears = [t.name[: -len(".weight")] for g in groups for t in g if t.kind == "linear"]
+    chosen = set(matching(static, linears))
+    if not chosen or any(".self_attn." not in m for m in chosen):
+        raise CheckpointError(
+            f"--w8a8-static {static}: must name attention projections (self_attn.*) only, "
+            f"named {sorted(chosen)[:4]}"
+        )
+    return [
+        [replace(t, kind="static_linear") if t.name[: -len(".weight")] in chosen else t for t in g]
+        for g in groups
+    ]
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "synth",
@@ -147,6 +178,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="PATTERN",
         help="leave these linear modules in BF16 and declare them so (repeatable; fp8: a "
         "modules_to_not_convert entry, w8a16/w8a8: a module name or 're:' regex)",
+    )
+    p.add_argument(
+        "--w8a8-static",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help='with --format w8a8: write these attention projections as static W8A8 ("W8A8" '
+        "in the description, a module name or 're:' regex; repeatable), as msModelSlim's "
+        "DeepSeek mix does",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-file-size", type=int, default=2 << 30, help="bytes per safetensors file")
@@ -175,6 +215,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides,
         args.max_file_size,
         args.keep_float,
+        args.w8a8_static,
     )
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(json.dumps({"out": str(out), "bytes": size}))

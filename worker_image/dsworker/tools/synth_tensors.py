@@ -21,7 +21,13 @@ from dsworker.checkpoint import number_formats
 from dsworker.checkpoint.safetensors_format import TensorSpec
 from dsworker.checkpoint.safetensors_writer import SafetensorsWriter
 from dsworker.contract.errors import CheckpointError
+from dsworker.contract.quant import W8A8_STATIC, QuantFormat, stored
 from dsworker.tools.synth_presets import INIT_STD
+
+STATIC = QuantFormat(W8A8_STATIC)
+# Static input scales a calibration might pick: inputs of the normed projections reach about 4,
+# o_proj's (attention outputs of the tiny models) about 0.5; each module jitters its own.
+STATIC_AMAX = {"o_proj": 0.5}
 
 
 @dataclass(frozen=True)
@@ -30,7 +36,9 @@ class ModelTensor:
 
     name: str
     shape: tuple[int, ...]
-    kind: str  # embed | norm | linear | dense_linear (never quantised) | router | bias
+    # embed | norm | linear | dense_linear (never quantised) | static_linear (W8A8 static) |
+    # router | bias
+    kind: str
 
 
 def _attn(p: str, c: dict[str, Any]) -> list[ModelTensor]:
@@ -114,6 +122,8 @@ def model_tensors(c: dict[str, Any]) -> list[list[ModelTensor]]:
 
 def out_specs(t: ModelTensor, fmt: str) -> list[TensorSpec]:
     """The stored tensors for one model tensor in a format (weight plus companions)."""
+    if t.kind == "static_linear":
+        return [TensorSpec(n, d, s) for n, d, s in stored(t.name, t.shape, STATIC)]  # type: ignore[arg-type]
     if t.kind != "linear" or fmt == "bf16":
         return [TensorSpec(t.name, "F32" if t.kind == "bias" else "BF16", t.shape)]
     base = t.name[: -len(".weight")]
@@ -157,6 +167,9 @@ def _tensor_bytes(t: ModelTensor, fmt: str, seed: int) -> Iterator[list[bytes]]:
         yield [(0.05 * rng.standard_normal(t.shape, dtype=np.float32)).astype("<f4").tobytes()]
         return
     rows, cols = t.shape
+    if t.kind == "static_linear":
+        yield from _static_bytes(t, rng)
+        return
     quantised = t.kind == "linear" and fmt != "bf16"
     chunks = list(_row_chunks(rows, cols, 128))
     for k, (r0, r1) in enumerate(chunks):
@@ -178,6 +191,32 @@ def _tensor_bytes(t: ModelTensor, fmt: str, seed: int) -> Iterator[list[bytes]]:
                 number_formats.f32_to_bf16(scale).tobytes(),
                 extra,
             ]
+
+
+def _static_bytes(t: ModelTensor, rng: np.random.Generator) -> Iterator[list[bytes]]:
+    """msModelSlim "W8A8": int8 weight, bf16 input_scale and input_offset [1], int32 quant_bias
+    = -input_offset * rowsum(q) (no float bias), fp32 deq_scale = input_scale * weight scale."""
+    rows, cols = t.shape
+    leaf = t.name[: -len(".weight")].rsplit(".", 1)[-1]
+    amax = STATIC_AMAX.get(leaf, 4.0) * float(rng.uniform(0.8, 1.2))
+    in_scale = number_formats.f32_to_bf16(np.array([amax / 127.0], np.float32))
+    is32 = number_formats.bf16_to_f32(in_scale)
+    off = float(rng.integers(-4, 5))
+    in_off = number_formats.f32_to_bf16(np.array([off], np.float32))
+    chunks = list(_row_chunks(rows, cols, 128))
+    for k, (r0, r1) in enumerate(chunks):
+        w = rng.standard_normal((r1 - r0, cols), dtype=np.float32) * INIT_STD
+        q, ws = number_formats.quant_int8_channel(w)
+        qb = (-off * q.astype(np.int64).sum(axis=1)).astype("<i4")
+        deq = (ws[:, 0] * is32[0]).astype("<f4")
+        last = k == len(chunks) - 1
+        yield [
+            q.tobytes(),
+            in_scale.tobytes() if last else b"",
+            in_off.tobytes() if last else b"",
+            qb.tobytes(),
+            deq.tobytes(),
+        ]
 
 
 def write_file(path: Path, tensors: list[ModelTensor], fmt: str, seed: int) -> list[TensorSpec]:

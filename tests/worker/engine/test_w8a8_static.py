@@ -1,0 +1,105 @@
+"""msModelSlim's mixed W8A8 (attention "W8A8" static, MoE and MLPs "W8A8_DYNAMIC") loads 8-bit, holds
+the bytes the memory model says, and computes what transformers computes on the dequantised
+weights with both input roundings modelled (static per tensor, dynamic per token): fp32, atol 1e-4,
+the same greedy tokens, at world 1 and in a spawned world of 2 ranks (tp 2: column-parallel
+q_b_proj split with its deq_scale and quant_bias, row-parallel o_proj whole input scale and its
+quant_bias added on the first rank only). A static module missing a companion is refused naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from engine_helpers import Reference, dequantized_copy, hf_reference, run_local, spawn_world
+from quant_reference import static_inputs
+from safetensors.torch import load_file, save_file
+from test_mixed_precision import P1, TP2, assert_holds_modelled_bytes, assert_matches, job
+
+from dsworker.contract.errors import CheckpointError
+from dsworker.tools.shard import shard
+
+STATIC = (r"re:.*self_attn\..*",)  # every attention projection, kv_b_proj too (held dequantised)
+
+
+@pytest.fixture(scope="module")
+def ckpts(
+    synth_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    src = synth_checkpoint("v3", "tiny", "w8a8", static=STATIC)
+    layout = tmp_path_factory.mktemp("layout-static")
+    shard(src, layout, TP2)
+    return {"src": src, "deq": dequantized_copy(src, tmp_path_factory.mktemp("deq-static")),
+            "layout": layout}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def refs(ckpts: dict[str, Path]) -> dict[str, Reference]:
+    st = static_inputs(ckpts["src"])
+    return {
+        "w1": hf_reference(ckpts["deq"], int8_inputs=True, static=st),
+        "tp2": hf_reference(ckpts["deq"], int8_inputs=True, tp=2, moe_tp=2, static=st),
+    }
+
+
+def test_the_checkpoint_mixes_static_attention_and_dynamic_experts(
+    ckpts: dict[str, Path],
+) -> None:
+    desc = json.loads((ckpts["src"] / "quant_model_description_w8a8_dynamic.json").read_text())
+    assert desc["model.layers.1.self_attn.o_proj.deq_scale"] == "W8A8"
+    assert desc["model.layers.1.mlp.experts.0.up_proj.weight"] == "W8A8_DYNAMIC"
+    assert len(static_inputs(ckpts["src"])) >= 8
+
+
+def test_world1_matches_transformers_and_holds_the_modelled_bytes(
+    ckpts: dict[str, Path], refs: dict[str, Reference]
+) -> None:
+    out = run_local(job(ckpts["src"], P1))
+    assert_matches(out, refs["w1"], "w8a8 static+dynamic, world 1")
+    assert_holds_modelled_bytes(out, ckpts["src"], P1)
+
+
+def test_world2_tp2_layout(
+    ckpts: dict[str, Path], refs: dict[str, Reference], tmp_path: Path
+) -> None:
+    out = spawn_world(2, {"static": job(ckpts["layout"], TP2)}, tmp_path)["static"]
+    assert_matches(out, refs["tp2"], "w8a8 static+dynamic, world 2 (tp 2 layout)")
+    assert_holds_modelled_bytes(out, ckpts["layout"], TP2)
+
+
+def _edited(src: Path, dst: Path, name: str, to: torch.dtype | None) -> Path:
+    """A copy of the checkpoint with tensor `name` removed (to None) or cast to `to`."""
+    shutil.copytree(src, dst)
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    f = dst / index["weight_map"][name]
+    tensors = load_file(str(f))
+    if to is None:
+        del tensors[name], index["weight_map"][name]
+    else:
+        tensors[name] = tensors[name].to(to)
+    save_file(tensors, str(f))
+    index_path.write_text(json.dumps(index))
+    return dst
+
+
+def test_a_static_module_missing_a_companion_is_refused_naming_it(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    gone = "model.layers.1.self_attn.o_proj.quant_bias"
+    bad = _edited(ckpts["src"], tmp_path / "bad", gone, None)
+    with pytest.raises(CheckpointError, match=gone.replace(".", r"\.")):
+        shard(bad, tmp_path / "out", P1)
+
+
+def test_a_float16_exports_packed_deq_scale_is_refused_naming_it(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    name = "model.layers.0.self_attn.q_a_proj.deq_scale"
+    bad = _edited(ckpts["src"], tmp_path / "bad", name, torch.int64)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + " is I64"):
+        run_local(job(bad, P1))
