@@ -12,7 +12,7 @@ from typing import Any
 from ..api.status import SHARDED
 from . import names
 from . import status as st
-from .node_reboot import boot_of_completion, rebooted_shards, replace_lost_job
+from .node_reboot import boot_of_completion, plan_reboots, rebooted_shards, replace_lost_job
 from .objects.placement import store_nodes
 from .shards import Shards, plan_shard_job, plan_text, recorded
 from .state import PassState
@@ -29,6 +29,7 @@ def node_job_names(state: PassState) -> list[str]:
 def plan_node_shards(state: PassState) -> Shards:
     ctx, spec = state.ctx, state.spec
     nodes = store_nodes(spec) or []
+    plan_reboots(state)
     entries = [_entry(state, i, node, None) for i, node in enumerate(nodes)]
     done: list[Shards] = []
     pending: list[Shards] = []

@@ -32,7 +32,7 @@ from .cleanup import remove_old_shards
 from .fingerprint import fingerprint
 from .hccl import plan_rank_table
 from .memory import check_memory
-from .node_reboot import hold_workers, plan_reboots
+from .node_reboot import hold_workers
 from .node_shards import plan_node_shards
 from .observed import Obj, Observed, annotation, meta, terminating, uid
 from .pinning import plan_pins
@@ -212,18 +212,14 @@ def _run(state: PassState) -> Plan:
     state.apply += [objects.headless_service(ctx), objects.client_service(ctx)]
     _network_policy(state)
     nodes = objects.store_nodes(state.spec)
-    if nodes:
-        plan_reboots(state)
     shards = plan_node_shards(state) if nodes else plan_shards(state, store)
     shards, validated_cond = _validated_and_fit(state, shards, store.warning if store else "")
     observed_sts = state.observed.statefulset(names.statefulset(ctx.name))
     if observed_sts is not None and terminating(observed_sts):
         observed_sts = None
     desired_sts = _worker_children(state, shards)
-    workers = hold_workers(state, observed_sts) or plan_workers(
-        state, observed_sts, desired_sts, shards
-    )
-    workers = plan_rank_table(state, workers)
+    held = hold_workers(state, observed_sts)  # a rebooted node's pod (node_reboot.py)
+    workers = plan_rank_table(state, held or plan_workers(state, observed_sts, desired_sts, shards))
     plan_pins(state)
     serving_previous = (
         workers.all_ready
