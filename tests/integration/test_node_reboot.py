@@ -10,7 +10,7 @@ import uuid
 from typing import Any
 
 import pytest
-from test_operator import deployment
+from test_operator import deployment, worker_pods
 
 from conftest import Dsd, OperatorProcess
 from deepseek_operator.planning import names
@@ -52,6 +52,7 @@ def test_a_rebooted_node_alone_is_sharded_again(
     first = {name: job.metadata.uid for name, job in node_jobs(dsd).items()}
     job0, job1 = (names.shard_job("reboot", fp, i) for i in range(2))
     assert set(first) == {job0, job1}
+    pods = {p.metadata.name: p.metadata.uid for p in worker_pods(dsd, "reboot")}
 
     rebooted = f"boot-{uuid.uuid4()}"
     set_boot_id(dsd, NODES[1], rebooted)
@@ -85,6 +86,13 @@ def test_a_rebooted_node_alone_is_sharded_again(
     assert entries[NODES[0]]["bootID"] == boots[NODES[0]]
     assert entries[NODES[0]]["jobUid"] == first[job0]
     dsd.wait_phase("reboot", "Ready", timeout=120)
+    # Meanwhile Sharded was False for the reboot (the phase Event quotes it), and the worker pod
+    # on that node was replaced (held until its shards were back); the other one kept running.
+    sharding = [e.message for e in dsd.events("reboot") if e.reason == "Sharding"]
+    assert any(f"node {NODES[1]} rebooted" in m for m in sharding), sharding
+    now = {p.metadata.name: p.metadata.uid for p in worker_pods(dsd, "reboot")}
+    assert now["reboot-worker-0"] == pods["reboot-worker-0"]
+    assert now["reboot-worker-1"] != pods["reboot-worker-1"]
     # Noticed once: the re-shard is not restarted by later passes.
     time.sleep(2)
     assert [e.reason for e in dsd.events("reboot")].count("NodeRebooted") == 1
