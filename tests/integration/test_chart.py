@@ -263,6 +263,9 @@ def test_cluster_scope_install_reconcile_upgrade_uninstall(
             ("delete", "statefulsets.apps", "no"),
             ("get", "secrets", "no"),
             ("create", "pods", "no"),
+            ("get", "nodes", "yes"),  # a node-local store's bootIDs
+            ("list", "nodes", "no"),
+            ("patch", "nodes", "no"),
         ]:
             resource, _, sub = what.partition("/")
             extra = ["--subresource", sub] if sub else []

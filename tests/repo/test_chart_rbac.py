@@ -32,7 +32,7 @@ EXPECTED_RULES: dict[tuple[str, str], set[str]] = {
 
 
 # Never granted: the operator reads no secrets and needs no escalation paths.
-FORBIDDEN_RESOURCES = {"secrets", "*", "clusterroles", "roles", "rolebindings", "nodes"}
+FORBIDDEN_RESOURCES = {"secrets", "*", "clusterroles", "roles", "rolebindings"}
 
 
 def test_namespace_scope_grants_nothing_cluster_wide(helm: Path, tmp_path: Path) -> None:
@@ -83,8 +83,11 @@ def test_rbac_is_least_privilege(helm: Path, tmp_path: Path, scenario: str) -> N
             ("kopf.dev", "clusterkopfpeerings"),
             ("", "namespaces"),
             ("apiextensions.k8s.io", "customresourcedefinitions"),
+            ("", "nodes"),
         }
         assert extra <= allowed_extra, extra
+        # Nodes: only get (a node-local store's bootIDs), and only cluster-wide.
+        assert granted.get(("", "nodes")) == ({"get"} if role["kind"] == "ClusterRole" else None)
         for key in extra & {
             ("", "namespaces"),
             ("apiextensions.k8s.io", "customresourcedefinitions"),
@@ -117,3 +120,4 @@ def test_rbac_covers_every_call_the_operator_makes(helm: Path, tmp_path: Path) -
         if kind in deleted:
             assert "delete" in verbs, kind
     assert "patch" in granted[("llm.dsop.io", "deepseekdeployments/status")]
+    assert granted[("", "nodes")] == {"get"}  # Kube.boot_ids

@@ -68,7 +68,20 @@ class NodeShardsStatus(StatusModel):
     complete: bool | None = Field(
         None,
         description="True once the node's Job completed. Kept when the Job is deleted afterwards, "
-        "so that node is not sharded again.",
+        "so that node is not sharded again, unless the node reboots (see bootID).",
+    )
+    boot_id: str | None = Field(
+        None,
+        alias="bootID",
+        description="The node's status.nodeInfo.bootID when its Job was seen complete: a "
+        "different one later means the node rebooted and its tmpfs shards are gone, so they are "
+        "written again. Unset when the Node could not be read then.",
+    )
+    lost_job_uid: str | None = Field(
+        None,
+        description="Set while the node's shards are written again after a reboot: the uid of "
+        "the completed Job whose output the reboot wiped ('' when that Job was gone), which is "
+        "replaced and never taken as complete again.",
     )
     bytes: int | None = Field(None, ge=0, description="Bytes written on this node.")
     files: int | None = Field(None, ge=0, description="Files written on this node.")

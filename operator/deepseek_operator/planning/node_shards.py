@@ -2,7 +2,8 @@
 node, pinned to it, each writing the ranks of the worker pod that runs there plus the files every
 rank reads. Each Job lives as the single Job does (shards.plan_shard_job: recorded completion,
 replacement, cleanup of the same directory); the shards are complete when every node's Job is,
-and one failed Job fails them all."""
+and one failed Job fails them all. A node that rebooted since its Job completed has lost its
+tmpfs shards and is sharded again (node_reboot.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 from ..api.status import SHARDED
 from . import names
 from . import status as st
+from .node_reboot import boot_of_completion, plan_reboots, rebooted_shards, replace_lost_job
 from .objects.placement import store_nodes
 from .shards import Shards, plan_shard_job, plan_text, recorded
 from .state import PassState
@@ -27,11 +29,13 @@ def node_job_names(state: PassState) -> list[str]:
 def plan_node_shards(state: PassState) -> Shards:
     ctx, spec = state.ctx, state.spec
     nodes = store_nodes(spec) or []
+    plan_reboots(state)
     entries = [_entry(state, i, node, None) for i, node in enumerate(nodes)]
     done: list[Shards] = []
     pending: list[Shards] = []
     for i, node in enumerate(nodes):
-        one = plan_shard_job(state, i)
+        one = replace_lost_job(state, i, node) or plan_shard_job(state, i)
+        one = rebooted_shards(state, i, node, one)
         entries[i] = _entry(state, i, node, one)
         if one.failed:
             one.message = f"node {node}: {one.message}"
@@ -61,24 +65,29 @@ def plan_node_shards(state: PassState) -> Shards:
 
 def _entry(state: PassState, index: int, node: str, shards: Shards | None) -> dict[str, Any]:
     """Node `index`'s entry of status.shards.nodes: its Job, and once complete, its completion
-    (this pass's, else as recorded) and what it wrote."""
+    (this pass's, else as recorded), the node's bootID then and what it wrote; while it is
+    written again after a reboot, the Job that wrote the lost shards."""
     out: dict[str, Any] = {
         "index": index,
         "node": node,
         "job": names.shard_job(state.ctx.name, state.ctx.fingerprint, index),
     }
-    if shards is None:
-        record = recorded(state, index)
-        if record is None:
-            return out
-        job_uid, summary = record.job_uid, record.summary
-    elif not shards.complete:
+    record = recorded(state, index)
+    if (record is None) if shards is None else not shards.complete:
+        if index in state.resharding:
+            out["lostJobUid"] = state.resharding[index]
         return out
+    if shards is None:
+        assert record is not None
+        job_uid, summary = record.job_uid, record.summary
     else:
         job_uid, summary = shards.job_uid, shards.summary
     out["complete"] = True
     if job_uid:
         out["jobUid"] = job_uid
+    boot = (record.boot_id if record else None) or boot_of_completion(state, index, node, job_uid)
+    if boot:
+        out["bootID"] = boot
     out.update({k: (summary or {})[k] for k in SUMMARY_KEYS if k in (summary or {})})
     return out
 

@@ -51,6 +51,9 @@ class Observed:
     # -> its message): a ResourceQuota, a Pod Security level or a policy engine that refuses the
     # pods is seen only there.
     creation_failures: dict[str, str] = field(default_factory=dict)
+    # status.nodeInfo.bootID of each node of a node-local store, as read by the shell: a node
+    # missing (not readable) or with an empty one is unknown (node_reboot.py).
+    boot_ids: dict[str, str] = field(default_factory=dict)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
     def component_pods(self, component: str) -> list[Obj]:

@@ -30,7 +30,7 @@ def plan_pins(state: PassState) -> None:
         if objects.NODE_PIN_GATE not in gates or terminating(pod):
             continue
         m = re.search(r"-(\d+)$", str(meta(pod).get("name") or ""))
-        if not m or int(m.group(1)) >= len(nodes):
-            continue
+        if not m or int(m.group(1)) >= len(nodes) or int(m.group(1)) in state.resharding:
+            continue  # not a node's pod, or its node's shards are written again (node_reboot.py)
         selector = objects.node_selector(state.spec, nodes[int(m.group(1))])
         state.pins.append(Pin(str(meta(pod).get("name")), uid(pod), selector))

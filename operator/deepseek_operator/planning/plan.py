@@ -32,6 +32,7 @@ from .cleanup import remove_old_shards
 from .fingerprint import fingerprint
 from .hccl import plan_rank_table
 from .memory import check_memory
+from .node_reboot import hold_workers
 from .node_shards import plan_node_shards
 from .observed import Obj, Observed, annotation, meta, terminating, uid
 from .pinning import plan_pins
@@ -217,7 +218,8 @@ def _run(state: PassState) -> Plan:
     if observed_sts is not None and terminating(observed_sts):
         observed_sts = None
     desired_sts = _worker_children(state, shards)
-    workers = plan_rank_table(state, plan_workers(state, observed_sts, desired_sts, shards))
+    held = hold_workers(state, observed_sts)  # a rebooted node's pod (node_reboot.py)
+    workers = plan_rank_table(state, held or plan_workers(state, observed_sts, desired_sts, shards))
     plan_pins(state)
     serving_previous = (
         workers.all_ready
@@ -279,6 +281,7 @@ def _run(state: PassState) -> Plan:
         state.pins,
     )
     result.recheck = state.recheck
+    result.node_check = bool(nodes)
     return result
 
 

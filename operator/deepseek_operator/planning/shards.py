@@ -57,6 +57,7 @@ class Recorded:
 
     job_uid: str | None
     summary: dict[str, Any] | None = None
+    boot_id: str | None = None  # of the node, for a node's Job (node_reboot.py)
 
 
 def plan_shards(state: PassState, store: StoreChange | None) -> Shards:
@@ -119,9 +120,10 @@ def plan_shard_job(state: PassState, node: int | None, claim_pending: str = "") 
 
 def recorded(state: PassState, node: int | None) -> Recorded | None:
     """The completion of this plan's sharding Job (of node `node`) as the status records it: the
-    Job may have been deleted since (by hand, by a TTL controller). None when not recorded."""
+    Job may have been deleted since (by hand, by a TTL controller). None when not recorded, or
+    when the node rebooted since (its shards are gone: state.resharding)."""
     old = state.previous.shards
-    if old is None or old.fingerprint != state.ctx.fingerprint:
+    if old is None or old.fingerprint != state.ctx.fingerprint or node in state.resharding:
         return None
     if node is None:
         return Recorded(old.job_uid) if old.complete else None
@@ -130,7 +132,8 @@ def recorded(state: PassState, node: int | None) -> Recorded | None:
         if entry.index == node and entry.node == nodes[node] and entry.complete:
             summary = entry.to_dict()
             keys = ("bytes", "files", "seconds", "dirBytes")
-            return Recorded(entry.job_uid, {k: summary[k] for k in keys if k in summary} or None)
+            numbers = {k: summary[k] for k in keys if k in summary} or None
+            return Recorded(entry.job_uid, numbers, entry.boot_id)
     return None
 
 

@@ -45,6 +45,9 @@ class Plan:
     recheck: bool = False
     # Node-local shards on several nodes: held worker pods to place on their node (pinning.py).
     pins: list[Any] = field(default_factory=list)
+    # Node-local shards: look again in NODE_CHECK_SECONDS, so that a node that rebooted (its
+    # tmpfs shards gone) is noticed even when no watch event comes (node_reboot.py).
+    node_check: bool = False
 
     @property
     def status_changed(self) -> bool:
@@ -79,6 +82,10 @@ class PassState:
     recheck: bool = False  # see Plan.recheck
     memory_warning: str = ""  # the plan fits its devices with little headroom (memory.py)
     config_known: bool = False  # the model-config annotation gave config.json (checked already)
+    # Node-local shards written again after the node rebooted: node index -> the uid of the
+    # completed Job whose output the reboot wiped ("" when none was there). Their recorded
+    # completion no longer counts (node_reboot.py).
+    resharding: dict[int, str] = field(default_factory=dict)
 
     @property
     def spec(self) -> DeepSeekDeploymentSpec:

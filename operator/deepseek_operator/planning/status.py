@@ -56,6 +56,8 @@ STORE_NOT_BOUND = "StoreNotBound"
 SHARDING_PENDING = "ShardingPending"
 SHARDING_IN_PROGRESS = "ShardingInProgress"
 SHARDING_FAILED = "ShardingFailed"
+# A node of a node-local store rebooted (another bootID): its tmpfs shards are written again.
+NODE_REBOOTED = "NodeRebooted"
 # The sharder's termination reasons for infrastructure (dsworker.contract.errors): Sharded False
 # with the fix, the spec still valid.
 SOURCE_MISSING = "SourceMissing"

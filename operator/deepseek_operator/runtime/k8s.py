@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError
 
 from ..api import GROUP, KIND, PLURAL, VERSION
 from ..planning import names, ownership
@@ -109,6 +110,7 @@ class Kube:
     def __init__(self, api: client.ApiClient) -> None:
         self.api = api
         self.instance = os.environ.get("POD_NAME") or socket.gethostname()
+        self._node_errors: set[str] = set()  # logged once each (boot_ids)
 
     # ----------------------------------------------------------------------------- REST
 
@@ -206,6 +208,28 @@ class Kube:
             if why:
                 observed.creation_failures[f"{kind} {obj['metadata']['name']}"] = why
         return observed
+
+    def boot_ids(self, nodes: list[str]) -> dict[str, str]:
+        """status.nodeInfo.bootID of each named Node that can be read: one that cannot (gone,
+        not allowed by a namespace-scoped RBAC, a timeout) is left out, as unknown."""
+        out: dict[str, str] = {}
+        for node in nodes:
+            try:
+                body = self.request("GET", f"/api/v1/nodes/{quote(node)}") or {}
+            except (ApiException, HTTPError, OSError) as exc:
+                why = failure_message(exc)
+                log.log(
+                    logging.DEBUG if why in self._node_errors else logging.WARNING,
+                    "cannot read Node %s (its reboots go unnoticed): %s",
+                    node,
+                    why,
+                )
+                self._node_errors.add(why)
+                continue
+            boot = ((body.get("status") or {}).get("nodeInfo") or {}).get("bootID")
+            if boot:
+                out[node] = str(boot)
+        return out
 
     def failed_create(self, namespace: str, obj: Mapping[str, Any]) -> str | None:
         """The message of the newest FailedCreate Event of a Job or StatefulSet (its controller

@@ -28,6 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError
 
 from ..planning import Plan, ownership, plan
+from ..planning.node_reboot import store_node_names
 from ..planning.observed import Obj, Observed, failure, meta, terminating, uid
 from . import metrics
 from .k8s import Kube, failure_message
@@ -42,6 +43,11 @@ DEFAULT_RESYNC_SECONDS = 300.0
 # How soon an object is looked at again while a controller should create pods and has not (its
 # FailedCreate Events are read then; no watch event would come).
 RECHECK_SECONDS = 10.0
+# How soon a deployment with node-local shards is looked at again: each reconcile reads its
+# Nodes' bootIDs, so a node that rebooted (its tmpfs shards gone) is noticed within this even
+# when no event comes; a periodic read of a few Nodes rather than a watch of every Node in the
+# cluster (which a namespace-scoped install may not read at all).
+NODE_CHECK_SECONDS = 30.0
 # Each resync comes up to this fraction early, so objects seen together spread out over time.
 RESYNC_JITTER = 0.1
 
@@ -126,6 +132,8 @@ class Reconciler:
                     delay = self.resync_delay() if self.resync > 0 else None
                     if result is not None and result.recheck:
                         delay = min(delay or RECHECK_SECONDS, RECHECK_SECONDS)
+                    if result is not None and result.node_check:
+                        delay = min(delay or NODE_CHECK_SECONDS, NODE_CHECK_SECONDS)
                     if delay is not None:
                         self._schedule(loop, key, state, delay, resync=True)
         finally:
@@ -273,6 +281,7 @@ class Reconciler:
         owner_uid = str(meta(body).get("uid") or "")
         observed = kube.observe(namespace, name, owner_uid)
         observed.failed_pods = failed_pods
+        observed.boot_ids = kube.boot_ids(store_node_names(body))
         result = plan(body, observed)
         observed.foreign = self._foreign(namespace, name, owner_uid, result, observed)
         if observed.foreign:

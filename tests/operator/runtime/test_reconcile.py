@@ -49,6 +49,14 @@ class FakeKube:
     def observe(self, namespace: str, name: str, owner_uid: str) -> Observed:
         return Observed()
 
+    # Node name -> its status.nodeInfo.bootID (a node left out cannot be read).
+    boots: dict[str, str] = {}
+
+    def boot_ids(self, nodes: list[str]) -> dict[str, str]:
+        if nodes:
+            self.calls.append(("nodes", ",".join(nodes)))
+        return {n: self.boots[n] for n in nodes if n in self.boots}
+
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         self.calls.append(("apply", f"{obj['kind']}/{obj['metadata']['name']}"))
         return obj
@@ -403,4 +411,34 @@ def test_a_users_object_under_a_childs_name_is_never_applied_over() -> None:
     assert (validated["status"], validated["reason"]) == ("False", "ForeignObject")
     assert "Service r1 already exists" in validated["message"]
     assert "ForeignObject" in [w for op, w in kube.calls if op == "event"]
+    reconciler.close()
+
+
+def test_a_node_local_store_has_its_nodes_bootids_read_and_is_looked_at_again_soon() -> None:
+    """The planner gets the bootIDs of the store's nodes (node_reboot.py) and the deployment is
+    reconciled again within NODE_CHECK_SECONDS, so a reboot is noticed without any event."""
+    from deepseek_operator.runtime.reconcile import NODE_CHECK_SECONDS
+
+    kube = FakeKube()
+    kube.boots = {"npu-a": "boot-a"}
+    reconciler = Reconciler(kube, workers=1)  # type: ignore[arg-type]
+    result = reconciler.reconcile("llm", "r1")  # a claim: no Node is read
+    assert result is not None and not result.node_check
+    assert not [c for c in kube.calls if c[0] == "nodes"]
+    assert kube.body is not None
+    kube.body["spec"]["sharding"] = {
+        "store": {"hostPath": {"path": "/dev/shm/dsd", "nodes": ["npu-a", "npu-b"]}}
+    }
+    kube.body["spec"]["parallelism"] = {"nodes": 2, "devicesPerNode": 4, "tp": 4}
+    result = reconciler.reconcile("llm", "r1")
+    assert result is not None and result.node_check
+    assert ("nodes", "npu-a,npu-b") in kube.calls
+
+    async def scenario() -> float:
+        await reconciler.trigger("llm", "r1")
+        timer = reconciler.states[("llm", "r1")].timer
+        assert timer is not None
+        return timer.when() - asyncio.get_running_loop().time()
+
+    assert 0 < asyncio.run(scenario()) <= NODE_CHECK_SECONDS
     reconciler.close()
