@@ -21,12 +21,28 @@ from quant_reference import per_token_int8_inputs
 
 from dsworker.checkpoint import number_formats
 from dsworker.checkpoint.safetensors_reader import SafetensorsReader
+from dsworker.contract.layout import ParallelPlan
 from dsworker.launch.generate import EXPECTED, GenerateJob, generate_on_rank
+from dsworker.model.moe import MoEOptions
 from dsworker.parallel.device import Device
 from dsworker.parallel.groups import build_groups, init_process_group, spawn_local
 
 PROMPTS = [[5, 9, 33, 100, 7], [3, 4], [250, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
 NEW_TOKENS = 16
+
+
+def job(model: Path, p: ParallelPlan, mtp: bool = False, **moe: object) -> GenerateJob:
+    """The generate job the engine-versus-transformers tests run: PROMPTS, fp32, logits kept."""
+    return GenerateJob(
+        model=str(model),
+        plan=p,
+        prompts=PROMPTS,
+        max_new_tokens=NEW_TOKENS,
+        moe=MoEOptions(**moe),  # type: ignore[arg-type]
+        mtp=mtp,
+        dtype="float32",
+        keep_logits=True,
+    )
 
 
 @dataclass

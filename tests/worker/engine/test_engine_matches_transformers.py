@@ -26,6 +26,7 @@ from engine_helpers import (
     dequantized_copy,
     hf_mtp_logits,
     hf_reference,
+    job,
     run_local,
     spawn_world,
 )
@@ -33,7 +34,6 @@ from engine_helpers import (
 from dsworker.contract.layout import ParallelPlan
 from dsworker.contract.memory import weight_bytes
 from dsworker.engine.weight_files import LoadError, check_sharded
-from dsworker.launch.generate import GenerateJob
 from dsworker.model.moe import MoEOptions, a2a_capacity
 from dsworker.tools.shard import shard
 
@@ -44,19 +44,6 @@ P1 = ParallelPlan(1, 1, 1, 1, 1)
 
 def plan(w: int, dp: int, tp: int, moe_tp: int, moe_ep: int) -> ParallelPlan:
     return ParallelPlan(w, dp, tp, moe_tp, moe_ep)
-
-
-def job(model: Path, p: ParallelPlan, mtp: bool = False, **moe: object) -> GenerateJob:
-    return GenerateJob(
-        model=str(model),
-        plan=p,
-        prompts=PROMPTS,
-        max_new_tokens=NEW_TOKENS,
-        moe=MoEOptions(**moe),  # type: ignore[arg-type]
-        mtp=mtp,
-        dtype="float32",
-        keep_logits=True,
-    )
 
 
 def assert_matches(out: Outcome, ref: Reference, what: str, atol: float = ATOL) -> None:

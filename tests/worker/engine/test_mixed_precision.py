@@ -16,12 +16,11 @@ from pathlib import Path
 
 import pytest
 from engine_helpers import (
-    NEW_TOKENS,
-    PROMPTS,
     Outcome,
     Reference,
     dequantized_copy,
     hf_reference,
+    job,
     run_local,
     spawn_world,
 )
@@ -30,8 +29,6 @@ from quant_reference import KEEP_FLOAT, float_params
 from dsworker.checkpoint.quant_description import read_quant_description
 from dsworker.contract.layout import ParallelPlan
 from dsworker.contract.memory import weight_bytes
-from dsworker.launch.generate import GenerateJob
-from dsworker.model.moe import MoEOptions
 from dsworker.tools.shard import shard
 
 ATOL = 1e-4  # as test_engine_matches_transformers: fp32 against transformers
@@ -41,18 +38,6 @@ TP2 = ParallelPlan(2, 1, 2, 2, 1)
 EP2 = ParallelPlan(2, 2, 1, 1, 2)
 # world 2: which source (sharded layout or the checkpoint itself) and plan per format
 WORLD2 = {"fp8": ("layout", TP2), "w8a8": ("layout", TP2), "w8a16": ("ckpt", EP2)}
-
-
-def job(model: Path, p: ParallelPlan, **moe: object) -> GenerateJob:
-    return GenerateJob(
-        model=str(model),
-        plan=p,
-        prompts=PROMPTS,
-        max_new_tokens=NEW_TOKENS,
-        moe=MoEOptions(**moe),  # type: ignore[arg-type]
-        dtype="float32",
-        keep_logits=True,
-    )
 
 
 def assert_matches(out: Outcome, ref: Reference, what: str) -> None:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import Reference, dequantized_copy, hf_reference, run_local, spawn_world
+from engine_helpers import Reference, dequantized_copy, hf_reference, job, run_local, spawn_world
 from quant_reference import static_inputs
 from safetensors.torch import load_file, save_file
-from test_mixed_precision import P1, TP2, assert_holds_modelled_bytes, assert_matches, job
+from test_mixed_precision import P1, TP2, assert_holds_modelled_bytes, assert_matches
 
 from dsworker.contract.errors import CheckpointError
 from dsworker.tools.shard import shard
@@ -102,4 +102,36 @@ def test_a_float16_exports_packed_deq_scale_is_refused_naming_it(
     name = "model.layers.0.self_attn.q_a_proj.deq_scale"
     bad = _edited(ckpts["src"], tmp_path / "bad", name, torch.int64)
     with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + " is I64"):
+        run_local(job(bad, P1))
+
+
+def _retyped(src: Path, dst: Path, module: str, kind: str) -> Path:
+    """A copy of the checkpoint whose msModelSlim description types `module` as `kind`."""
+    shutil.copytree(src, dst)
+    (path,) = dst.glob("quant_model_description*.json")
+    desc = json.loads(path.read_text())
+    desc[f"{module}.weight"] = kind
+    path.write_text(json.dumps(desc))
+    return dst
+
+
+def test_a_static_module_the_description_calls_dynamic_is_refused_naming_it(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    module = "model.layers.1.self_attn.o_proj"
+    bad = _retyped(ckpts["src"], tmp_path / "bad", module, "W8A8_DYNAMIC")
+    with pytest.raises(
+        CheckpointError, match=rf'{module} is stored as static W8A8 .* does not type it "W8A8"'
+    ):
+        run_local(job(bad, P1))
+
+
+def test_a_dynamic_module_the_description_calls_static_is_refused_naming_it(
+    synth_checkpoint: Callable[..., Path], tmp_path: Path
+) -> None:
+    module = "model.layers.1.self_attn.o_proj"
+    bad = _retyped(synth_checkpoint("v3", "tiny", "w8a8"), tmp_path / "bad", module, "W8A8")
+    with pytest.raises(
+        CheckpointError, match=rf'{module}: the msModelSlim description types it "W8A8"'
+    ):
         run_local(job(bad, P1))

@@ -90,11 +90,16 @@ class Precision:
         if not self.quantised(module):
             return None
         assert self.fmt is not None
-        if self.fmt.kind == W8A8 and self.description is not None:
-            d = self.description.entries
-            if d.get(f"{module}.weight", d.get(f"{module}.weight_packed")) == STATIC:
-                return QuantFormat(W8A8_STATIC)
+        if self.fmt.kind == W8A8 and self._described(module) == STATIC:
+            return QuantFormat(W8A8_STATIC)
         return self.fmt
+
+    def _described(self, module: str) -> Any:
+        """msModelSlim's type of `module` (None: no description, or not listed)."""
+        if self.description is None:
+            return None
+        d = self.description.entries
+        return d.get(f"{module}.weight", d.get(f"{module}.weight_packed"))
 
     def why_float(self, module: str) -> str | None:
         """The declaration that keeps `module` in float, None when it is stored quantised."""
@@ -111,12 +116,11 @@ class Precision:
             if p.matches(module):
                 return p.where
         if self.description is not None:
-            d = self.description
-            kind = d.entries.get(f"{module}.weight", d.entries.get(f"{module}.weight_packed"))
+            kind, file = self._described(module), self.description.file
             if kind is None:
-                return f"{d.file} does not list {module}.weight (unlisted modules are FLOAT)"
+                return f"{file} does not list {module}.weight (unlisted modules are FLOAT)"
             if kind == FLOAT:
-                return f'{d.file}: "{module}.weight": "FLOAT"'
+                return f'{file}: "{module}.weight": "FLOAT"'
         return None
 
     def stack_format(self, modules: Iterable[str], what: str) -> QuantFormat | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dsworker.contract.layout import ParallelPlan, split_name
+from dsworker.contract.quant import FP8, W8A8, W8A8_STATIC, W8A16
 from dsworker.engine.host_to_device import CopyOptions, HostToDevice
 from dsworker.engine.weight_files import (
     LoadError,
@@ -149,7 +150,7 @@ def _fill(
     dst = targets[key]
     src = _sliced(files.tensor(item), item)
     kind = kind_of(suffix, src.dtype, comp_items)
-    _check_deq_scale(comp_items, files)  # fp16 exports pack deq_scale in int64
+    _check_deq_scale(comp_items)  # fp16 exports pack deq_scale in int64
     done: list[str] = []
     if dst.dtype in QUANT_DTYPES:
         done = _fill_quant(targets, module, item, src, kind, comp_items, files, copier)
@@ -159,8 +160,8 @@ def _fill(
 
 
 QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
-_SLOT_KIND = {torch.float8_e4m3fn: ("fp8",), torch.int8: ("w8a8", "w8a16", "w8a8_static")}
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SLOT_KIND = {torch.float8_e4m3fn: (FP8,), torch.int8: (W8A8, W8A16, W8A8_STATIC)}
+_FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors dtypes a deq_scale may have
 # A static W8A8 module's weight scale and offset, which vllm-ascend also accepts: folded into
 # deq_scale and quant_bias already, so not held (the memory model does not count them either).
 _STATIC_UNUSED = ("weight_scale", "weight_offset")
@@ -181,7 +182,7 @@ def _fill_float(
         s: files.tensor(c).clone() if s == "weight_shape" else copier.to_device(files.tensor(c))
         for s, c in comp_items.items()
     }
-    shape = _logical_shape(item, src, comp) if kind == "w8a16" else tuple(src.shape)
+    shape = _logical_shape(item, src, comp) if kind == W8A16 else tuple(src.shape)
     _check_shape(item, shape, dst)
     if kind is None:
         _copy(copier, src.view(dst.shape), dst)
@@ -189,7 +190,7 @@ def _fill_float(
     raw = copier.to_device(src)
     with copier.device.on_stream(copier.stream):
         r0 = item.start if item.dim == 0 else 0
-        c0 = (item.start * (4 if kind == "w8a16" else 1)) if item.dim == 1 else 0
+        c0 = (item.start * (4 if kind == W8A16 else 1)) if item.dim == 1 else 0
         full = dequantize(kind, raw, comp, shape, r0, c0, dst.dtype, block)
         dst.copy_(full.view(dst.shape))
 
@@ -249,7 +250,7 @@ def _fill_quant(
             'modules_to_not_convert (fp8), or as "FLOAT" in the msModelSlim description '
             "(quant_model_description*.json), or fix quantization_config / `quantize`"
         )
-    if kind == "w8a16":
+    if kind == W8A16:
         comp_shape = (
             files.tensor(comp_items["weight_shape"]) if "weight_shape" in comp_items else None
         )
@@ -265,7 +266,7 @@ def _fill_quant(
         _copy(copier, src.view(torch.uint8).view(dst.shape), dst.view(torch.uint8))
     done = []
     for suffix, c in comp_items.items():
-        if suffix == "weight_shape" or (kind == "w8a8_static" and suffix in _STATIC_UNUSED):
+        if suffix == "weight_shape" or (kind == W8A8_STATIC and suffix in _STATIC_UNUSED):
             continue
         slot = targets.get(f"{module}.{suffix}")
         if slot is None:
@@ -293,13 +294,13 @@ def _check_static(
     """A static W8A8 module (stored, or held by the model) is static on both sides: LoadError
     naming the module otherwise."""
     held_static = f"{module}.deq_scale" in targets
-    if kind == "w8a8_static" and not held_static:
+    if kind == W8A8_STATIC and not held_static:
         c = comp_items["deq_scale"]
         raise LoadError(
             f"{c.path}: {module} is stored as static W8A8 (deq_scale, quant_bias, input_scale) but "
             'the description does not type it "W8A8"; fix quant_model_description*.json'
         )
-    if held_static and kind != "w8a8_static":
+    if held_static and kind != W8A8_STATIC:
         raise LoadError(
             f'{module}: the msModelSlim description types it "W8A8" (static) but the '
             f"checkpoint stores {kind or 'no'} companions; static W8A8 needs "
@@ -307,9 +308,10 @@ def _check_static(
         )
 
 
-def _check_deq_scale(comp_items: dict[str, WeightItem], files: WeightFiles) -> None:
+def _check_deq_scale(comp_items: dict[str, WeightItem]) -> None:
+    """A float16 export's int64-packed deq_scale is refused from its header, before any copy."""
     c = comp_items.get("deq_scale")
-    if c is not None and files.tensor(c).dtype not in _FLOAT_DTYPES:
+    if c is not None and c.info.dtype not in _FLOAT_DTYPES:
         raise LoadError(
             f"{c.path}: {c.name} is {c.info.dtype}: a float16 model's packed deq_scale; only "
             "bfloat16 exports (float32 deq_scale) are served: quantise the bfloat16 weights"

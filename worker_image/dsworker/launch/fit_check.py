@@ -1,8 +1,9 @@
 """The start-up memory check of `dsworker serve`: refuse a plan that cannot fit before any rank starts.
 
 The same arithmetic the operator runs (contract/fit.py), on the real config.json (and msModelSlim's
-description, which the operator cannot see) and the engine config. Device memory: DSWORKER_DEVICE_MEMORY_GIB (the operator's spec.worker.accelerator.memory),
-else what the accelerator of local rank 0 reports; on cpu there is no limit to check.
+description, which the operator cannot see) and the engine config. Device memory:
+DSWORKER_DEVICE_MEMORY_GIB (the operator's spec.worker.accelerator.memory), else what the
+accelerator of local rank 0 reports; on cpu there is no limit to check.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Quantised checkpoint weights -> compute dtype, on the device the raw bytes were copied to.
 
 FP8 block (DeepSeek-V3): w = e4m3(q) * scale_inv[i // 128, j // 128]. W8A8 (MindIE msModelSlim):
-w = (int8 - offset) * scale per output channel; its static modules ("W8A8"): w = int8 * deq_scale /
-input_scale (deq_scale = input_scale * weight scale; DeepSeek's linears have no bias, so quant_bias
-is -input_offset * sum(int8) and belongs to the activation side: a float target drops it). W8A16 compressed-tensors pack-quantized: int32 words
-of four bytes (q + 128, column 4j+b in byte b, little-endian), w = q * scale per channel or group.
+w = (int8 - offset) * scale per output channel; its static modules ("W8A8"): w = int8 * deq_scale
+/ input_scale (deq_scale = input_scale * weight scale; DeepSeek's linears have no bias, so
+quant_bias is -input_offset * sum(int8) and belongs to the activation side: a float target drops
+it). W8A16 compressed-tensors pack-quantized: int32 words of four bytes (q + 128, column 4j+b in byte b, little-endian), w = q * scale per channel or group.
 `r0`/`c0` say where a slice sits in the tensor the companions describe, so a rank can cut any slice
 of an unsharded checkpoint and still pick the right scales (block edges need not align).
 """
@@ -15,10 +15,8 @@ from collections.abc import Iterable
 
 import torch
 
-FP8 = "fp8"
-W8A8 = "w8a8"
-W8A16 = "w8a16"
-W8A8_STATIC = "w8a8_static"
+from dsworker.contract.quant import FP8, W8A8, W8A8_STATIC, W8A16
+
 _ROWS = 2048  # rows dequantised at a time: bounds the fp32 temporaries
 _E4M3: dict[torch.device, torch.Tensor] = {}
 

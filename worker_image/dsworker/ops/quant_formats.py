@@ -30,7 +30,8 @@ FP8 = "fp8"
 W8A8 = "w8a8"
 W8A16 = "w8a16"
 W8A8_STATIC = "w8a8_static"  # dense linears only (attention): no expert-stack ops take it
-KINDS = (FP8, W8A8, W8A16)
+KINDS = (FP8, W8A8, W8A16)  # the kinds of every op, expert stacks included
+ALL_KINDS = (*KINDS, W8A8_STATIC)
 TILE_ROWS = (
     2048  # weight rows dequantised at a time by the references: bounds their fp32 temporaries
 )
@@ -101,7 +102,7 @@ def check_weight(
     block: tuple[int, int],
 ) -> None:
     """Reject a weight whose dtype or scale shape does not match its format, naming the field."""
-    _expect(kind in (*KINDS, W8A8_STATIC), f"quantisation kind {kind!r} is not one of {KINDS}")
+    _expect(kind in ALL_KINDS, f"quantisation kind {kind!r} is not one of {ALL_KINDS}")
     _expect(data.dim() >= 2, f"{kind} weight must be [..., N, K], got shape {tuple(data.shape)}")
     n, k = data.shape[-2:]
     lead = tuple(data.shape[:-2])
