@@ -3,7 +3,8 @@ the bytes the memory model says, and computes what transformers computes on the 
 weights with both input roundings modelled (static per tensor, dynamic per token): fp32, atol 1e-4,
 the same greedy tokens, at world 1 and in a spawned world of 2 ranks (tp 2: column-parallel
 q_b_proj split with its deq_scale and quant_bias, row-parallel o_proj whole input scale and its
-quant_bias added on the first rank only). A static module missing a companion is refused naming it.
+quant_bias added on the first rank only). A float16 export's int64-packed deq_scale computes as the
+float32 it packs. A static module missing a companion is refused naming it.
 """
 
 from __future__ import annotations
@@ -96,12 +97,47 @@ def test_a_static_module_missing_a_companion_is_refused_naming_it(
         shard(bad, tmp_path / "out", P1)
 
 
-def test_a_float16_exports_packed_deq_scale_is_refused_naming_it(
-    ckpts: dict[str, Path], tmp_path: Path
+def _packed(src: Path, dst: Path) -> Path:
+    """A copy with every deq_scale stored as msModelSlim's float16 exports store it: the float32's
+    bits as int32, sign-extended to int64 (deqscale2int64)."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        tensors = load_file(str(f))
+        for name, t in tensors.items():
+            if name.endswith(".deq_scale"):
+                tensors[name] = t.float().view(torch.int32).to(torch.int64)
+        save_file(tensors, str(f))
+    return dst
+
+
+def test_a_float16_exports_int64_deq_scale_computes_as_the_float32_it_packs(
+    ckpts: dict[str, Path], refs: dict[str, Reference], tmp_path: Path
+) -> None:
+    packed = _packed(ckpts["src"], tmp_path / "packed")
+    header = json.loads((packed / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.1.self_attn.o_proj.deq_scale"
+    assert load_file(str(packed / header[name]))[name].dtype == torch.int64
+    want, got = run_local(job(ckpts["src"], P1)), run_local(job(packed, P1))
+    assert got.tokens == want.tokens
+    for key, logits in want.logits.items():  # kv_b_proj (dequantised on load) and 8-bit slots
+        assert torch.equal(got.logits[key], logits), key
+    assert got.weight_bytes == want.weight_bytes  # held as float32, as the memory model counts
+    layout = tmp_path / "layout"
+    shard(packed, layout, TP2)
+    out = spawn_world(2, {"packed": job(layout, TP2)}, tmp_path / "w2")["packed"]
+    assert_matches(out, refs["tp2"], "int64 deq_scale, world 2 (tp 2 layout)")
+
+
+@pytest.mark.parametrize(
+    ("to", "says"),
+    [(torch.int64, "cast to int64 by value"), (torch.int32, "is I32; a deq_scale is float32")],
+)
+def test_a_deq_scale_that_is_no_packed_float32_is_refused_naming_it(
+    ckpts: dict[str, Path], tmp_path: Path, to: torch.dtype, says: str
 ) -> None:
     name = "model.layers.0.self_attn.q_a_proj.deq_scale"
-    bad = _edited(ckpts["src"], tmp_path / "bad", name, torch.int64)
-    with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + " is I64"):
+    bad = _edited(ckpts["src"], tmp_path / "bad", name, to)
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.") + ".*" + says):
         run_local(job(bad, P1))
 
 

@@ -143,6 +143,37 @@ def test_w8a8_static_gemm(m: int, n: int, k: int, dtype: torch.dtype, bias: bool
     assert rel_err(got, want) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_static_quant_takes_the_reciprocal_in_xs_dtype_bit_for_bit(dtype: torch.dtype) -> None:
+    """The kernel rounds the scale and its reciprocal to x's dtype as the reference does: with
+    200 scales, one reciprocal off by a unit of x's dtype moves some of the quantised values."""
+    ts = importlib.import_module("dsworker.ops.triton.quant_static")
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(2, 300, generator=gen) * 2).to(dtype)
+    for sc in (torch.rand(200, generator=gen) * 0.05 + 1e-3).tolist():
+        s, o = torch.tensor([sc]), torch.tensor([2.0], dtype=torch.bfloat16)
+        assert torch.equal(ts.static_quant(x, s, o), qf.quantize_static(x, s, o)), (dtype, sc)
+
+
+def test_static_quant_computes_the_reciprocal_in_the_kernel() -> None:
+    """No cast or reciprocal of the scale per call: each would be a launch per static linear per
+    decode step (the interpreter's own copies of the arguments are allowed)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    ts = importlib.import_module("dsworker.ops.triton.quant_static")
+    x, s, o = torch.randn(2, 64).to(torch.bfloat16), torch.tensor([0.02]), torch.tensor([1.0])
+    with Ops() as ops:
+        ts.static_quant(x, s, o)
+    assert not {"aten.reciprocal", "aten._to_copy"} & ops.seen, sorted(ops.seen)
+
+
 def test_static_quant_is_bit_exact_ties_to_even() -> None:
     ts = importlib.import_module("dsworker.ops.triton.quant_static")
     x = torch.randn(4, 700) * 3

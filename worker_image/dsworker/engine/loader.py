@@ -32,7 +32,7 @@ from dsworker.engine.weight_files import (
     unsharded_items,
 )
 from dsworker.model.dequant import dequantize, kind_of
-from dsworker.ops.quant_formats import unpack_w8a16
+from dsworker.ops.quant_formats import unpack_deq_scale, unpack_w8a16
 from dsworker.parallel.device import Device
 
 log = logging.getLogger("dsworker.engine.loader")
@@ -150,7 +150,7 @@ def _fill(
     dst = targets[key]
     src = _sliced(files.tensor(item), item)
     kind = kind_of(suffix, src.dtype, comp_items)
-    _check_deq_scale(comp_items)  # fp16 exports pack deq_scale in int64
+    _check_deq_scale(comp_items)
     done: list[str] = []
     if dst.dtype in QUANT_DTYPES:
         done = _fill_quant(targets, module, item, src, kind, comp_items, files, copier)
@@ -161,7 +161,7 @@ def _fill(
 
 QUANT_DTYPES = (torch.int8, torch.float8_e4m3fn)
 _SLOT_KIND = {torch.float8_e4m3fn: (FP8,), torch.int8: (W8A8, W8A16, W8A8_STATIC)}
-_FLOAT_DTYPES = ("F32", "BF16", "F16")  # safetensors dtypes a deq_scale may have
+_DEQ_SCALE_DTYPES = ("F32", "BF16", "F16", "I64")  # I64: packed by msModelSlim (_held)
 # A static W8A8 module's weight scale and offset, which vllm-ascend also accepts: folded into
 # deq_scale and quant_bias already, so not held (the memory model does not count them either).
 _STATIC_UNUSED = ("weight_scale", "weight_offset")
@@ -179,7 +179,7 @@ def _fill_float(
 ) -> None:
     """A float target: copied, or dequantised on the device from whole companions."""
     comp = {  # weight_shape stays on the host: it is read as Python ints
-        s: files.tensor(c).clone() if s == "weight_shape" else copier.to_device(files.tensor(c))
+        s: files.tensor(c).clone() if s == "weight_shape" else copier.to_device(_held(files, c))
         for s, c in comp_items.items()
     }
     shape = _logical_shape(item, src, comp) if kind == W8A16 else tuple(src.shape)
@@ -274,7 +274,7 @@ def _fill_quant(
                 f"{c.path}: {c.name} has no place in this rank's {kind} model; the checkpoint "
                 "mixes formats"
             )
-        csrc = _sliced(files.tensor(c), c)
+        csrc = _sliced(_held(files, c), c)
         _check_shape(c, tuple(csrc.shape), slot)
         _copy(copier, csrc.view(slot.shape), slot)
         done.append(f"{module}.{suffix}")
@@ -309,13 +309,25 @@ def _check_static(
 
 
 def _check_deq_scale(comp_items: dict[str, WeightItem]) -> None:
-    """A float16 export's int64-packed deq_scale is refused from its header, before any copy."""
+    """A deq_scale of another dtype is refused from its header, before any copy."""
     c = comp_items.get("deq_scale")
-    if c is not None and c.info.dtype not in _FLOAT_DTYPES:
+    if c is not None and c.info.dtype not in _DEQ_SCALE_DTYPES:
         raise LoadError(
-            f"{c.path}: {c.name} is {c.info.dtype}: a float16 model's packed deq_scale; only "
-            "bfloat16 exports (float32 deq_scale) are served: quantise the bfloat16 weights"
+            f"{c.path}: {c.name} is {c.info.dtype}; a deq_scale is float32 (bfloat16 exports) "
+            "or int64-packed float32 (float16 exports): re-export the model with msModelSlim"
         )
+
+
+def _held(files: WeightFiles, c: WeightItem) -> torch.Tensor:
+    """A companion on the host as the model holds it: an int64-packed deq_scale (msModelSlim's
+    float16 exports) as the float32 it carries, so every export computes alike."""
+    t = files.tensor(c)
+    if c.info.dtype != "I64" or not c.name.endswith(".deq_scale"):
+        return t
+    try:
+        return unpack_deq_scale(t)
+    except ValueError as e:
+        raise LoadError(f"{c.path}: {c.name}: {e}") from e
 
 
 def _check_complete(root: Path, rank: int, unfilled: set[str]) -> None:

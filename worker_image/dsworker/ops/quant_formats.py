@@ -159,6 +159,26 @@ def unpack_w8a16(packed: torch.Tensor, cols: int) -> torch.Tensor:
     return out
 
 
+def unpack_deq_scale(packed: torch.Tensor) -> torch.Tensor:
+    """msModelSlim's int64 deq_scale (float16 exports, and its deqscale2int64 post-process) ->
+    the float32 it carries: each value is a float32's bits as int32, sign-extended to int64.
+    ValueError where the values are not such scales."""
+    _expect(packed.dtype == torch.int64, f"a packed deq_scale is int64, not {packed.dtype}")
+    words = packed.contiguous().reshape(-1).view(torch.int32).view(-1, 2)  # little-endian [lo, hi]
+    _expect(
+        bool((words[:, 1] == 0).all()),
+        "a value has its high 32 bits set: not a float32 packed by msModelSlim (deqscale2int64)",
+    )
+    out = words[:, 0].contiguous().view(torch.float32).reshape(packed.shape)
+    normal = (out >= torch.finfo(torch.float32).tiny) & torch.isfinite(out)
+    _expect(
+        bool((normal | (out == 0)).all() and normal.any()),
+        "it unpacks to float32 scales that are not finite, positive and normal (or zero), or "
+        "all zero: a deq_scale cast to int64 by value rather than by its bits?",
+    )
+    return out
+
+
 def from_checkpoint(
     kind: str, tensors: dict[str, torch.Tensor], cols: int | None = None, group_size: int = 0
 ) -> QuantWeight:

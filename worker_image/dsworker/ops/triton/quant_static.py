@@ -2,8 +2,9 @@
 int8 x int8 GEMM whose int32 sums take the int32 quant_bias before the fp32 deq_scale.
 
 `_static_quant_kernel` computes what quant_formats.quantize_static does, bit for bit: x in fp32
-times the reciprocal input scale (taken in x's dtype on the host), plus the offset, rounded half to
-even and saturated to [-128, 127]. The GEMM reuses quant_matmul's `_i8_acc` tiles.
+times the reciprocal input scale (taken in x's dtype inside the kernel, so a call launches no
+scale ops of its own), plus the offset, rounded half to even and saturated to [-128, 127]. The
+GEMM reuses quant_matmul's `_i8_acc` tiles.
 """
 
 from __future__ import annotations
@@ -23,11 +24,32 @@ def _rint(v):
     return tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
 
 
+# x's dtype as the kernels' rounding code: fp32 (no rounding), bfloat16, float16
+_ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 @triton.jit
-def _static_quant_kernel(x_ptr, q_ptr, inv_ptr, off_ptr, K, sxm, sqm, BLOCK: tl.constexpr):
+def _in_x(v, XR: tl.constexpr):
+    """fp32 v rounded half to even to x's dtype, returned in fp32. bfloat16 rounds by its bits:
+    the interpreter's bfloat16 cast truncates, a GPU's rounds to even; both give this."""
+    if XR == 1:
+        b = v.to(tl.uint32, bitcast=True)
+        b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+        return b.to(tl.float32, bitcast=True)
+    elif XR == 2:
+        return v.to(tl.float16).to(tl.float32)
+    else:
+        return v
+
+
+@triton.jit
+def _static_quant_kernel(
+    x_ptr, q_ptr, scale_ptr, off_ptr, K, sxm, sqm, XR: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0)
-    inv = tl.load(inv_ptr)
-    off = tl.load(off_ptr)
+    s = _in_x(tl.load(scale_ptr).to(tl.float32), XR)
+    inv = _in_x(tl.math.div_rn(1.0, s), XR)
+    off = tl.load(off_ptr).to(tl.float32)
     for k0 in range(0, K, BLOCK):
         rk = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * sxm + rk, mask=rk < K, other=0.0).to(tl.float32)
@@ -81,13 +103,13 @@ def static_quant(
     """int8 [M, K] of x by the per-tensor scale and offset; matches quant_formats.quantize_static."""
     x = _rowmajor(x)
     m, k = x.shape
-    # on the device, no host sync (decode graphs capture this)
-    inv = input_scale.to(x.dtype).reciprocal().float().reshape(1).contiguous()
-    off = input_offset.float().reshape(1).contiguous()
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     if m:
         blk = min(1024, triton.next_power_of_2(k))
-        _static_quant_kernel[(m,)](x, q, inv, off, k, x.stride(0), q.stride(0), BLOCK=blk)
+        _static_quant_kernel[(m,)](
+            x, q, input_scale, input_offset, k, x.stride(0), q.stride(0),
+            XR=_ROUND[x.dtype], BLOCK=blk,
+        )  # fmt: skip
     return q
 
 
