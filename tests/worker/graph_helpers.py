@@ -83,9 +83,10 @@ def compare_steps(
     out: str,
     kind: str = "cpu",
     capture: bool = False,
+    compile_backend: str | None = None,
 ) -> None:
-    """One rank: every scenario eager, then fixed-shape (captured with `capture`) on the eager
-    run's tokens."""
+    """One rank: every scenario eager, then fixed-shape (captured with `capture`, compiled with
+    `compile_backend`) on the eager run's tokens."""
     faulthandler.enable()
     device = Device.create(kind, rank)
     device.cpu_threads(nproc)
@@ -96,7 +97,9 @@ def compare_steps(
         model = DeepseekModel(args, groups, EngineOptions(moe=sc.moe), torch.float32, device.torch)
         load_weights(model.targets(), Path(ckpt), sc.plan, rank, device)
         eager, eager_logits, eager_err = _decode(model, sc, None, None)
-        graphs = DecodeGraphs(model, model.new_cache(4, MAX_LEN), 4, capture=capture)
+        graphs = DecodeGraphs(
+            model, model.new_cache(4, MAX_LEN), 4, capture=capture, compile_backend=compile_backend
+        )
         fixed, fixed_logits, fixed_err = _decode(model, sc, graphs, eager)
         record = {
             "eager": eager,

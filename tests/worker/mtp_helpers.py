@@ -132,7 +132,7 @@ def compare_mtp_runs(
 ) -> None:
     """One rank: each scenario's prompts through the serving loop (rank 0; the others follow its
     messages), with eager steps and then with the fixed-shape decode and draft steps (eager on
-    cpu). Rank 0 writes what it saw and each step's logits; every rank its fixed steps. Then, with
+    cpu, or inductor-compiled where the config sets torchCompile). Rank 0 writes what it saw and each step's logits; every rank its fixed steps. Then, with
     `overflow` (checkpoint, config), `draft_overflow` (one spawn saves the start-up's seconds)."""
     faulthandler.enable()
     for name, cfg_json in configs.items():
@@ -143,8 +143,11 @@ def compare_mtp_runs(
             loaded = build_runner(Path(ckpts[name]), cfg, rank=rank, world_size=nproc,
                                   local_rank=rank, local_world_size=nproc)  # fmt: skip
             calls: dict[str, int] = {}
-            if mode == "fixed":
-                use_fixed_steps(loaded.runner, cfg, "eager-step", calls)
+            if mode == "eager":
+                loaded.runner.graphs = None  # torchCompile's scenarios compile the fixed ones
+            else:
+                fixed = "inductor" if cfg.torchCompile else "eager-step"
+                use_fixed_steps(loaded.runner, cfg, fixed, calls)
                 record["fixed_steps"] = _record_fixed_steps(loaded)
             if rank != 0:
                 follow(loaded.runner, loaded.channel)

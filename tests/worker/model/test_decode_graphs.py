@@ -145,15 +145,15 @@ def test_graphs_refuse_what_they_cannot_run(tiny_v3: Path) -> None:
     two = ParallelPlan(2, 2, 1, 1, 2)  # rank 1 of a world of two: its MoE exchanges span both
     args = ModelArgs.from_dir(tiny_v3)
     wide = DeepseekModel(args, build_groups(two, 1, "gloo"), EngineOptions(mtp=True))
-    with pytest.raises(ValueError, match="compiled fixed-shape steps need a world of one rank"):
-        DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False, compile_backend="eager")
-    # MTP draft steps take fixed shapes on a wider world too (test_decode_graphs_world_mtp.py).
+    # MTP draft steps take fixed shapes on a wider world too (test_decode_graphs_world_mtp.py),
+    # compiled as well (test_decode_graphs_world.py runs compiled world-2 steps).
     graphs = DecodeGraphs(wide, wide.new_cache(2, MAX_LEN), 2, capture=False, draft_tokens=2)
     assert graphs.max_batch == 2 and graphs.width == 3 and set(graphs.inputs) == {"decode", "draft"}
 
 
 def test_fixed_shape_steps_are_chosen_where_they_apply(tiny_v3: Path) -> None:
-    """cpu: only torchCompile asks for them (no capture there); never for a cutoff or a wider world."""
+    """cpu: only torchCompile asks for them (no capture there), at every world size; never for a
+    routing cutoff."""
     model, cache = build(tiny_v3)
     assert fixed_shape_decode(model, cache, EngineConfig(), 4) is None  # cudaGraphs, but cpu
     compiled = fixed_shape_decode(model, cache, EngineConfig(torchCompile=True), 4)
@@ -161,7 +161,7 @@ def test_fixed_shape_steps_are_chosen_where_they_apply(tiny_v3: Path) -> None:
     cutoff = EngineConfig(torchCompile=True, enable_init_routing_cutoff=True)
     assert fixed_shape_decode(model, cache, cutoff, 4) is None
     wider = EngineConfig(torchCompile=True, worldSize=2, dp=2, moe_ep=2)
-    assert fixed_shape_decode(model, cache, wider, 4) is None  # graphs only there: none on cpu
+    assert fixed_shape_mode(wider, "cpu") == (False, "inductor")
 
 
 @pytest.mark.parametrize("mtp", [False, True], ids=["plain", "mtp"])
@@ -169,12 +169,13 @@ def test_wider_worlds_capture_their_decode_steps(
     mtp: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """worldSize 2 on a GPU captures the decode steps, with MTP drafts too (they used to run
-    eagerly there); only the routing cutoff, or a device without a graph API, runs them eagerly."""
+    eagerly there), compiled first where asked; only the routing cutoff, or a device without a
+    graph API and no compile, runs them eagerly."""
     import sys
 
     wide = {"worldSize": 2, "dp": 2, "moe_ep": 2, "mtp": mtp, "num_speculative_tokens": 2}
     assert fixed_shape_mode(EngineConfig(**wide), "cuda") == (True, None)
-    assert fixed_shape_mode(EngineConfig(**wide, torchCompile=True), "cuda") == (True, None)
+    assert fixed_shape_mode(EngineConfig(**wide, torchCompile=True), "cuda") == (True, "inductor")
     assert fixed_shape_mode(EngineConfig(**wide, enable_init_routing_cutoff=True), "cuda") is None
     assert fixed_shape_mode(EngineConfig(**wide, cudaGraphs=False), "cuda") is None
     assert fixed_shape_mode(EngineConfig(**wide), "cpu") is None

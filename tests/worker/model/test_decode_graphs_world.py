@@ -49,10 +49,17 @@ WORLDS = {
 
 
 def run_world(
-    nproc: int, ckpt: Path, out: Path, kind: str = "cpu", capture: bool = False
+    nproc: int,
+    ckpt: Path,
+    out: Path,
+    kind: str = "cpu",
+    capture: bool = False,
+    compile_backend: str | None = None,
 ) -> dict[str, list[dict]]:
     out.mkdir(parents=True, exist_ok=True)
-    spawn_local(nproc, compare_steps, str(ckpt), WORLDS[nproc], str(out), kind, capture)
+    spawn_local(
+        nproc, compare_steps, str(ckpt), WORLDS[nproc], str(out), kind, capture, compile_backend
+    )
     return {
         name: [json.loads((out / f"{name}.{r}.json").read_text()) for r in range(nproc)]
         for name in WORLDS[nproc]
@@ -62,6 +69,15 @@ def run_world(
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_fixed_shape_steps_equal_eager_steps(tiny_v3: Path, tmp_path: Path, nproc: int) -> None:
     check(run_world(nproc, tiny_v3, tmp_path), nproc)
+
+
+def test_compiled_steps_equal_eager_steps(
+    tiny_v3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.compile (inductor, fullgraph) of the fixed-shape steps with their collectives traced:
+    every world-2 scenario, the EP level 2 overflow refusal included, as eager gives it."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a fresh compile
+    check(run_world(2, tiny_v3, tmp_path / "out", compile_backend="inductor"), 2)
 
 
 def check(results: dict[str, list[dict]], nproc: int, tol: float = 1e-4) -> None:

@@ -42,6 +42,12 @@ WORLDS: dict[int, dict[str, dict[str, Any]]] = {
         "tp2-ep2": {"tp": 2, "moe_ep": 2, **EP2},
         "dp2-ep2-agreeing-2drafts": {"dp": 2, "moe_ep": 2, "num_speculative_tokens": 2, **EP2},
         "tp2-ep2-overflow": {"tp": 2, "moe_ep": 2, **TIGHT},
+        "dp2-ep1-2drafts-compiled": {
+            "dp": 2,
+            "moe_ep": 2,
+            "num_speculative_tokens": 2,
+            "torchCompile": True,
+        },  # fmt: skip
     },
     4: {
         "dp2-tp2-moetp2-ep1": {"dp": 2, "tp": 2, "moe_tp": 2, "moe_ep": 2},

@@ -114,3 +114,12 @@ def test_triton_rotate_half_and_empty_rows() -> None:
 def test_opcheck() -> None:
     inputs, _ = _step(preset_args("tiny"), 3, torch.bfloat16, 8, 32, 3)
     torch.library.opcheck(torch.ops.dsworker.mla_decode.default, inputs)
+
+
+def test_opcheck_with_a_transposed_query() -> None:
+    """The absorbed query arrives as a [H, N, rank] bmm result viewed [N, H, rank]: the fake must
+    give the real output's (contiguous) strides, or compiled steps fail their stride check."""
+    inputs, _ = _step(preset_args("tiny"), 3, torch.bfloat16, 8, 32, 3)
+    q_t = inputs[0].transpose(0, 1).contiguous().transpose(0, 1)
+    assert not q_t.is_contiguous()
+    torch.library.opcheck(torch.ops.dsworker.mla_decode.default, (q_t, *inputs[1:]))

@@ -81,15 +81,11 @@ def engine_options(cfg: EngineConfig) -> EngineOptions:
 def fixed_shape_mode(cfg: EngineConfig, device_type: str) -> tuple[bool, str | None] | None:
     """(capture, compile backend) of the decode steps, or None where they run eagerly: with a
     routing cutoff (it drops rows by the data), or with neither capture nor compile to gain.
-    Every world size and MTP take them; a world of several ranks graphs only (no compile)."""
+    Every world size and MTP take them, compiled with their collectives traced."""
     capture = cfg.cudaGraphs and device_type != "cpu" and graph_api(device_type) is not None
-    multi = cfg.worldSize > 1
-    compile_steps = cfg.torchCompile and not multi
-    if multi and cfg.torchCompile:
-        log.info("torchCompile applies to worldSize 1; graphs of eager steps here")
-    if cfg.enable_init_routing_cutoff or not (capture or compile_steps):
+    if cfg.enable_init_routing_cutoff or not (capture or cfg.torchCompile):
         return None
-    return capture, "inductor" if compile_steps else None
+    return capture, "inductor" if cfg.torchCompile else None
 
 
 def fixed_shape_decode(

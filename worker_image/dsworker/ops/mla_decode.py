@@ -46,7 +46,7 @@ def mla_decode_reference(
     visible = torch.arange(cols * page, device=keys.device)[None, :] < lengths[:, None]
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     probs = scores.softmax(dim=-1).nan_to_num(0.0)  # a row with no keys gives zeros
-    return torch.einsum("nhk,nkc->nhc", probs, keys).to(q_nope.dtype)
+    return torch.einsum("nhk,nkc->nhc", probs, keys).to(q_nope.dtype).contiguous()
 
 
 def _check(q_nope: torch.Tensor, q_pe: torch.Tensor, kv: torch.Tensor, pe: torch.Tensor) -> None:
@@ -100,7 +100,9 @@ def _mla_decode_fake(
     sin: torch.Tensor | None,
     interleave: bool,
 ) -> torch.Tensor:
-    return torch.empty_like(q_nope)
+    """Contiguous, as every implementation returns it, whatever q_nope's strides (compiled steps
+    check the real output's strides against this)."""
+    return q_nope.new_empty(q_nope.shape)
 
 
 if backends.triton_available():

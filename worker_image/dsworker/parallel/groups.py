@@ -55,9 +55,12 @@ class Group:
         return x
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate equal-shaped tensors of every member along dim 0, in group order."""
+        """Concatenate equal-shaped tensors of every member along dim 0, in group order. A bool
+        tensor travels as uint8: inductor's compiled all-gather of bool reads back wrong values."""
         if self.size == 1:
             return x
+        if x.dtype == torch.bool:
+            return self.all_gather(x.to(torch.uint8)) != 0
         out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
         if not x.numel():
             return out
