@@ -11,7 +11,7 @@ k expert outputs weighted and summed in fp32, one rounding at the end.
 import torch
 import torch.nn.functional as F
 
-from dsworker.ops import backends
+from dsworker.ops import backends, npu_fused, quant_npu
 
 
 def _check_ids(topk_ids: torch.Tensor, num_experts: int, what: str) -> None:
@@ -95,3 +95,8 @@ if backends.triton_available():
         from dsworker.ops.triton.moe_experts import moe_down_triton
 
         return moe_down_triton(h, topk_ids, topk_weights, w2)
+
+
+if backends.npu_available() and quant_npu.load():
+    moe_gate_up.register_kernel("npu")(npu_fused.moe_gate_up_npu)
+    moe_down.register_kernel("npu")(npu_fused.moe_down_npu)

@@ -1,4 +1,5 @@
-"""Ascend bodies of the routing and cache-store ops through torch_npu (registered import-guarded).
+"""Ascend bodies of the routing, cache-store and BF16 expert ops through torch_npu (registered
+import-guarded).
 
 Each function has its op's exact signature (tests/worker/ops/test_npu_fused.py checks it against
 the op schema) and is registered for the `npu` device by the op's module only where torch_npu
@@ -14,6 +15,8 @@ Sources (hiascend.com, torch_npu "PyTorch adapter" API reference, 7.0.0 unless n
   https://www.hiascend.com/doc_center/source/zh/Pytorch/700/apiref/apilist/ptaoplist_001254.html
 - npu.matmul.allow_hf32 (default False; True lets fp32 matmuls round operands to HF32), 7.2.0:
   https://www.hiascend.com/document/detail/zh/Pytorch/720/apiref/torchnpuCustomsapi/context/torch_npu-npu-matmul-allow_hf32.md
+- npu_grouped_matmul (the BF16 experts, through quant_npu.grouped as the 8-bit ones): see
+  ops/quant_npu.py; with neither scale nor antiquant_scale the weights are float, in x's dtype.
 Not used: npu_kv_rmsnorm_rope_cache (7.0.0, ptaoplist_002368) fuses the whole cache store but
 takes only rank 512 + rope 64, and CANN's aclnnKvRmsNormRopeCache page (8.3.RC1) lists Atlas A2
 and A3 as unsupported; the engine must also run the tiny and small presets' dims.
@@ -25,6 +28,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from dsworker.ops import quant_npu
 from dsworker.ops.mla_decode import rotate
@@ -112,3 +116,32 @@ def mla_cache_store_npu(
     npu.npu_scatter_nd_update_(kv_cache[layer].view(-1, rank), rows, normed.to(kv_cache.dtype))
     pe = pe_cache[layer].view(-1, pe_cache.shape[-1])
     npu.npu_scatter_nd_update_(pe, rows, rotated.to(pe_cache.dtype))
+
+
+def moe_gate_up_npu(x: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor) -> torch.Tensor:
+    """The (token, k) rows sorted by expert through one npu_grouped_matmul (-1 rows zero), then
+    SiLU(gate) * up in x's dtype: no host sync, unlike the reference's loop over the experts."""
+    from dsworker.ops.moe_experts import _check_ids
+
+    _check_ids(topk_ids, w13.shape[0], "moe_gate_up")
+    t, k = topk_ids.shape
+    if not t:
+        return x.new_zeros(0, k, w13.shape[1] // 2)
+    rows = x[:, None, :].expand(t, k, x.shape[1]).reshape(t * k, x.shape[1])
+    gate, up = quant_npu.grouped(rows, topk_ids, w13).chunk(2, dim=-1)
+    return (F.silu(gate) * up).view(t, k, -1)
+
+
+def moe_down_npu(
+    h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """One npu_grouped_matmul over the sorted (token, k) rows, then the fp32 weighted sum over k."""
+    from dsworker.ops.moe_experts import _check_ids
+
+    _check_ids(topk_ids, w2.shape[0], "moe_down")
+    t, k = topk_ids.shape
+    if not t:
+        return h.new_zeros(0, w2.shape[1])
+    ys = quant_npu.grouped(h.reshape(t * k, h.shape[-1]), topk_ids, w2).view(t, k, -1)
+    weights = topk_weights.float().masked_fill(topk_ids < 0, 0.0)
+    return (ys.float() * weights[..., None]).sum(1).to(h.dtype)

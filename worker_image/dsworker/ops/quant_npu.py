@@ -105,14 +105,15 @@ def grouped(
     x_rows: torch.Tensor,
     ids: torch.Tensor,
     w: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor | None,
-    w8a8: bool,
+    scale: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    w8a8: bool = False,
 ) -> torch.Tensor:
     """Rows x_rows [P, K] (one per (token, k) pair) through w[ids] [E, N, K] -> [P, N], zero for -1.
 
     W8A8 quantises the sorted rows per token (npu_dynamic_quant) and passes per-channel `scale`;
-    W8A16 passes `scale` as antiquant scales [E, G, N] (G = 1 per channel).
+    W8A16 passes `scale` as antiquant scales [E, G, N] (G = 1 per channel); without `scale` the
+    weights are float (bf16/fp16, x's dtype).
     """
     e, n = w.shape[0], w.shape[1]
     order, group_list, valid = sort_rows(ids, e)
@@ -129,6 +130,8 @@ def grouped(
             eid = ids.reshape(-1).long()[order].clamp(min=0)
             so = (offset.float() * scale.float()).reshape(e, n)[eid]
             y = (y.float() - (xsc.float() * xq.float().sum(-1))[:, None] * so).to(x_rows.dtype)
+    elif scale is None:
+        y = _npu().npu_grouped_matmul([xs_rows], [wt], **common)[0]
     else:
         s = scale.reshape(e, n, -1).transpose(1, 2).to(x_rows.dtype)  # [E, G, N]
         y = _npu().npu_grouped_matmul(
