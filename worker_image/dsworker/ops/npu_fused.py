@@ -17,6 +17,11 @@ Sources (hiascend.com, torch_npu "PyTorch adapter" API reference, 7.0.0 unless n
   https://www.hiascend.com/document/detail/zh/Pytorch/720/apiref/torchnpuCustomsapi/context/torch_npu-npu-matmul-allow_hf32.md
 - npu_grouped_matmul (the BF16 experts, through quant_npu.grouped as the 8-bit ones): see
   ops/quant_npu.py; with neither scale nor antiquant_scale the weights are float, in x's dtype.
+Not used: npu_fused_infer_attention_score for mla_decode (7.0.0, ptaoplist_001232). Its
+actual_seq_lengths_kv is a host list (SymInt[]), so each step would read the lengths back to the
+host, which NPU graph capture cannot replay (TorchAir's variant takes a device tensor, but only in
+its own graph mode), and its MLA form (query_rope/key_rope) needs rank 512 and rope 64; the
+reference (a page gather and two einsums, no host sync) serves NPUs and is captured with the step.
 Not used: npu_kv_rmsnorm_rope_cache (7.0.0, ptaoplist_002368) fuses the whole cache store but
 takes only rank 512 + rope 64, and CANN's aclnnKvRmsNormRopeCache page (8.3.RC1) lists Atlas A2
 and A3 as unsupported; the engine must also run the tiny and small presets' dims.
