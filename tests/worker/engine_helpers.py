@@ -154,6 +154,38 @@ class Reference:
     tokens: list[list[int]]  # greedy continuation per prompt
     hidden: list[torch.Tensor]  # final-normed hidden states [L, H] (MTP input)
     model: Any
+    int8_inputs: bool = False  # W8A8: matmul inputs rounded to int8 as the engine rounds them
+
+
+ATOL = 1e-4  # fp32 against transformers; observed differences are ~3e-7
+# W8A8 rounds each quantised matmul's input to int8. Two correct fp32 computations differ by
+# ~1e-7, which now and then moves one activation across a rounding boundary: one int8 step,
+# after which that prompt's later positions differ by up to ~1e-3 (measured 1.25e-3 with torch
+# 2.15 and transformers 5.25). Without the rounding modelled no position is within ATOL.
+FLIP_ATOL = 1e-2
+WITHIN_ATOL = 0.5  # the share of an int8 reference's positions that must still be within ATOL
+
+
+def assert_matches(out: Outcome, ref: Reference, what: str, atol: float = ATOL) -> None:
+    """The engine's logits equal the reference's within atol at every position and its greedy
+    tokens are equal. Against an int8-input reference: every position within FLIP_ATOL, and at
+    least WITHIN_ATOL of them within atol (the rest after a rounding flip, see above)."""
+    assert out.error is None, f"{what}: {out.error}"
+    worst = []
+    for i, want in enumerate(ref.logits):
+        worst.append((out.logits[f"prompt_{i}"] - want).abs().amax(-1))
+        err = worst[-1].max().item()
+        bound = FLIP_ATOL if ref.int8_inputs else atol
+        assert err <= bound, f"{what}: prompt {i} logits differ by {err:.2e} (atol {bound})"
+    if ref.int8_inputs:
+        per_pos = torch.cat(worst)
+        share = (per_pos <= atol).float().mean().item()
+        assert share >= WITHIN_ATOL, (
+            f"{what}: only {share:.0%} of positions within {atol} (the rest within {FLIP_ATOL}); "
+            f"int8 rounding flips touch a few positions, not {1 - share:.0%}"
+        )
+    if ref.tokens:
+        assert out.tokens == ref.tokens, f"{what}: greedy tokens differ"
 
 
 @torch.no_grad()
@@ -172,7 +204,9 @@ def hf_reference(
     model = load_hf(path)
     int8 = per_token_int8_inputs(model, tp, moe_tp, also_float, static or {})
     with int8 if int8_inputs else contextlib.nullcontext():
-        return _hf_run(model, generate)
+        ref = _hf_run(model, generate)
+    ref.int8_inputs = int8_inputs
+    return ref
 
 
 def _hf_run(model: Any, generate: bool) -> Reference:

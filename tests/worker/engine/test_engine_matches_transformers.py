@@ -18,11 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import (
+    ATOL,
     NEW_TOKENS,
     PROMPTS,
     FakeAccelerator,
     Outcome,
     Reference,
+    assert_matches,
     dequantized_copy,
     hf_mtp_logits,
     hf_reference,
@@ -37,23 +39,12 @@ from dsworker.engine.weight_files import LoadError, check_sharded
 from dsworker.model.moe import MoEOptions, a2a_capacity
 from dsworker.tools.shard import shard
 
-ATOL = 1e-4  # fp32 against transformers; observed differences are ~3e-7
 BF16_ATOL = 0.02  # bf16 compute against the fp32 reference: observed ~4e-3 on logits ~0.6
 P1 = ParallelPlan(1, 1, 1, 1, 1)
 
 
 def plan(w: int, dp: int, tp: int, moe_tp: int, moe_ep: int) -> ParallelPlan:
     return ParallelPlan(w, dp, tp, moe_tp, moe_ep)
-
-
-def assert_matches(out: Outcome, ref: Reference, what: str, atol: float = ATOL) -> None:
-    assert out.error is None, f"{what}: {out.error}"
-    for i, want in enumerate(ref.logits):
-        got = out.logits[f"prompt_{i}"]
-        err = (got - want).abs().max().item()
-        assert err <= atol, f"{what}: prompt {i} logits differ by {err:.2e} (atol {atol})"
-    if ref.tokens:
-        assert out.tokens == ref.tokens, f"{what}: greedy tokens differ"
 
 
 def assert_holds_modelled_bytes(out: Outcome, ckpt: Path, p: ParallelPlan) -> None:

@@ -18,6 +18,7 @@ import pytest
 from engine_helpers import (
     Outcome,
     Reference,
+    assert_matches,
     dequantized_copy,
     hf_reference,
     job,
@@ -31,21 +32,12 @@ from dsworker.contract.layout import ParallelPlan
 from dsworker.contract.memory import weight_bytes
 from dsworker.tools.shard import shard
 
-ATOL = 1e-4  # as test_engine_matches_transformers: fp32 against transformers
 FORMATS = ("fp8", "w8a16", "w8a8")
 P1 = ParallelPlan(1, 1, 1, 1, 1)
 TP2 = ParallelPlan(2, 1, 2, 2, 1)
 EP2 = ParallelPlan(2, 2, 1, 1, 2)
 # world 2: which source (sharded layout or the checkpoint itself) and plan per format
 WORLD2 = {"fp8": ("layout", TP2), "w8a8": ("layout", TP2), "w8a16": ("ckpt", EP2)}
-
-
-def assert_matches(out: Outcome, ref: Reference, what: str) -> None:
-    assert out.error is None, f"{what}: {out.error}"
-    for i, want in enumerate(ref.logits):
-        err = (out.logits[f"prompt_{i}"] - want).abs().max().item()
-        assert err <= ATOL, f"{what}: prompt {i} logits differ by {err:.2e} (atol {ATOL})"
-    assert out.tokens == ref.tokens, f"{what}: greedy tokens differ"
 
 
 def assert_holds_modelled_bytes(out: Outcome, model_dir: Path, p: ParallelPlan) -> None:

@@ -16,10 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import Reference, dequantized_copy, hf_reference, job, run_local, spawn_world
+from engine_helpers import (
+    Reference,
+    assert_matches,
+    dequantized_copy,
+    hf_reference,
+    job,
+    run_local,
+    spawn_world,
+)
 from quant_reference import static_inputs
 from safetensors.torch import load_file, save_file
-from test_mixed_precision import P1, TP2, assert_holds_modelled_bytes, assert_matches
+from test_mixed_precision import P1, TP2, assert_holds_modelled_bytes
 
 from dsworker.contract.errors import CheckpointError
 from dsworker.tools.shard import shard
