@@ -91,7 +91,9 @@ def spawn(nproc: int, ckpt: Path, agreeing: Path, out: Path) -> Path:
     ckpts = {name: str(agreeing if AGREEING in name else ckpt) for name in worlds}
     configs = {name: config_json(nproc, plan) for name, plan in worlds.items()}
     overflow = (str(ckpt), config_json(2, DRAFT_OVERFLOW)) if nproc == 2 else None
-    spawn_local(nproc, compare_mtp_runs, ckpts, configs, str(out), overflow)
+    with pytest.MonkeyPatch.context() as mp:  # the compiled scenario compiles afresh
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(out / "inductor"))
+        spawn_local(nproc, compare_mtp_runs, ckpts, configs, str(out), overflow)
     return out
 
 

@@ -185,3 +185,23 @@ def test_w8a8_static_saturates_rounds_to_even_and_sums_exactly_at_r1_width() -> 
     assert torch.equal(y, torch.full((1, 2), float(128 * 127 * 7168)))
     ties = torch.tensor([[0.5, 1.5, 2.5, -2.5]])
     assert qf.quantize_static(ties, one, torch.zeros(1)).tolist() == [[0, 2, 2, -2]]
+
+
+def test_unpack_deq_scale_reads_msmodelslims_int64_packing_and_refuses_others() -> None:
+    """deqscale2int64 (np.frombuffer(float32 bytes, int32).astype(int64)) unpacks exactly; a
+    high word set, a cast by value, a negative or non-finite scale is refused."""
+    scale = np.array([1.5e-3, 2.0e-2, 0.0, 7.25e-5], dtype=np.float32)
+    packed = torch.from_numpy(np.frombuffer(scale.tobytes(), dtype=np.int32).astype(np.int64))
+    assert torch.equal(qf.unpack_deq_scale(packed), torch.from_numpy(scale))
+    with pytest.raises(ValueError, match="high 32 bits set"):
+        qf.unpack_deq_scale(packed | (1 << 40))
+    bad = {
+        "by value": torch.from_numpy(scale).to(torch.int64),  # all zero
+        "negative": torch.from_numpy((-scale).view(np.int32).astype(np.int64)) & 0xFFFFFFFF,
+        "infinite": torch.tensor([np.float32(np.inf).view(np.int32)], dtype=torch.int64),
+    }
+    for t in bad.values():
+        with pytest.raises(ValueError, match="not finite, positive and normal"):
+            qf.unpack_deq_scale(t)
+    with pytest.raises(ValueError, match="int64"):
+        qf.unpack_deq_scale(torch.zeros(2, dtype=torch.int32))
